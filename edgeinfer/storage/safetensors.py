@@ -1,0 +1,180 @@
+"""Safetensors: a validating mmap reader and a streaming, crash-safe writer.
+
+Format: 8-byte little-endian header length N, N bytes of JSON ({name: {dtype, shape, data_offsets}},
+optional "__metadata__": {str: str}), then the data buffer that the offsets index.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import ModelFormatError, UnsupportedModelError
+
+# numpy has no bfloat16: BF16 data is read as uint16 and widened by to_float32().
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+NUMPY_TO_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+                  np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32",
+                  np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen a stored tensor to float32 (a view when it already is)."""
+    if dtype == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F32":
+        return array
+    return array.astype(np.float32)
+
+
+def bf16_from_float32(array: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits (uint16)."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+class SafetensorsFile:
+    """One .safetensors file, header validated up front, tensors served as read-only mmap views."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ModelFormatError(f"{self.path}: no such file") from None
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise ModelFormatError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER, size - 8):
+            raise ModelFormatError(f"{self.path}: safetensors header length {header_len} exceeds the file "
+                                   f"({size} bytes): truncated or not a safetensors file")
+        raw = self._file.read(header_len)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise ModelFormatError(f"{self.path}: safetensors header is not valid JSON (corrupt file)") from None
+        if not isinstance(header, dict):
+            raise ModelFormatError(f"{self.path}: safetensors header is not a JSON object")
+        self.data_start = 8 + header_len
+        self.metadata: dict[str, str] = _validate_metadata(self.path, header.pop("__metadata__", None) or {})
+        self.entries: dict[str, TensorEntry] = {}
+        self._offsets: dict[str, int] = {}
+        data_size = size - self.data_start
+        for name, spec in header.items():
+            entry, begin = _validate_entry(self.path, name, spec, data_size)
+            self.entries[name] = entry
+            self._offsets[name] = self.data_start + begin
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor as stored (BF16 as uint16), a read-only view into the mapping."""
+        entry = self.entries[name]
+        count = int(np.prod(entry.shape, dtype=np.int64))
+        arr = np.frombuffer(self._map, dtype=DTYPES[entry.dtype], count=count, offset=self._offsets[name])
+        return arr.reshape(entry.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        return to_float32(self.array(name), self.entries[name].dtype)
+
+    def close(self) -> None:
+        # Views handed out keep the mapping alive; closing the file object is always safe.
+        self._file.close()
+
+
+def _validate_metadata(path: str, meta: object) -> dict[str, str]:
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ModelFormatError(f"{path}: safetensors __metadata__ must map strings to strings")
+    return meta
+
+
+def _validate_entry(path: str, name: str, spec: object, data_size: int) -> tuple[TensorEntry, int]:
+    if not isinstance(spec, dict):
+        raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ModelFormatError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ModelFormatError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+    entry = TensorEntry(name, dtype, tuple(shape))
+    begin, end = offsets
+    if not 0 <= begin <= end or end - begin != entry.nbytes:
+        raise ModelFormatError(f"{path}: tensor {name!r} offsets {offsets} do not match its shape and dtype")
+    if end > data_size:
+        raise ModelFormatError(f"{path}: tensor {name!r} ends at byte {end} but the data holds {data_size}: "
+                               "the file is truncated")
+    return entry, begin
+
+
+def write_safetensors(path: str | os.PathLike, entries: list[TensorEntry], arrays: Iterable[np.ndarray],
+                      metadata: dict[str, str], progress=None) -> None:
+    """Write tensors one at a time as `arrays` yields them, in the order of `entries`.
+
+    The header is computed from `entries` first, so no tensor is held longer than its own write.
+    The file appears under `path` only when complete (temp file in the same folder, then rename).
+    """
+    path = os.fspath(path)
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            written = 0
+            for i, (entry, array) in enumerate(_zip_exact(entries, arrays)):
+                array = np.ascontiguousarray(array)
+                if array.shape != entry.shape or array.dtype != DTYPES[entry.dtype]:
+                    raise ValueError(f"tensor {entry.name}: got {array.dtype}{array.shape}, "
+                                     f"declared {entry.dtype}{entry.shape}")
+                f.write(memoryview(array).cast("B"))
+                written += 1
+                if progress:
+                    progress(written, len(entries))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _zip_exact(entries: list[TensorEntry], arrays: Iterable[np.ndarray]) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    it = iter(arrays)
+    for entry in entries:
+        try:
+            yield entry, next(it)
+        except StopIteration:
+            raise ValueError(f"writer got no data for tensor {entry.name}") from None

@@ -1,0 +1,137 @@
+"""WeightSource: what the model reads weights from. Tensor names are Hugging Face's."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from ..tokenizer import TokenizerSpec
+from .safetensors import SafetensorsFile
+
+ROPE_FREQS = "rope_freqs.weight"  # optional per-pair RoPE divisors (GGUF's Llama-3 scaling)
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor a Llama-family model needs, in file order: layer by layer, each layer contiguous."""
+    d, f = c.hidden_size, c.intermediate_size
+    yield "model.embed_tokens.weight", (c.vocab_size, d)
+    for i in range(c.num_layers):
+        p = layer_prefix(i)
+        yield p + "input_layernorm.weight", (d,)
+        for proj, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+            yield p + f"self_attn.{proj}.weight", (rows, d)
+            if c.attention_bias:
+                yield p + f"self_attn.{proj}.bias", (rows,)
+        yield p + "self_attn.o_proj.weight", (d, c.q_size)
+        yield p + "post_attention_layernorm.weight", (d,)
+        yield p + "mlp.gate_proj.weight", (f, d)
+        yield p + "mlp.up_proj.weight", (f, d)
+        yield p + "mlp.down_proj.weight", (d, f)
+        if c.mlp_bias:
+            yield p + "mlp.gate_proj.bias", (f,)
+            yield p + "mlp.up_proj.bias", (f,)
+            yield p + "mlp.down_proj.bias", (d,)
+    yield "model.norm.weight", (d,)
+    if not c.tie_embeddings:
+        yield "lm_head.weight", (c.vocab_size, d)
+
+
+class WeightSource:
+    """A model's config, tokenizer and tensors, whatever file they came from."""
+
+    config: ModelConfig
+    tokenizer: TokenizerSpec
+    path: str
+    format: str  # "gguf", "hf", "edgeinfer"
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def stored_type(self, name: str) -> str:
+        """The tensor's type as the file stores it (F32, BF16, Q4_1, ...)."""
+        raise NotImplementedError
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def float32(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def storable_type(self, name: str) -> str:
+        """The safetensors dtype that keeps this tensor's values exactly (for conversion)."""
+        return "F32"
+
+    def storable(self, name: str) -> np.ndarray:
+        """The tensor's data in storable_type (BF16 as uint16)."""
+        return self.float32(name)
+
+    def has(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def file_size(self) -> int:
+        raise NotImplementedError
+
+    def model_tensor_names(self) -> list[str]:
+        """The tensors the model uses, in file order, after checking each is present with its shape."""
+        names = set(self.names())
+        order = []
+        for name, shape in llama_tensor_shapes(self.config):
+            if name not in names:
+                raise ModelFormatError(f"{self.path}: tensor {name} is missing")
+            if tuple(self.stored_shape(name)) != shape:
+                raise ModelFormatError(f"{self.path}: tensor {name} has shape {tuple(self.stored_shape(name))}, "
+                                       f"expected {shape}")
+            order.append(name)
+        if ROPE_FREQS in names:
+            order.append(ROPE_FREQS)
+        return order
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(WeightSource):
+    """Tensors from one or more safetensors files (a HF folder's shards, or edgeinfer's single file)."""
+
+    def __init__(self, path: str, fmt: str, files: list[SafetensorsFile], config: ModelConfig,
+                 tokenizer: TokenizerSpec):
+        self.path, self.format, self.config, self.tokenizer = path, fmt, config, tokenizer
+        self._files = files
+        self._where = {name: f for f in files for name in f.entries}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def stored_type(self, name: str) -> str:
+        return self._where[name].entries[name].dtype
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].entries[name].shape
+
+    def float32(self, name: str) -> np.ndarray:
+        return self._where[name].float32(name)
+
+    def storable_type(self, name: str) -> str:
+        return self.stored_type(name)
+
+    def storable(self, name: str) -> np.ndarray:
+        return self._where[name].array(name)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def file_size(self) -> int:
+        import os
+
+        return sum(os.path.getsize(f.path) for f in self._files)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
