@@ -158,16 +158,17 @@ class Engine:
             self.cached_tokens.append(token)
             stats.decode_seconds += time.perf_counter() - t1
             stats.decode_tokens += 1
-        if pending:
-            yield pending
+        text, _, _ = _split_stop(pending + stream.flush(), stop, final=True)
+        if text:
+            yield text
 
 
-def _split_stop(pending: str, stop: tuple[str, ...]) -> tuple[str, str, bool]:
-    """(text safe to emit, text held back, whether a stop string was hit)."""
-    if not stop:
-        return pending, "", False
+def _split_stop(pending: str, stop: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, whether a stop string was hit); nothing is held when final."""
     hits = [i for s in stop if (i := pending.find(s)) >= 0]
     if hits:
         return pending[:min(hits)], "", True
+    if final or not stop:
+        return pending, "", False
     hold = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
     return pending[:len(pending) - hold], pending[len(pending) - hold:], False

@@ -116,6 +116,13 @@ class TextStream:
         self._prefix, self._read = self._read, len(self._ids)
         return full_text[len(prefix_text):]
 
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character comes out as U+FFFD, as decode gives it)."""
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        rest = self._tok.decode(self._ids[self._prefix:])[len(prefix_text):]
+        self._prefix = self._read = len(self._ids)
+        return rest
+
 
 class _Backend:
     vocab_size: int

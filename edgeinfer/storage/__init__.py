@@ -25,7 +25,7 @@ def open_model(path: str) -> WeightSource:
         head = f.read(9)
     if head[:4] == b"GGUF":
         return GGUFSource(path)
-    if len(head) == 9 and head[8:9] == b"{":
+    if head[8:9] == b"{" or path.endswith(".safetensors"):  # the reader says what is wrong with it
         st = SafetensorsFile(path)
         if is_single_file(st):
             return open_single_file(st)

@@ -114,8 +114,8 @@ def _validate_metadata(path: str, meta: object) -> dict[str, str]:
 
 
 def _validate_entry(path: str, name: str, spec: object, data_size: int) -> tuple[TensorEntry, int]:
-    if not isinstance(spec, dict):
-        raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry")
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+        raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry (corrupt header)")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")

@@ -1,0 +1,186 @@
+"""Each model input (HF folder, GGUF, single file) gives the model transformers defines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import hf_logits, make_hf_model, permute_rope_rows, varied_lines, write_gguf
+from edgeinfer.engine import Engine
+from edgeinfer.model import Model
+from edgeinfer.storage import open_model
+from edgeinfer.tokenizer import Tokenizer
+
+TOL = 1e-4  # tiny models, float32 on both sides
+
+
+def our_logits(path, ids) -> np.ndarray:
+    model = Model(open_model(str(path)))
+    return model.forward(np.asarray(ids), model.new_cache(len(ids)), all_logits=True)
+
+
+def prompt_ids(tokenizer_json: str) -> list[int]:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(tokenizer_json).encode(" ".join(varied_lines(12, seed=5))).ids[:100]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0}),
+    ("mistral", {}),
+    ("qwen2", {}),
+], ids=["llama", "llama-tied", "llama3-rope", "linear-rope", "mistral", "qwen2-bias"])
+def test_hf_folder_matches_transformers(tmp_path, tokenizer_json, arch, overrides):
+    folder = make_hf_model(tmp_path / arch, tokenizer_json, arch, **overrides)
+    ids = prompt_ids(tokenizer_json)
+    source = open_model(str(folder))
+    assert source.config.architecture == arch
+    assert source.config.attention_bias == (arch == "qwen2")
+    np.testing.assert_allclose(our_logits(folder, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.oracle
+def test_sharded_hf_folder(tmp_path, tokenizer_json):
+    folder = make_hf_model(tmp_path / "sharded", tokenizer_json, shards=3)
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    ids = prompt_ids(tokenizer_json)
+    np.testing.assert_allclose(our_logits(folder, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.oracle
+def test_gguf_undoes_rope_permutation(tiny_gguf, tiny_hf, tokenizer_json):
+    """A float32 GGUF with llama.cpp's Q/K row order gives the HF model's logits, as transformers reads it."""
+    ids = prompt_ids(tokenizer_json)
+    ours = our_logits(tiny_gguf, ids)
+    np.testing.assert_allclose(ours, hf_logits(tiny_hf, ids), atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours, hf_logits(tiny_gguf.parent, ids, gguf_file=tiny_gguf.name), atol=TOL, rtol=0)
+
+
+def _dequant_q8_0(raw: np.ndarray) -> np.ndarray:
+    blocks = raw.reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+
+
+def _dequant_q4(raw: np.ndarray, with_min: bool) -> np.ndarray:
+    size = 20 if with_min else 18
+    blocks = raw.reshape(-1, size)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) if with_min else None
+    qs = blocks[:, size - 16:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)  # low nibbles first, then high
+    return (d * q + m if with_min else d * (q - 8)).reshape(-1)
+
+
+@pytest.mark.parametrize("qtype,dequant", [
+    ("Q8_0", _dequant_q8_0),
+    ("Q4_0", lambda r: _dequant_q4(r, False)),
+    ("Q4_1", lambda r: _dequant_q4(r, True)),
+])
+def test_gguf_quantised_values_equal_the_files(tmp_path, tiny_hf, tokenizer_json, qtype, dequant):
+    """Dequantised weights equal the block formula applied to the file's own bytes (and Q/K are unpermuted)."""
+    import gguf
+
+    path = write_gguf(tmp_path / f"{qtype}.gguf", tiny_hf, tokenizer_json, types={".weight": qtype})
+    source = open_model(str(path))
+    reader = gguf.GGUFReader(str(path))
+    raw = {t.name: t for t in reader.tensors}
+    heads = source.config.num_heads
+    for gname, hname in [("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+                         ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+                         ("token_embd.weight", "model.embed_tokens.weight")]:
+        t = raw[gname]
+        assert t.tensor_type.name == qtype
+        in_file_order = dequant(np.asarray(t.data).reshape(-1)).reshape(source.stored_shape(hname))
+        ours = source.float32(hname)
+        if gname.endswith("attn_q.weight"):  # ours is in HF row order; llama.cpp's order is the file's
+            ours = permute_rope_rows(ours, heads)
+        np.testing.assert_array_equal(ours, in_file_order)
+    logits = our_logits(path, prompt_ids(tokenizer_json))
+    assert np.isfinite(logits).all()
+
+
+def _k_quant_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: str) -> np.ndarray:
+    """Random K-quant blocks with sane fp16 scales (gguf-py cannot quantise K types)."""
+    size = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    scale = np.array([0.01], dtype=np.float16).view(np.uint8)
+    if qtype == "Q4_K":
+        blocks[:, 0:2] = scale
+        blocks[:, 2:4] = scale  # dmin
+    else:
+        blocks[:, -2:] = scale
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "F16", "BF16"])
+def test_gguf_other_types_load_and_run(tmp_path, tiny_hf, tokenizer_json, qtype):
+    import gguf
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    hf_w = open_model(str(tiny_hf)).float32(name)
+    if qtype in ("Q4_K", "Q6_K"):  # gguf-py cannot quantise K types: random blocks with sane scales
+        blocks = _k_quant_blocks(np.random.default_rng(0), *hf_w.shape, qtype)
+        path = write_gguf(tmp_path / "t.gguf", tiny_hf, tokenizer_json, raw={"blk.0.ffn_down.weight": (blocks, qtype)})
+    else:
+        path = write_gguf(tmp_path / "t.gguf", tiny_hf, tokenizer_json, types={"ffn_down.weight": qtype})
+    source = open_model(str(path))
+    assert source.stored_type(name) == qtype
+    w = source.float32(name)
+    assert w.dtype == np.float32 and w.shape == hf_w.shape and np.isfinite(w).all()
+    if qtype in ("Q4_K", "Q6_K"):
+        expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(w.shape)
+        np.testing.assert_array_equal(w, expected)
+    elif qtype == "F16":  # exactly numpy's float16 rounding of the original
+        np.testing.assert_array_equal(w, hf_w.astype(np.float16).astype(np.float32))
+    else:  # bfloat16 keeps float32's range: within one rounding (8 significant bits)
+        np.testing.assert_allclose(w, hf_w, rtol=2 ** -8, atol=0)
+    assert np.isfinite(our_logits(path, prompt_ids(tokenizer_json))).all()
+
+
+def test_gguf_tokenizer_matches_trained_tokenizer(tiny_gguf, tokenizer_json):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    ref = HFTokenizer.from_str(tokenizer_json)
+    source = open_model(str(tiny_gguf))
+    tok = Tokenizer(source.tokenizer)
+    assert source.tokenizer.eos_ids[0] == 2 and source.tokenizer.add_bos is False
+    for line in varied_lines(300, seed=9) + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.encode(line) == ref.encode(line, add_special_tokens=False).ids, line
+        assert tok.decode(tok.encode(line)) == ref.decode(ref.encode(line).ids)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf", "tiny_gguf"])
+def test_convert_to_single_file_keeps_everything(request, tmp_path, tokenizer_json, fixture):
+    from edgeinfer.storage.single import convert
+
+    src_path = request.getfixturevalue(fixture)
+    out = tmp_path / "model.safetensors"
+    convert(open_model(str(src_path)), str(out))
+    src, single = open_model(str(src_path)), open_model(str(out))
+    assert single.format == "edgeinfer" and single.config == src.config
+    assert single.tokenizer == src.tokenizer
+    for name in src.model_tensor_names():
+        np.testing.assert_array_equal(single.float32(name), src.float32(name))
+    ids = prompt_ids(tokenizer_json)
+    np.testing.assert_array_equal(our_logits(out, ids), our_logits(src_path, ids))
+    # Tensors are stored layer by layer: embeddings, layer 0, layer 1, ..., final norm.
+    header_len = int.from_bytes(out.read_bytes()[:8], "little")
+    order = [k for k in json.loads(out.read_bytes()[8:8 + header_len]) if k != "__metadata__"]
+    assert order == src.model_tensor_names()
+
+
+def test_single_file_runs_alone(tiny_single):
+    engine = Engine.load(str(tiny_single))
+    ids = engine.prompt_ids("hello", raw=False)
+    assert engine.tokenizer.decode(ids, skip_special=False).startswith("<|im_start|>user\nhello<|im_end|>")
+    text = engine.generate(ids, max_tokens=8).run()
+    assert isinstance(text, str) and engine.cache.length > len(ids)
