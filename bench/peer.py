@@ -1,0 +1,38 @@
+"""The llama.cpp peer: llama-cpp-python built natively in its own cached venv, never a dependency.
+
+Building takes about 10 minutes on 2 cores, once; the venv lives outside edgeinfer's model cache so
+clearing models does not throw the build away.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PEER_VERSION = "0.3.36"
+PEER_HOME = Path(os.environ.get("EDGEINFER_PEER_HOME") or Path.home() / ".cache" / "edgeinfer-peer")
+
+
+def peer_python() -> Path:
+    """The peer venv's python, building llama-cpp-python into it first if needed."""
+    python = PEER_HOME / "venv" / "bin" / "python"
+    check = [str(python), "-c", f"import llama_cpp; assert llama_cpp.__version__ == '{PEER_VERSION}'"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"building llama-cpp-python=={PEER_VERSION} (GGML_NATIVE, about 10 minutes, once) in {PEER_HOME}",
+          file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(PEER_HOME / "venv")], check=True)
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    subprocess.run([str(python), "-m", "pip", "install", "--no-cache-dir", f"llama-cpp-python=={PEER_VERSION}"],
+                   check=True, env=env)
+    return python
+
+
+def run_in_peer(script: str, *args: str) -> str:
+    """Run a python snippet in the peer venv; its stdout."""
+    result = subprocess.run([str(peer_python()), "-c", script, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"peer failed: {result.stderr.strip().splitlines()[-1:]}")
+    return result.stdout
