@@ -184,3 +184,60 @@ def test_single_file_runs_alone(tiny_single):
     assert engine.tokenizer.decode(ids, skip_special=False).startswith("<|im_start|>user\nhello<|im_end|>")
     text = engine.generate(ids, max_tokens=8).run()
     assert isinstance(text, str) and engine.cache.length > len(ids)
+
+
+@pytest.mark.oracle
+def test_qwen2_gguf_keeps_row_order_and_biases(tmp_path, tokenizer_json):
+    """llama.cpp does not permute Qwen2's Q/K rows; the q/k/v biases come along."""
+    folder = make_hf_model(tmp_path / "qwen2", tokenizer_json, "qwen2")
+    path = write_gguf(tmp_path / "qwen2.gguf", folder, tokenizer_json, arch="qwen2")
+    source = open_model(str(path))
+    assert source.config.architecture == "qwen2" and source.config.attention_bias
+    ids = prompt_ids(tokenizer_json)
+    np.testing.assert_allclose(our_logits(path, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.oracle
+def test_gguf_rope_freqs_tensor_carries_llama3_scaling(tmp_path, tokenizer_json):
+    """llama.cpp stores Llama-3 RoPE scaling as per-pair divisors (rope_freqs.weight), not metadata."""
+    import torch
+    import transformers
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    folder = make_hf_model(tmp_path / "llama3", tokenizer_json, rope_scaling=scaling)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    scaled = hf.model.rotary_emb.inv_freq.double().numpy()
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    base = 1.0 / (hf.config.rope_parameters["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim))
+    factors = (base / scaled).astype(np.float32)
+    path = write_gguf(tmp_path / "llama3.gguf", folder, tokenizer_json, raw={"rope_freqs.weight": (factors, "F32")})
+    source = open_model(str(path))
+    assert source.config.rope_scaling is None and source.has("rope_freqs.weight")
+    ids = prompt_ids(tokenizer_json)
+    np.testing.assert_allclose(our_logits(path, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+def test_hf_folder_with_sentencepiece_model(tmp_path, tokenizer_json):
+    """A HF folder whose tokenizer is a tokenizer.model (sentencepiece) instead of tokenizer.json."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(varied_lines(2000, seed=6)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=600,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    folder = make_hf_model(tmp_path / "spm_model", tokenizer_json, vocab_size=600)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    source = open_model(str(folder))
+    assert source.tokenizer.kind == "spm" and source.tokenizer.add_bos
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert source.tokenizer.bos_id == sp.bos_id() and sp.eos_id() in source.tokenizer.eos_ids
+    tok = Tokenizer(source.tokenizer)
+    for line in varied_lines(200, seed=8):
+        assert tok.encode(line) == [sp.bos_id(), *sp.EncodeAsIds(line)]
+    engine = Engine.load(str(folder))
+    gen = engine.generate(engine.prompt_ids("hello", raw=True), max_tokens=5)
+    assert gen.run() == tok.decode(gen.token_ids)
+    assert len(gen.token_ids) == 5 or gen.stats.finish_reason == "stop"
