@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import ContextOverflowError, TokenizerError
+from .errors import ContextOverflowError, EdgeInferError, TokenizerError
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .storage import open_model
@@ -97,7 +97,7 @@ class Engine:
         """Start generating after `prompt`; max_tokens < 0 means until end of generation or a full context."""
         prompt = list(prompt)
         if not prompt:
-            raise ContextOverflowError("the prompt is empty")
+            raise EdgeInferError("the prompt is empty: there is nothing to generate from")
         if len(prompt) >= self.context:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens but the context holds {self.context}; "
                                        "shorten it or raise --ctx")

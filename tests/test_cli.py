@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CHATML_TEMPLATE, edgeinfer_cli, make_hf_model, write_gguf
+from conftest import edgeinfer_cli, make_hf_model, write_gguf
 
 
 def assert_one_line_error(result, *needles: str) -> None:
@@ -107,12 +107,17 @@ def test_truncated_gguf(tmp_path, tiny_gguf, keep):
     assert_one_line_error(edgeinfer_cli("run", str(p), "-p", "x"), str(p))
 
 
-def test_unsupported_architecture_hf(tmp_path, tiny_hf):
-    folder = tmp_path / "m"
+def copy_with(tiny_hf, dest, json_file: str, **changes):
+    """A copy of the tiny HF folder with some keys of one of its JSON files changed."""
+    folder = dest / f"m{len(list(dest.iterdir()))}"
     shutil.copytree(tiny_hf, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "gpt_neox"
-    (folder / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((folder / json_file).read_text())
+    (folder / json_file).write_text(json.dumps({**cfg, **changes}))
+    return folder
+
+
+def test_unsupported_architecture_hf(tmp_path, tiny_hf):
+    folder = copy_with(tiny_hf, tmp_path, "config.json", model_type="gpt_neox")
     assert_one_line_error(edgeinfer_cli("run", str(folder), "-p", "x"), "unsupported architecture", "gpt_neox")
 
 
@@ -134,16 +139,12 @@ def test_tokenizer_larger_than_embedding(tmp_path, tokenizer_json):
 
 
 def test_template_that_fails_to_render(tmp_path, tiny_hf):
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_hf, folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ raise_exception('only system messages, please') }}"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(edgeinfer_cli("run", str(folder), "-p", "x"), "chat template", "only system messages")
-    cfg["chat_template"] = "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(edgeinfer_cli("run", str(folder), "-p", "x"), "chat template")
-    assert CHATML_TEMPLATE not in cfg["chat_template"]
+    raising = copy_with(tiny_hf, tmp_path, "tokenizer_config.json",
+                        chat_template="{{ raise_exception('only system messages, please') }}")
+    assert_one_line_error(edgeinfer_cli("run", str(raising), "-p", "x"), "chat template", "only system messages")
+    broken = copy_with(tiny_hf, tmp_path, "tokenizer_config.json",
+                       chat_template="{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}")
+    assert_one_line_error(edgeinfer_cli("run", str(broken), "-p", "x"), "chat template")
 
 
 def test_prompt_longer_than_context(tiny_single):
@@ -159,3 +160,7 @@ def test_conversion_failure_leaves_no_output(tmp_path, tiny_hf):
     out = tmp_path / "out.safetensors"
     assert_one_line_error(edgeinfer_cli("convert", str(folder), "-o", str(out)), "truncated")
     assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_empty_raw_prompt(tiny_single):
+    assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "", "--raw"), "prompt is empty")

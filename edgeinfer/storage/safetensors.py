@@ -24,9 +24,6 @@ DTYPES: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-NUMPY_TO_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
-                  np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32",
-                  np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32"}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -154,7 +151,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[TensorEntry], array
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             written = 0
-            for i, (entry, array) in enumerate(_zip_exact(entries, arrays)):
+            for entry, array in _zip_exact(entries, arrays):
                 array = np.ascontiguousarray(array)
                 if array.shape != entry.shape or array.dtype != DTYPES[entry.dtype]:
                     raise ValueError(f"tensor {entry.name}: got {array.dtype}{array.shape}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -73,7 +74,7 @@ class WeightSource:
         return self.float32(name)
 
     def has(self, name: str) -> bool:
-        return name in set(self.names())
+        raise NotImplementedError
 
     def file_size(self) -> int:
         raise NotImplementedError
@@ -128,8 +129,6 @@ class SafetensorsSource(WeightSource):
         return name in self._where
 
     def file_size(self) -> int:
-        import os
-
         return sum(os.path.getsize(f.path) for f in self._files)
 
     def close(self) -> None:
