@@ -86,17 +86,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(arg: str | None) -> str:
-    """A path as given, or a catalog name fetched and converted into the cache on first use."""
-    from .models import default_model
-    from .storage.fetch import pull
+    from .progress import StageProgress
+    from .storage.fetch import resolve_model as resolve
 
-    if arg is not None and _is_path(arg):
-        return arg
-    return str(pull(arg or default_model()))
-
-
-def _is_path(arg: str) -> bool:
-    return os.path.exists(arg) or os.sep in arg or arg.endswith((".gguf", ".safetensors"))
+    return resolve(arg, StageProgress())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -219,16 +212,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def resolve_source(arg: str) -> str:
     """For convert: a path as given, or a catalog name's original GGUF."""
-    from .storage.fetch import fetch_gguf
+    from .progress import StageProgress
+    from .storage.fetch import fetch_gguf, is_path
 
-    return arg if _is_path(arg) else str(fetch_gguf(arg))
+    return arg if is_path(arg) else str(fetch_gguf(arg, StageProgress()))
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .models import default_model
-    from .storage.fetch import pull
-
-    print(pull(args.name or default_model()))
+    print(resolve_model(args.name))
     return 0
 
 

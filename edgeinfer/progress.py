@@ -27,3 +27,15 @@ class Progress:
                   end="", file=sys.stderr, flush=True)
         if done >= total:
             print("" if self._tty else f"{self.label}: done", file=sys.stderr, flush=True)
+
+
+class StageProgress:
+    """progress(stage, done, total) as one terminal bar per stage."""
+
+    def __init__(self):
+        self._bars: dict[str, Progress] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._bars:
+            self._bars[stage] = Progress(stage)
+        self._bars[stage](done, total)

