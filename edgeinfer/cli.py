@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(run)
     run.set_defaults(func=_cmd_run)
 
+    chat = sub.add_parser("chat", help="open the terminal chat app")
+    chat.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
+    chat.add_argument("-c", "--ctx", type=int, help="context size in tokens")
+    chat.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
+    chat.set_defaults(func=_cmd_chat)
+
     info = sub.add_parser("info", help="print a model's config, parameter count, tensor types and size")
     info.add_argument("model")
     info.set_defaults(func=_cmd_info)
@@ -164,6 +171,13 @@ def _chat_loop(engine, params, args: argparse.Namespace) -> int:
             continue
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .tui.app import ChatApp
+
+    ChatApp(args.model, args.ctx, args.history).run()
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

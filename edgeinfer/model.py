@@ -65,6 +65,8 @@ class KVCache:
 
 
 class Model:
+    precision = "f32"  # what the weights are computed in (shown to the user)
+
     def __init__(self, source: WeightSource):
         self.config = c = source.config
         source.model_tensor_names()  # every tensor present, with its shape

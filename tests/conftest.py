@@ -254,3 +254,18 @@ def hf_smollm2(smollm2_gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def endless_single(tmp_path_factory, tiny_hf) -> Path:
+    """The tiny model with no end-of-generation token, like a base model: replies run to the limit."""
+    import dataclasses
+
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    source = open_model(str(tiny_hf))
+    source.tokenizer = dataclasses.replace(source.tokenizer, eos_ids=())
+    out = tmp_path_factory.mktemp("endless") / "endless.safetensors"
+    convert(source, str(out))
+    return out
