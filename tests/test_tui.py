@@ -197,14 +197,15 @@ def test_multiline_input_recall_and_copy(tiny_single, tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await loaded(pilot, app)
             await pilot.click("#prompt")
-            await pilot.press(*"line one", "ctrl+j", *"line two", "enter")
+            await pilot.press(*"[bold]line one[/", "ctrl+j", *"line two", "enter")
             await reply_done(pilot, app)
             messages = app.history.get(app.conversation_id).messages
-            assert messages[0] == {"role": "user", "content": "line one\nline two"}
+            assert messages[0] == {"role": "user", "content": "[bold]line one[/\nline two"}
+            assert str(app.query_one(f"#conv-{app.conversation_id} Label").render()) == "[bold]line one[/ line two"
             prompt = app.query_one("#prompt")
             assert prompt.text == ""
             await pilot.press("up")
-            assert prompt.text == "line one\nline two"
+            assert prompt.text == "[bold]line one[/\nline two"
             await pilot.press("f3")
             assert app.clipboard == messages[1]["content"]
     run(scenario)

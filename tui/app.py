@@ -210,7 +210,8 @@ class ChatApp(App):
     async def _refresh_sidebar(self) -> None:
         view = self._sidebar
         await view.clear()
-        items = [ListItem(Label(title), id=f"conv-{cid}") for cid, title in self.history.conversations()]
+        items = [ListItem(Label(title, markup=False), id=f"conv-{cid}")  # titles are user text, not markup
+                 for cid, title in self.history.conversations()]
         await view.extend(items)
         ids = [cid for cid, _ in self.history.conversations()]
         if self.conversation_id in ids:
