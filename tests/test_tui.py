@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from edgeinfer.tui.app import ChatApp, ChatMessage
@@ -19,8 +20,13 @@ async def until(pilot, condition, timeout: float = 60.0) -> None:
         await pilot.pause(0.02)
 
 
-async def loaded(pilot, app: ChatApp) -> None:
-    await until(pilot, lambda: app.engine is not None)
+@contextlib.asynccontextmanager
+async def running(model, **kwargs):
+    """The app on `model`, under the pilot, once the model has loaded."""
+    app = ChatApp(str(model), **kwargs)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        yield app, pilot
 
 
 async def send(pilot, app: ChatApp, text: str) -> None:
@@ -39,9 +45,7 @@ def run(scenario) -> None:
 
 def test_send_a_message_and_see_the_reply_stream_in(endless_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(endless_single), context=8192, history_path=tmp_path / "h.sqlite3")
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(endless_single, context=8192, history_path=tmp_path / "h.sqlite3") as (app, pilot):
             await send(pilot, app, "hello there")
             await until(pilot, lambda: app.generation is not None)
             seen_while_streaming = []
@@ -62,9 +66,7 @@ def test_send_a_message_and_see_the_reply_stream_in(endless_single, tmp_path):
 
 def test_escape_stops_a_long_reply_within_a_few_tokens(endless_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(endless_single), context=8192, history_path=tmp_path / "h.sqlite3")
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(endless_single, context=8192, history_path=tmp_path / "h.sqlite3") as (app, pilot):
             await send(pilot, app, "tell me everything")
             await until(pilot, lambda: app.generation is not None and len(app.generation.token_ids) >= 20)
             await pilot.press("escape")
@@ -81,9 +83,7 @@ def test_history_survives_a_restart(tiny_single, tmp_path):
     db = tmp_path / "h.sqlite3"
 
     async def first():
-        app = ChatApp(str(tiny_single), history_path=db)
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=db) as (app, pilot):
             await send(pilot, app, "remember me")
             await reply_done(pilot, app)
             return app.conversation_id, app.last_reply.text
@@ -91,9 +91,7 @@ def test_history_survives_a_restart(tiny_single, tmp_path):
     conv_id, reply = asyncio.run(first())
 
     async def second():
-        app = ChatApp(str(tiny_single), history_path=db)
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=db) as (app, pilot):
             await pilot.click(f"#conv-{conv_id}")
             await until(pilot, lambda: len(app.query(ChatMessage)) == 2)
             assert [m.source for m in app.query(ChatMessage)] == ["remember me", reply]
@@ -103,9 +101,7 @@ def test_history_survives_a_restart(tiny_single, tmp_path):
 
 def test_settings_change_what_the_engine_receives(tiny_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(tiny_single), history_path=tmp_path / "h.sqlite3")
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=tmp_path / "h.sqlite3") as (app, pilot):
             await pilot.press("ctrl+s")
             await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
             app.screen.query_one("#temperature").value = "0"
@@ -131,9 +127,7 @@ def test_settings_change_what_the_engine_receives(tiny_single, tmp_path):
 
 def test_status_bar_shows_speed_and_context_after_a_reply(tiny_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(tiny_single), history_path=tmp_path / "h.sqlite3")
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=tmp_path / "h.sqlite3") as (app, pilot):
             await send(pilot, app, "hi")
             await reply_done(pilot, app)
             status = str(app.query_one("#status").render())
@@ -145,9 +139,7 @@ def test_status_bar_shows_speed_and_context_after_a_reply(tiny_single, tmp_path)
 
 def test_rename_export_delete(tiny_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(tiny_single), history_path=tmp_path / "h.sqlite3", export_dir=tmp_path)
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=tmp_path / "h.sqlite3", export_dir=tmp_path) as (app, pilot):
             await send(pilot, app, "first chat")
             await reply_done(pilot, app)
             conv = app.conversation_id
@@ -167,7 +159,8 @@ def test_rename_export_delete(tiny_single, tmp_path):
 
 def test_a_model_that_fails_to_load_is_a_notification(tmp_path):
     async def scenario():
-        app = ChatApp(str(tmp_path / "missing.gguf"), history_path=tmp_path / "h.sqlite3")
+        # A path that is also broken Rich markup: error text is shown as text.
+        app = ChatApp(str(tmp_path / "[/bold]missing.gguf"), history_path=tmp_path / "h.sqlite3")
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "cannot load" in str(app.query_one("#loading-label").render()))
             assert "model not found" in str(app.query_one("#loading-label").render())
@@ -193,9 +186,7 @@ def test_history_store_round_trip(tmp_path):
 
 def test_multiline_input_recall_and_copy(tiny_single, tmp_path):
     async def scenario():
-        app = ChatApp(str(tiny_single), history_path=tmp_path / "h.sqlite3")
-        async with app.run_test(size=SIZE) as pilot:
-            await loaded(pilot, app)
+        async with running(tiny_single, history_path=tmp_path / "h.sqlite3") as (app, pilot):
             await pilot.click("#prompt")
             await pilot.press(*"[bold]line one[/", "ctrl+j", *"line two", "enter")
             await reply_done(pilot, app)

@@ -151,11 +151,11 @@ class ChatApp(App):
                 yield Label("Conversations")
                 yield ListView(id="conversations")
             with Vertical():
-                yield Vertical(Label("loading model", id="loading-label"), ProgressBar(id="loading-bar"),
+                yield Vertical(Label("loading model", id="loading-label", markup=False), ProgressBar(id="loading-bar"),
                                id="loading")
                 yield VerticalScroll(id="messages")
                 yield PromptInput(id="prompt")
-        yield Static("", id="status")
+        yield Static("", id="status", markup=False)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -202,7 +202,7 @@ class ChatApp(App):
         message = str(exc) or type(exc).__name__
         if isinstance(exc, MemoryError):
             message = "out of memory"
-        self.notify(f"{what}: {message}", severity="error", timeout=10)
+        self.notify(f"{what}: {message}", severity="error", timeout=10, markup=False)
         self._loading_label.update(f"{what}: {message}")
 
     # --- conversations --------------------------------------------------------------------------
@@ -279,7 +279,7 @@ class ChatApp(App):
                     self._pending += piece
         except Exception as exc:  # shown in the app, never a traceback
             self.call_from_thread(self.notify, f"generation failed: {exc or type(exc).__name__}",
-                                  severity="error", timeout=10)
+                                  severity="error", timeout=10, markup=False)
         finally:
             self.call_from_thread(self._reply_done, gen)
 
@@ -349,7 +349,7 @@ class ChatApp(App):
         tmp = target.with_suffix(".md.tmp")
         tmp.write_text(self.history.export_markdown(self.conversation_id), encoding="utf-8")
         os.replace(tmp, target)
-        self.notify(f"exported to {target}")
+        self.notify(f"exported to {target}", markup=False)
 
     async def action_regenerate(self) -> None:
         if self.engine is None or self.generation is not None or self.conversation_id is None:
