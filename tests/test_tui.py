@@ -149,7 +149,7 @@ def test_rename_export_delete(tiny_single, tmp_path):
             await pilot.press("enter")
             await until(pilot, lambda: app.history.get(conv).title == "Renamed")
             await pilot.press("f4")
-            exported = (tmp_path / f"conversation-{conv}.md").read_text()
+            exported = (tmp_path / f"conversation-{conv}.md").read_bytes().decode()  # exact, no newline translation
             assert exported.startswith("# Renamed") and "first chat" in exported and app.last_reply.text in exported
             await pilot.press("f8")
             await until(pilot, lambda: app.history.conversations() == [])
