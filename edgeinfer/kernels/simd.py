@@ -1,0 +1,151 @@
+"""LLVM vector types and x86 intrinsics usable inside @njit code.
+
+Plain Numba loops do not become vpdpbusd or wide FMAs (../shared/notes/KERNELS.md): integer products
+are widened and the loops stay scalar. Here a Numba type wraps an LLVM vector (64 x i8, 16 x i32,
+16 x f32), and small @intrinsic functions emit the loads, nibble splits and intrinsic calls; LLVM
+inlines them, and cache=True keeps working. AVX-512 VNNI only, for now: `has_avx512_vnni()` says
+whether the host can run them.
+"""
+
+from functools import lru_cache
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+
+class Vec(types.Type):
+    def __init__(self, kind: str, n: int):
+        self.kind, self.n = kind, n
+        super().__init__(name=f"vec{n}x{kind}")
+
+
+_ELEM = {"i8": ir.IntType(8), "i32": ir.IntType(32), "f32": ir.FloatType()}
+
+
+@register_model(Vec)
+class VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(_ELEM[fe_type.kind], fe_type.n))
+
+
+V64I8, V16I32, V16F32 = Vec("i8", 64), Vec("i32", 16), Vec("f32", 16)
+
+
+def _ptr(context, builder, arr_ty, arr, offset, vec_ty):
+    data = cgutils.create_struct_proxy(arr_ty)(context, builder, value=arr).data
+    p = builder.gep(data, [offset])
+    return builder.bitcast(p, ir.PointerType(vec_ty))
+
+
+def _loader(vtype):
+    @intrinsic
+    def load(typingctx, arr, offset):
+        sig = vtype(arr, offset)
+
+        def codegen(context, builder, signature, args):
+            llty = context.get_value_type(vtype)
+            ptr = _ptr(context, builder, signature.args[0], args[0], args[1], llty)
+            return builder.load(ptr, align=1)
+        return sig, codegen
+    return load
+
+
+load_i8 = _loader(V64I8)
+load_i32 = _loader(V16I32)
+load_f32 = _loader(V16F32)
+
+
+@intrinsic
+def zeros_f32(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.VectorType(ir.FloatType(), 16), None)
+    return V16F32(), codegen
+
+
+@intrinsic
+def lo_nibbles(typingctx, v):
+    def codegen(context, builder, signature, args):
+        mask = ir.Constant(ir.VectorType(ir.IntType(8), 64), [0x0F] * 64)
+        return builder.and_(args[0], mask)
+    return V64I8(V64I8), codegen
+
+
+@intrinsic
+def hi_nibbles(typingctx, v):
+    def codegen(context, builder, signature, args):
+        four = ir.Constant(ir.VectorType(ir.IntType(8), 64), [4] * 64)
+        return builder.lshr(args[0], four)
+    return V64I8(V64I8), codegen
+
+
+@intrinsic
+def dpbusd(typingctx, acc, a, b):
+    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane (AVX-512 VNNI)."""
+    def codegen(context, builder, signature, args):
+        v16 = ir.VectorType(ir.IntType(32), 16)
+        fnty = ir.FunctionType(v16, [v16, v16, v16])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
+    return V16I32(V16I32, V64I8, V64I8), codegen
+
+
+@intrinsic
+def to_f32(typingctx, v):
+    def codegen(context, builder, signature, args):
+        return builder.sitofp(args[0], ir.VectorType(ir.FloatType(), 16))
+    return V16F32(V16I32), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    def codegen(context, builder, signature, args):
+        v = ir.VectorType(ir.FloatType(), 16)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v, v, v]), "llvm.fma.v16f32")
+        return builder.call(fn, list(args))
+    return V16F32(V16F32, V16F32, V16F32), codegen
+
+
+@intrinsic
+def mul(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+    return V16F32(V16F32, V16F32), codegen
+
+
+@intrinsic
+def expand4(typingctx, arr, offset):
+    """4 consecutive floats, each repeated over 4 lanes."""
+    def codegen(context, builder, signature, args):
+        v4 = ir.VectorType(ir.FloatType(), 4)
+        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], v4)
+        four = builder.load(ptr, align=4)
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [i // 4 for i in range(16)])
+        return builder.shuffle_vector(four, ir.Constant(v4, ir.Undefined), mask)
+    return V16F32(arr, offset), codegen
+
+
+@intrinsic
+def add(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+    return V16F32(V16F32, V16F32), codegen
+
+
+@intrinsic
+def hsum(typingctx, v):
+    def codegen(context, builder, signature, args):
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), v16]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=("reassoc",))
+    return types.float32(V16F32), codegen
+
+
+@lru_cache(maxsize=1)
+def has_avx512_vnni() -> bool:
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512f") and features.get("avx512bw") and features.get("avx512vnni"))
