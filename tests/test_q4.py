@@ -1,4 +1,4 @@
-"""The 4-bit GEMV: equal to the numpy reference of the same integer computation; GGUF Q4_0 lossless."""
+"""The 4-bit GEMV equals the numpy reference of the same computation; GGUF Q4_0/Q4_1 import losslessly."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from edgeinfer.kernels.q4 import Q4Matrix, gemv, gemv_reference, quantize_activa
 from edgeinfer.kernels.simd import has_avx512_vnni
 
 
-def random_q4(rng, rows: int, cols: int) -> Q4Matrix:
+def random_q4(rng, rows: int, cols: int, with_min: bool) -> Q4Matrix:
+    minima = (rng.standard_normal((rows, cols // 32)) * 0.05).astype(np.float32) if with_min else None
     return Q4Matrix.from_rows(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
-                              (rng.random((rows, cols // 32)) * 0.02).astype(np.float32))
+                              (rng.random((rows, cols // 32)) * 0.02).astype(np.float32), minima)
 
 
 def test_this_machine_has_the_kernels_instructions():
@@ -19,45 +20,63 @@ def test_this_machine_has_the_kernels_instructions():
     assert has_avx512_vnni()
 
 
-@pytest.mark.parametrize("rows,cols", [(4, 128), (7, 256), (64, 4096), (129, 1536), (3, 11008)])
-def test_gemv_equals_the_integer_reference(rows, cols):
-    rng = np.random.default_rng(rows * cols)
-    m = random_q4(rng, rows, cols)
+@pytest.mark.parametrize("with_min", [False, True], ids=["q4_0", "q4_1"])
+@pytest.mark.parametrize("rows,cols", [(4, 128), (7, 256), (64, 4096), (129, 1536), (3, 11008), (9, 576), (5, 96)])
+def test_gemv_equals_the_reference(rows, cols, with_min):
+    rng = np.random.default_rng(rows * cols + with_min)
+    m = random_q4(rng, rows, cols, with_min)
     x = quantize_activations(rng.standard_normal(cols).astype(np.float32))
     out = gemv(m, x, np.empty(rows, np.float32))
     ref = gemv_reference(m, x)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=np.abs(ref).max() * 2e-6)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=np.abs(ref).max() * 3e-6)
 
 
-def test_gemv_approximates_the_float_product():
+@pytest.mark.parametrize("with_min", [False, True], ids=["q4_0", "q4_1"])
+def test_gemv_approximates_the_float_product(with_min):
     rng = np.random.default_rng(1)
-    m = random_q4(rng, 256, 1024)
+    m = random_q4(rng, 256, 1024, with_min)
     xf = rng.standard_normal(1024).astype(np.float32)
     out = gemv(m, quantize_activations(xf), np.empty(256, np.float32))
     exact = m.dequantize().astype(np.float64) @ xf
     assert np.abs(out - exact).max() / np.abs(exact).max() < 2e-2  # int8 activations, per 32-group
 
 
-def test_gguf_q4_0_import_is_lossless():
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_import_is_lossless(kind):
     import gguf
 
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((48, 384)).astype(np.float32)
-    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
-    m = Q4Matrix.from_gguf_q4_0(blocks, 384)
-    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0).reshape(48, 384)
-    np.testing.assert_array_equal(m.dequantize(), expected)
+    w = rng.standard_normal((48, 576)).astype(np.float32)
+    qt = gguf.GGMLQuantizationType[kind]
+    blocks = gguf.quants.quantize(w, qt)
+    m = Q4Matrix.from_gguf(blocks, 576, kind)
+    np.testing.assert_array_equal(m.dequantize(), gguf.quants.dequantize(blocks, qt).reshape(48, 576))
 
 
 def test_interleaving_round_trips():
     rng = np.random.default_rng(3)
-    qs = rng.integers(0, 256, (7, 256), dtype=np.uint8)
-    sc = rng.random((7, 16)).astype(np.float32)
-    back = Q4Matrix.from_rows(qs, sc).row_major()
-    np.testing.assert_array_equal(back[0], qs)
-    np.testing.assert_array_equal(back[1], sc)
+    qs, sc, mn = (rng.integers(0, 256, (7, 288), dtype=np.uint8), rng.random((7, 18)).astype(np.float32),
+                  rng.random((7, 18)).astype(np.float32))
+    back = Q4Matrix.from_rows(qs, sc, mn).row_major()
+    for a, b in zip(back, (qs, sc, mn)):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_columns_must_fill_whole_chunks():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        Q4Matrix.from_gguf_q4_0(np.zeros((2, 18 * 18), np.uint8), 576)
+def test_rows_must_hold_whole_groups():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q4Matrix.from_rows(np.zeros((2, 40), np.uint8), np.ones((2, 2), np.float32))
+
+
+@pytest.mark.real_model
+def test_smollm2_q4_1_weights_import_losslessly(smollm2_gguf):
+    """Every Q4_1 tensor of the real model, in its file row order, dequantises to exactly gguf's values."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    tensors = [t for t in reader.tensors if t.tensor_type.name == "Q4_1"]
+    assert len(tensors) == 210
+    for t in tensors:
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        m = Q4Matrix.from_gguf(np.asarray(t.data), cols, "Q4_1")
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(rows, cols)
+        np.testing.assert_array_equal(m.dequantize(), expected, err_msg=t.name)

@@ -1,15 +1,19 @@
-"""4-bit weights (Q4_0 groups, rows interleaved by 4) and the decode GEMV with int8 activations.
+"""4-bit weights (Q4_0 / Q4_1 groups, rows interleaved by 4) and the decode GEMV with int8 activations.
 
-Group layout: 32 weights in 16 bytes, low nibbles weights 0..15, high nibbles 16..31 (GGUF Q4_0's
-own order, so its import only moves bytes); w = scale * (nibble - 8), scales in float32.
+Group: 32 weights in 16 bytes, low nibbles weights 0..15, high nibbles 16..31 (GGUF's own order, so
+importing Q4_0 and Q4_1 only moves bytes). w = scale * nibble + offset, where the offset is
+-8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1. Scales and minima are float32.
 
-Row layout: rows go in blocks of 4 (padded with zero-scale rows); within a block, for each chunk of
-128 weights, the 4 rows' 64 bytes lie next to each other, and so do their 4 x 4 scales. A 4-row
-step thus reads one sequential stream of weights and one of scales (as llama.cpp's repacking does).
+Rows go in blocks of 4 (padded with zero rows); within a block, for each chunk of 128 weights, the 4
+rows' 64 bytes lie next to each other, and so do their 4 x 4 scales (and minima). A 4-row step thus
+reads one sequential stream per array, as llama.cpp's repacking does. Columns are padded to a whole
+number of chunks with zero groups.
 
 Kernel (AVX-512 VNNI): one 64-byte load is 4 groups of one row; vpdpbusd sums 4 bytes per i32 lane,
-so lanes 4g..4g+3 hold group g's low nibbles and, after a second vpdpbusd, its high ones. Lanes start
-at the -8*sum(x) correction; the group sums are converted once and scaled in one FMA.
+so lanes 4g..4g+3 hold group g's low nibbles and, after a second vpdpbusd, its high ones. Then
+    acc += float(sums) * (scale * x_scale) + offset * (factor * x_sum / 4)
+with each group's values spread over its 4 lanes (x_sum = x_scale * sum of the int8 activations,
+factor -8 for Q4_0 whose offset is its scale, 1 for Q4_1).
 """
 
 from __future__ import annotations
@@ -20,20 +24,34 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import EdgeInferError
-from .simd import dpbusd, expand4, fma, hi_nibbles, hsum, load_f32, load_i8, load_i32, lo_nibbles, mul, to_f32, zeros_f32
-from .simd import has_avx512_vnni
+from .simd import (dpbusd, expand4, fma, has_avx512_vnni, hi_nibbles, hsum, load_i8, lo_nibbles, mul, splat,
+                   to_f32, zeros_f32, zeros_i32)
 
 GROUP = 32
 CHUNK = 128  # weights per 64-byte load
-
-
 ROWS = 4  # rows interleaved per block
+
+
+def _interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) -> np.ndarray:
+    """(rows, chunks * per_chunk) -> (blocks, chunks * ROWS * per_chunk), zero rows and chunks padded."""
+    out = np.zeros((rows_padded, chunks * per_chunk), a.dtype)
+    out[:a.shape[0], :a.shape[1]] = a
+    blocks = rows_padded // ROWS
+    return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3).reshape(blocks, -1))
+
+
+def _deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int) -> np.ndarray:
+    blocks = a.shape[0]
+    chunks = a.shape[1] // (ROWS * per_chunk)
+    return a.reshape(blocks, chunks, ROWS, per_chunk).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)[:rows, :width]
 
 
 @dataclass(frozen=True)
 class Q4Matrix:
     packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8
     scales: np.ndarray  # (blocks, chunks * ROWS * 4) float32
+    offsets: np.ndarray  # Q4_1: minima, laid out as scales; Q4_0: the scales array itself
+    offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
     rows: int
     cols: int
 
@@ -42,90 +60,99 @@ class Q4Matrix:
         return self.rows, self.cols
 
     @property
+    def padded_cols(self) -> int:
+        return -(-self.cols // CHUNK) * CHUNK
+
+    @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes
+        extra = 0 if self.offsets is self.scales else self.offsets.nbytes
+        return self.packed.nbytes + self.scales.nbytes + extra
 
     @classmethod
-    def from_rows(cls, qs: np.ndarray, scales: np.ndarray) -> "Q4Matrix":
-        """From row-major nibbles (rows, cols/2) and scales (rows, cols/32)."""
+    def from_rows(cls, qs: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
+        """From row-major nibbles (rows, cols/2), scales (rows, cols/32) and, for Q4_1, minima."""
         rows, cols = qs.shape[0], qs.shape[1] * 2
-        if cols % CHUNK:
-            raise ValueError(f"{cols} columns: the kernel needs a multiple of {CHUNK}")
-        pad = -rows % ROWS
-        qs = np.concatenate([qs, np.zeros((pad, qs.shape[1]), np.uint8)])
-        scales = np.concatenate([scales.astype(np.float32), np.zeros((pad, scales.shape[1]), np.float32)])
-        blocks, chunks = qs.shape[0] // ROWS, cols // CHUNK
-        packed = qs.reshape(blocks, ROWS, chunks, 64).transpose(0, 2, 1, 3).reshape(blocks, -1)
-        scales = scales.reshape(blocks, ROWS, chunks, 4).transpose(0, 2, 1, 3).reshape(blocks, -1)
-        return cls(np.ascontiguousarray(packed), np.ascontiguousarray(scales), rows, cols)
+        if cols % GROUP:
+            raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
+        chunks, rows_padded = -(-cols // CHUNK), -(-rows // ROWS) * ROWS
+        sc = _interleave(scales.astype(np.float32), 4, rows_padded, chunks)
+        offsets = sc if minima is None else _interleave(minima.astype(np.float32), 4, rows_padded, chunks)
+        return cls(_interleave(qs, 64, rows_padded, chunks), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
 
     @classmethod
-    def from_gguf_q4_0(cls, blocks: np.ndarray, cols: int) -> "Q4Matrix":
-        """From GGUF Q4_0 bytes, (rows, cols/32 * 18): fp16 scale then 16 nibble bytes per group. Lossless."""
-        if cols % CHUNK:
-            raise ValueError(f"{cols} columns: the kernel needs a multiple of {CHUNK}")
-        b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, 18)
-        scales = b[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return cls.from_rows(np.ascontiguousarray(b[:, :, 2:]).reshape(b.shape[0], -1), scales)
+    def from_gguf(cls, blocks: np.ndarray, cols: int, kind: str) -> "Q4Matrix":
+        """From GGUF Q4_0 (fp16 scale, 16 bytes) or Q4_1 (fp16 scale, fp16 min, 16 bytes) blocks. Lossless."""
+        size = {"Q4_0": 18, "Q4_1": 20}[kind]
+        b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, size)
+        halves = b[:, :, :size - 16].copy().view(np.float16).astype(np.float32)
+        qs = np.ascontiguousarray(b[:, :, size - 16:]).reshape(b.shape[0], -1)
+        return cls.from_rows(qs, halves[..., 0], halves[..., 1] if kind == "Q4_1" else None)
 
-    def row_major(self) -> tuple[np.ndarray, np.ndarray]:
-        """(nibbles (rows, cols/2), scales (rows, cols/32)), undoing the interleave."""
-        blocks, chunks = self.packed.shape[0], self.cols // CHUNK
-        qs = self.packed.reshape(blocks, chunks, ROWS, 64).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)
-        sc = self.scales.reshape(blocks, chunks, ROWS, 4).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)
-        return qs[:self.rows], sc[:self.rows]
+    def row_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(nibbles (rows, cols/2), scales and offsets (rows, cols/32)), undoing the interleave.
+
+        The offsets are the values added to scale * nibble (-8 * scale for Q4_0)."""
+        groups = self.cols // GROUP
+        scales = _deinterleave(self.scales, 4, self.rows, groups)
+        offsets = _deinterleave(self.offsets, 4, self.rows, groups) * self.offset_factor
+        return _deinterleave(self.packed, 64, self.rows, self.cols // 2), scales, offsets
 
     def dequantize(self) -> np.ndarray:
-        qs, scales = self.row_major()
+        qs, scales, offsets = self.row_major()
         b = qs.reshape(self.rows, self.cols // GROUP, 16)
-        q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32) - 8
-        return (q * scales[:, :, None]).reshape(self.rows, self.cols)
+        q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
+        return (q * scales[:, :, None] + offsets[:, :, None]).reshape(self.rows, self.cols)
 
 
 @dataclass(frozen=True)
 class Q8Activations:
-    """A vector quantised to int8 per group of 32, split to pair with the low and high nibbles."""
+    """A vector quantised to int8 per group of 32 (zero-padded to whole chunks), split to pair with
+    the low and high nibbles."""
 
     lo: np.ndarray  # int8, group-major: x[g*32 + 0..15]
     hi: np.ndarray  # int8: x[g*32 + 16..31]
-    correction: np.ndarray  # int32, 4 lanes a group: -8 * sum(q) in the first, 0 in the others
-    scales4: np.ndarray  # float32, each group's scale repeated over its 4 lanes
-    q: np.ndarray  # (groups, 32) int8, for the reference
     scales: np.ndarray  # (groups,) float32
+    sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
+    q: np.ndarray  # (groups, 32) int8, for the reference
 
 
 def quantize_activations(x: np.ndarray) -> Q8Activations:
-    g = np.asarray(x, dtype=np.float32).reshape(-1, GROUP)
+    x = np.asarray(x, dtype=np.float32)
+    g = np.zeros((-(-x.size // CHUNK) * CHUNK) // GROUP * GROUP, np.float32)
+    g[:x.size] = x
+    g = g.reshape(-1, GROUP)
     d = np.abs(g).max(axis=1) / 127
     d[d == 0] = 1
     q = np.round(g / d[:, None]).astype(np.int8)
-    correction = np.zeros(len(d) * 4, np.int32)
-    correction[::4] = -8 * q.astype(np.int32).sum(axis=1)
+    sums = (d * q.astype(np.int32).sum(axis=1)).astype(np.float32)
     return Q8Activations(np.ascontiguousarray(q[:, :16]).reshape(-1), np.ascontiguousarray(q[:, 16:]).reshape(-1),
-                         correction, np.repeat(d, 4).astype(np.float32), q, d.astype(np.float32))
+                         d.astype(np.float32), sums, q)
 
 
 @njit(inline="always")
-def _chunk(qs, scales, w_off, s_off, xl, xh, cv, dx, acc):
-    w = load_i8(qs, w_off)
-    sums = dpbusd(dpbusd(cv, lo_nibbles(w), xl), hi_nibbles(w), xh)
-    return fma(to_f32(sums), mul(expand4(scales, s_off), dx), acc)
+def _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, acc):
+    nib = load_i8(packed, w)
+    sums = dpbusd(dpbusd(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
+    acc = fma(to_f32(sums), mul(expand4(scales, s), dx), acc)
+    return fma(expand4(offsets, s), osum, acc)
 
 
 @njit(parallel=True, cache=True)
-def _gemv(packed, scales, xlo, xhi, corr, dxe, out):
+def _gemv(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
     rows = out.shape[0]
     chunks = packed.shape[1] // (4 * 64)
+    quarter = splat(np.float32(factor * 0.25))  # each group's offset term is spread over 4 lanes
     for block in prange(packed.shape[0]):
         a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
-        w, s = block * packed.shape[1], block * scales.shape[1]  # this block's two streams
+        w, s = block * packed.shape[1], block * scales.shape[1]  # this block's streams
         for c in range(chunks):
             xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
-            cv, dx = load_i32(corr, c * 16), load_f32(dxe, c * 16)
-            a0 = _chunk(packed, scales, w, s, xl, xh, cv, dx, a0)
-            a1 = _chunk(packed, scales, w + 64, s + 4, xl, xh, cv, dx, a1)
-            a2 = _chunk(packed, scales, w + 128, s + 8, xl, xh, cv, dx, a2)
-            a3 = _chunk(packed, scales, w + 192, s + 12, xl, xh, cv, dx, a3)
+            dx = expand4(xscales, c * 4)
+            osum = mul(expand4(xsums, c * 4), quarter)
+            a0 = _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, a0)
+            a1 = _chunk(packed, scales, offsets, w + 64, s + 4, xl, xh, dx, osum, a1)
+            a2 = _chunk(packed, scales, offsets, w + 128, s + 8, xl, xh, dx, osum, a2)
+            a3 = _chunk(packed, scales, offsets, w + 192, s + 12, xl, xh, dx, osum, a3)
             w += 256
             s += 16
         r = block * 4
@@ -142,15 +169,18 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations)."""
     if not has_avx512_vnni():  # the instructions would kill the process, not raise
         raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 4-bit kernel is not written yet")
-    _gemv(m.packed, m.scales, x.lo, x.hi, x.correction, x.scales4, out)
+    if x.lo.size * 2 != m.padded_cols:
+        raise ValueError(f"activations of {x.lo.size * 2} columns for a matrix of {m.padded_cols}")
+    _gemv(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
     return out
 
 
 def gemv_reference(m: Q4Matrix, x: Q8Activations) -> np.ndarray:
-    """The same integer computation in numpy: per-group integer dot, then both scales."""
-    rows, cols = m.shape
-    qs, scales = m.row_major()
-    b = qs.reshape(rows, cols // GROUP, 16)
-    w = np.concatenate([b & 15, b >> 4], axis=2).astype(np.int64) - 8
-    dots = (w * x.q[None].astype(np.int64)).sum(axis=2)
-    return (dots * (scales.astype(np.float64) * x.scales[None])).sum(axis=1)
+    """The same computation in numpy: integer dot of nibbles and int8 per group, then the scales and
+    the offset term with the group's activation sum."""
+    qs, scales, offsets = m.row_major()
+    groups = m.cols // GROUP
+    b = qs.reshape(m.rows, groups, 16)
+    q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.int64)
+    dots = (q * x.q[None, :groups].astype(np.int64)).sum(axis=2)
+    return (dots * scales.astype(np.float64) * x.scales[None, :groups] + offsets * x.sums[None, :groups]).sum(axis=1)

@@ -134,6 +134,23 @@ def add(typingctx, a, b):
 
 
 @intrinsic
+def splat(typingctx, x):
+    """A float32 scalar in all 16 lanes."""
+    def codegen(context, builder, signature, args):
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        one = builder.insert_element(ir.Constant(v16, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+    return V16F32(types.float32), codegen
+
+
+@intrinsic
+def zeros_i32(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.VectorType(ir.IntType(32), 16), None)
+    return V16I32(), codegen
+
+
+@intrinsic
 def hsum(typingctx, v):
     def codegen(context, builder, signature, args):
         v16 = ir.VectorType(ir.FloatType(), 16)
