@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate (-1: until the end)")
     run.add_argument("-s", "--system", help="system prompt for chat models")
     run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    run.add_argument("--exact", action="store_true", help="use the exact float32 reference path")
+    run.add_argument("--exact", action="store_true", help="the exact float32 reference path (default: 4-bit weights run in 4 bits)")
     run.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     run.add_argument("-c", "--ctx", type=int, help="context size in tokens (default: the model's, at most 4096)")
     run.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
@@ -105,7 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
-    engine = Engine.load(resolve_model(args.model), args.ctx)
+    engine = Engine.load(resolve_model(args.model), args.ctx, exact=args.exact)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     if args.prompt is not None:
@@ -118,7 +118,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _generate(engine, ids: list[int], params, args: argparse.Namespace) -> str:
     if args.verbose:
-        print(f"prompt: {len(ids)} tokens", file=sys.stderr)
+        print(f"prompt: {len(ids)} tokens | weights: {engine.model.precision}", file=sys.stderr)
     gen = engine.generate(ids, params, args.n_predict, args.stop)
     try:
         for piece in gen:

@@ -77,9 +77,10 @@ class Engine:
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
 
     @classmethod
-    def load(cls, path: str, context: int | None = None) -> "Engine":
+    def load(cls, path: str, context: int | None = None, exact: bool = False) -> "Engine":
+        """exact: the float32 reference path; otherwise 4-bit weights run with the 4-bit kernels."""
         source = open_model(path)
-        return cls(Model(source), Tokenizer(source.tokenizer), context)
+        return cls(Model(source, quantized=not exact), Tokenizer(source.tokenizer), context)
 
     def prompt_ids(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a one-shot prompt: the chat template applied unless `raw` or the model has none."""

@@ -1,4 +1,5 @@
-"""The Llama-family forward pass (Llama 2/3, Mistral, SmolLM, Qwen2), exact float32.
+"""The Llama-family forward pass (Llama 2/3, Mistral, SmolLM, Qwen2): exact float32, or with the
+projections a file stores in 4 bits run by the 4-bit kernels.
 
     h = embed(tokens)
     for each layer:  h += attn(rmsnorm(h));  h += mlp(rmsnorm(h))
@@ -13,41 +14,33 @@ import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError
-from .kernels.reference import apply_rope, causal_attention, linear, rmsnorm, rope_tables, silu_mul
+from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
+from .layers import DenseLinear, Q4Linear, load_linear
 from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
+
+Linear = DenseLinear | Q4Linear
 
 
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
-    wq: np.ndarray
-    wk: np.ndarray
-    wv: np.ndarray
-    wo: np.ndarray
-    bq: np.ndarray | None
-    bk: np.ndarray | None
-    bv: np.ndarray | None
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
     mlp_norm: np.ndarray
-    w_gate: np.ndarray
-    w_up: np.ndarray
-    w_down: np.ndarray
-    b_gate: np.ndarray | None
-    b_up: np.ndarray | None
-    b_down: np.ndarray | None
+    gate: Linear
+    up: Linear
+    down: Linear
 
     @classmethod
-    def load(cls, source: WeightSource, i: int) -> "LayerWeights":
+    def load(cls, source: WeightSource, i: int, quantized: bool) -> "LayerWeights":
         p = layer_prefix(i)
-        get = source.float32
-        opt = lambda name: get(p + name) if source.has(p + name) else None  # noqa: E731
-        return cls(attn_norm=get(p + "input_layernorm.weight"),
-                   wq=get(p + "self_attn.q_proj.weight"), wk=get(p + "self_attn.k_proj.weight"),
-                   wv=get(p + "self_attn.v_proj.weight"), wo=get(p + "self_attn.o_proj.weight"),
-                   bq=opt("self_attn.q_proj.bias"), bk=opt("self_attn.k_proj.bias"), bv=opt("self_attn.v_proj.bias"),
-                   mlp_norm=get(p + "post_attention_layernorm.weight"),
-                   w_gate=get(p + "mlp.gate_proj.weight"), w_up=get(p + "mlp.up_proj.weight"),
-                   w_down=get(p + "mlp.down_proj.weight"), b_gate=opt("mlp.gate_proj.bias"),
-                   b_up=opt("mlp.up_proj.bias"), b_down=opt("mlp.down_proj.bias"))
+        lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized)  # noqa: E731
+        return cls(attn_norm=source.float32(p + "input_layernorm.weight"),
+                   q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"), v=lin("self_attn.v_proj"),
+                   o=lin("self_attn.o_proj"), mlp_norm=source.float32(p + "post_attention_layernorm.weight"),
+                   gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"))
 
 
 class KVCache:
@@ -65,13 +58,15 @@ class KVCache:
 
 
 class Model:
-    precision = "f32"  # what the weights are computed in (shown to the user)
-
-    def __init__(self, source: WeightSource):
+    def __init__(self, source: WeightSource, quantized: bool = False):
+        """quantized: run the projections the file stores in 4 bits with the 4-bit kernels;
+        otherwise (the exact path) everything is float32."""
         self.config = c = source.config
         source.model_tensor_names()  # every tensor present, with its shape
         self.embed = source.float32("model.embed_tokens.weight")
-        self.layers = [LayerWeights.load(source, i) for i in range(c.num_layers)]
+        self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
+        bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
+        self.precision = "q4" if 4 in bits else "f32"  # shown to the user
         self.norm = source.float32("model.norm.weight")
         self.lm_head = self.embed if c.tie_embeddings else source.float32("lm_head.weight")
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
@@ -101,13 +96,13 @@ class Model:
         c = self.config
         count, start = x.shape[0], cache.length
         heads = lambda y, n: y.reshape(count, n, c.head_dim).transpose(1, 0, 2)  # noqa: E731
-        q = apply_rope(heads(linear(x, w.wq, w.bq), c.num_heads), cos, sin)
-        k = apply_rope(heads(linear(x, w.wk, w.bk), c.num_kv_heads), cos, sin)
+        q = apply_rope(heads(w.q(x), c.num_heads), cos, sin)
+        k = apply_rope(heads(w.k(x), c.num_kv_heads), cos, sin)
         cache.k[layer, :, start:start + count] = k
-        cache.v[layer, :, start:start + count] = heads(linear(x, w.wv, w.bv), c.num_kv_heads)
+        cache.v[layer, :, start:start + count] = heads(w.v(x), c.num_kv_heads)
         end = start + count
         out = causal_attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)
-        return linear(out.transpose(1, 0, 2).reshape(count, c.q_size), w.wo)
+        return w.o(out.transpose(1, 0, 2).reshape(count, c.q_size))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return linear(silu_mul(linear(x, w.w_gate, w.b_gate), linear(x, w.w_up, w.b_up)), w.w_down, w.b_down)
+        return w.down(silu_mul(w.gate(x), w.up(x)))

@@ -80,3 +80,32 @@ def test_smollm2_q4_1_weights_import_losslessly(smollm2_gguf):
         m = Q4Matrix.from_gguf(np.asarray(t.data), cols, "Q4_1")
         expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(rows, cols)
         np.testing.assert_array_equal(m.dequantize(), expected, err_msg=t.name)
+
+
+def test_activation_quantisation_matches_its_definition():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(576) * rng.random(576) * 10).astype(np.float32)
+    x[32:64] = 0  # an all-zero group
+    q = quantize_activations(x)
+    groups = np.zeros(640, np.float32)
+    groups[:576] = x
+    groups = groups.reshape(-1, 32)
+    d = np.abs(groups).max(axis=1) / 127
+    d[d == 0] = 1
+    expected = np.round(groups / d[:, None])
+    np.testing.assert_array_equal(q.int8(), expected)
+    np.testing.assert_allclose(q.scales, d, rtol=1e-7)
+    np.testing.assert_allclose(q.sums, d * expected.sum(axis=1), rtol=1e-6)
+    again = quantize_activations(x * 2, q)  # refills the same buffers
+    assert again is q and np.array_equal(q.int8(), expected)
+
+
+def test_parallel_and_serial_kernels_agree(monkeypatch):
+    from edgeinfer.kernels import q4
+
+    rng = np.random.default_rng(5)
+    m = random_q4(rng, 129, 1536, True)
+    x = quantize_activations(rng.standard_normal(1536).astype(np.float32))
+    serial = gemv(m, x, np.empty(129, np.float32))
+    monkeypatch.setattr(q4, "PARALLEL_MIN_BYTES", 0)
+    np.testing.assert_array_equal(gemv(m, x, np.empty(129, np.float32)), serial)

@@ -107,26 +107,51 @@ class Q4Matrix:
 @dataclass(frozen=True)
 class Q8Activations:
     """A vector quantised to int8 per group of 32 (zero-padded to whole chunks), split to pair with
-    the low and high nibbles."""
+    the low and high nibbles. Preallocated once per width and refilled for every token."""
 
     lo: np.ndarray  # int8, group-major: x[g*32 + 0..15]
     hi: np.ndarray  # int8: x[g*32 + 16..31]
     scales: np.ndarray  # (groups,) float32
     sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
-    q: np.ndarray  # (groups, 32) int8, for the reference
+
+    @classmethod
+    def empty(cls, cols: int) -> "Q8Activations":
+        groups = -(-cols // CHUNK) * CHUNK // GROUP
+        return cls(np.zeros(groups * 16, np.int8), np.zeros(groups * 16, np.int8), np.zeros(groups, np.float32),
+                   np.zeros(groups, np.float32))
+
+    def int8(self) -> np.ndarray:
+        """(groups, 32) int8 values, for the reference."""
+        return np.concatenate([self.lo.reshape(-1, 16), self.hi.reshape(-1, 16)], axis=1)
 
 
-def quantize_activations(x: np.ndarray) -> Q8Activations:
+@njit(cache=True)
+def _quantize(x, lo, hi, scales, sums):
+    for g in range(scales.shape[0]):
+        amax = np.float32(0)
+        for j in range(GROUP):
+            i = g * GROUP + j
+            if i < x.shape[0]:
+                amax = max(amax, abs(x[i]))
+        d = amax / np.float32(127) if amax > 0 else np.float32(1)
+        total = 0
+        for j in range(GROUP):
+            i = g * GROUP + j
+            q = int(np.round(x[i] / d)) if i < x.shape[0] else 0
+            total += q
+            if j < 16:
+                lo[g * 16 + j] = q
+            else:
+                hi[g * 16 + j - 16] = q
+        scales[g] = d
+        sums[g] = d * total
+
+
+def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
     x = np.asarray(x, dtype=np.float32)
-    g = np.zeros((-(-x.size // CHUNK) * CHUNK) // GROUP * GROUP, np.float32)
-    g[:x.size] = x
-    g = g.reshape(-1, GROUP)
-    d = np.abs(g).max(axis=1) / 127
-    d[d == 0] = 1
-    q = np.round(g / d[:, None]).astype(np.int8)
-    sums = (d * q.astype(np.int32).sum(axis=1)).astype(np.float32)
-    return Q8Activations(np.ascontiguousarray(q[:, :16]).reshape(-1), np.ascontiguousarray(q[:, 16:]).reshape(-1),
-                         d.astype(np.float32), sums, q)
+    out = out or Q8Activations.empty(x.size)
+    _quantize(x, out.lo, out.hi, out.scales, out.sums)
+    return out
 
 
 @njit(inline="always")
@@ -137,32 +162,50 @@ def _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, acc):
     return fma(expand4(offsets, s), osum, acc)
 
 
-@njit(parallel=True, cache=True)
-def _gemv(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    rows = out.shape[0]
+@njit(inline="always")
+def _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block):
+    """Rows 4*block .. 4*block+3: one pass over the block's interleaved streams."""
     chunks = packed.shape[1] // (4 * 64)
+    a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
+    w, s = block * packed.shape[1], block * scales.shape[1]
+    for c in range(chunks):
+        xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
+        dx = expand4(xscales, c * 4)
+        osum = mul(expand4(xsums, c * 4), quarter)
+        a0 = _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, a0)
+        a1 = _chunk(packed, scales, offsets, w + 64, s + 4, xl, xh, dx, osum, a1)
+        a2 = _chunk(packed, scales, offsets, w + 128, s + 8, xl, xh, dx, osum, a2)
+        a3 = _chunk(packed, scales, offsets, w + 192, s + 12, xl, xh, dx, osum, a3)
+        w += 256
+        s += 16
+    r = block * 4
+    rows = out.shape[0]
+    out[r] = hsum(a0)
+    if r + 1 < rows:
+        out[r + 1] = hsum(a1)
+    if r + 2 < rows:
+        out[r + 2] = hsum(a2)
+    if r + 3 < rows:
+        out[r + 3] = hsum(a3)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_parallel(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
     quarter = splat(np.float32(factor * 0.25))  # each group's offset term is spread over 4 lanes
     for block in prange(packed.shape[0]):
-        a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
-        w, s = block * packed.shape[1], block * scales.shape[1]  # this block's streams
-        for c in range(chunks):
-            xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
-            dx = expand4(xscales, c * 4)
-            osum = mul(expand4(xsums, c * 4), quarter)
-            a0 = _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, a0)
-            a1 = _chunk(packed, scales, offsets, w + 64, s + 4, xl, xh, dx, osum, a1)
-            a2 = _chunk(packed, scales, offsets, w + 128, s + 8, xl, xh, dx, osum, a2)
-            a3 = _chunk(packed, scales, offsets, w + 192, s + 12, xl, xh, dx, osum, a3)
-            w += 256
-            s += 16
-        r = block * 4
-        out[r] = hsum(a0)
-        if r + 1 < rows:
-            out[r + 1] = hsum(a1)
-        if r + 2 < rows:
-            out[r + 2] = hsum(a2)
-        if r + 3 < rows:
-            out[r + 3] = hsum(a3)
+        _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block)
+
+
+@njit(cache=True)
+def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
+    quarter = splat(np.float32(factor * 0.25))
+    for block in range(packed.shape[0]):
+        _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block)
+
+
+# Below this size waking the worker threads costs more than the matrix takes on one core: decode
+# calls kernels back to back with other work between them, so the threads are asleep each time.
+PARALLEL_MIN_BYTES = 4 << 20
 
 
 def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
@@ -171,7 +214,8 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 4-bit kernel is not written yet")
     if x.lo.size * 2 != m.padded_cols:
         raise ValueError(f"activations of {x.lo.size * 2} columns for a matrix of {m.padded_cols}")
-    _gemv(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
+    kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
+    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
     return out
 
 
@@ -182,5 +226,5 @@ def gemv_reference(m: Q4Matrix, x: Q8Activations) -> np.ndarray:
     groups = m.cols // GROUP
     b = qs.reshape(m.rows, groups, 16)
     q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.int64)
-    dots = (q * x.q[None, :groups].astype(np.int64)).sum(axis=2)
+    dots = (q * x.int8()[None, :groups].astype(np.int64)).sum(axis=2)
     return (dots * scales.astype(np.float64) * x.scales[None, :groups] + offsets * x.sums[None, :groups]).sum(axis=1)

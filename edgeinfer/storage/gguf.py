@@ -167,11 +167,22 @@ class GGUFSource(WeightSource):
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.stored_shape(name))
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
+        return np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
+
+    def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
+        t = self._tensors[name]
+        if t.tensor_type.name not in ("Q4_0", "Q4_1"):
+            return None
+        blocks = np.asarray(t.data).reshape(self.stored_shape(name)[0], -1)
+        return self._in_hf_row_order(name, blocks), t.tensor_type.name
+
+    def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's Q/K row permutation (of values, or of whole rows of blocks)."""
         if self._permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_rope_rows(w, self.config.num_heads)
-        elif self._permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rope_rows(w, self.config.num_kv_heads)
-        return np.ascontiguousarray(w, dtype=np.float32)
+            return unpermute_rope_rows(w, self.config.num_heads)
+        if self._permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            return unpermute_rope_rows(w, self.config.num_kv_heads)
+        return w
 
     def storable_type(self, name: str) -> str:
         return "F16" if self.stored_type(name) == "F16" else "F32"

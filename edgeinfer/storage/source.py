@@ -73,6 +73,10 @@ class WeightSource:
         """The tensor's data in storable_type (BF16 as uint16)."""
         return self.float32(name)
 
+    def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
+        """The tensor's 4-bit blocks as stored (rows, bytes) and their type (Q4_0, Q4_1), if it has them."""
+        return None
+
     def has(self, name: str) -> bool:
         raise NotImplementedError
 

@@ -1,0 +1,55 @@
+"""The forward pass with 4-bit projections: same model, int8-activation noise, chosen unless --exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import edgeinfer_cli, write_gguf
+from edgeinfer.layers import Q4Linear
+from edgeinfer.model import Model
+from edgeinfer.storage import open_model
+
+PROJECTIONS = {"attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "attn_v.weight": "Q4_0",
+               "attn_output.weight": "Q4_1", "ffn_gate.weight": "Q4_0", "ffn_up.weight": "Q4_1",
+               "ffn_down.weight": "Q4_0"}
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory, tiny_hf, tokenizer_json):
+    return write_gguf(tmp_path_factory.mktemp("q4") / "q4.gguf", tiny_hf, tokenizer_json, types=PROJECTIONS)
+
+
+def test_four_bit_projections_track_the_exact_path(q4_gguf):
+    source = open_model(str(q4_gguf))
+    exact, quant = Model(source), Model(source, quantized=True)
+    assert exact.precision == "f32" and quant.precision == "q4"
+    assert all(isinstance(getattr(layer, n), Q4Linear) for layer in quant.layers
+               for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    ids = np.arange(5, 69)
+    lf = exact.forward(ids, exact.new_cache(64), all_logits=True)
+    lq = quant.forward(ids, quant.new_cache(64), all_logits=True)
+    assert np.abs(lq - lf).max() < 0.05 * np.abs(lf).max()
+    assert (lq.argmax(-1) == lf.argmax(-1)).mean() >= 0.8
+
+
+def test_cli_runs_four_bit_unless_exact(q4_gguf):
+    fast = edgeinfer_cli("run", str(q4_gguf), "-p", "x", "-n", "4", "--temp", "0", "-v")
+    exact = edgeinfer_cli("run", str(q4_gguf), "-p", "x", "-n", "4", "--temp", "0", "-v", "--exact")
+    assert fast.returncode == exact.returncode == 0, fast.stderr + exact.stderr
+    assert "weights: q4" in fast.stderr and "weights: f32" in exact.stderr
+
+
+@pytest.mark.real_model
+def test_smollm2_four_bit_path_agrees_with_float32(smollm2_gguf):
+    """Next-token agreement of the 4-bit path (int8 activations) with float32 over real text."""
+    from edgeinfer.tokenizer import Tokenizer
+
+    source = open_model(str(smollm2_gguf))
+    ids = np.asarray(Tokenizer(source.tokenizer).encode(open("/usr/share/common-licenses/GPL-3").read()[:1500]))
+    exact, quant = Model(source), Model(source, quantized=True)
+    lf = exact.forward(ids, exact.new_cache(len(ids)), all_logits=True)
+    lq = quant.forward(ids, quant.new_cache(len(ids)), all_logits=True)
+    agreement = float((lf.argmax(-1) == lq.argmax(-1)).mean())
+    print(f"top-1 agreement of the 4-bit path with float32: {agreement:.3f} over {len(ids)} tokens")
+    assert agreement >= 0.9
