@@ -14,7 +14,8 @@ import time
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
 
-from edgeinfer.kernels.q4 import Q4Matrix, gemv, quantize_activations
+from edgeinfer.kernels.activations import quantize_activations
+from edgeinfer.kernels.q4 import Q4Matrix, gemv
 from edgeinfer.kernels.simd import add, hsum, load_f32, zeros_f32
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # Llama-2-7B: attention, FFN up/gate, FFN down

@@ -15,10 +15,10 @@ import numpy as np
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
-from .layers import DenseLinear, Q4Linear, load_linear
+from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
 
-Linear = DenseLinear | Q4Linear
+Linear = DenseLinear | QuantLinear
 
 
 @dataclass
@@ -66,9 +66,11 @@ class Model:
         self.embed = source.float32("model.embed_tokens.weight")
         self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
         bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
-        self.precision = "q4" if 4 in bits else "f32"  # shown to the user
+        self.precision = "q4" if 4 in bits else "q8" if 8 in bits else "f32"  # shown to the user
         self.norm = source.float32("model.norm.weight")
-        self.lm_head = self.embed if c.tie_embeddings else source.float32("lm_head.weight")
+        tied = c.tie_embeddings
+        self.head = load_linear(source, "model.embed_tokens.weight" if tied else "lm_head.weight", quantized,
+                                dense=self.embed if tied else None)
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
 
@@ -88,7 +90,7 @@ class Model:
             h = h + self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))
         cache.length = start + count
         h = h if all_logits else h[-1:]
-        logits = rmsnorm(h, self.norm, eps) @ self.lm_head.T
+        logits = self.head(rmsnorm(h, self.norm, eps))
         return logits if all_logits else logits[0]
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeinfer.kernels.q4 import Q4Matrix, gemv, gemv_reference, quantize_activations
+from edgeinfer.kernels.activations import quantize_activations
+from edgeinfer.kernels.q4 import Q4Matrix, gemv, gemv_reference
 from edgeinfer.kernels.simd import has_avx512_vnni
 
 

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from conftest import edgeinfer_cli, write_gguf
-from edgeinfer.layers import Q4Linear
+from edgeinfer.layers import QuantLinear
 from edgeinfer.model import Model
 from edgeinfer.storage import open_model
 
+# write_gguf takes the first suffix that matches: attn_output.weight must come before output.weight.
 PROJECTIONS = {"attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "attn_v.weight": "Q4_0",
                "attn_output.weight": "Q4_1", "ffn_gate.weight": "Q4_0", "ffn_up.weight": "Q4_1",
-               "ffn_down.weight": "Q4_0"}
+               "ffn_down.weight": "Q4_0", "token_embd.weight": "Q8_0", "output.weight": "Q8_0"}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def test_four_bit_projections_track_the_exact_path(q4_gguf):
     source = open_model(str(q4_gguf))
     exact, quant = Model(source), Model(source, quantized=True)
     assert exact.precision == "f32" and quant.precision == "q4"
-    assert all(isinstance(getattr(layer, n), Q4Linear) for layer in quant.layers
-               for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert all(getattr(layer, n).bits == 4 for layer in quant.layers for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert isinstance(quant.head, QuantLinear) and quant.head.bits == 8  # output.weight stored Q8_0
     ids = np.arange(5, 69)
     lf = exact.forward(ids, exact.new_cache(64), all_logits=True)
     lq = quant.forward(ids, quant.new_cache(64), all_logits=True)

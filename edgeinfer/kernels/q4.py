@@ -24,11 +24,10 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import EdgeInferError
+from .activations import CHUNK, GROUP, Q8Activations
 from .simd import (dpbusd, expand4, fma, has_avx512_vnni, hi_nibbles, hsum, load_i8, lo_nibbles, mul, splat,
                    to_f32, zeros_f32, zeros_i32)
 
-GROUP = 32
-CHUNK = 128  # weights per 64-byte load
 ROWS = 4  # rows interleaved per block
 
 
@@ -54,6 +53,7 @@ class Q4Matrix:
     offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
     rows: int
     cols: int
+    bits = 4
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,61 +97,14 @@ class Q4Matrix:
         offsets = _deinterleave(self.offsets, 4, self.rows, groups) * self.offset_factor
         return _deinterleave(self.packed, 64, self.rows, self.cols // 2), scales, offsets
 
+    def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+        return gemv(self, x, out)
+
     def dequantize(self) -> np.ndarray:
         qs, scales, offsets = self.row_major()
         b = qs.reshape(self.rows, self.cols // GROUP, 16)
         q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
         return (q * scales[:, :, None] + offsets[:, :, None]).reshape(self.rows, self.cols)
-
-
-@dataclass(frozen=True)
-class Q8Activations:
-    """A vector quantised to int8 per group of 32 (zero-padded to whole chunks), split to pair with
-    the low and high nibbles. Preallocated once per width and refilled for every token."""
-
-    lo: np.ndarray  # int8, group-major: x[g*32 + 0..15]
-    hi: np.ndarray  # int8: x[g*32 + 16..31]
-    scales: np.ndarray  # (groups,) float32
-    sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
-
-    @classmethod
-    def empty(cls, cols: int) -> "Q8Activations":
-        groups = -(-cols // CHUNK) * CHUNK // GROUP
-        return cls(np.zeros(groups * 16, np.int8), np.zeros(groups * 16, np.int8), np.zeros(groups, np.float32),
-                   np.zeros(groups, np.float32))
-
-    def int8(self) -> np.ndarray:
-        """(groups, 32) int8 values, for the reference."""
-        return np.concatenate([self.lo.reshape(-1, 16), self.hi.reshape(-1, 16)], axis=1)
-
-
-@njit(cache=True)
-def _quantize(x, lo, hi, scales, sums):
-    for g in range(scales.shape[0]):
-        amax = np.float32(0)
-        for j in range(GROUP):
-            i = g * GROUP + j
-            if i < x.shape[0]:
-                amax = max(amax, abs(x[i]))
-        d = amax / np.float32(127) if amax > 0 else np.float32(1)
-        total = 0
-        for j in range(GROUP):
-            i = g * GROUP + j
-            q = int(np.round(x[i] / d)) if i < x.shape[0] else 0
-            total += q
-            if j < 16:
-                lo[g * 16 + j] = q
-            else:
-                hi[g * 16 + j - 16] = q
-        scales[g] = d
-        sums[g] = d * total
-
-
-def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
-    x = np.asarray(x, dtype=np.float32)
-    out = out or Q8Activations.empty(x.size)
-    _quantize(x, out.lo, out.hi, out.scales, out.sums)
-    return out
 
 
 @njit(inline="always")

@@ -114,16 +114,22 @@ def mul(typingctx, a, b):
     return V16F32(V16F32, V16F32), codegen
 
 
-@intrinsic
-def expand4(typingctx, arr, offset):
-    """4 consecutive floats, each repeated over 4 lanes."""
-    def codegen(context, builder, signature, args):
-        v4 = ir.VectorType(ir.FloatType(), 4)
-        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], v4)
-        four = builder.load(ptr, align=4)
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [i // 4 for i in range(16)])
-        return builder.shuffle_vector(four, ir.Constant(v4, ir.Undefined), mask)
-    return V16F32(arr, offset), codegen
+def _expander(count: int):
+    """`count` consecutive floats, each repeated over 16/count lanes."""
+    @intrinsic
+    def expand(typingctx, arr, offset):
+        def codegen(context, builder, signature, args):
+            small = ir.VectorType(ir.FloatType(), count)
+            ptr = _ptr(context, builder, signature.args[0], args[0], args[1], small)
+            values = builder.load(ptr, align=4)
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [i * count // 16 for i in range(16)])
+            return builder.shuffle_vector(values, ir.Constant(small, ir.Undefined), mask)
+        return V16F32(arr, offset), codegen
+    return expand
+
+
+expand4 = _expander(4)  # one float per 4 lanes: a Q4 chunk holds 4 groups
+expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
 
 
 @intrinsic

@@ -171,7 +171,7 @@ class GGUFSource(WeightSource):
 
     def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
         t = self._tensors[name]
-        if t.tensor_type.name not in ("Q4_0", "Q4_1"):
+        if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
             return None
         blocks = np.asarray(t.data).reshape(self.stored_shape(name)[0], -1)
         return self._in_hf_row_order(name, blocks), t.tensor_type.name

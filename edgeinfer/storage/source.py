@@ -74,7 +74,7 @@ class WeightSource:
         return self.float32(name)
 
     def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
-        """The tensor's 4-bit blocks as stored (rows, bytes) and their type (Q4_0, Q4_1), if it has them."""
+        """The tensor's blocks as stored (rows, bytes) and their type, if it is Q4_0, Q4_1 or Q8_0."""
         return None
 
     def has(self, name: str) -> bool:

@@ -1,0 +1,89 @@
+"""edgeinfer vs llama.cpp on the same GGUF, same threads, runs alternating: decode tg128, prefill pp512.
+
+As llama-bench measures them: tg128 = 128 single-token evaluations after an empty context,
+pp512 = one 512-token batch; no sampling. llama.cpp is llama-cpp-python built natively in its own
+venv (bench/peer.py). Prints JSON and a one-line summary with the ratios edgeinfer / llama.cpp.
+
+    python bench/peer_llamacpp.py [--model smollm2-135m] [--threads 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from peer import run_in_peer  # noqa: E402
+
+PEER_SCRIPT = """
+import json, sys, time
+from llama_cpp import Llama
+path, threads = sys.argv[1], int(sys.argv[2])
+m = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+bos = 1
+m.reset(); m.eval([bos] * 512); m.reset()
+t = time.perf_counter(); m.eval([bos] * 512); pp = 512 / (time.perf_counter() - t)
+m.reset(); m.eval([bos])
+t = time.perf_counter()
+for _ in range(128):
+    m.eval([bos])
+tg = 128 / (time.perf_counter() - t)
+print(json.dumps({"pp512": pp, "tg128": tg}))
+"""
+
+
+def edgeinfer_round(path: str) -> dict[str, float]:
+    import numpy as np
+
+    from edgeinfer.engine import Engine
+
+    model = Engine.load(path, 1024).model
+    tokens = np.ones(512, dtype=np.int64)
+    model.forward(tokens[:8], model.new_cache(1024))  # warm the kernels
+    cache = model.new_cache(1024)
+    t = time.perf_counter()
+    model.forward(tokens, cache)
+    pp = 512 / (time.perf_counter() - t)
+    cache = model.new_cache(1024)
+    model.forward(tokens[:1], cache)
+    t = time.perf_counter()
+    for _ in range(128):
+        model.forward(tokens[:1], cache)
+    return {"pp512": pp, "tg128": 128 / (time.perf_counter() - t)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    from numba import set_num_threads
+
+    from edgeinfer.storage.fetch import fetch_gguf
+
+    set_num_threads(args.threads)
+    path = str(fetch_gguf(args.model))
+    runs: dict[str, list[dict[str, float]]] = {"edgeinfer": [], "llama.cpp": []}
+    for _ in range(args.rounds):  # alternate, so drift hits both alike
+        runs["llama.cpp"].append(json.loads(run_in_peer(PEER_SCRIPT, path, str(args.threads))))
+        runs["edgeinfer"].append(edgeinfer_round(path))
+    result = {"model": args.model, "threads": args.threads, "rounds": args.rounds}
+    for test in ("tg128", "pp512"):
+        ours = statistics.median(r[test] for r in runs["edgeinfer"])
+        peer = statistics.median(r[test] for r in runs["llama.cpp"])
+        result[test] = {"edgeinfer_tok_s": round(ours, 1), "llamacpp_tok_s": round(peer, 1), "ratio": round(ours / peer, 3)}
+    print(json.dumps(result, indent=1))
+    print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds: "
+          + "; ".join(f"{t} edgeinfer {result[t]['edgeinfer_tok_s']} vs llama.cpp {result[t]['llamacpp_tok_s']} tok/s "
+                      f"(x{result[t]['ratio']})" for t in ("tg128", "pp512")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Activations quantised to int8 per group of 32, once per token, into buffers made once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+GROUP = 32
+CHUNK = 128  # the widest weight chunk (4-bit: 128 weights per 64-byte load); vectors pad to it
+
+
+@dataclass(frozen=True)
+class Q8Activations:
+    """A vector quantised to int8 per group of 32 (zero-padded to whole chunks), split to pair with
+    the low and high nibbles. Preallocated once per width and refilled for every token."""
+
+    lo: np.ndarray  # int8, group-major: x[g*32 + 0..15]
+    hi: np.ndarray  # int8: x[g*32 + 16..31]
+    flat: np.ndarray  # int8 in natural order (for 8-bit weights)
+    scales: np.ndarray  # (groups,) float32
+    sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
+
+    @classmethod
+    def empty(cls, cols: int) -> "Q8Activations":
+        groups = -(-cols // CHUNK) * CHUNK // GROUP
+        return cls(np.zeros(groups * 16, np.int8), np.zeros(groups * 16, np.int8), np.zeros(groups * 32, np.int8),
+                   np.zeros(groups, np.float32), np.zeros(groups, np.float32))
+
+    def int8(self) -> np.ndarray:
+        """(groups, 32) int8 values, for the reference."""
+        return np.concatenate([self.lo.reshape(-1, 16), self.hi.reshape(-1, 16)], axis=1)
+
+
+@njit(cache=True)
+def _quantize(x, lo, hi, flat, scales, sums):
+    for g in range(scales.shape[0]):
+        amax = np.float32(0)
+        for j in range(GROUP):
+            i = g * GROUP + j
+            if i < x.shape[0]:
+                amax = max(amax, abs(x[i]))
+        d = amax / np.float32(127) if amax > 0 else np.float32(1)
+        total = 0
+        for j in range(GROUP):
+            i = g * GROUP + j
+            q = int(np.round(x[i] / d)) if i < x.shape[0] else 0
+            total += q
+            flat[i] = q
+            if j < 16:
+                lo[g * 16 + j] = q
+            else:
+                hi[g * 16 + j - 16] = q
+        scales[g] = d
+        sums[g] = d * total
+
+
+def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
+    x = np.asarray(x, dtype=np.float32)
+    out = out or Q8Activations.empty(x.size)
+    _quantize(x, out.lo, out.hi, out.flat, out.scales, out.sums)
+    return out

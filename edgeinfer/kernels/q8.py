@@ -1,0 +1,125 @@
+"""8-bit weights (GGUF Q8_0 groups, rows interleaved by 4) and their GEMV, AVX-512 VNNI.
+
+Group: 32 int8 weights and a float32 scale. They are stored offset by +128 as unsigned bytes, since
+vpdpbusd multiplies unsigned by signed bytes; w = scale * (byte - 128), so the -128 * scale term is
+the same per-group offset term the 4-bit kernel has, with factor -128. A 64-byte load is 2 groups of
+one row (8 lanes each); rows are interleaved by 4 as in q4.py. Used for the output head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import EdgeInferError
+from .activations import GROUP, Q8Activations
+from .q4 import _deinterleave, _interleave
+from .simd import dpbusd, expand2, fma, has_avx512_vnni, hsum, load_i8, mul, splat, to_f32, zeros_f32, zeros_i32
+
+ROWS = 4
+WEIGHTS_PER_LOAD = 64
+PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
+
+
+@dataclass(frozen=True)
+class Q8Matrix:
+    packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8, weight + 128
+    scales: np.ndarray  # (blocks, chunks * ROWS * 2) float32
+    rows: int
+    cols: int
+    bits = 8
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes
+
+    @classmethod
+    def from_gguf(cls, blocks: np.ndarray, cols: int) -> "Q8Matrix":
+        """From GGUF Q8_0 blocks (fp16 scale, 32 int8) of shape (rows, cols/32 * 34). Lossless."""
+        if cols % GROUP:
+            raise ValueError(f"{cols} columns: 8-bit rows need a multiple of {GROUP}")
+        b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, 34)
+        rows = b.shape[0]
+        scales = b[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        weights = (b[:, :, 2:].reshape(rows, cols) ^ 0x80).astype(np.uint8)  # int8 + 128 as unsigned
+        chunks, rows_padded = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS
+        return cls(_interleave(weights, 64, rows_padded, chunks), _interleave(scales, 2, rows_padded, chunks),
+                   rows, cols)
+
+    def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+        return gemv8(self, x, out)
+
+    def row_major(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weights (rows, cols) as int16, scales (rows, cols/32)), undoing the interleave."""
+        w = _deinterleave(self.packed, 64, self.rows, self.cols).astype(np.int16) - 128
+        return w, _deinterleave(self.scales, 2, self.rows, self.cols // GROUP)
+
+    def dequantize(self) -> np.ndarray:
+        w, scales = self.row_major()
+        return (w.reshape(self.rows, -1, GROUP) * scales[:, :, None]).reshape(self.rows, self.cols).astype(np.float32)
+
+
+@njit(inline="always")
+def _chunk(packed, scales, w, s, x, dx, osum, acc):
+    sums = dpbusd(zeros_i32(), load_i8(packed, w), x)
+    scale = expand2(scales, s)
+    return fma(scale, osum, fma(to_f32(sums), mul(scale, dx), acc))
+
+
+@njit(inline="always")
+def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
+    chunks = packed.shape[1] // (ROWS * 64)
+    a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
+    w, s = block * packed.shape[1], block * scales.shape[1]
+    for c in range(chunks):
+        x = load_i8(xflat, c * 64)
+        dx = expand2(xscales, c * 2)
+        osum = mul(expand2(xsums, c * 2), eighth)
+        a0 = _chunk(packed, scales, w, s, x, dx, osum, a0)
+        a1 = _chunk(packed, scales, w + 64, s + 2, x, dx, osum, a1)
+        a2 = _chunk(packed, scales, w + 128, s + 4, x, dx, osum, a2)
+        a3 = _chunk(packed, scales, w + 192, s + 6, x, dx, osum, a3)
+        w += 256
+        s += 8
+    r = block * 4
+    rows = out.shape[0]
+    out[r] = hsum(a0)
+    if r + 1 < rows:
+        out[r + 1] = hsum(a1)
+    if r + 2 < rows:
+        out[r + 2] = hsum(a2)
+    if r + 3 < rows:
+        out[r + 3] = hsum(a3)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_parallel(packed, scales, xflat, xscales, xsums, out):
+    eighth = splat(np.float32(-128 / 8))  # the -128 * scale offset, spread over a group's 8 lanes
+    for block in prange(packed.shape[0]):
+        _block(packed, scales, eighth, xflat, xscales, xsums, out, block)
+
+
+@njit(cache=True)
+def _gemv_serial(packed, scales, xflat, xscales, xsums, out):
+    eighth = splat(np.float32(-128 / 8))
+    for block in range(packed.shape[0]):
+        _block(packed, scales, eighth, xflat, xscales, xsums, out, block)
+
+
+def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
+    if not has_avx512_vnni():
+        raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 8-bit kernel is not written yet")
+    kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
+    kernel(m.packed, m.scales, x.flat, x.scales, x.sums, out)
+    return out
+
+
+def gemv8_reference(m: Q8Matrix, x: Q8Activations) -> np.ndarray:
+    """The same computation in numpy: integer dot per group, then both scales."""
+    w, scales = m.row_major()
+    groups = m.cols // GROUP
+    dots = (w.reshape(m.rows, groups, GROUP).astype(np.int64) * x.int8()[None, :groups].astype(np.int64)).sum(axis=2)
+    return (dots * scales.astype(np.float64) * x.scales[None, :groups]).sum(axis=1)

@@ -1,0 +1,46 @@
+"""The 8-bit GEMV (output head) equals the numpy reference; GGUF Q8_0 imports losslessly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeinfer.kernels.activations import quantize_activations
+from edgeinfer.kernels.q8 import Q8Matrix, gemv8, gemv8_reference
+
+
+def q8_blocks(rng, rows: int, cols: int) -> np.ndarray:
+    import gguf
+
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+
+
+@pytest.mark.parametrize("rows,cols", [(4, 64), (7, 576), (130, 1536), (3, 96)])
+def test_gemv8_equals_the_reference(rows, cols):
+    rng = np.random.default_rng(rows + cols)
+    m = Q8Matrix.from_gguf(q8_blocks(rng, rows, cols), cols)
+    x = quantize_activations(rng.standard_normal(cols).astype(np.float32))
+    ref = gemv8_reference(m, x)
+    np.testing.assert_allclose(gemv8(m, x, np.empty(rows, np.float32)), ref, rtol=0,
+                               atol=np.abs(ref).max() * 3e-6)
+
+
+def test_q8_0_import_is_lossless():
+    import gguf
+
+    rng = np.random.default_rng(7)
+    blocks = q8_blocks(rng, 9, 576)
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0).reshape(9, 576)
+    np.testing.assert_array_equal(Q8Matrix.from_gguf(blocks, 576).dequantize(), expected)
+
+
+def test_parallel_and_serial_agree(monkeypatch):
+    from edgeinfer.kernels import q8
+
+    rng = np.random.default_rng(8)
+    m = Q8Matrix.from_gguf(q8_blocks(rng, 77, 640), 640)
+    x = quantize_activations(rng.standard_normal(640).astype(np.float32))
+    serial = gemv8(m, x, np.empty(77, np.float32))
+    monkeypatch.setattr(q8, "PARALLEL_MIN_BYTES", 0)
+    np.testing.assert_array_equal(gemv8(m, x, np.empty(77, np.float32)), serial)
