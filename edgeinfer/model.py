@@ -15,6 +15,7 @@ import numpy as np
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
+from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
 
@@ -59,8 +60,9 @@ class KVCache:
 
 class Model:
     def __init__(self, source: WeightSource, quantized: bool = False):
-        """quantized: run the projections the file stores in 4 bits with the 4-bit kernels;
-        otherwise (the exact path) everything is float32."""
+        """quantized: run the weights the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels
+        (on CPUs that have their instructions); otherwise (the exact path) everything is float32."""
+        quantized = quantized and has_avx512_vnni()
         self.config = c = source.config
         source.model_tensor_names()  # every tensor present, with its shape
         self.embed = source.float32("model.embed_tokens.weight")
