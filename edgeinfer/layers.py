@@ -20,6 +20,10 @@ class DenseLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return linear(x, self.weight, self.bias)
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the weight: an embedding lookup (a tied head is its embedding)."""
+        return self.weight[ids]
+
 
 class QuantLinear:
     """y = W x per token with the matrix's VNNI GEMV; activations are quantised into buffers made once."""
@@ -34,16 +38,18 @@ class QuantLinear:
             self.matrix.gemv(quantize_activations(x[t], self._xq), out[t])
         return out + self.bias if self.bias is not None else out
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.matrix.dequantize(ids)
 
-def load_linear(source: WeightSource, name: str, quantized: bool,
-                dense: np.ndarray | None = None) -> DenseLinear | QuantLinear:
+
+def load_linear(source: WeightSource, name: str, quantized: bool) -> DenseLinear | QuantLinear:
     """`name` (a `.weight`) and its bias: run in 4 or 8 bits when asked and the file stores it so,
-    otherwise dense float32 (`dense` if given, to share an array already loaded)."""
+    otherwise dense float32."""
     bias_name = name[:-len("weight")] + "bias"
     bias = source.float32(bias_name) if source.has(bias_name) else None
     blocks = source.quantized(name) if quantized else None
     if blocks is None:
-        return DenseLinear(source.float32(name) if dense is None else dense, bias)
+        return DenseLinear(source.float32(name), bias)
     data, kind = blocks
     cols = source.stored_shape(name)[1]
     return QuantLinear(Q8Matrix.from_gguf(data, cols) if kind == "Q8_0" else Q4Matrix.from_gguf(data, cols, kind), bias)

@@ -65,14 +65,12 @@ class Model:
         quantized = quantized and has_avx512_vnni()
         self.config = c = source.config
         source.model_tensor_names()  # every tensor present, with its shape
-        self.embed = source.float32("model.embed_tokens.weight")
+        self.embedding = load_linear(source, "model.embed_tokens.weight", quantized)
         self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
         bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
         self.precision = "q4" if 4 in bits else "q8" if 8 in bits else "f32"  # shown to the user
         self.norm = source.float32("model.norm.weight")
-        tied = c.tie_embeddings
-        self.head = load_linear(source, "model.embed_tokens.weight" if tied else "lm_head.weight", quantized,
-                                dense=self.embed if tied else None)
+        self.head = self.embedding if c.tie_embeddings else load_linear(source, "lm_head.weight", quantized)
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
 
@@ -86,7 +84,7 @@ class Model:
             raise ContextOverflowError(f"{start + count} tokens exceed the context of {cache.capacity}")
         eps = self.config.rms_norm_eps
         cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
-        h = self.embed[np.asarray(tokens)]
+        h = self.embedding.rows(np.asarray(tokens))
         for i, layer in enumerate(self.layers):
             h = h + self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
             h = h + self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))

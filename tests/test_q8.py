@@ -44,3 +44,15 @@ def test_parallel_and_serial_agree(monkeypatch):
     serial = gemv8(m, x, np.empty(77, np.float32))
     monkeypatch.setattr(q8, "PARALLEL_MIN_BYTES", 0)
     np.testing.assert_array_equal(gemv8(m, x, np.empty(77, np.float32)), serial)
+
+
+def test_row_lookup_equals_full_dequantisation():
+    from edgeinfer.kernels.q4 import Q4Matrix
+
+    rng = np.random.default_rng(9)
+    m8 = Q8Matrix.from_gguf(q8_blocks(rng, 13, 96), 96)
+    m4 = Q4Matrix.from_rows(rng.integers(0, 256, (13, 48), dtype=np.uint8), rng.random((13, 3)).astype(np.float32),
+                            rng.random((13, 3)).astype(np.float32))
+    ids = np.array([12, 0, 5, 5, 7])
+    for m in (m8, m4):
+        np.testing.assert_array_equal(m.dequantize(ids), m.dequantize()[ids])

@@ -39,10 +39,15 @@ def _interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) ->
     return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3).reshape(blocks, -1))
 
 
-def _deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int) -> np.ndarray:
-    blocks = a.shape[0]
+def _deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """The rows (all, or those in `ids`) back in row-major order, padding dropped."""
     chunks = a.shape[1] // (ROWS * per_chunk)
-    return a.reshape(blocks, chunks, ROWS, per_chunk).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)[:rows, :width]
+    if ids is None:
+        blocks = a.shape[0]
+        return a.reshape(blocks, chunks, ROWS, per_chunk).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)[:rows, :width]
+    ids = np.asarray(ids)
+    picked = a[ids // ROWS].reshape(len(ids), chunks, ROWS, per_chunk)[np.arange(len(ids)), :, ids % ROWS, :]
+    return picked.reshape(len(ids), -1)[:, :width]
 
 
 @dataclass(frozen=True)
@@ -88,23 +93,23 @@ class Q4Matrix:
         qs = np.ascontiguousarray(b[:, :, size - 16:]).reshape(b.shape[0], -1)
         return cls.from_rows(qs, halves[..., 0], halves[..., 1] if kind == "Q4_1" else None)
 
-    def row_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(nibbles (rows, cols/2), scales and offsets (rows, cols/32)), undoing the interleave.
-
-        The offsets are the values added to scale * nibble (-8 * scale for Q4_0)."""
+    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(nibbles (rows, cols/2), scales and offsets (rows, cols/32)) of all rows or of `ids`,
+        undoing the interleave. The offsets are what is added to scale * nibble (-8 * scale for Q4_0)."""
         groups = self.cols // GROUP
-        scales = _deinterleave(self.scales, 4, self.rows, groups)
-        offsets = _deinterleave(self.offsets, 4, self.rows, groups) * self.offset_factor
-        return _deinterleave(self.packed, 64, self.rows, self.cols // 2), scales, offsets
+        scales = _deinterleave(self.scales, 4, self.rows, groups, ids)
+        offsets = _deinterleave(self.offsets, 4, self.rows, groups, ids) * self.offset_factor
+        return _deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
 
     def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         return gemv(self, x, out)
 
-    def dequantize(self) -> np.ndarray:
-        qs, scales, offsets = self.row_major()
-        b = qs.reshape(self.rows, self.cols // GROUP, 16)
+    def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
+        qs, scales, offsets = self.row_major(ids)
+        b = qs.reshape(qs.shape[0], self.cols // GROUP, 16)
         q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
-        return (q * scales[:, :, None] + offsets[:, :, None]).reshape(self.rows, self.cols)
+        return (q * scales[:, :, None] + offsets[:, :, None]).reshape(qs.shape[0], self.cols)
 
 
 @njit(inline="always")

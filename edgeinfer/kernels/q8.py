@@ -51,14 +51,15 @@ class Q8Matrix:
     def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         return gemv8(self, x, out)
 
-    def row_major(self) -> tuple[np.ndarray, np.ndarray]:
-        """(int8 weights (rows, cols) as int16, scales (rows, cols/32)), undoing the interleave."""
-        w = _deinterleave(self.packed, 64, self.rows, self.cols).astype(np.int16) - 128
-        return w, _deinterleave(self.scales, 2, self.rows, self.cols // GROUP)
+    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weights as int16, scales (rows, cols/32)) of all rows or of `ids`, undoing the interleave."""
+        w = _deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16) - 128
+        return w, _deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids)
 
-    def dequantize(self) -> np.ndarray:
-        w, scales = self.row_major()
-        return (w.reshape(self.rows, -1, GROUP) * scales[:, :, None]).reshape(self.rows, self.cols).astype(np.float32)
+    def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
+        w, scales = self.row_major(ids)
+        return (w.reshape(w.shape[0], -1, GROUP) * scales[:, :, None]).reshape(w.shape[0], self.cols).astype(np.float32)
 
 
 @njit(inline="always")
