@@ -14,7 +14,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -37,24 +36,12 @@ print(json.dumps({"pp512": pp, "tg128": tg}))
 """
 
 
-def edgeinfer_round(path: str) -> dict[str, float]:
-    import numpy as np
-
+def edgeinfer_round(path: str, threads: int) -> dict[str, float]:
+    from edgeinfer.bench import run_bench
     from edgeinfer.engine import Engine
 
-    model = Engine.load(path, 1024).model
-    tokens = np.ones(512, dtype=np.int64)
-    model.forward(tokens[:8], model.new_cache(1024))  # warm the kernels
-    cache = model.new_cache(1024)
-    t = time.perf_counter()
-    model.forward(tokens, cache)
-    pp = 512 / (time.perf_counter() - t)
-    cache = model.new_cache(1024)
-    model.forward(tokens[:1], cache)
-    t = time.perf_counter()
-    for _ in range(128):
-        model.forward(tokens[:1], cache)
-    return {"pp512": pp, "tg128": 128 / (time.perf_counter() - t)}
+    rows = run_bench(Engine.load(path, 1024).model, 0.0, 512, 128, 1, [threads])
+    return {r.test: r.tok_s for r in rows}
 
 
 def main() -> None:
@@ -64,16 +51,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
-    from numba import set_num_threads
-
     from edgeinfer.storage.fetch import fetch_gguf
 
-    set_num_threads(args.threads)
     path = str(fetch_gguf(args.model))
     runs: dict[str, list[dict[str, float]]] = {"edgeinfer": [], "llama.cpp": []}
     for _ in range(args.rounds):  # alternate, so drift hits both alike
         runs["llama.cpp"].append(json.loads(run_in_peer(PEER_SCRIPT, path, str(args.threads))))
-        runs["edgeinfer"].append(edgeinfer_round(path))
+        runs["edgeinfer"].append(edgeinfer_round(path, args.threads))
     result = {"model": args.model, "threads": args.threads, "rounds": args.rounds}
     for test in ("tg128", "pp512"):
         ours = statistics.median(r[test] for r in runs["edgeinfer"])

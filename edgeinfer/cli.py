@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 def _set_threads(argv: list[str]) -> None:
     """Apply -t/--threads: BLAS reads these variables once, when numpy is first imported."""
     early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("-t", "--threads", type=int)
-    threads = early.parse_known_args(argv)[0].threads
-    if threads and threads > 0:
+    early.add_argument("-t", "--threads")
+    try:  # bench takes a list (-t 1,2): the pool must hold the largest
+        threads = max(int(t) for t in (early.parse_known_args(argv)[0].threads or "0").split(","))
+    except ValueError:
+        return  # the full parser reports it
+    if threads > 0:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             os.environ[var] = str(threads)
 
@@ -62,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
     chat.set_defaults(func=_cmd_chat)
+
+    bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
+    bench.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
+    bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prefill test size (512; 0 skips)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128, help="decode test size (128; 0 skips)")
+    bench.add_argument("-r", "--repetitions", type=int, default=5)
+    bench.add_argument("-t", "--threads", default=None, help="thread counts, comma-separated (default: all cores)")
+    bench.add_argument("-d", "--depth", type=int, default=0, help="tokens in the KV cache before each test")
+    bench.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    bench.add_argument("--exact", action="store_true", help="bench the exact float32 path")
+    bench.set_defaults(func=_cmd_bench)
 
     info = sub.add_parser("info", help="print a model's config, parameter count, tensor types and size")
     info.add_argument("model")
@@ -171,6 +185,30 @@ def _chat_loop(engine, params, args: argparse.Namespace) -> int:
             continue
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import numba
+
+    from .bench import markdown, run_bench
+    from .engine import Engine
+
+    try:  # the pool was sized to the largest count before numba started (see _set_threads)
+        threads = [int(t) for t in args.threads.split(",")] if args.threads else [numba.config.NUMBA_NUM_THREADS]
+    except ValueError:
+        raise EdgeInferError(f"-t takes thread counts separated by commas, got {args.threads!r}") from None
+    if min(threads) < 1:
+        raise EdgeInferError(f"thread counts must be at least 1, got {args.threads}")
+    if args.repetitions < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
+        raise EdgeInferError("-r must be at least 1 and -p, -n, -d not negative")
+    path = resolve_model(args.model)
+    engine = Engine.load(path, exact=args.exact)
+    rows = run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
+                     args.n_prompt, args.n_gen, args.repetitions, threads, args.depth)
+    print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
+    return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

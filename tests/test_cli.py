@@ -164,3 +164,17 @@ def test_conversion_failure_leaves_no_output(tmp_path, tiny_hf):
 
 def test_empty_raw_prompt(tiny_single):
     assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "", "--raw"), "prompt is empty")
+
+
+def test_bench_rows_as_llama_bench(tiny_gguf):
+    import json as json_module
+
+    r = edgeinfer_cli("bench", str(tiny_gguf), "-p", "16", "-n", "8", "-r", "2", "-t", "1,2", "-d", "4", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json_module.loads(r.stdout)
+    assert [(row["test"], row["threads"]) for row in rows] == [("pp16", 1), ("tg8", 1), ("pp16", 2), ("tg8", 2)]
+    assert all(row["depth"] == 4 and row["tok_s"] > 0 and row["tok_s_std"] >= 0 for row in rows)
+    md = edgeinfer_cli("bench", str(tiny_gguf), "-p", "0", "-n", "4", "-r", "1")
+    assert md.returncode == 0 and "| tg4 |" in md.stdout and "pp" not in md.stdout.split("\n", 2)[2]
+    assert_one_line_error(edgeinfer_cli("bench", str(tiny_gguf), "-t", "0"), "at least 1")
+    assert_one_line_error(edgeinfer_cli("bench", str(tiny_gguf), "-t", "two"), "separated by commas")
