@@ -136,14 +136,19 @@ def _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, bloc
         a3 = _chunk(packed, scales, offsets, w + 192, s + 12, xl, xh, dx, osum, a3)
         w += 256
         s += 16
-    r = block * 4
-    rows = out.shape[0]
+    store_block(out, block, a0, a1, a2, a3)
+
+
+@njit(inline="always")
+def store_block(out, block, a0, a1, a2, a3):
+    """The block's 4 row sums into `out`, leaving out the padding rows past its end."""
+    r = block * ROWS
     out[r] = hsum(a0)
-    if r + 1 < rows:
+    if r + 1 < out.shape[0]:
         out[r + 1] = hsum(a1)
-    if r + 2 < rows:
+    if r + 2 < out.shape[0]:
         out[r + 2] = hsum(a2)
-    if r + 3 < rows:
+    if r + 3 < out.shape[0]:
         out[r + 3] = hsum(a3)
 
 

@@ -15,8 +15,8 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import GROUP, Q8Activations
-from .q4 import _deinterleave, _interleave
-from .simd import dpbusd, expand2, fma, has_avx512_vnni, hsum, load_i8, mul, splat, to_f32, zeros_f32, zeros_i32
+from .q4 import _deinterleave, _interleave, store_block
+from .simd import dpbusd, expand2, fma, has_avx512_vnni, load_i8, mul, splat, to_f32, zeros_f32, zeros_i32
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
@@ -84,15 +84,7 @@ def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
         a3 = _chunk(packed, scales, w + 192, s + 6, x, dx, osum, a3)
         w += 256
         s += 8
-    r = block * 4
-    rows = out.shape[0]
-    out[r] = hsum(a0)
-    if r + 1 < rows:
-        out[r + 1] = hsum(a1)
-    if r + 2 < rows:
-        out[r + 2] = hsum(a2)
-    if r + 3 < rows:
-        out[r + 3] = hsum(a3)
+    store_block(out, block, a0, a1, a2, a3)
 
 
 @njit(parallel=True, cache=True)
