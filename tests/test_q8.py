@@ -56,3 +56,16 @@ def test_row_lookup_equals_full_dequantisation():
     ids = np.array([12, 0, 5, 5, 7])
     for m in (m8, m4):
         np.testing.assert_array_equal(m.dequantize(ids), m.dequantize()[ids])
+
+
+def test_both_kernels_refuse_activations_of_another_width():
+    from edgeinfer.kernels.q4 import Q4Matrix, gemv
+
+    rng = np.random.default_rng(10)
+    m8 = Q8Matrix.from_gguf(q8_blocks(rng, 4, 576), 576)
+    m4 = Q4Matrix.from_rows(rng.integers(0, 256, (4, 288), dtype=np.uint8), np.ones((4, 18), np.float32))
+    wrong = quantize_activations(np.ones(1536, np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        gemv8(m8, wrong, np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        gemv(m4, wrong, np.empty(4, np.float32))

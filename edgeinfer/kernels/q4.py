@@ -31,7 +31,7 @@ from .simd import (dpbusd, expand4, fma, has_avx512_vnni, hi_nibbles, hsum, load
 ROWS = 4  # rows interleaved per block
 
 
-def _interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) -> np.ndarray:
+def interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) -> np.ndarray:
     """(rows, chunks * per_chunk) -> (blocks, chunks * ROWS * per_chunk), zero rows and chunks padded."""
     out = np.zeros((rows_padded, chunks * per_chunk), a.dtype)
     out[:a.shape[0], :a.shape[1]] = a
@@ -39,7 +39,7 @@ def _interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) ->
     return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3).reshape(blocks, -1))
 
 
-def _deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
     """The rows (all, or those in `ids`) back in row-major order, padding dropped."""
     chunks = a.shape[1] // (ROWS * per_chunk)
     if ids is None:
@@ -80,9 +80,9 @@ class Q4Matrix:
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
         chunks, rows_padded = -(-cols // CHUNK), -(-rows // ROWS) * ROWS
-        sc = _interleave(scales.astype(np.float32), 4, rows_padded, chunks)
-        offsets = sc if minima is None else _interleave(minima.astype(np.float32), 4, rows_padded, chunks)
-        return cls(_interleave(qs, 64, rows_padded, chunks), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+        sc = interleave(scales.astype(np.float32), 4, rows_padded, chunks)
+        offsets = sc if minima is None else interleave(minima.astype(np.float32), 4, rows_padded, chunks)
+        return cls(interleave(qs, 64, rows_padded, chunks), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
 
     @classmethod
     def from_gguf(cls, blocks: np.ndarray, cols: int, kind: str) -> "Q4Matrix":
@@ -97,9 +97,9 @@ class Q4Matrix:
         """(nibbles (rows, cols/2), scales and offsets (rows, cols/32)) of all rows or of `ids`,
         undoing the interleave. The offsets are what is added to scale * nibble (-8 * scale for Q4_0)."""
         groups = self.cols // GROUP
-        scales = _deinterleave(self.scales, 4, self.rows, groups, ids)
-        offsets = _deinterleave(self.offsets, 4, self.rows, groups, ids) * self.offset_factor
-        return _deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
+        scales = deinterleave(self.scales, 4, self.rows, groups, ids)
+        offsets = deinterleave(self.offsets, 4, self.rows, groups, ids) * self.offset_factor
+        return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
 
     def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         return gemv(self, x, out)

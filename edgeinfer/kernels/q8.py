@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import EdgeInferError
-from .activations import GROUP, Q8Activations
-from .q4 import _deinterleave, _interleave, store_block
+from .activations import CHUNK, GROUP, Q8Activations
+from .q4 import deinterleave, interleave, store_block
 from .simd import dpbusd, expand2, fma, has_avx512_vnni, load_i8, mul, splat, to_f32, zeros_f32, zeros_i32
 
 ROWS = 4
@@ -45,7 +45,7 @@ class Q8Matrix:
         scales = b[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
         weights = (b[:, :, 2:].reshape(rows, cols) ^ 0x80).astype(np.uint8)  # int8 + 128 as unsigned
         chunks, rows_padded = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS
-        return cls(_interleave(weights, 64, rows_padded, chunks), _interleave(scales, 2, rows_padded, chunks),
+        return cls(interleave(weights, 64, rows_padded, chunks), interleave(scales, 2, rows_padded, chunks),
                    rows, cols)
 
     def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
@@ -53,8 +53,8 @@ class Q8Matrix:
 
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(int8 weights as int16, scales (rows, cols/32)) of all rows or of `ids`, undoing the interleave."""
-        w = _deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16) - 128
-        return w, _deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids)
+        w = deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16) - 128
+        return w, deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
@@ -105,6 +105,8 @@ def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
     if not has_avx512_vnni():
         raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 8-bit kernel is not written yet")
+    if x.flat.size != -(-m.cols // CHUNK) * CHUNK:  # activations are padded to whole 128-wide chunks
+        raise ValueError(f"activations of {x.flat.size} columns for a matrix of {m.cols}")
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
     kernel(m.packed, m.scales, x.flat, x.scales, x.sums, out)
     return out

@@ -64,20 +64,18 @@ def zeros_f32(typingctx):
     return V16F32(), codegen
 
 
-@intrinsic
-def lo_nibbles(typingctx, v):
-    def codegen(context, builder, signature, args):
-        mask = ir.Constant(ir.VectorType(ir.IntType(8), 64), [0x0F] * 64)
-        return builder.and_(args[0], mask)
-    return V64I8(V64I8), codegen
+def _bytewise(op: str, constant: int):
+    """An elementwise op of 64 bytes with a constant (and_, lshr, ...)."""
+    @intrinsic
+    def bytewise(typingctx, v):
+        def codegen(context, builder, signature, args):
+            return getattr(builder, op)(args[0], ir.Constant(ir.VectorType(ir.IntType(8), 64), [constant] * 64))
+        return V64I8(V64I8), codegen
+    return bytewise
 
 
-@intrinsic
-def hi_nibbles(typingctx, v):
-    def codegen(context, builder, signature, args):
-        four = ir.Constant(ir.VectorType(ir.IntType(8), 64), [4] * 64)
-        return builder.lshr(args[0], four)
-    return V64I8(V64I8), codegen
+lo_nibbles = _bytewise("and_", 0x0F)
+hi_nibbles = _bytewise("lshr", 4)
 
 
 @intrinsic

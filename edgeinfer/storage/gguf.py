@@ -105,6 +105,18 @@ class GGUFFile:
             data = self._map[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
             self.tensors.append(GGUFTensor(name, qtype, shape, data))
 
+    def value(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def vocab(self) -> GGUFVocab:
+        v = lambda key, default=None: self.value(f"tokenizer.ggml.{key}", default)  # noqa: E731
+        return GGUFVocab(
+            model=v("model", ""), pre=v("pre", "default"), tokens=v("tokens", []), token_types=v("token_type", []),
+            scores=v("scores"), merges=v("merges"), bos_id=v("bos_token_id"), eos_id=v("eos_token_id"),
+            extra_eos_ids=[t for t in (v("eot_token_id"), v("eom_token_id")) if t is not None],
+            unk_id=v("unknown_token_id"), pad_id=v("padding_token_id"), add_bos=v("add_bos_token"),
+            add_space_prefix=v("add_space_prefix"), chat_template=self.value("tokenizer.chat_template"))
+
     def _unpack(self, fmt: str):
         size = struct.calcsize(fmt)
         if self._pos + size > len(self._buf):
@@ -139,28 +151,9 @@ class GGUFFile:
         return self._unpack(_SCALARS[vtype])
 
 
-class GGUFMetadata:
-    """Typed access to a GGUF file's key-value metadata."""
-
-    def __init__(self, reader: GGUFFile, path: str):
-        self._values, self.path = reader.metadata, path
-
-    def value(self, key: str, default=None):
-        return self._values.get(key, default)
-
-    def vocab(self) -> GGUFVocab:
-        v = lambda key, default=None: self.value(f"tokenizer.ggml.{key}", default)  # noqa: E731
-        return GGUFVocab(
-            model=v("model", ""), pre=v("pre", "default"), tokens=v("tokens", []), token_types=v("token_type", []),
-            scores=v("scores"), merges=v("merges"), bos_id=v("bos_token_id"), eos_id=v("eos_token_id"),
-            extra_eos_ids=[t for t in (v("eot_token_id"), v("eom_token_id")) if t is not None],
-            unk_id=v("unknown_token_id"), pad_id=v("padding_token_id"), add_bos=v("add_bos_token"),
-            add_space_prefix=v("add_space_prefix"), chat_template=self.value("tokenizer.chat_template"))
-
-
 def read_gguf_tokenizer(path: str) -> TokenizerSpec:
     """The tokenizer of any GGUF file, whether or not its architecture runs here."""
-    return spec_from_gguf_vocab(GGUFMetadata(GGUFFile(path), path).vocab())
+    return spec_from_gguf_vocab(GGUFFile(path).vocab())
 
 
 class GGUFSource(WeightSource):
@@ -169,8 +162,7 @@ class GGUFSource(WeightSource):
     def __init__(self, path: str):
         self.path = path
         self._reader = GGUFFile(path)
-        self._meta = GGUFMetadata(self._reader, path)
-        arch = self._meta.value("general.architecture")
+        arch = self._reader.value("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
                                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
@@ -185,10 +177,10 @@ class GGUFSource(WeightSource):
                                             f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
             self._tensors[name] = t
         self.config = self._config(arch)
-        self.tokenizer = spec_from_gguf_vocab(self._meta.vocab())
+        self.tokenizer = spec_from_gguf_vocab(self._reader.vocab())
 
     def _config(self, arch: str) -> ModelConfig:
-        value = lambda key, default=None: self._meta.value(f"{arch}.{key}", default)  # noqa: E731
+        value = lambda key, default=None: self._reader.value(f"{arch}.{key}", default)  # noqa: E731
 
         def need(key: str):
             if (v := value(key)) is None:
@@ -218,12 +210,12 @@ class GGUFSource(WeightSource):
         )
 
     def _rope_scaling(self, arch: str) -> dict | None:
-        kind = self._meta.value(f"{arch}.rope.scaling.type")
+        kind = self._reader.value(f"{arch}.rope.scaling.type")
         if kind in (None, "none"):
             return None
         if kind != "linear":
             raise UnsupportedModelError(f"{self.path}: unsupported GGUF RoPE scaling {kind!r}")
-        return {"rope_type": "linear", "factor": float(self._meta.value(f"{arch}.rope.scaling.factor", 1.0))}
+        return {"rope_type": "linear", "factor": float(self._reader.value(f"{arch}.rope.scaling.factor", 1.0))}
 
     def names(self) -> list[str]:
         return list(self._tensors)
