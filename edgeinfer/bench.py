@@ -50,7 +50,7 @@ def run_bench(model: Model, model_size_mb: float, prompt: int, generate: int, re
               threads: list[int], depth: int = 0) -> list[BenchRow]:
     from numba import set_num_threads
 
-    model.forward(np.full(4, FILLER_TOKEN), model.new_cache(8))  # load the kernels before timing
+    model.warm_up()
     rows = []
     for n in threads:
         set_num_threads(n)

@@ -113,13 +113,24 @@ def resolve_model(arg: str | None) -> str:
     return resolve(arg, StageProgress())
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def load_engine(path: str, ctx: int | None = None, exact: bool = False):
+    """The engine with its kernels ready: compiled now on the very first run, and said so."""
     from .engine import Engine
+    from .jit_cache import first_run
+
+    engine = Engine.load(path, ctx, exact=exact)
+    if first_run():
+        print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
+    engine.model.warm_up()
+    return engine
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
 
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
-    engine = Engine.load(resolve_model(args.model), args.ctx, exact=args.exact)
+    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     if args.prompt is not None:
@@ -193,7 +204,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import numba
 
     from .bench import markdown, run_bench
-    from .engine import Engine
 
     try:  # the pool was sized to the largest count before numba started (see _set_threads)
         threads = [int(t) for t in args.threads.split(",")] if args.threads else [numba.config.NUMBA_NUM_THREADS]
@@ -204,7 +214,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.repetitions < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         raise EdgeInferError("-r must be at least 1 and -p, -n, -d not negative")
     path = resolve_model(args.model)
-    engine = Engine.load(path, exact=args.exact)
+    engine = load_engine(path, exact=args.exact)
     rows = run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
                      args.n_prompt, args.n_gen, args.repetitions, threads, args.depth)
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))

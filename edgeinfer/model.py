@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError
+from .kernels.block import decode_layer, decode_scratch
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
@@ -43,9 +44,20 @@ class LayerWeights:
                    o=lin("self_attn.o_proj"), mlp_norm=source.float32(p + "post_attention_layernorm.weight"),
                    gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"))
 
+    def block_args(self) -> tuple | None:
+        """The layer as the fused decode kernel takes it (kernels/block.py), or None when a projection
+        is dense float32 (the exact path, or a type with no kernel yet)."""
+        projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        if not all(isinstance(p, QuantLinear) for p in projections):
+            return None
+        bias = lambda p: p.bias if p.bias is not None else np.zeros(0, np.float32)  # noqa: E731
+        return (self.attn_norm, self.mlp_norm, *(p.matrix.kernel_args() for p in projections),
+                bias(self.q), bias(self.k), bias(self.v))
+
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer, preallocated for `capacity` positions."""
+    """Keys (after RoPE) and values of every layer, preallocated for `capacity` positions, and the
+    decode step's buffers, whose attention scores are as long as the cache."""
 
     def __init__(self, config: ModelConfig, capacity: int):
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
@@ -53,6 +65,8 @@ class KVCache:
         self.v = np.zeros(shape, dtype=np.float32)
         self.capacity = capacity
         self.length = 0
+        self.scratch = decode_scratch(config.hidden_size, config.q_size, config.num_kv_heads * config.head_dim,
+                                      config.intermediate_size, capacity)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -73,9 +87,18 @@ class Model:
         self.head = self.embedding if c.tie_embeddings else load_linear(source, "lm_head.weight", quantized)
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
+        blocks = [layer.block_args() for layer in self.layers]
+        self.blocks = blocks if all(b is not None for b in blocks) else None  # the fused decode step
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
+
+    def warm_up(self) -> None:
+        """Run the prefill and decode kernels once, so that Numba compiles them (first run) or loads
+        them from its cache now, not at the user's first token."""
+        cache = self.new_cache(3)
+        self.forward(np.zeros(2, np.int64), cache)
+        self.forward(np.zeros(1, np.int64), cache)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at the cache's next positions; logits of the last token, or of all of them."""
@@ -83,6 +106,8 @@ class Model:
         if start + count > cache.capacity:
             raise ContextOverflowError(f"{start + count} tokens exceed the context of {cache.capacity}")
         eps = self.config.rms_norm_eps
+        if count == 1 and self.blocks is not None:
+            return self.decode(int(tokens[0]), cache)
         cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
         h = self.embedding.rows(np.asarray(tokens))
         for i, layer in enumerate(self.layers):
@@ -92,6 +117,15 @@ class Model:
         h = h if all_logits else h[-1:]
         logits = self.head(rmsnorm(h, self.norm, eps))
         return logits if all_logits else logits[0]
+
+    def decode(self, token: int, cache: KVCache) -> np.ndarray:
+        """One token through the fused layers: one Numba call per layer."""
+        position, eps = cache.length, self.config.rms_norm_eps
+        h = self.embedding.rows(np.array([token]))[0].astype(np.float32)
+        for i, block in enumerate(self.blocks):
+            decode_layer(h, block, cache.k[i], cache.v[i], position, self.inv_freq, eps, cache.scratch)
+        cache.length = position + 1
+        return self.head(rmsnorm(h[None], self.norm, eps))[0]
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

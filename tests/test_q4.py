@@ -56,8 +56,8 @@ def test_gguf_import_is_lossless(kind):
 
 def test_interleaving_round_trips():
     rng = np.random.default_rng(3)
-    qs, sc, mn = (rng.integers(0, 256, (7, 288), dtype=np.uint8), rng.random((7, 18)).astype(np.float32),
-                  rng.random((7, 18)).astype(np.float32))
+    halves = lambda: rng.random((7, 18)).astype(np.float16).astype(np.float32)  # noqa: E731 (stored as fp16)
+    qs, sc, mn = rng.integers(0, 256, (7, 288), dtype=np.uint8), halves(), halves()
     back = Q4Matrix.from_rows(qs, sc, mn).row_major()
     for a, b in zip(back, (qs, sc, mn)):
         np.testing.assert_array_equal(a, b)

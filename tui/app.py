@@ -19,6 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
 from edgeinfer.engine import Engine, Generation
+from edgeinfer.jit_cache import first_run
 from edgeinfer.storage.fetch import resolve_model
 
 from .history import HistoryStore
@@ -183,6 +184,9 @@ class ChatApp(App):
             path = resolve_model(self.model_arg, progress)
             self.call_from_thread(self._show_progress, "loading weights", 0, None)
             engine = Engine.load(path, self.default_context)
+            if first_run():
+                self.call_from_thread(self._show_progress, "compiling kernels, first run only", 0, None)
+            engine.model.warm_up()
         except Exception as exc:  # anything that stops loading is shown, never a traceback
             self.call_from_thread(self._fail, "cannot load the model", exc)
             return

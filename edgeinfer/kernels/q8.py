@@ -1,6 +1,6 @@
 """8-bit weights (GGUF Q8_0 groups, rows interleaved by 4) and their GEMV, AVX-512 VNNI.
 
-Group: 32 int8 weights and a float32 scale. They are stored offset by +128 as unsigned bytes, since
+Group: 32 int8 weights and an fp16 scale (uint16 bits, as in q4.py). They are stored offset by +128 as unsigned bytes, since
 vpdpbusd multiplies unsigned by signed bytes; w = scale * (byte - 128), so the -128 * scale term is
 the same per-group offset term the 4-bit kernel has, with factor -128. A 64-byte load is 2 groups of
 one row (8 lanes each); rows are interleaved by 4 as in q4.py. Used for the output head.
@@ -15,8 +15,8 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import deinterleave, interleave, store_block
-from .simd import dpbusd, expand2, fma, has_avx512_vnni, load_i8, mul, splat, to_f32, zeros_f32, zeros_i32
+from .q4 import PREFETCH_STEPS, deinterleave, from_half_bits, interleave, store_block
+from .simd import dpbusd, expand2, fma, has_avx512_vnni, load_i8, mul, prefetch, splat, to_f32, zeros_f32, zeros_i32
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
@@ -26,7 +26,7 @@ PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs mo
 @dataclass(frozen=True)
 class Q8Matrix:
     packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8, weight + 128
-    scales: np.ndarray  # (blocks, chunks * ROWS * 2) float32
+    scales: np.ndarray  # (blocks, chunks * ROWS * 2) fp16 bits (uint16)
     rows: int
     cols: int
     bits = 8
@@ -42,7 +42,7 @@ class Q8Matrix:
             raise ValueError(f"{cols} columns: 8-bit rows need a multiple of {GROUP}")
         b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, 34)
         rows = b.shape[0]
-        scales = b[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        scales = b[:, :, :2].copy().view(np.uint16)[..., 0]
         weights = (b[:, :, 2:].reshape(rows, cols) ^ 0x80).astype(np.uint8)  # int8 + 128 as unsigned
         chunks, rows_padded = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS
         return cls(interleave(weights, 64, rows_padded, chunks), interleave(scales, 2, rows_padded, chunks),
@@ -51,10 +51,14 @@ class Q8Matrix:
     def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         return gemv8(self, x, out)
 
+    def kernel_args(self) -> tuple:
+        """The matrix as the fused decode layer takes it (block.py): no offsets of its own."""
+        return 8, self.packed, self.scales, self.scales, 0.0
+
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(int8 weights as int16, scales (rows, cols/32)) of all rows or of `ids`, undoing the interleave."""
         w = deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16) - 128
-        return w, deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids)
+        return w, from_half_bits(deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids))
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
@@ -75,6 +79,10 @@ def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
     a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
+        ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
+        for line in range(ROWS):
+            prefetch(packed, ahead + line * 64)
+        prefetch(scales, s + PREFETCH_STEPS * ROWS * 2)
         x = load_i8(xflat, c * 64)
         dx = expand2(xscales, c * 2)
         osum = mul(expand2(xsums, c * 2), eighth)

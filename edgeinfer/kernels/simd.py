@@ -113,15 +113,22 @@ def mul(typingctx, a, b):
 
 
 def _expander(count: int):
-    """`count` consecutive floats, each repeated over 16/count lanes."""
+    """`count` consecutive scales, each repeated over 16/count lanes: float32 values, or fp16 bits
+    stored as uint16 (widened with vcvtph2ps)."""
     @intrinsic
     def expand(typingctx, arr, offset):
+        half = arr.dtype == types.uint16
+
         def codegen(context, builder, signature, args):
-            small = ir.VectorType(ir.FloatType(), count)
+            elem = ir.IntType(16) if half else ir.FloatType()
+            small = ir.VectorType(elem, count)
             ptr = _ptr(context, builder, signature.args[0], args[0], args[1], small)
-            values = builder.load(ptr, align=4)
+            values = builder.load(ptr, align=2 if half else 4)
+            if half:
+                values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), count)),
+                                       ir.VectorType(ir.FloatType(), count))
             mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [i * count // 16 for i in range(16)])
-            return builder.shuffle_vector(values, ir.Constant(small, ir.Undefined), mask)
+            return builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), mask)
         return V16F32(arr, offset), codegen
     return expand
 
@@ -170,3 +177,18 @@ def has_avx512_vnni() -> bool:
 
     features = binding.get_host_cpu_features()
     return bool(features.get("avx512f") and features.get("avx512bw") and features.get("avx512vnni"))
+
+
+@intrinsic
+def prefetch(typingctx, arr, offset):
+    """Hint that arr[offset] will be read soon (llvm.prefetch: read, keep in all cache levels)."""
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.none(arr, offset), codegen

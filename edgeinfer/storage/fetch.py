@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FetchError, ModelNotFoundError, UnsupportedModelError
+from ..paths import home
 
 # progress(stage, done, total): "fetching NAME" counts parts, "converting NAME" counts tensors.
 ProgressFn = Callable[[str, int, int], None]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEINFER_HOME") or Path.home() / ".cache" / "edgeinfer")
+    return home()
 
 
 def catalog_entry(name: str):

@@ -1,0 +1,101 @@
+"""One transformer block for one token, in a single Numba call: the decode step's whole layer.
+
+Python dispatch costs microseconds per call, and a layer is 7 matrix products plus norms, RoPE,
+attention and activation quantisation; called one by one they cost more than the products
+themselves on a small model. Here the layer reads like model.py's forward pass:
+
+    x = rmsnorm(h);  q, k, v = Wq x, Wk x, Wv x;  rope(q, k);  cache k, v
+    h += Wo attend(q, cache);  x = rmsnorm(h);  h += Wdown (silu(Wgate x) * Wup x)
+
+A matrix is passed as (bits, packed, scales, offsets, offset_factor): 4-bit (q4.py) or 8-bit
+(q8.py, which ignores the last two), so one compiled function serves any mix of the two.
+
+Every product runs on all threads, even the small ones: between the parallel regions of one call
+the OpenMP threads spin rather than sleep, so a region costs about a microsecond (measured), not the
+hundreds a cold wake-up takes.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+from numba import njit
+
+from .activations import Q8Activations, _quantize
+from .ops import attend_one, rmsnorm_into, rope_in_place, silu_mul_into
+from .q4 import _gemv_parallel as q4_gemv
+from .q8 import _gemv_parallel as q8_gemv
+
+# Buffers of one decode step, made once per model: floats, then quantised activations as
+# (lo, hi, flat, scales, sums) tuples, then attention scores as long as the context.
+DecodeScratch = namedtuple("DecodeScratch", "x q k v att o gate up act xq attq actq scores")
+
+
+def activation_buffers(cols: int) -> tuple:
+    a = Q8Activations.empty(cols)
+    return a.lo, a.hi, a.flat, a.scales, a.sums
+
+
+def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, capacity: int) -> DecodeScratch:
+    f = lambda n: np.zeros(n, np.float32)  # noqa: E731
+    return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), f(hidden), f(intermediate),
+                         f(intermediate), f(intermediate), activation_buffers(hidden), activation_buffers(q_size),
+                         activation_buffers(intermediate), f(capacity))
+
+
+@njit(cache=True)
+def quantize(x, xq):
+    lo, hi, flat, scales, sums = xq
+    _quantize(x, lo, hi, flat, scales, sums)
+
+
+@njit(cache=True)
+def matvec(m, xq, out):
+    bits, packed, scales, offsets, factor = m
+    lo, hi, flat, xscales, xsums = xq
+    if bits == 4:
+        q4_gemv(packed, scales, offsets, factor, lo, hi, xscales, xsums, out)
+    else:
+        q8_gemv(packed, scales, flat, xscales, xsums, out)
+
+
+@njit(cache=True)
+def add_bias(y, bias):
+    if bias.shape[0]:  # an empty array stands for no bias
+        y += bias
+
+
+@njit(cache=True)
+def decode_layer(h, weights, keys, values, position, inv_freq, eps, s):
+    """h (hidden,) += the block's output for the token at `position`; its key and value go into
+    keys/values (kv_heads, capacity, head_dim) at `position`."""
+    attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
+    kv_heads, hd = keys.shape[0], keys.shape[2]
+
+    rmsnorm_into(h, attn_norm, eps, s.x)
+    quantize(s.x, s.xq)
+    matvec(wq, s.xq, s.q)
+    matvec(wk, s.xq, s.k)
+    matvec(wv, s.xq, s.v)
+    add_bias(s.q, bq)
+    add_bias(s.k, bk)
+    add_bias(s.v, bv)
+    rope_in_place(s.q, s.q.shape[0] // hd, inv_freq, position)
+    rope_in_place(s.k, kv_heads, inv_freq, position)
+    for kh in range(kv_heads):
+        keys[kh, position, :] = s.k[kh * hd:(kh + 1) * hd]
+        values[kh, position, :] = s.v[kh * hd:(kh + 1) * hd]
+    attend_one(s.q, keys, values, position + 1, s.scores, s.att)
+    quantize(s.att, s.attq)
+    matvec(wo, s.attq, s.o)
+    h += s.o
+
+    rmsnorm_into(h, mlp_norm, eps, s.x)
+    quantize(s.x, s.xq)
+    matvec(wgate, s.xq, s.gate)
+    matvec(wup, s.xq, s.up)
+    silu_mul_into(s.gate, s.up, s.act)
+    quantize(s.act, s.actq)
+    matvec(wdown, s.actq, s.o)
+    h += s.o
