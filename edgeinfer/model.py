@@ -15,6 +15,7 @@ import numpy as np
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError
 from .kernels.block import decode_layer, decode_scratch
+from .kernels.ops import LANES, rmsnorm_into
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
@@ -88,7 +89,8 @@ class Model:
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
         blocks = [layer.block_args() for layer in self.layers]
-        self.blocks = blocks if all(b is not None for b in blocks) else None  # the fused decode step
+        fused = all(b is not None for b in blocks) and c.head_dim % LANES == 0  # whole vectors per head
+        self.blocks = blocks if fused else None  # the fused decode step
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
@@ -125,7 +127,8 @@ class Model:
         for i, block in enumerate(self.blocks):
             decode_layer(h, block, cache.k[i], cache.v[i], position, self.inv_freq, eps, cache.scratch)
         cache.length = position + 1
-        return self.head(rmsnorm(h[None], self.norm, eps))[0]
+        rmsnorm_into(h, self.norm, eps, cache.scratch.x)
+        return self.head(cache.scratch.x[None])[0]
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -105,13 +105,6 @@ def fma(typingctx, a, b, c):
     return V16F32(V16F32, V16F32, V16F32), codegen
 
 
-@intrinsic
-def mul(typingctx, a, b):
-    def codegen(context, builder, signature, args):
-        return builder.fmul(args[0], args[1])
-    return V16F32(V16F32, V16F32), codegen
-
-
 def _expander(count: int):
     """`count` consecutive scales, each repeated over 16/count lanes: float32 values, or fp16 bits
     stored as uint16 (widened with vcvtph2ps)."""
@@ -137,11 +130,27 @@ expand4 = _expander(4)  # one float per 4 lanes: a Q4 chunk holds 4 groups
 expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
 
 
+def _binary(op: str):
+    """An elementwise op of two float32 vectors (fadd, fsub, fdiv, ...)."""
+    @intrinsic
+    def binary(typingctx, a, b):
+        def codegen(context, builder, signature, args):
+            return getattr(builder, op)(args[0], args[1])
+        return V16F32(V16F32, V16F32), codegen
+    return binary
+
+
+add = _binary("fadd")
+mul = _binary("fmul")
+sub = _binary("fsub")
+div = _binary("fdiv")
+
+
 @intrinsic
-def add(typingctx, a, b):
+def neg(typingctx, a):
     def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1])
-    return V16F32(V16F32, V16F32), codegen
+        return builder.fneg(args[0])
+    return V16F32(V16F32), codegen
 
 
 @intrinsic
@@ -192,3 +201,45 @@ def prefetch(typingctx, arr, offset):
         builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
     return types.none(arr, offset), codegen
+
+
+@intrinsic
+def store_f32(typingctx, arr, offset, v):
+    """arr[offset:offset + 16] = v (float32)."""
+    def codegen(context, builder, signature, args):
+        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(ir.FloatType(), 16))
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+    return types.none(arr, offset, V16F32), codegen
+
+
+# e**r for |r| <= ln(2)/2: Taylor terms up to r**7 (relative error below 1e-8).
+_EXP_TERMS = [1 / __import__("math").factorial(k) for k in range(8)]
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact (Cody-Waite)
+
+
+@intrinsic
+def exp_f32(typingctx, v):
+    """e**v in 16 lanes without a vector math library: 2**n * e**r with n = round(v / ln 2),
+    r = v - n ln 2 by polynomial; inputs are clamped to +-87 (float32's range)."""
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        v16, i16 = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+
+        def const(x, ty=v16):
+            return ir.Constant(ty, [x] * 16)
+
+        def call(name, *xs):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16] * len(xs)), name)
+            return builder.call(fn, list(xs))
+
+        x = call("llvm.minnum.v16f32", call("llvm.maxnum.v16f32", args[0], const(-87.0)), const(87.0))
+        n = call("llvm.rint.v16f32", builder.fmul(x, const(1.4426950408889634)))
+        r = call("llvm.fma.v16f32", n, const(-_LN2_HI), x)
+        r = call("llvm.fma.v16f32", n, const(-_LN2_LO), r)
+        p = const(_EXP_TERMS[-1])
+        for c in reversed(_EXP_TERMS[:-1]):
+            p = call("llvm.fma.v16f32", p, r, const(c))
+        bits = builder.shl(builder.add(builder.fptosi(n, i16), const(127, i16)), const(23, i16))
+        return builder.fmul(p, builder.bitcast(bits, v16))
+    return V16F32(V16F32), codegen
