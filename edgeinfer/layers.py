@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels.activations import Q8Activations, quantize_activations
+from .kernels.activations import quantize_activations
 from .kernels.q4 import Q4Matrix
 from .kernels.q8 import Q8Matrix
 from .kernels.reference import linear
@@ -26,16 +26,14 @@ class DenseLinear:
 
 
 class QuantLinear:
-    """y = W x per token with the matrix's VNNI GEMV; activations are quantised into buffers made once."""
+    """y = x W^T for a batch of tokens with the matrix's VNNI GEMM, activations quantised to int8.
+    (The decode step does not come here: kernels/block.py runs whole layers.)"""
 
     def __init__(self, matrix: Q4Matrix | Q8Matrix, bias: np.ndarray | None):
         self.matrix, self.bias, self.bits = matrix, bias, matrix.bits
-        self._xq = Q8Activations.empty(matrix.cols)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], self.matrix.rows), np.float32)
-        for t in range(x.shape[0]):  # prefill runs token by token until the GEMM exists
-            self.matrix.gemv(quantize_activations(x[t], self._xq), out[t])
+        out = self.matrix.matmul(quantize_activations(x), np.empty((x.shape[0], self.matrix.rows), np.float32))
         return out + self.bias if self.bias is not None else out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:

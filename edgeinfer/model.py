@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, UnsupportedModelError
 from .kernels.block import decode_layer, decode_scratch
-from .kernels.ops import LANES, rmsnorm_into
-from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
+from .kernels.ops import LANES, attend_causal, rmsnorm_into, rope_rows
+from .kernels.reference import rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
@@ -79,6 +79,8 @@ class Model:
         (on CPUs that have their instructions); otherwise (the exact path) everything is float32."""
         quantized = quantized and has_avx512_vnni()
         self.config = c = source.config
+        if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
+            raise UnsupportedModelError(f"head dimension {c.head_dim} is not a multiple of {LANES}")
         source.model_tensor_names()  # every tensor present, with its shape
         self.embedding = load_linear(source, "model.embed_tokens.weight", quantized)
         self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
@@ -89,8 +91,7 @@ class Model:
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
         blocks = [layer.block_args() for layer in self.layers]
-        fused = all(b is not None for b in blocks) and c.head_dim % LANES == 0  # whole vectors per head
-        self.blocks = blocks if fused else None  # the fused decode step
+        self.blocks = blocks if all(b is not None for b in blocks) else None  # the fused decode step
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
@@ -134,14 +135,15 @@ class Model:
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c = self.config
         count, start = x.shape[0], cache.length
-        heads = lambda y, n: y.reshape(count, n, c.head_dim).transpose(1, 0, 2)  # noqa: E731
-        q = apply_rope(heads(w.q(x), c.num_heads), cos, sin)
-        k = apply_rope(heads(w.k(x), c.num_kv_heads), cos, sin)
-        cache.k[layer, :, start:start + count] = k
-        cache.v[layer, :, start:start + count] = heads(w.v(x), c.num_kv_heads)
-        end = start + count
-        out = causal_attention(q, cache.k[layer, :, :end], cache.v[layer, :, :end], start)
-        return w.o(out.transpose(1, 0, 2).reshape(count, c.q_size))
+        q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
+        rope_rows(q, cos, sin)
+        rope_rows(k, cos, sin)
+        heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
+        cache.k[layer, :, start:start + count] = heads(k)
+        cache.v[layer, :, start:start + count] = heads(w.v(x))
+        out = np.empty_like(q)
+        attend_causal(q, cache.k[layer], cache.v[layer], start, out)
+        return w.o(out)
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         return w.down(silu_mul(w.gate(x), w.up(x)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeinfer.kernels import reference as ref
-from edgeinfer.kernels.ops import attend_one, rmsnorm_into, rope_in_place, silu_mul_into
+from edgeinfer.kernels.ops import attend_causal, attend_one, rmsnorm_into, rope_in_place, rope_rows, silu_mul_into
 
 rng = np.random.default_rng(7)
 
@@ -44,3 +44,25 @@ def test_attention_of_one_token(heads, kv_heads, length):
     attend_one(q, keys, values, length, scores, out)
     expected = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1)
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,tokens,start", [(9, 3, 37, 20), (4, 4, 1, 0), (8, 1, 16, 0), (4, 2, 70, 3)])
+def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start):
+    hd, capacity = 32, 128
+    q = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
+    keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
+    out = np.empty_like(q)
+    attend_causal(q, keys, values, start, out)
+    per_head = q.reshape(tokens, heads, hd).transpose(1, 0, 2)
+    expected = ref.causal_attention(per_head, keys[:, :start + tokens], values[:, :start + tokens], start)
+    np.testing.assert_allclose(out, expected.transpose(1, 0, 2).reshape(tokens, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_of_a_batch():
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))
+    x = rng.standard_normal((11, 3 * 64)).astype(np.float32)
+    cos, sin = ref.rope_tables(inv_freq, np.arange(40, 51))
+    rotated = x.copy()
+    rope_rows(rotated, cos, sin)
+    expected = ref.apply_rope(x.reshape(11, 3, 64).transpose(1, 0, 2), cos, sin).transpose(1, 0, 2).reshape(11, -1)
+    np.testing.assert_allclose(rotated, expected, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeinfer.kernels.activations import quantize_activations
-from edgeinfer.kernels.q4 import Q4Matrix, gemv, gemv_reference
+from edgeinfer.kernels.q4 import Q4Matrix, gemm, gemv, gemv_reference
 from edgeinfer.kernels.simd import has_avx512_vnni
 
 
@@ -110,3 +110,14 @@ def test_parallel_and_serial_kernels_agree(monkeypatch):
     serial = gemv(m, x, np.empty(129, np.float32))
     monkeypatch.setattr(q4, "PARALLEL_MIN_BYTES", 0)
     np.testing.assert_array_equal(gemv(m, x, np.empty(129, np.float32)), serial)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9, 64])
+@pytest.mark.parametrize("with_min", [False, True], ids=["q4_0", "q4_1"])
+def test_gemm_equals_the_gemv_token_by_token(tokens, with_min):
+    rng = np.random.default_rng(tokens)
+    m = random_q4(rng, 70, 576, with_min)
+    x = rng.standard_normal((tokens, 576)).astype(np.float32)
+    out = gemm(m, quantize_activations(x), np.empty((tokens, 70), np.float32))
+    for t in range(tokens):
+        np.testing.assert_array_equal(out[t], gemv(m, quantize_activations(x[t]), np.empty(70, np.float32)))

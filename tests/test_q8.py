@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeinfer.kernels.activations import quantize_activations
-from edgeinfer.kernels.q8 import Q8Matrix, gemv8, gemv8_reference
+from edgeinfer.kernels.q8 import Q8Matrix, gemm8, gemv8, gemv8_reference
 
 
 def q8_blocks(rng, rows: int, cols: int) -> np.ndarray:
@@ -69,3 +69,13 @@ def test_both_kernels_refuse_activations_of_another_width():
         gemv8(m8, wrong, np.empty(4, np.float32))
     with pytest.raises(ValueError, match="columns"):
         gemv(m4, wrong, np.empty(4, np.float32))
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_gemm8_equals_the_gemv_token_by_token(tokens):
+    rng = np.random.default_rng(9)
+    m = Q8Matrix.from_gguf(q8_blocks(rng, 33, 576), 576)
+    x = rng.standard_normal((tokens, 576)).astype(np.float32)
+    out = gemm8(m, quantize_activations(x), np.empty((tokens, 33), np.float32))
+    for t in range(tokens):
+        np.testing.assert_array_equal(out[t], gemv8(m, quantize_activations(x[t]), np.empty(33, np.float32)))

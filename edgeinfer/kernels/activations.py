@@ -23,13 +23,16 @@ class Q8Activations:
     sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
 
     @classmethod
-    def empty(cls, cols: int) -> "Q8Activations":
+    def empty(cls, cols: int, tokens: int | None = None) -> "Q8Activations":
+        """For one vector, or (with `tokens`) for a batch: every array gains a leading token axis."""
         groups = -(-cols // CHUNK) * CHUNK // GROUP
-        return cls(np.zeros(groups * 16, np.int8), np.zeros(groups * 16, np.int8), np.zeros(groups * 32, np.int8),
-                   np.zeros(groups, np.float32), np.zeros(groups, np.float32))
+        lead = () if tokens is None else (tokens,)
+        return cls(np.zeros(lead + (groups * 16,), np.int8), np.zeros(lead + (groups * 16,), np.int8),
+                   np.zeros(lead + (groups * 32,), np.int8), np.zeros(lead + (groups,), np.float32),
+                   np.zeros(lead + (groups,), np.float32))
 
     def int8(self) -> np.ndarray:
-        """(groups, 32) int8 values, for the reference."""
+        """(groups, 32) int8 values of one vector, for the reference."""
         return np.concatenate([self.lo.reshape(-1, 16), self.hi.reshape(-1, 16)], axis=1)
 
 
@@ -56,8 +59,15 @@ def _quantize(x, lo, hi, flat, scales, sums):
         sums[g] = d * total
 
 
+@njit(cache=True)
+def _quantize_batch(x, lo, hi, flat, scales, sums):
+    for t in range(x.shape[0]):
+        _quantize(x[t], lo[t], hi[t], flat[t], scales[t], sums[t])
+
+
 def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
-    x = np.asarray(x, dtype=np.float32)
-    out = out or Q8Activations.empty(x.size)
-    _quantize(x, out.lo, out.hi, out.flat, out.scales, out.sums)
+    """One vector (cols,) or a batch (tokens, cols), into `out` when given."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = out or Q8Activations.empty(x.shape[-1], x.shape[0] if x.ndim == 2 else None)
+    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.lo, out.hi, out.flat, out.scales, out.sums)
     return out

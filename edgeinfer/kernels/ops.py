@@ -6,7 +6,7 @@ Each has its numpy counterpart in reference.py; tests/test_ops.py holds them to 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .simd import (add, div, exp_f32, fma, hsum, load_f32, mul, neg, splat, store_f32, sub,
                    zeros_f32)
@@ -81,3 +81,72 @@ def attend_one(q, keys, values, length, scores, out):
             for t in range(length):
                 acc = fma(splat(scores[t]), load_f32(values, base + t * hd + d), acc)
             store_f32(out, qo + d, mul(acc, inv))
+
+
+@njit(cache=True)
+def rope_rows(x, cos, sin):
+    """Rotate-half RoPE in place on x (tokens, heads * hd) with tables (tokens, hd) from
+    reference.rope_tables (halves repeated)."""
+    hd = cos.shape[1]
+    half = hd // 2
+    for t in range(x.shape[0]):
+        for o in range(0, x.shape[1], hd):
+            for i in range(half):
+                a, b = x[t, o + i], x[t, o + half + i]
+                x[t, o + i] = a * cos[t, i] - b * sin[t, i]
+                x[t, o + half + i] = b * cos[t, half + i] + a * sin[t, half + i]
+
+
+@njit(cache=True)
+def _attend_query(q, keys, values, start, t, out):
+    """Token t (position start + t) over keys 0..start+t, online softmax in blocks of 16 keys: no
+    score row as long as the context, one rescale of the running sum per block."""
+    kv_heads, capacity, hd = keys.shape
+    width = q.shape[1]
+    group = width // hd // kv_heads
+    scale = np.float32(1.0 / np.sqrt(hd))
+    length = start + t + 1
+    block = np.empty(LANES, np.float32)
+    for h in range(width // hd):
+        qo, base = t * width + h * hd, (h // group) * capacity * hd
+        for d in range(0, hd, LANES):
+            store_f32(out, qo + d, zeros_f32())
+        top, total = np.float32(-np.inf), np.float32(0)
+        for k0 in range(0, length, LANES):
+            n = min(LANES, length - k0)
+            block_top = np.float32(-np.inf)
+            for j in range(LANES):
+                s = np.float32(-np.inf)
+                if j < n:
+                    acc = zeros_f32()
+                    for d in range(0, hd, LANES):
+                        acc = fma(load_f32(q, qo + d), load_f32(keys, base + (k0 + j) * hd + d), acc)
+                    s = hsum(acc) * scale
+                block[j] = s
+                block_top = max(block_top, s)
+            new_top = max(top, block_top)
+            p = exp_f32(sub(load_f32(block, 0), splat(new_top)))
+            store_f32(block, 0, p)
+            correction = np.float32(np.exp(top - new_top))
+            total = total * correction + hsum(p)
+            top = new_top
+            for d in range(0, hd, LANES):
+                acc = mul(load_f32(out, qo + d), splat(correction))
+                for j in range(n):
+                    acc = fma(splat(block[j]), load_f32(values, base + (k0 + j) * hd + d), acc)
+                store_f32(out, qo + d, acc)
+        inv = splat(np.float32(1) / total)
+        for d in range(0, hd, LANES):
+            store_f32(out, qo + d, mul(load_f32(out, qo + d), inv))
+
+
+@njit(parallel=True, cache=True)
+def attend_causal(q, keys, values, start, out):
+    """Causal grouped-query attention of tokens at positions start.. (q, out: (tokens, heads * hd),
+    C-contiguous) over keys/values (kv_heads, capacity, hd) that already hold them. Threads take
+    queries in pairs from both ends, so each gets as many keys to read."""
+    tokens = q.shape[0]
+    for i in prange((tokens + 1) // 2):
+        _attend_query(q, keys, values, start, i, out)
+        if tokens - 1 - i != i:
+            _attend_query(q, keys, values, start, tokens - 1 - i, out)

@@ -114,8 +114,9 @@ class Q4Matrix:
         offsets = from_half_bits(deinterleave(self.offsets, 4, self.rows, groups, ids)) * np.float32(self.offset_factor)
         return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
 
-    def gemv(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
-        return gemv(self, x, out)
+    def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+        """One vector (GEMV) or a batch of tokens (GEMM)."""
+        return gemm(self, x, out) if x.lo.ndim == 2 else gemv(self, x, out)
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (block.py)."""
@@ -204,14 +205,90 @@ def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out)
 PARALLEL_MIN_BYTES = 4 << 20
 
 
-def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations)."""
+@njit(inline="always")
+def _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t, c, acc):
+    """One unpacked row chunk against token t's activations of chunk c. (Flat offsets into the 2D
+    arrays: a row view xlo[t] would cost a reference-count call on every use.)"""
+    x, g = t * xlo.shape[1] + c * 64, t * xscales.shape[1] + c * 4
+    sums = dpbusd(dpbusd(zeros_i32(), lo, load_i8(xlo, x)), hi, load_i8(xhi, x))
+    acc = fma(to_f32(sums), mul(scale, expand4(xscales, g)), acc)
+    return fma(offset, mul(expand4(xsums, g), quarter), acc)
+
+
+@njit(inline="always")
+def _row_tokens(packed, scales, offsets, w, s, xlo, xhi, xscales, xsums, quarter, t, c, acc):
+    """One row's chunk, unpacked once, against 4 tokens (acc: their 4 accumulators)."""
+    nib = load_i8(packed, w)
+    lo, hi = lo_nibbles(nib), hi_nibbles(nib)
+    scale, offset = expand4(scales, s), expand4(offsets, s)
+    return (_token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t, c, acc[0]),
+            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 1, c, acc[1]),
+            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 2, c, acc[2]),
+            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 3, c, acc[3]))
+
+
+@njit(inline="always")
+def _store_tokens(out, t, row, acc):
+    if row < out.shape[1]:  # not a padding row
+        for i in range(4):
+            out[t + i, row] = hsum(acc[i])
+
+
+@njit(cache=True)  # a call, not inlined into the prange loop: parfors' analysis rejects tuples of vectors
+def _tile(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block, t):
+    """Rows 4*block..+3 x tokens t..t+3: 16 accumulators, each weight chunk unpacked once for 4 tokens."""
+    chunks = packed.shape[1] // (4 * 64)
+    w, s = block * packed.shape[1], block * scales.shape[1]
+    z = zeros_f32()
+    r0, r1, r2, r3 = (z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z)
+    for c in range(chunks):
+        r0 = _row_tokens(packed, scales, offsets, w, s, xlo, xhi, xscales, xsums, quarter, t, c, r0)
+        r1 = _row_tokens(packed, scales, offsets, w + 64, s + 4, xlo, xhi, xscales, xsums, quarter, t, c, r1)
+        r2 = _row_tokens(packed, scales, offsets, w + 128, s + 8, xlo, xhi, xscales, xsums, quarter, t, c, r2)
+        r3 = _row_tokens(packed, scales, offsets, w + 192, s + 12, xlo, xhi, xscales, xsums, quarter, t, c, r3)
+        w += 256
+        s += 16
+    row = block * ROWS
+    _store_tokens(out, t, row, r0)
+    _store_tokens(out, t, row + 1, r1)
+    _store_tokens(out, t, row + 2, r2)
+    _store_tokens(out, t, row + 3, r3)
+
+
+@njit(parallel=True, cache=True)
+def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
+    """out[t] = W x[t] for every token of a batch, in tiles of 4 rows x 4 tokens: a block's weights
+    come from memory once and stay in L1 while the tokens pass; each chunk is unpacked once per 4
+    tokens. Tokens past the last whole tile take the GEMV's block."""
+    quarter = splat(np.float32(factor * 0.25))
+    tokens = xlo.shape[0]
+    whole = tokens - tokens % 4
+    for block in prange(packed.shape[0]):
+        for t in range(0, whole, 4):
+            _tile(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block, t)
+        for t in range(whole, tokens):
+            _block(packed, scales, offsets, quarter, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block)
+
+
+def _check(m: Q4Matrix, x: Q8Activations) -> None:
     if not has_avx512_vnni():  # the instructions would kill the process, not raise
         raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 4-bit kernel is not written yet")
-    if x.lo.size * 2 != m.padded_cols:
-        raise ValueError(f"activations of {x.lo.size * 2} columns for a matrix of {m.padded_cols}")
+    if x.lo.shape[-1] * 2 != m.padded_cols:
+        raise ValueError(f"activations of {x.lo.shape[-1] * 2} columns for a matrix of {m.padded_cols}")
+
+
+def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations)."""
+    _check(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
     kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
+    return out
+
+
+def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
+    _check(m, x)
+    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
     return out
 
 
