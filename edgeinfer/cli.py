@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--exact", action="store_true", help="bench the exact float32 path")
     bench.set_defaults(func=_cmd_bench)
 
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
+    ppl.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
+    ppl.add_argument("-f", "--file", required=True, help="the text to score")
+    ppl.add_argument("-c", "--ctx", type=int, default=512, help="window size in tokens (512)")
+    ppl.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    ppl.add_argument("--kl-base", help="log-probabilities of a base run: written if the file does not exist "
+                                      "(run it with --exact), else compared: mean KL divergence and top-1 agreement")
+    ppl.add_argument("--exact", action="store_true", help="the exact float32 path")
+    ppl.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    ppl.set_defaults(func=_cmd_perplexity)
+
     info = sub.add_parser("info", help="print a model's config, parameter count, tensor types and size")
     info.add_argument("model")
     info.set_defaults(func=_cmd_info)
@@ -84,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="write a model as edgeinfer's single-file .safetensors")
     conv.add_argument("source", help="a .gguf, a HF folder, an edgeinfer .safetensors or a catalog name")
     conv.add_argument("-o", "--output", required=True)
+    conv.add_argument("--bits", type=int, choices=(4, 8, 16),
+                      help="4: projections in 4 bits (a GGUF's Q4_0/Q4_1 kept losslessly, others rounded to nearest), "
+                           "embedding and head in 8; 8: all matrices in 8 bits; 16: float16. "
+                           "Default: as the source stores them")
     conv.set_defaults(func=_cmd_convert)
 
     pull = sub.add_parser("pull", help="fetch and convert a catalog model into the cache")
@@ -221,6 +236,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import json
+
+    from .perplexity import perplexity
+    from .progress import Progress
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise EdgeInferError(f"{args.file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact)
+    ids = engine.tokenizer.encode(text, add_bos=False)
+    result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
+    if args.output == "json":
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"PPL = {result.ppl:.4f} ± {result.ppl_error:.4f} ({result.tokens_scored} tokens in {result.windows} "
+          f"windows of {args.ctx})")
+    if result.kl_mean is not None:
+        print(f"mean KL divergence from the base = {result.kl_mean:.6f}, same top token {result.top1_agreement:.2%}")
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .tui.app import ChatApp
 
@@ -265,7 +304,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise EdgeInferError("the output would overwrite the source")
     source = open_model(src)
     try:
-        convert(source, args.output, Progress(f"converting {os.path.basename(src.rstrip(os.sep))}", " tensors"))
+        convert(source, args.output, Progress(f"converting {os.path.basename(src.rstrip(os.sep))}", " tensors"),
+                bits=args.bits)
     finally:
         source.close()
     print(args.output)

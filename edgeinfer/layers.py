@@ -45,9 +45,5 @@ def load_linear(source: WeightSource, name: str, quantized: bool) -> DenseLinear
     otherwise dense float32."""
     bias_name = name[:-len("weight")] + "bias"
     bias = source.float32(bias_name) if source.has(bias_name) else None
-    blocks = source.quantized(name) if quantized else None
-    if blocks is None:
-        return DenseLinear(source.float32(name), bias)
-    data, kind = blocks
-    cols = source.stored_shape(name)[1]
-    return QuantLinear(Q8Matrix.from_gguf(data, cols) if kind == "Q8_0" else Q4Matrix.from_gguf(data, cols, kind), bias)
+    matrix = source.quantized(name) if quantized else None
+    return DenseLinear(source.float32(name), bias) if matrix is None else QuantLinear(matrix, bias)

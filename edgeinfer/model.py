@@ -16,7 +16,7 @@ from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError, UnsupportedModelError
 from .kernels.block import decode_layer, decode_scratch
 from .kernels.ops import LANES, attend_causal, rmsnorm_into, rope_rows
-from .kernels.reference import rmsnorm, rope_tables, silu_mul
+from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
@@ -133,17 +133,27 @@ class Model:
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Causal attention of the tokens at the cache's next positions; their keys and values go in.
+
+        The 4/8-bit path runs RoPE and attention in Numba; the float32 path in numpy, which calls
+        OpenBLAS for its products: mixing the two thread pools on few cores makes both spin-wait."""
         c = self.config
         count, start = x.shape[0], cache.length
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
-        rope_rows(q, cos, sin)
-        rope_rows(k, cos, sin)
-        heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
-        cache.k[layer, :, start:start + count] = heads(k)
-        cache.v[layer, :, start:start + count] = heads(w.v(x))
-        out = np.empty_like(q)
-        attend_causal(q, cache.k[layer], cache.v[layer], start, out)
-        return w.o(out)
+        kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
+        cache.v[layer, :, start:start + count] = kv_heads(w.v(x))
+        if self.blocks is not None:
+            rope_rows(q, cos, sin)
+            rope_rows(k, cos, sin)
+            cache.k[layer, :, start:start + count] = kv_heads(k)
+            out = np.empty_like(q)
+            attend_causal(q, cache.k[layer], cache.v[layer], start, out)
+            return w.o(out)
+        per_head = q.reshape(count, c.num_heads, c.head_dim).transpose(1, 0, 2)
+        cache.k[layer, :, start:start + count] = apply_rope(kv_heads(k), cos, sin)
+        end = start + count
+        out = causal_attention(apply_rope(per_head, cos, sin), cache.k[layer, :, :end], cache.v[layer, :, :end], start)
+        return w.o(out.transpose(1, 0, 2).reshape(count, c.q_size))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         return w.down(silu_mul(w.gate(x), w.up(x)))

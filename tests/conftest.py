@@ -241,7 +241,7 @@ def smollm2_single() -> Path:
 def smollm2_engine(smollm2_single):
     from edgeinfer.engine import Engine
 
-    return Engine.load(str(smollm2_single), context=2048)
+    return Engine.load(str(smollm2_single), context=2048, exact=True)  # the float32 path, for the oracle
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,11 @@ def catalog_entry(name: str):
     return entries[name]
 
 
+CATALOG_BITS = 4  # catalog models run from 4-bit single files
+
+
 def converted_path(name: str) -> Path:
-    return cache_dir() / "models" / f"{name}.safetensors"
+    return cache_dir() / "models" / f"{name}-q{CATALOG_BITS}.safetensors"
 
 
 def resolve_model(arg: str | None, progress: ProgressFn | None = None) -> str:
@@ -97,7 +100,8 @@ def pull(name: str, progress: ProgressFn | None = None) -> Path:
     source = open_model(str(gguf))
     stage = f"converting {name} (first run only)"
     try:
-        convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None)
+        convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None,
+                bits=CATALOG_BITS)
     finally:
         source.close()
     return out

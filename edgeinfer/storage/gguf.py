@@ -16,6 +16,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, UnsupportedModelError
+from ..kernels.q4 import Q4Matrix
+from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .source import ROPE_FREQS, WeightSource
@@ -239,12 +241,14 @@ class GGUFSource(WeightSource):
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
         return np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
 
-    def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
+    def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
         t = self._tensors[name]
-        if t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1", "Q8_0"):
             return None
-        blocks = np.asarray(t.data).reshape(self.stored_shape(name)[0], -1)
-        return self._in_hf_row_order(name, blocks), t.tensor_type.name
+        rows, cols = self.stored_shape(name)
+        blocks = self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1))
+        return Q8Matrix.from_gguf(blocks, cols) if kind == "Q8_0" else Q4Matrix.from_gguf(blocks, cols, kind)
 
     def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:
         """Undo llama.cpp's Q/K row permutation (of values, or of whole rows of blocks)."""

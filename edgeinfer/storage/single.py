@@ -1,37 +1,141 @@
 """edgeinfer's own single-file model: one .safetensors with config, tokenizer and template inside.
 
 `__metadata__` holds `format=edgeinfer`, the config as JSON, the tokenizer (tokenizer.json text or a
-base64 sentencepiece model) and the chat template, so the file alone is enough to run.
+base64 sentencepiece model), the chat template, and the index of the 4/8-bit matrices (quantize.py),
+so the file alone is enough to run. Tensors go layer by layer.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+from typing import Callable, Iterator
+
+import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig
+from ..errors import EdgeInferError, ModelFormatError
+from ..kernels.activations import GROUP
 from ..tokenizer import TokenizerSpec
+from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
+                       quantize_q8_0, read_index)
 from .safetensors import SafetensorsFile, TensorEntry, write_safetensors
-from .source import SafetensorsSource, WeightSource
+from .source import ROPE_FREQS, SafetensorsSource, WeightSource
 
 FORMAT = "edgeinfer"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: quantised matrices
+HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")  # 8 bits when the rest is 4
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
     return f.metadata.get("format") == FORMAT
 
 
-def open_single_file(f: SafetensorsFile) -> SafetensorsSource:
-    config = ModelConfig.from_json(f.metadata.get("config", ""))
-    return SafetensorsSource(f.path, FORMAT, [f], config, TokenizerSpec.from_metadata(f.metadata))
+def open_single_file(f: SafetensorsFile) -> "SingleFileSource":
+    return SingleFileSource(f)
 
 
-def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], None] | None = None) -> None:
+class SingleFileSource(SafetensorsSource):
+    """The single file: float tensors as stored, quantised matrices as their kernels' arrays."""
+
+    def __init__(self, f: SafetensorsFile):
+        config = ModelConfig.from_json(f.metadata.get("config", ""))
+        super().__init__(f.path, FORMAT, [f], config, TokenizerSpec.from_metadata(f.metadata))
+        self._file = f
+        self._quantized = read_index(f.metadata, f.path)
+        self._parts: dict[str, list[TensorEntry]] = {}
+        for name, (kind, rows, cols) in self._quantized.items():
+            expected = part_entries(name, kind, rows, cols)
+            if any(f.entries.get(e.name) != e for e in expected):
+                raise ModelFormatError(f"{f.path}: the stored parts of {name} ({kind}) are missing or malformed")
+            self._parts[name] = expected
+
+    def names(self) -> list[str]:
+        parts = {e.name for entries in self._parts.values() for e in entries}
+        return [n for n in super().names() if n not in parts] + list(self._quantized)
+
+    def has(self, name: str) -> bool:
+        return name in self._quantized or super().has(name)
+
+    def stored_type(self, name: str) -> str:
+        return self._quantized[name][0] if name in self._quantized else super().stored_type(name)
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        return self._quantized[name][1:] if name in self._quantized else super().stored_shape(name)
+
+    def float32(self, name: str) -> np.ndarray:
+        matrix = self.quantized(name)
+        return super().float32(name) if matrix is None else matrix.dequantize()
+
+    def storable_type(self, name: str) -> str:
+        return "F32" if name in self._quantized else super().storable_type(name)
+
+    def storable(self, name: str) -> np.ndarray:
+        return self.float32(name) if name in self._quantized else super().storable(name)
+
+    def quantized(self, name: str) -> Matrix | None:
+        if name not in self._quantized:
+            return None
+        kind, rows, cols = self._quantized[name]
+        return matrix_from_parts(kind, rows, cols, [self._file.array(e.name) for e in self._parts[name]])
+
+
+def target_type(source: WeightSource, name: str, bits: int | None) -> str | None:
+    """The quantised type `name` gets in the file, or None for float. bits None keeps what the source
+    stores (its Q4_0/Q4_1/Q8_0 matrices stay as they are); 4 puts projections in 4 bits (keeping a
+    source's own 4-bit type, else Q4_1) and the embedding and head in 8; 8 puts all in 8; 16, none."""
+    shape, stored = source.stored_shape(name), source.stored_type(name)
+    if len(shape) != 2 or name == ROPE_FREQS or shape[1] % GROUP:
+        return None
+    if bits is None:
+        return stored if stored in TYPES else None
+    if bits == 16:
+        return None
+    if bits == 8 or name in HEAD_NAMES:
+        return "Q8_0"
+    return stored if stored in ("Q4_0", "Q4_1") else "Q4_1"
+
+
+def quantized_as(source: WeightSource, name: str, kind: str) -> Matrix:
+    """The matrix in `kind`: the source's own when it already is (lossless), else rounded to nearest."""
+    matrix = source.quantized(name)
+    if matrix is not None and kind_of(matrix) == kind:
+        return matrix
+    w = source.float32(name)
+    return quantize_q8_0(w) if kind == "Q8_0" else quantize_q4_1(w)
+
+
+def float_type(source: WeightSource, name: str, bits: int | None) -> str:
+    stored = source.storable_type(name)
+    return "F16" if bits == 16 and len(source.stored_shape(name)) == 2 and stored == "F32" else stored
+
+
+def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], None] | None = None,
+            bits: int | None = None) -> None:
     """Write `source` as a single-file model, one tensor in memory at a time, layer by layer."""
+    if bits not in (None, 4, 8, 16):
+        raise EdgeInferError(f"--bits must be 4, 8 or 16, got {bits}")
     names = source.model_tensor_names()
-    entries = [TensorEntry(n, source.storable_type(n), tuple(source.stored_shape(n))) for n in names]
+    kinds = {n: target_type(source, n, bits) for n in names}
+    entries, index = [], {}
+    for n in names:
+        if kinds[n] is None:
+            entries.append(TensorEntry(n, float_type(source, n, bits), tuple(source.stored_shape(n))))
+        else:
+            rows, cols = source.stored_shape(n)
+            index[n] = [kinds[n], rows, cols]
+            entries += part_entries(n, kinds[n], rows, cols)
+
+    def arrays() -> Iterator[np.ndarray]:
+        for n in names:
+            if kinds[n] is not None:
+                yield from matrix_parts(quantized_as(source, n, kinds[n]))
+            elif float_type(source, n, bits) == "F16" and source.storable_type(n) == "F32":
+                yield source.storable(n).astype(np.float16)
+            else:
+                yield source.storable(n)
+
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgeinfer_version": __version__,
                 "config": source.config.to_json(), "source_format": source.format,
-                **source.tokenizer.to_metadata()}
-    write_safetensors(out_path, entries, (source.storable(n) for n in names), metadata, progress)
+                "quantized": json.dumps(index), **source.tokenizer.to_metadata()}
+    write_safetensors(out_path, entries, arrays(), metadata, progress)

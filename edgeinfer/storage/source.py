@@ -9,6 +9,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..kernels.q4 import Q4Matrix
+from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from .safetensors import SafetensorsFile
 
@@ -73,8 +75,8 @@ class WeightSource:
         """The tensor's data in storable_type (BF16 as uint16)."""
         return self.float32(name)
 
-    def quantized(self, name: str) -> tuple[np.ndarray, str] | None:
-        """The tensor's blocks as stored (rows, bytes) and their type, if it is Q4_0, Q4_1 or Q8_0."""
+    def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
+        """The tensor as the 4/8-bit kernels take it, if the file stores it as Q4_0, Q4_1 or Q8_0."""
         return None
 
     def has(self, name: str) -> bool:
