@@ -67,7 +67,7 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.scratch = decode_scratch(config.hidden_size, config.q_size, config.num_kv_heads * config.head_dim,
-                                      config.intermediate_size, capacity)
+                                      config.intermediate_size, config.num_heads, capacity)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)

@@ -40,7 +40,7 @@ def test_attention_of_one_token(heads, kv_heads, length):
     hd, capacity = 64, 320
     q = rng.standard_normal(heads * hd).astype(np.float32)
     keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
-    out, scores = np.empty_like(q), np.empty(capacity, np.float32)
+    out, scores = np.empty_like(q), np.empty((heads, capacity), np.float32)
     attend_one(q, keys, values, length, scores, out)
     expected = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1)
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemv_parallel as q8_gemv
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
-# (lo, hi, flat, scales, sums) tuples, then attention scores as long as the context.
+# (lo, hi, flat, scales, sums) tuples, then each head's attention scores, as long as the context.
 DecodeScratch = namedtuple("DecodeScratch", "x q k v att o gate up act xq attq actq scores")
 
 
@@ -37,11 +37,12 @@ def activation_buffers(cols: int) -> tuple:
     return a.lo, a.hi, a.flat, a.scales, a.sums
 
 
-def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, capacity: int) -> DecodeScratch:
-    f = lambda n: np.zeros(n, np.float32)  # noqa: E731
+def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, heads: int,
+                   capacity: int) -> DecodeScratch:
+    f = lambda *n: np.zeros(n, np.float32)  # noqa: E731
     return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), f(hidden), f(intermediate),
                          f(intermediate), f(intermediate), activation_buffers(hidden), activation_buffers(q_size),
-                         activation_buffers(intermediate), f(capacity))
+                         activation_buffers(intermediate), f(heads, capacity))
 
 
 @njit(cache=True)

@@ -49,37 +49,39 @@ def silu_mul_into(gate, up, out):
         out[i] = gate[i] / (np.float32(1) + np.exp(-gate[i])) * up[i]
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def attend_one(q, keys, values, length, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over the first `length`
-    positions of keys/values (kv_heads, capacity, hd), C-contiguous, hd a multiple of 16;
-    scores is scratch of at least `length`."""
+    positions of keys/values (kv_heads, capacity, hd), C-contiguous, hd a multiple of 16; scores
+    is scratch (heads, >= length). Heads run on all threads: at long contexts this is the step's
+    largest read after the weights."""
     kv_heads, capacity, hd = keys.shape
     heads = q.shape[0] // hd
     group = heads // kv_heads
     scale = np.float32(1.0 / np.sqrt(hd))
-    for h in range(heads):
+    for h in prange(heads):
         qo, base = h * hd, (h // group) * capacity * hd
+        scores_h = scores[h]
         top = np.float32(-np.inf)
         for t in range(length):
             acc = zeros_f32()
             for d in range(0, hd, LANES):
                 acc = fma(load_f32(q, qo + d), load_f32(keys, base + t * hd + d), acc)
-            scores[t] = hsum(acc) * scale
-            top = max(top, scores[t])
+            scores_h[t] = hsum(acc) * scale
+            top = max(top, scores_h[t])
         total = np.float32(0)
         for t in range(0, length - length % LANES, LANES):
-            e = exp_f32(sub(load_f32(scores, t), splat(top)))
-            store_f32(scores, t, e)
+            e = exp_f32(sub(load_f32(scores_h, t), splat(top)))
+            store_f32(scores_h, t, e)
             total += hsum(e)
         for t in range(length - length % LANES, length):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
+            scores_h[t] = np.exp(scores_h[t] - top)
+            total += scores_h[t]
         inv = splat(np.float32(1) / total)
         for d in range(0, hd, LANES):
             acc = zeros_f32()
             for t in range(length):
-                acc = fma(splat(scores[t]), load_f32(values, base + t * hd + d), acc)
+                acc = fma(splat(scores_h[t]), load_f32(values, base + t * hd + d), acc)
             store_f32(out, qo + d, mul(acc, inv))
 
 
