@@ -11,6 +11,7 @@ from conftest import hf_logits, make_hf_model, permute_rope_rows, varied_lines, 
 from edgeinfer.engine import Engine
 from edgeinfer.model import Model
 from edgeinfer.storage import open_model
+from edgeinfer.storage.source import unit_of
 from edgeinfer.tokenizer import Tokenizer
 
 TOL = 1e-4  # tiny models, float32 on both sides
@@ -172,10 +173,15 @@ def test_convert_to_single_file_keeps_everything(request, tmp_path, tokenizer_js
         np.testing.assert_array_equal(single.float32(name), src.float32(name))
     ids = prompt_ids(tokenizer_json)
     np.testing.assert_array_equal(our_logits(out, ids), our_logits(src_path, ids))
-    # Tensors are stored layer by layer: embeddings, layer 0, layer 1, ..., final norm.
+    # Tensors are stored layer by layer: embeddings, layer 0, layer 1, ..., final norm; each of
+    # these units starts on a 4 KiB page of the file (fillers named __pad.N in between).
     header_len = int.from_bytes(out.read_bytes()[:8], "little")
-    order = [k for k in json.loads(out.read_bytes()[8:8 + header_len]) if k != "__metadata__"]
+    header = json.loads(out.read_bytes()[8:8 + header_len])
+    order = [k for k in header if k != "__metadata__" and not k.startswith("__pad.")]
     assert order == src.model_tensor_names()
+    starts = [n for i, n in enumerate(order) if i == 0 or unit_of(n) != unit_of(order[i - 1])]
+    assert len(starts) == src.config.num_layers + 2
+    assert all((8 + header_len + header[n]["data_offsets"][0]) % 4096 == 0 for n in starts)
 
 
 def test_single_file_runs_alone(tiny_single):

@@ -130,21 +130,33 @@ def _validate_entry(path: str, name: str, spec: object, data_size: int) -> tuple
     return entry, begin
 
 
+PAGE = 4096
+PAD_PREFIX = "__pad."  # filler tensors that start a group of tensors on a page boundary
+
+
 def write_safetensors(path: str | os.PathLike, entries: list[TensorEntry], arrays: Iterable[np.ndarray],
-                      metadata: dict[str, str], progress=None) -> None:
+                      metadata: dict[str, str], progress=None, group_starts: set[str] = frozenset()) -> None:
     """Write tensors one at a time as `arrays` yields them, in the order of `entries`.
 
     The header is computed from `entries` first, so no tensor is held longer than its own write.
+    Data starts on a page boundary, and so does each tensor named in `group_starts` (a filler U8
+    tensor `__pad.N` goes before it): a group, such as a layer, is then one aligned sequential read.
     The file appears under `path` only when complete (temp file in the same folder, then rename).
     """
     path = os.fspath(path)
     header: dict[str, object] = {"__metadata__": metadata}
+    fillers: dict[str, int] = {}  # tensor name -> bytes of filler written before it
     offset = 0
     for e in entries:
+        if e.name in group_starts and offset % PAGE:
+            fillers[e.name] = -offset % PAGE
+            header[f"{PAD_PREFIX}{len(fillers)}"] = {"dtype": "U8", "shape": [fillers[e.name]],
+                                                     "data_offsets": [offset, offset + fillers[e.name]]}
+            offset += fillers[e.name]
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    raw += b" " * (-(len(raw) + 8) % (PAGE if group_starts else 8))  # data starts aligned
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -152,6 +164,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[TensorEntry], array
             f.write(raw)
             written = 0
             for entry, array in _zip_exact(entries, arrays):
+                f.write(bytes(fillers.get(entry.name, 0)))
                 array = np.ascontiguousarray(array)
                 if array.shape != entry.shape or array.dtype != DTYPES[entry.dtype]:
                     raise ValueError(f"tensor {entry.name}: got {array.dtype}{array.shape}, "

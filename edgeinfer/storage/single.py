@@ -20,7 +20,7 @@ from ..tokenizer import TokenizerSpec
 from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
                        quantize_q8_0, read_index)
 from .safetensors import SafetensorsFile, TensorEntry, write_safetensors
-from .source import ROPE_FREQS, SafetensorsSource, WeightSource
+from .source import ROPE_FREQS, SafetensorsSource, WeightSource, unit_of
 
 FORMAT = "edgeinfer"
 FORMAT_VERSION = "2"  # 2: quantised matrices
@@ -117,8 +117,11 @@ def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], 
         raise EdgeInferError(f"--bits must be 4, 8 or 16, got {bits}")
     names = source.model_tensor_names()
     kinds = {n: target_type(source, n, bits) for n in names}
-    entries, index = [], {}
+    entries, index, group_starts, unit = [], {}, set(), None
     for n in names:
+        if unit_of(n) != unit:  # each unit starts on a page: one aligned read when streaming
+            unit = unit_of(n)
+            group_starts.add(n if kinds[n] is None else f"{n}.packed")
         if kinds[n] is None:
             entries.append(TensorEntry(n, float_type(source, n, bits), tuple(source.stored_shape(n))))
         else:
@@ -138,4 +141,4 @@ def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], 
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgeinfer_version": __version__,
                 "config": source.config.to_json(), "source_format": source.format,
                 "quantized": json.dumps(index), **source.tokenizer.to_metadata()}
-    write_safetensors(out_path, entries, arrays(), metadata, progress)
+    write_safetensors(out_path, entries, arrays(), metadata, progress, group_starts)

@@ -12,13 +12,24 @@ from ..errors import ModelFormatError
 from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
-from .safetensors import SafetensorsFile
+from .safetensors import PAD_PREFIX, SafetensorsFile
 
 ROPE_FREQS = "rope_freqs.weight"  # optional per-pair RoPE divisors (GGUF's Llama-3 scaling)
 
 
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
+
+
+EMBEDDING, HEAD = "embedding", "head"  # the units besides the layers
+
+
+def unit_of(name: str) -> int | str:
+    """Which unit a model tensor belongs to: the embedding, layer i, or the head (final norm, output
+    matrix and RoPE factors). A unit is stored contiguously and read as one."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return EMBEDDING if name == "model.embed_tokens.weight" else HEAD
 
 
 def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -114,7 +125,7 @@ class SafetensorsSource(WeightSource):
         self._where = {name: f for f in files for name in f.entries}
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return [n for n in self._where if not n.startswith(PAD_PREFIX)]
 
     def stored_type(self, name: str) -> str:
         return self._where[name].entries[name].dtype
