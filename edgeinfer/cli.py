@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--exact", action="store_true", help="the exact float32 reference path (default: 4-bit weights run in 4 bits)")
     run.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     run.add_argument("-c", "--ctx", type=int, help="context size in tokens (default: the model's, at most 4096)")
+    run.add_argument("--mem-limit", metavar="SIZE", help="keep memory within SIZE (e.g. 2G, 512M): layers beyond it "
+                                                        "stream from the file through a sliding window")
     run.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true", help="print the prompt's token count and the seed")
     _sampling_args(run)
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
     chat.add_argument("-c", "--ctx", type=int, help="context size in tokens")
     chat.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    chat.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
     chat.set_defaults(func=_cmd_chat)
 
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("-d", "--depth", type=int, default=0, help="tokens in the KV cache before each test")
     bench.add_argument("-o", "--output", choices=("md", "json"), default="md")
     bench.add_argument("--exact", action="store_true", help="bench the exact float32 path")
+    bench.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     bench.set_defaults(func=_cmd_bench)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
@@ -85,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--kl-base", help="log-probabilities of a base run: written if the file does not exist "
                                       "(run it with --exact), else compared: mean KL divergence and top-1 agreement")
     ppl.add_argument("--exact", action="store_true", help="the exact float32 path")
+    ppl.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     ppl.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     ppl.set_defaults(func=_cmd_perplexity)
 
@@ -100,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
                            "embedding and head in 8; 8: all matrices in 8 bits; 16: float16. "
                            "Default: as the source stores them")
     conv.set_defaults(func=_cmd_convert)
+
+    syn = sub.add_parser("synth", help="write a random-weight model of a real shape (speed and memory tests only)")
+    syn.add_argument("--shape", required=True, help="llama2-7b, llama2-13b, llama2-70b or llama3-8b")
+    syn.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    syn.add_argument("-o", "--output", required=True)
+    syn.set_defaults(func=_cmd_synth)
 
     pull = sub.add_parser("pull", help="fetch and convert a catalog model into the cache")
     pull.add_argument("name", nargs="?")
@@ -128,12 +139,19 @@ def resolve_model(arg: str | None) -> str:
     return resolve(arg, StageProgress())
 
 
-def load_engine(path: str, ctx: int | None = None, exact: bool = False):
-    """The engine with its kernels ready: compiled now on the very first run, and said so."""
+def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limit: str | None = None,
+                verbose: bool = False):
+    """The engine with its kernels ready: compiled now on the very first run, and said so. The memory
+    preflight is printed when a limit is given, when the model must stream, or with -v."""
     from .engine import Engine
     from .jit_cache import first_run
+    from .storage.scheduler import parse_size
 
-    engine = Engine.load(path, ctx, exact=exact)
+    limit = parse_size(mem_limit) if mem_limit is not None else None
+    engine = Engine.load(path, ctx, exact=exact, mem_limit=limit,
+                         report=lambda line: print(line, file=sys.stderr, flush=True))
+    if verbose and limit is None and engine.memory_plan.window is None:
+        print(engine.memory_plan.describe(), file=sys.stderr)
     if first_run():
         print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
     engine.model.warm_up()
@@ -145,7 +163,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
-    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact)
+    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit,
+                         verbose=args.verbose)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     if args.prompt is not None:
@@ -167,6 +186,9 @@ def _generate(engine, ids: list[int], params, args: argparse.Namespace) -> str:
     except KeyboardInterrupt:  # stop this reply, keep what was generated
         gen.stats.finish_reason = "cancelled"
     _print_stats(gen.stats, args.verbose)
+    stream = getattr(engine.model.weights, "stream", None)
+    if args.verbose and stream is not None:
+        print(stream.stats.describe(), file=sys.stderr)
     return gen.text
 
 
@@ -229,7 +251,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.repetitions < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         raise EdgeInferError("-r must be at least 1 and -p, -n, -d not negative")
     path = resolve_model(args.model)
-    engine = load_engine(path, exact=args.exact)
+    engine = load_engine(path, exact=args.exact, mem_limit=args.mem_limit)
     rows = run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
                      args.n_prompt, args.n_gen, args.repetitions, threads, args.depth)
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
@@ -247,7 +269,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
             text = f.read()
     except UnicodeDecodeError as exc:
         raise EdgeInferError(f"{args.file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact)
+    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit)
     ids = engine.tokenizer.encode(text, add_bos=False)
     result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
     if args.output == "json":
@@ -263,7 +285,12 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .tui.app import ChatApp
 
-    ChatApp(args.model, args.ctx, args.history).run()
+    limit = None
+    if args.mem_limit is not None:
+        from .storage.scheduler import parse_size
+
+        limit = parse_size(args.mem_limit)
+    ChatApp(args.model, args.ctx, args.history, mem_limit=limit).run()
     return 0
 
 
@@ -318,6 +345,15 @@ def resolve_source(arg: str) -> str:
     from .storage.fetch import fetch_gguf, is_path
 
     return arg if is_path(arg) else str(fetch_gguf(arg, StageProgress()))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .progress import Progress
+    from .storage.synth import synth
+
+    synth(args.shape, args.bits, args.output, Progress(f"writing {args.shape}", " tensors"))
+    print(args.output)
+    return 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from .errors import ContextOverflowError, EdgeInferError, TokenizerError
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .storage import open_model
+from .storage.scheduler import plan_memory
 from .tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -77,10 +78,22 @@ class Engine:
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
 
     @classmethod
-    def load(cls, path: str, context: int | None = None, exact: bool = False) -> "Engine":
-        """exact: the float32 reference path; otherwise 4-bit weights run with the 4-bit kernels."""
+    def load(cls, path: str, context: int | None = None, exact: bool = False, mem_limit: int | None = None,
+             report: Callable[[str], None] | None = None) -> "Engine":
+        """exact: the float32 reference path; otherwise 4-bit weights run with the 4-bit kernels.
+        The memory preflight (storage/scheduler.py) decides, before any weight is read, whether the
+        model is resident or streamed through a window of layers, within `mem_limit` when given, else
+        within the memory available; `report` gets its one-line account when it streams or a limit
+        was given."""
         source = open_model(path)
-        return cls(Model(source, quantized=not exact), Tokenizer(source.tokenizer), context)
+        context = context or min(source.config.max_context, DEFAULT_CONTEXT)
+        plan = plan_memory(source, context, mem_limit)
+        if report and (mem_limit is not None or plan.window is not None):
+            report(plan.describe())
+        model = Model(source, quantized=not exact, window=plan.window)
+        engine = cls(model, Tokenizer(source.tokenizer), context)
+        engine.memory_plan = plan
+        return engine
 
     def prompt_ids(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a one-shot prompt: the chat template applied unless `raw` or the model has none."""

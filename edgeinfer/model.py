@@ -13,15 +13,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
-from .errors import ContextOverflowError, UnsupportedModelError
+from .errors import ContextOverflowError, EdgeInferError, UnsupportedModelError
 from .kernels.block import decode_layer, decode_scratch
 from .kernels.ops import LANES, attend_causal, rmsnorm_into, rope_rows
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
 from .layers import DenseLinear, QuantLinear, load_linear
-from .storage.source import ROPE_FREQS, WeightSource, layer_prefix
+from .storage.scheduler import LayerStream, StreamedRows
+from .storage.single import SingleFileSource
+from .storage.source import HEAD, ROPE_FREQS, WeightSource, layer_prefix
 
 Linear = DenseLinear | QuantLinear
+
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -73,25 +79,73 @@ class KVCache:
         self.length = min(self.length, length)
 
 
+class ResidentWeights:
+    """Every layer in memory, loaded once."""
+
+    def __init__(self, source: WeightSource, quantized: bool):
+        c = source.config
+        self.embedding = load_linear(source, "model.embed_tokens.weight", quantized)
+        self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
+        self._head = self.embedding if c.tie_embeddings else load_linear(source, "lm_head.weight", quantized)
+        self._blocks = [layer.block_args() for layer in self.layers]
+        self.fused = all(b is not None for b in self._blocks)
+        bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
+        self.precision = "q4" if 4 in bits else "q8" if 8 in bits else "f32"
+
+    def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
+        return self.layers[i], self._blocks[i]
+
+    def head(self) -> Linear:
+        return self._head
+
+    def done(self, key: int | str) -> None:
+        pass
+
+
+class StreamedWeights:
+    """Layers and head read into a sliding window of slots as the forward pass reaches them
+    (storage/scheduler.py); embedding rows read on demand."""
+
+    def __init__(self, source: SingleFileSource, quantized: bool, window: int):
+        c = source.config
+        self.quantized, self.stream = quantized, LayerStream(source, window)
+        self.embedding = StreamedRows(source, "model.embed_tokens.weight")
+        self._head_name = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
+        types = {source.stored_type(f"{layer_prefix(i)}{p}.weight") for i in range(c.num_layers) for p in PROJECTIONS}
+        self.fused = quantized and types <= {"Q4_0", "Q4_1", "Q8_0"}
+        self.precision = "f32" if not quantized else "q4" if types & {"Q4_0", "Q4_1"} else "q8" if "Q8_0" in types \
+            else "f32"
+
+    def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
+        layer = LayerWeights.load(self.stream.acquire(i), i, self.quantized)
+        return layer, layer.block_args()
+
+    def head(self) -> Linear:
+        return load_linear(self.stream.acquire(HEAD), self._head_name, self.quantized)
+
+    def done(self, key: int | str) -> None:
+        self.stream.release(key)
+
+
 class Model:
-    def __init__(self, source: WeightSource, quantized: bool = False):
+    def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None):
         """quantized: run the weights the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels
-        (on CPUs that have their instructions); otherwise (the exact path) everything is float32."""
+        (on CPUs that have their instructions); otherwise (the exact path) everything is float32.
+        window: stream layers through that many slots instead of holding them all (single file only)."""
         quantized = quantized and has_avx512_vnni()
         self.config = c = source.config
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
             raise UnsupportedModelError(f"head dimension {c.head_dim} is not a multiple of {LANES}")
         source.model_tensor_names()  # every tensor present, with its shape
-        self.embedding = load_linear(source, "model.embed_tokens.weight", quantized)
-        self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
-        bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
-        self.precision = "q4" if 4 in bits else "q8" if 8 in bits else "f32"  # shown to the user
-        self.norm = source.float32("model.norm.weight")
-        self.head = self.embedding if c.tie_embeddings else load_linear(source, "lm_head.weight", quantized)
+        if window is not None and not isinstance(source, SingleFileSource):
+            raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
+        self.weights = ResidentWeights(source, quantized) if window is None else \
+            StreamedWeights(source, quantized, window)
+        self.embedding, self.precision = self.weights.embedding, self.weights.precision  # shown to the user
+        self.fused = self.weights.fused  # every projection quantised: the Numba decode step and attention
+        self.norm = np.array(source.float32("model.norm.weight"))
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
-        blocks = [layer.block_args() for layer in self.layers]
-        self.blocks = blocks if all(b is not None for b in blocks) else None  # the fused decode step
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
@@ -104,32 +158,40 @@ class Model:
         self.forward(np.zeros(1, np.int64), cache)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` at the cache's next positions; logits of the last token, or of all of them."""
+        """Run `tokens` at the cache's next positions; logits of the last token, or of all of them.
+        The whole batch goes through a layer before the next, so streamed weights are read once."""
         start, count = cache.length, len(tokens)
         if start + count > cache.capacity:
             raise ContextOverflowError(f"{start + count} tokens exceed the context of {cache.capacity}")
         eps = self.config.rms_norm_eps
-        if count == 1 and self.blocks is not None:
+        if count == 1 and self.fused:
             return self.decode(int(tokens[0]), cache)
         cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
         h = self.embedding.rows(np.asarray(tokens))
-        for i, layer in enumerate(self.layers):
+        for i in range(self.config.num_layers):
+            layer, _ = self.weights.layer(i)
             h = h + self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
             h = h + self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))
+            self.weights.done(i)
         cache.length = start + count
         h = h if all_logits else h[-1:]
-        logits = self.head(rmsnorm(h, self.norm, eps))
+        logits = self.weights.head()(rmsnorm(h, self.norm, eps))
+        self.weights.done(HEAD)
         return logits if all_logits else logits[0]
 
     def decode(self, token: int, cache: KVCache) -> np.ndarray:
         """One token through the fused layers: one Numba call per layer."""
         position, eps = cache.length, self.config.rms_norm_eps
         h = self.embedding.rows(np.array([token]))[0].astype(np.float32)
-        for i, block in enumerate(self.blocks):
+        for i in range(self.config.num_layers):
+            _, block = self.weights.layer(i)
             decode_layer(h, block, cache.k[i], cache.v[i], position, self.inv_freq, eps, cache.scratch)
+            self.weights.done(i)
         cache.length = position + 1
         rmsnorm_into(h, self.norm, eps, cache.scratch.x)
-        return self.head(cache.scratch.x[None])[0]
+        logits = self.weights.head()(cache.scratch.x[None])[0]
+        self.weights.done(HEAD)
+        return logits
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -142,7 +204,7 @@ class Model:
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
         kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
         cache.v[layer, :, start:start + count] = kv_heads(w.v(x))
-        if self.blocks is not None:
+        if self.fused:
             rope_rows(q, cos, sin)
             rope_rows(k, cos, sin)
             cache.k[layer, :, start:start + count] = kv_heads(k)

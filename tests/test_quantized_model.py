@@ -25,8 +25,8 @@ def test_four_bit_projections_track_the_exact_path(q4_gguf):
     source = open_model(str(q4_gguf))
     exact, quant = Model(source), Model(source, quantized=True)
     assert exact.precision == "f32" and quant.precision == "q4"
-    assert all(getattr(layer, n).bits == 4 for layer in quant.layers for n in ("q", "k", "v", "o", "gate", "up", "down"))
-    assert isinstance(quant.head, QuantLinear) and quant.head.bits == 8  # output.weight stored Q8_0
+    assert all(getattr(layer, n).bits == 4 for layer in quant.weights.layers for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert isinstance(quant.weights.head(), QuantLinear) and quant.weights.head().bits == 8  # output.weight stored Q8_0
     ids = np.arange(5, 69)
     lf = exact.forward(ids, exact.new_cache(64), all_logits=True)
     lq = quant.forward(ids, quant.new_cache(64), all_logits=True)
@@ -64,17 +64,16 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_js
     hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch)
     model = Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
                   quantized=True)
-    assert model.blocks is not None
+    assert model.fused
     ids = np.arange(5, 29)
     fused, by_op = model.new_cache(32), model.new_cache(32)
     model.forward(ids[:4], fused)
     model.forward(ids[:4], by_op)
-    blocks = model.blocks
     for token in ids[4:]:
         a = model.forward(np.array([token]), fused)
-        model.blocks = None
+        model.fused = False
         b = model.forward(np.array([token]), by_op)
-        model.blocks = blocks
+        model.fused = True
         # int8 activations: the two paths' float rounding can flip a value by one step
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
     np.testing.assert_allclose(fused.k, by_op.k, rtol=0, atol=2e-3 * np.abs(by_op.k).max())

@@ -47,10 +47,10 @@ def matrix_parts(m: Matrix) -> list[np.ndarray]:
     return parts
 
 
-def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray]) -> Matrix:
-    """The matrix from its stored arrays, copied into memory (the kernels write nothing, but a
-    mapping would fault its pages in during the first tokens)."""
-    arrays = [np.array(p) for p in parts]
+def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], copy: bool = True) -> Matrix:
+    """The matrix from its stored arrays: copied into memory (from a mapping, whose pages would
+    otherwise fault in during the first tokens), or used as they are (a streaming slot)."""
+    arrays = [np.array(p) if copy else p for p in parts]
     if kind == "Q8_0":
         return Q8Matrix(arrays[0], arrays[1].view(np.uint16), rows, cols)
     scales = arrays[1].view(np.uint16)

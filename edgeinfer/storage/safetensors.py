@@ -99,6 +99,23 @@ class SafetensorsFile:
     def float32(self, name: str) -> np.ndarray:
         return to_float32(self.array(name), self.entries[name].dtype)
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor copied into memory with plain reads, not through the mapping: a mapped page read
+        stays in the process's resident set, so a copy through it would count the weights twice."""
+        entry = self.entries[name]
+        out = np.empty(entry.shape, DTYPES[entry.dtype])
+        view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while got < entry.nbytes:
+            n = os.preadv(self._file.fileno(), [view[got:]], self._offsets[name] + got)
+            if n == 0:
+                raise ModelFormatError(f"{self.path}: the file ends inside tensor {name!r} (truncated)")
+            got += n
+        return out
+
+    def offset(self, name: str) -> int:
+        """Where the tensor's data begins in the file."""
+        return self._offsets[name]
+
     def close(self) -> None:
         # Views handed out keep the mapping alive; closing the file object is always safe.
         self._file.close()

@@ -19,7 +19,7 @@ from ..kernels.activations import GROUP
 from ..tokenizer import TokenizerSpec
 from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
                        quantize_q8_0, read_index)
-from .safetensors import SafetensorsFile, TensorEntry, write_safetensors
+from .safetensors import PAD_PREFIX, SafetensorsFile, TensorEntry, write_safetensors
 from .source import ROPE_FREQS, SafetensorsSource, WeightSource, unit_of
 
 FORMAT = "edgeinfer"
@@ -49,6 +49,7 @@ class SingleFileSource(SafetensorsSource):
             if any(f.entries.get(e.name) != e for e in expected):
                 raise ModelFormatError(f"{f.path}: the stored parts of {name} ({kind}) are missing or malformed")
             self._parts[name] = expected
+        self._owners = {e.name: name for name, parts in self._parts.items() for e in parts}
 
     def names(self) -> list[str]:
         parts = {e.name for entries in self._parts.values() for e in entries}
@@ -77,7 +78,20 @@ class SingleFileSource(SafetensorsSource):
         if name not in self._quantized:
             return None
         kind, rows, cols = self._quantized[name]
-        return matrix_from_parts(kind, rows, cols, [self._file.array(e.name) for e in self._parts[name]])
+        return matrix_from_parts(kind, rows, cols, [self._file.read(e.name) for e in self._parts[name]], copy=False)
+
+    @property
+    def file(self) -> SafetensorsFile:
+        return self._file
+
+    def quantized_parts(self, name: str) -> tuple[tuple[str, int, int], list[TensorEntry]] | None:
+        """A quantised matrix's (type, rows, cols) and its stored entries; None for other tensors."""
+        return (self._quantized[name], self._parts[name]) if name in self._quantized else None
+
+    def owner_of(self, stored: str) -> str | None:
+        """The model tensor a stored entry belongs to (a matrix's parts belong to the matrix); None
+        for fillers."""
+        return None if stored.startswith(PAD_PREFIX) else self._owners.get(stored, stored)
 
 
 def target_type(source: WeightSource, name: str, bits: int | None) -> str | None:

@@ -1,0 +1,118 @@
+"""Streaming layers through a sliding window: same tokens as resident, memory preflight, failures."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import edgeinfer_cli
+from edgeinfer.engine import Engine
+from edgeinfer.errors import EdgeInferError, ModelFormatError
+from edgeinfer.model import Model
+from edgeinfer.sampling import SamplingParams
+from edgeinfer.storage import open_model
+from edgeinfer.storage.scheduler import file_units, parse_size, plan_memory
+from edgeinfer.storage.single import convert
+from edgeinfer.storage.synth import SynthSource, synth_config
+from edgeinfer.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory, tiny_hf):
+    out = tmp_path_factory.mktemp("stream") / "tiny-q4.safetensors"
+    convert(open_model(str(tiny_hf)), str(out), bits=4)
+    return out
+
+
+def greedy(model: Model, ids: list[int], n: int) -> list[int]:
+    cache = model.new_cache(len(ids) + n)
+    token, out = int(model.forward(np.asarray(ids), cache).argmax()), []
+    for _ in range(n):
+        out.append(token)
+        token = int(model.forward(np.array([token]), cache).argmax())
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window):
+    source = open_model(str(smollm2_single))
+    resident, streamed = Model(source, quantized=True), Model(open_model(str(smollm2_single)), True, window)
+    ids = Engine(resident, Tokenizer(source.tokenizer)).chat_ids([{"role": "user", "content": "Give me a recipe for pancakes."}])
+    assert greedy(streamed, ids, 24) == greedy(resident, ids, 24)
+    stats = streamed.weights.stream.stats
+    # Each forward pass read every layer and the head once, through `window` slots only; the slots
+    # already hold the next pass's first units.
+    units = streamed.weights.stream.units
+    assert stats.passes == 25 and stats.units == 25 * len(units) + window
+    assert stats.bytes_read == 25 * sum(u.size for u in units) + sum(u.size for u in units[:window])
+    assert streamed.weights.stream.window == window
+
+
+def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
+    source = open_model(str(tiny_q4))
+    free = plan_memory(source, 64, None)
+    assert free.window is None  # no limit: it fits in this machine's memory
+    limit = free.runtime + free.kv_cache + free.scratch + 2 * free.slot + free.slot // 2
+    engine = Engine.load(str(tiny_q4), 64, mem_limit=limit)
+    assert engine.memory_plan.window == 2 and engine.memory_plan.need <= limit
+    resident = Engine.load(str(tiny_q4), 64)
+    ids = resident.prompt_ids("hello")
+    runs = [e.generate(ids, SamplingParams(temperature=0), max_tokens=12) for e in (engine, resident)]
+    for g in runs:
+        g.run()
+    assert runs[0].token_ids == runs[1].token_ids
+    with pytest.raises(EdgeInferError, match="too small"):
+        plan_memory(source, 64, free.runtime)
+
+
+def test_units_are_whole_pages_of_the_file(tiny_q4):
+    units = file_units(open_model(str(tiny_q4)))
+    assert [u.key for u in units[:-1]] == list(range(len(units) - 1)) and units[-1].key == "head"
+    assert all(u.start % 4096 == 0 and u.size % 4096 == 0 and u.data_end <= u.size for u in units)
+
+
+def test_mem_limit_errors_are_one_line(tiny_q4):
+    for limit, words in (("1M", "too small"), ("lots", "2G or 512M"), ("-1G", "positive")):
+        r = edgeinfer_cli("run", str(tiny_q4), "-p", "x", "-n", "1", f"--mem-limit={limit}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert parse_size("2G") == 2 << 30 and parse_size("512m") == 512 << 20 and parse_size("1.5GiB") == 3 << 29
+
+
+def test_a_file_truncated_under_a_running_model(tiny_q4, tmp_path):
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(tiny_q4, copy)
+    model = Model(open_model(str(copy)), quantized=True, window=1)
+    cache = model.new_cache(16)
+    model.forward(np.arange(3, 8), cache)
+    os.truncate(copy, os.path.getsize(copy) // 2)
+    with pytest.raises(ModelFormatError, match="truncated"):
+        for _ in range(3):  # the slots already read may serve a unit or two
+            model.forward(np.array([5]), cache)
+
+
+def test_a_full_disk_while_writing_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "big.safetensors"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))  # noqa: E731 (20 MB files)
+    r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "synth", "--shape", "llama2-7b", "-o", str(out)],
+                       capture_output=True, text=True, preexec_fn=limit)
+    assert r.returncode == 2 and r.stderr.strip().startswith("edgeinfer: error: File too large"), r.stderr
+    assert r.stderr.strip().count("\n") == 0 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("shape,params", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
+                                          ("llama2-70b", 68_976_648_192), ("llama3-8b", 8_030_261_248)])
+def test_synthetic_shapes_are_the_real_ones(shape, params):
+    source = SynthSource(shape, 4)
+    assert sum(int(np.prod(source.stored_shape(n))) for n in source.model_tensor_names()) == params
+    assert source.config == synth_config(shape)
+    q = source.quantized("model.layers.0.self_attn.q_proj.weight")
+    assert q.bits == 4 and q.shape == (source.config.q_size, source.config.hidden_size)
+    x = np.random.default_rng(0).standard_normal(source.config.hidden_size).astype(np.float32)
+    y = q.dequantize(np.arange(8)) @ x
+    assert np.all(np.isfinite(y)) and np.abs(y).max() < 50  # small steps: activations stay finite
