@@ -196,8 +196,9 @@ def _print_stats(s, verbose: bool) -> None:
     import resource
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    line = (f"\nprefill: {s.prefill_tokens} tok, {s.prefill_tok_s:.1f} tok/s | "
-            f"decode: {s.generated_tokens} tok, {s.decode_tok_s:.1f} tok/s | peak RSS: {peak_mb:.0f} MB")
+    rate = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.3g}"  # noqa: E731 (a 70B model streams at 0.07)
+    line = (f"\nprefill: {s.prefill_tokens} tok, {rate(s.prefill_tok_s)} tok/s | "
+            f"decode: {s.generated_tokens} tok, {rate(s.decode_tok_s)} tok/s | peak RSS: {peak_mb:.0f} MB")
     if verbose:
         line += f" | finish: {s.finish_reason} | seed: {s.seed}"
     print(line, file=sys.stderr, flush=True)
@@ -251,10 +252,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.repetitions < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         raise EdgeInferError("-r must be at least 1 and -p, -n, -d not negative")
     path = resolve_model(args.model)
-    engine = load_engine(path, exact=args.exact, mem_limit=args.mem_limit)
+    # The caches bench makes hold depth + test tokens: plan memory for that, not the model's context.
+    engine = load_engine(path, args.depth + max(args.n_prompt, args.n_gen) + 1, exact=args.exact,
+                         mem_limit=args.mem_limit)
     rows = run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
                      args.n_prompt, args.n_gen, args.repetitions, threads, args.depth)
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
+    stream = getattr(engine.model.weights, "stream", None)
+    if stream is not None:
+        print(stream.stats.describe(), file=sys.stderr)
     return 0
 
 
