@@ -77,12 +77,23 @@ def attend_one(q, keys, values, length, scores, out):
         for t in range(length - length % LANES, length):
             scores_h[t] = np.exp(scores_h[t] - top)
             total += scores_h[t]
-        inv = splat(np.float32(1) / total)
+        weighted_values(scores_h, values, base, length, hd, np.float32(1) / total, out, qo)
+
+
+@njit(cache=True)
+def weighted_values(p, values, base, length, hd, norm, out, qo):
+    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd]: key by key, each
+    value row read once in order (a pass per 16 dimensions would stride through the rows hd/16 times)."""
+    for d in range(0, hd, LANES):
+        store_f32(out, qo + d, zeros_f32())
+    for t in range(length):
+        weight = splat(p[t])
+        row = base + t * hd
         for d in range(0, hd, LANES):
-            acc = zeros_f32()
-            for t in range(length):
-                acc = fma(splat(scores_h[t]), load_f32(values, base + t * hd + d), acc)
-            store_f32(out, qo + d, mul(acc, inv))
+            store_f32(out, qo + d, fma(weight, load_f32(values, row + d), load_f32(out, qo + d)))
+    scale = splat(norm)
+    for d in range(0, hd, LANES):
+        store_f32(out, qo + d, mul(load_f32(out, qo + d), scale))
 
 
 @njit(cache=True)

@@ -21,7 +21,7 @@ class Vec(types.Type):
         super().__init__(name=f"vec{n}x{kind}")
 
 
-_ELEM = {"i8": ir.IntType(8), "i32": ir.IntType(32), "f32": ir.FloatType()}
+_ELEM = {"i8": ir.IntType(8), "i16": ir.IntType(16), "i32": ir.IntType(32), "f32": ir.FloatType()}
 
 
 @register_model(Vec)
@@ -30,7 +30,7 @@ class VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(_ELEM[fe_type.kind], fe_type.n))
 
 
-V64I8, V16I32, V16F32 = Vec("i8", 64), Vec("i32", 16), Vec("f32", 16)
+V64I8, V32I16, V16I32, V16F32 = Vec("i8", 64), Vec("i16", 32), Vec("i32", 16), Vec("f32", 16)
 
 
 def _ptr(context, builder, arr_ty, arr, offset, vec_ty):
@@ -243,3 +243,54 @@ def exp_f32(typingctx, v):
         bits = builder.shl(builder.add(builder.fptosi(n, i16), const(127, i16)), const(23, i16))
         return builder.fmul(p, builder.bitcast(bits, v16))
     return V16F32(V16F32), codegen
+
+
+@intrinsic
+def shuffle_bytes(typingctx, table, index):
+    """table[index] per byte within each 16-byte lane (vpshufb): 64 lookups into a 16-entry table
+    repeated in the 4 lanes; index bytes must be 0..15."""
+    def codegen(context, builder, signature, args):
+        v64 = ir.VectorType(ir.IntType(8), 64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64, v64]),
+                                            "llvm.x86.avx512.pshuf.b.512")
+        return builder.call(fn, list(args))
+    return V64I8(V64I8, V64I8), codegen
+
+
+def _widen(half: int):
+    """Bytes 32*half .. 32*half+31 as unsigned 16-bit lanes."""
+    @intrinsic
+    def widen(typingctx, v):
+        def codegen(context, builder, signature, args):
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 32), [32 * half + i for i in range(32)])
+            part = builder.shuffle_vector(args[0], ir.Constant(args[0].type, ir.Undefined), mask)
+            return builder.zext(part, ir.VectorType(ir.IntType(16), 32))
+        return V32I16(V64I8), codegen
+    return widen
+
+
+widen_lo, widen_hi = _widen(0), _widen(1)
+
+
+@intrinsic
+def add_i16(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+    return V32I16(V32I16, V32I16), codegen
+
+
+@intrinsic
+def zeros_i16(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.VectorType(ir.IntType(16), 32), None)
+    return V32I16(), codegen
+
+
+@intrinsic
+def store_i16(typingctx, arr, offset, v):
+    """arr[offset:offset + 32] = v (a uint16 array)."""
+    def codegen(context, builder, signature, args):
+        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(ir.IntType(16), 32))
+        builder.store(args[2], ptr, align=2)
+        return context.get_dummy_value()
+    return types.none(arr, offset, V32I16), codegen

@@ -1,0 +1,142 @@
+"""LUT attention (NoMAD-Attention): attention scores by table lookups on product-quantised keys.
+
+A key head of `hd` dimensions is cut into S = hd / d_sub sub-vectors; each sub-space has 16
+centroids (a codebook per layer and KV head), so a key is S 4-bit codes. For a query, the table
+LUT[s][c] = q_s . centroid[s][c] makes the key's score the sum over s of LUT[s][code_s]: no
+multiplications per key. The tables are quantised to 8 bits (a minimum per sub-space, one step for
+all), so that vpshufb looks up 64 keys of a sub-space at once from a 16-byte table held in a
+register, and the sums accumulate in 16-bit lanes.
+
+Codes are stored for the kernel: keys in blocks of 64, and within a block, for each pair of
+sub-spaces (2j, 2j+1), the 64 keys' bytes `code[2j] | code[2j+1] << 4` side by side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .ops import weighted_values
+from .simd import (add_i16, exp_f32, hi_nibbles, hsum, load_f32, load_i8, lo_nibbles, shuffle_bytes, splat, store_f32,
+                   store_i16, sub, widen_hi, widen_lo, zeros_i16)
+
+KEYS_PER_BLOCK = 64
+CENTROIDS = 16
+LANES = 16
+
+
+def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 12, seed: int = 0) -> np.ndarray:
+    """k-means (Lloyd, seeded, deterministic) of each sub-space of keys (n, hd): (S, 16, d_sub)."""
+    n, hd = keys.shape
+    subs = keys.reshape(n, hd // d_sub, d_sub).transpose(1, 0, 2).astype(np.float32)  # (S, n, d_sub)
+    rng = np.random.default_rng(seed)
+    centroids = subs[:, rng.choice(n, CENTROIDS, replace=n < CENTROIDS)].copy()
+    for _ in range(iterations):
+        nearest = _assign(subs, centroids)
+        for c in range(CENTROIDS):
+            members = nearest == c  # (S, n)
+            counts = members.sum(axis=1)
+            sums = np.einsum("sn,snd->sd", members.astype(np.float32), subs)
+            centroids[:, c] = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids[:, c])
+    return centroids
+
+
+def _assign(subs: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    distances = ((subs[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=3)  # (S, n, 16)
+    return distances.argmin(axis=2)
+
+
+def encode_keys(keys: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Keys (n, hd) -> codes (n, S) uint8: the nearest centroid of each sub-space."""
+    n, hd = keys.shape
+    subs = keys.reshape(n, codebooks.shape[0], codebooks.shape[2]).transpose(1, 0, 2)
+    return _assign(subs, codebooks).T.astype(np.uint8)
+
+
+def pack_codes(codes: np.ndarray, capacity: int | None = None) -> np.ndarray:
+    """Codes (n, S) -> the kernel's layout (blocks, S/2, 64), zero-padded to whole blocks (or capacity)."""
+    n, s = codes.shape
+    blocks = -(-(capacity or n) // KEYS_PER_BLOCK)
+    padded = np.zeros((blocks * KEYS_PER_BLOCK, s), np.uint8)
+    padded[:n] = codes
+    pairs = padded[:, 0::2] | (padded[:, 1::2] << 4)  # (keys, S/2)
+    return np.ascontiguousarray(pairs.reshape(blocks, KEYS_PER_BLOCK, s // 2).transpose(0, 2, 1))
+
+
+@njit(cache=True)
+def build_tables(q, qo, codebooks, tables):
+    """LUT of the query q[qo:qo + hd] against codebooks (S, 16, d_sub), quantised to uint8 and
+    repeated in the 4 lanes of tables (S, 64). Returns (step, offset): score = step * sum + offset."""
+    s_count, _, d_sub = codebooks.shape
+    lut = np.empty((s_count, CENTROIDS), np.float32)
+    offset, widest = np.float32(0), np.float32(0)
+    for s in range(s_count):
+        low = np.float32(np.inf)
+        for c in range(CENTROIDS):
+            v = np.float32(0)
+            for i in range(d_sub):
+                v += q[qo + s * d_sub + i] * codebooks[s, c, i]
+            lut[s, c] = v
+            low = min(low, v)
+        for c in range(CENTROIDS):
+            lut[s, c] -= low
+            widest = max(widest, lut[s, c])
+        offset += low
+    step = widest / np.float32(255) if widest > 0 else np.float32(1)
+    for s in range(s_count):
+        for c in range(CENTROIDS):
+            byte = np.uint8(min(255, int(lut[s, c] / step + np.float32(0.5))))
+            for lane in range(4):
+                tables[s, lane * CENTROIDS + c] = byte
+    return step, offset
+
+
+@njit(cache=True)
+def lut_sums(tables, codes, blocks, out):
+    """out[k] = sum over s of tables[s][code of key k in s], for the keys of `blocks` blocks."""
+    pairs = codes.shape[1]
+    for b in range(blocks):
+        acc_lo, acc_hi = zeros_i16(), zeros_i16()
+        for j in range(pairs):
+            packed = load_i8(codes, (b * pairs + j) * KEYS_PER_BLOCK)
+            first = shuffle_bytes(load_i8(tables, 2 * j * KEYS_PER_BLOCK), lo_nibbles(packed))
+            second = shuffle_bytes(load_i8(tables, (2 * j + 1) * KEYS_PER_BLOCK), hi_nibbles(packed))
+            acc_lo = add_i16(acc_lo, add_i16(widen_lo(first), widen_lo(second)))
+            acc_hi = add_i16(acc_hi, add_i16(widen_hi(first), widen_hi(second)))
+        store_i16(out, b * KEYS_PER_BLOCK, acc_lo)
+        store_i16(out, b * KEYS_PER_BLOCK + 32, acc_hi)
+
+
+@njit(parallel=True, cache=True)
+def attend_one_lut(q, codebooks, codes, values, length, tables, sums, scores, out):
+    """As ops.attend_one, with scores from LUTs: codebooks (kv_heads, S, 16, d_sub), codes
+    (kv_heads, blocks, S/2, 64), values (kv_heads, capacity, hd); scratch per head: tables
+    (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads, >= length)."""
+    kv_heads, _, hd = values.shape
+    heads = q.shape[0] // hd
+    group = heads // kv_heads
+    scale = np.float32(1.0 / np.sqrt(hd))
+    blocks = -(-length // KEYS_PER_BLOCK)
+    for h in prange(heads):
+        kh, qo = h // group, h * hd
+        step, offset = build_tables(q, qo, codebooks[kh], tables[h])
+        lut_sums(tables[h], codes[kh], blocks, sums[h])
+        scores_h, sums_h = scores[h], sums[h]
+        top = np.float32(-np.inf)
+        for t in range(length):
+            scores_h[t] = (np.float32(sums_h[t]) * step + offset) * scale
+            top = max(top, scores_h[t])
+        total = np.float32(0)
+        for t in range(0, length - length % LANES, LANES):
+            e = exp_f32(sub(load_f32(scores_h, t), splat(top)))
+            store_f32(scores_h, t, e)
+            total += hsum(e)
+        for t in range(length - length % LANES, length):
+            scores_h[t] = np.exp(scores_h[t] - top)
+            total += scores_h[t]
+        weighted_values(scores_h, values, kh * values.shape[1] * hd, length, hd, np.float32(1) / total, out, qo)
+
+
+def lut_sums_reference(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The same integer sums in numpy, from codes (n, S) and the tables' first lane."""
+    return tables[np.arange(codes.shape[1])[None, :], codes.astype(np.int64)].astype(np.int64).sum(axis=1)

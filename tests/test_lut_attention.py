@@ -1,0 +1,62 @@
+"""LUT attention kernels: the integer lookups equal numpy's, and scores approximate exact attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeinfer.kernels import reference as ref
+from edgeinfer.kernels.lut_attention import (attend_one_lut, build_tables, encode_keys, fit_codebooks, lut_sums,
+                                             lut_sums_reference, pack_codes)
+
+
+def clustered_keys(rng, n, hd):
+    """Keys with structure (as real keys have), so that 16 centroids per sub-space fit them well."""
+    centres = rng.standard_normal((8, hd)).astype(np.float32) * 2
+    return (centres[rng.integers(0, 8, n)] + 0.3 * rng.standard_normal((n, hd))).astype(np.float32)
+
+
+@pytest.mark.parametrize("d_sub,n", [(1, 64), (2, 100), (4, 1000)])
+def test_lookup_sums_equal_the_reference(d_sub, n):
+    rng = np.random.default_rng(d_sub)
+    keys = clustered_keys(rng, n, 64)
+    books = fit_codebooks(keys, d_sub)
+    codes = encode_keys(keys, books)
+    tables = np.zeros((64 // d_sub, 64), np.uint8)
+    build_tables(rng.standard_normal(64).astype(np.float32), 0, books, tables)
+    assert all((tables[:, lane * 16:(lane + 1) * 16] == tables[:, :16]).all() for lane in range(4))
+    out = np.zeros(-(-n // 64) * 64, np.uint16)
+    lut_sums(tables, pack_codes(codes), -(-n // 64), out)
+    np.testing.assert_array_equal(out[:n], lut_sums_reference(tables[:, :16], codes))
+
+
+def test_codes_round_trip_through_the_packed_layout():
+    codes = np.random.default_rng(1).integers(0, 16, (130, 32), dtype=np.uint8)
+    packed = pack_codes(codes)  # (3 blocks, 16 pairs, 64 keys)
+    keys = packed.transpose(0, 2, 1).reshape(-1, 16)[:130]
+    np.testing.assert_array_equal(np.stack([keys & 15, keys >> 4], axis=2).reshape(130, 32), codes)
+
+
+@pytest.mark.parametrize("d_sub", [1, 2, 4])
+def test_lut_attention_approximates_exact_attention(d_sub):
+    rng = np.random.default_rng(3)
+    heads, kv_heads, hd, length, capacity = 8, 2, 64, 300, 320
+    keys = np.stack([clustered_keys(rng, capacity, hd) for _ in range(kv_heads)])
+    values = rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32)
+    books = np.stack([fit_codebooks(keys[k, :length], d_sub) for k in range(kv_heads)])
+    codes = np.stack([pack_codes(encode_keys(keys[k], books[k])) for k in range(kv_heads)])
+    q = (0.5 * rng.standard_normal(heads * hd)).astype(np.float32)
+    s = hd // d_sub
+    out = np.empty_like(q)
+    attend_one_lut(q, books, codes, values, length, np.zeros((heads, s, 64), np.uint8),
+                   np.zeros((heads, capacity), np.uint16), np.zeros((heads, capacity), np.float32), out)
+    # The exact attention over the keys the codes stand for (the centroids): only the tables'
+    # 8-bit rounding remains, so the outputs agree closely.
+    decoded = np.stack([np.take_along_axis(books[k][None], encode_keys(keys[k], books[k])[:, :, None, None]
+                                           .astype(np.int64), axis=2)[:, :, 0].reshape(capacity, hd)
+                        for k in range(kv_heads)])
+    expected = ref.causal_attention(q.reshape(heads, 1, hd), decoded[:, :length], values[:, :length], length - 1)
+    np.testing.assert_allclose(out, expected.reshape(-1), atol=0.05)
+    # And against the true keys, the error is the quantisation's: bounded, not exact.
+    exact = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1)
+    assert np.abs(out - exact.reshape(-1)).mean() < 0.1
