@@ -16,13 +16,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ops import weighted_values
-from .simd import (add_i16, exp_f32, hi_nibbles, hsum, load_f32, load_i8, lo_nibbles, shuffle_bytes, splat, store_f32,
-                   store_i16, sub, widen_hi, widen_lo, zeros_i16)
+from .ops import exp_in_place, weighted_values
+from .simd import (add_i16, hi_nibbles, load_i8, lo_nibbles, shuffle_bytes, store_i16, widen_hi, widen_lo,
+                   zeros_i16)
 
 KEYS_PER_BLOCK = 64
 CENTROIDS = 16
-LANES = 16
 
 
 def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 12, seed: int = 0) -> np.ndarray:
@@ -126,14 +125,7 @@ def attend_one_lut(q, codebooks, codes, values, length, tables, sums, scores, ou
         for t in range(length):
             scores_h[t] = (np.float32(sums_h[t]) * step + offset) * scale
             top = max(top, scores_h[t])
-        total = np.float32(0)
-        for t in range(0, length - length % LANES, LANES):
-            e = exp_f32(sub(load_f32(scores_h, t), splat(top)))
-            store_f32(scores_h, t, e)
-            total += hsum(e)
-        for t in range(length - length % LANES, length):
-            scores_h[t] = np.exp(scores_h[t] - top)
-            total += scores_h[t]
+        total = exp_in_place(scores_h, length, top)
         weighted_values(scores_h, values, kh * values.shape[1] * hd, length, hd, np.float32(1) / total, out, qo)
 
 

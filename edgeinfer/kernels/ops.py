@@ -69,15 +69,22 @@ def attend_one(q, keys, values, length, scores, out):
                 acc = fma(load_f32(q, qo + d), load_f32(keys, base + t * hd + d), acc)
             scores_h[t] = hsum(acc) * scale
             top = max(top, scores_h[t])
-        total = np.float32(0)
-        for t in range(0, length - length % LANES, LANES):
-            e = exp_f32(sub(load_f32(scores_h, t), splat(top)))
-            store_f32(scores_h, t, e)
-            total += hsum(e)
-        for t in range(length - length % LANES, length):
-            scores_h[t] = np.exp(scores_h[t] - top)
-            total += scores_h[t]
+        total = exp_in_place(scores_h, length, top)
         weighted_values(scores_h, values, base, length, hd, np.float32(1) / total, out, qo)
+
+
+@njit(cache=True)
+def exp_in_place(scores, length, top):
+    """scores[:length] = exp(scores - top), 16 lanes at a time; returns their sum (softmax's denominator)."""
+    total = np.float32(0)
+    for t in range(0, length - length % LANES, LANES):
+        e = exp_f32(sub(load_f32(scores, t), splat(top)))
+        store_f32(scores, t, e)
+        total += hsum(e)
+    for t in range(length - length % LANES, length):
+        scores[t] = np.exp(scores[t] - top)
+        total += scores[t]
+    return total
 
 
 @njit(cache=True)
