@@ -106,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
                            "Default: as the source stores them")
     conv.set_defaults(func=_cmd_convert)
 
+    cal = sub.add_parser("calibrate", help="fit LUT attention's key codebooks on a text, into a copy of the model")
+    cal.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
+    cal.add_argument("-f", "--file", required=True, help="the calibration text")
+    cal.add_argument("-o", "--output", required=True, help="the model file to write, with the codebooks")
+    cal.add_argument("--d-sub", type=int, default=2, help="dimensions per sub-space: 1, 2 or 4 (2)")
+    cal.add_argument("-c", "--ctx", type=int, default=512, help="window size in tokens (512)")
+    cal.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to use (8192)")
+    cal.set_defaults(func=_cmd_calibrate)
+
     syn = sub.add_parser("synth", help="write a random-weight model of a real shape (speed and memory tests only)")
     syn.add_argument("--shape", required=True, help="llama2-7b, llama2-13b, llama2-70b or llama3-8b")
     syn.add_argument("--bits", type=int, default=4, choices=(4, 8))
@@ -270,11 +279,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from .perplexity import perplexity
     from .progress import Progress
 
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise EdgeInferError(f"{args.file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _read_text(args.file)
     engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit)
     ids = engine.tokenizer.encode(text, add_bos=False)
     result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
@@ -305,6 +310,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from .calibrate import codebooks_summary
     from .storage import open_model
     from .tokenizer import Tokenizer
 
@@ -324,6 +330,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
     print(f"tokenizer: {source.tokenizer.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {list(tok.eos_ids)}, "
           f"add bos {source.tokenizer.add_bos}, chat template: {'yes' if tok.chat_template else 'no'}")
+    print(codebooks_summary(source))
     return 0
 
 
@@ -351,6 +358,33 @@ def resolve_source(arg: str) -> str:
     from .storage.fetch import fetch_gguf, is_path
 
     return arg if is_path(arg) else str(fetch_gguf(arg, StageProgress()))
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .progress import Progress
+    from .storage import open_model
+    from .storage.single import convert
+
+    path = resolve_model(args.model)
+    if os.path.abspath(path) == os.path.abspath(args.output):
+        raise EdgeInferError("the output would overwrite the model")
+    if args.ctx < 16:
+        raise EdgeInferError(f"--ctx must be at least 16, got {args.ctx}")
+    engine = load_engine(path, args.ctx)
+    ids = engine.tokenizer.encode(_read_text(args.file), add_bos=False)
+    books = calibrate(engine.model, ids, args.d_sub, args.ctx, args.max_tokens, Progress("fitting codebooks", " layers"))
+    convert(open_model(path), args.output, Progress("writing", " tensors"), codebooks=books)
+    print(args.output)
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise EdgeInferError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

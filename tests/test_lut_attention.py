@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgeinfer.engine import Engine
 from edgeinfer.kernels import reference as ref
 from edgeinfer.kernels.lut_attention import (attend_one_lut, build_tables, encode_keys, fit_codebooks, lut_sums,
                                              lut_sums_reference, pack_codes)
@@ -60,3 +61,41 @@ def test_lut_attention_approximates_exact_attention(d_sub):
     # And against the true keys, the error is the quantisation's: bounded, not exact.
     exact = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1)
     assert np.abs(out - exact.reshape(-1)).mean() < 0.1
+
+
+def test_calibrate_stores_codebooks_that_fit_the_models_keys(tiny_single, tmp_path):
+    from conftest import edgeinfer_cli, varied_lines
+    from edgeinfer.calibrate import collect_keys
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(varied_lines(80, seed=11)), encoding="utf-8")
+    outs = [tmp_path / f"cal{i}.safetensors" for i in range(2)]
+    for out in outs:
+        r = edgeinfer_cli("calibrate", str(tiny_single), "-f", str(text), "-o", str(out), "--d-sub", "2", "-c", "64")
+        assert r.returncode == 0, r.stderr
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # seeded: the same text gives the same file
+    source = open_model(str(outs[0]))
+    books = source.key_codebooks()
+    c = source.config
+    assert books.d_sub == 2 and len(books.layers) == c.num_layers
+    assert books.layers[0].shape == (c.num_kv_heads, c.head_dim // 2, 16, 2)
+    assert "LUT codebooks: d_sub 2" in edgeinfer_cli("info", str(outs[0])).stdout
+    # The codes stand for the model's own keys far better than their mean does.
+    engine = Engine.load(str(outs[0]), 64, exact=True)
+    keys = collect_keys(engine.model, engine.tokenizer.encode(text.read_text(), add_bos=False), 64, 512)
+    for layer, layer_keys in enumerate(keys):
+        for head, k in enumerate(layer_keys):
+            book = books.layers[layer][head]
+            decoded = book[np.arange(book.shape[0])[None, :], encode_keys(k, book).astype(np.int64)].reshape(k.shape)
+            assert ((decoded - k) ** 2).sum() < 0.5 * ((k - k.mean(axis=0)) ** 2).sum()
+    # The model's weights are untouched, and converting keeps the codebooks.
+    again = tmp_path / "again.safetensors"
+    convert(source, str(again))
+    assert open_model(str(again)).key_codebooks().layers[1].tobytes() == books.layers[1].tobytes()
+    for name in open_model(str(tiny_single)).model_tensor_names():
+        np.testing.assert_array_equal(source.float32(name), open_model(str(tiny_single)).float32(name))
+    bad = edgeinfer_cli("calibrate", str(tiny_single), "-f", str(text), "-o", str(tmp_path / "x.safetensors"),
+                        "--d-sub", "3")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--d-sub" in bad.stderr

@@ -30,19 +30,21 @@ def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 12, seed: int 
     subs = keys.reshape(n, hd // d_sub, d_sub).transpose(1, 0, 2).astype(np.float32)  # (S, n, d_sub)
     rng = np.random.default_rng(seed)
     centroids = subs[:, rng.choice(n, CENTROIDS, replace=n < CENTROIDS)].copy()
+    s_count = subs.shape[0]
     for _ in range(iterations):
-        nearest = _assign(subs, centroids)
-        for c in range(CENTROIDS):
-            members = nearest == c  # (S, n)
-            counts = members.sum(axis=1)
-            sums = np.einsum("sn,snd->sd", members.astype(np.float32), subs)
-            centroids[:, c] = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids[:, c])
+        cell = (_assign(subs, centroids) + CENTROIDS * np.arange(s_count)[:, None]).ravel()  # (sub-space, centroid)
+        counts = np.bincount(cell, minlength=s_count * CENTROIDS).reshape(s_count, CENTROIDS)
+        for d in range(d_sub):
+            sums = np.bincount(cell, weights=subs[:, :, d].ravel(), minlength=s_count * CENTROIDS)
+            means = sums.reshape(s_count, CENTROIDS) / np.maximum(counts, 1)
+            centroids[:, :, d] = np.where(counts > 0, means, centroids[:, :, d])  # an empty cell keeps its centroid
     return centroids
 
 
 def _assign(subs: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    distances = ((subs[:, :, None, :] - centroids[:, None, :, :]) ** 2).sum(axis=3)  # (S, n, 16)
-    return distances.argmin(axis=2)
+    """The nearest centroid of each sub-vector: |x - c|^2 = |x|^2 - 2 x.c + |c|^2, |x|^2 left out."""
+    distances = (centroids ** 2).sum(axis=2)[:, None, :] - 2 * np.matmul(subs, centroids.transpose(0, 2, 1))
+    return distances.argmin(axis=2)  # (S, n)
 
 
 def encode_keys(keys: np.ndarray, codebooks: np.ndarray) -> np.ndarray:

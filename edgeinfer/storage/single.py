@@ -20,7 +20,7 @@ from ..tokenizer import TokenizerSpec
 from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
                        quantize_q8_0, read_index)
 from .safetensors import PAD_PREFIX, SafetensorsFile, TensorEntry, write_safetensors
-from .source import ROPE_FREQS, SafetensorsSource, WeightSource, unit_of
+from .source import ROPE_FREQS, KeyCodebooks, SafetensorsSource, WeightSource, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
 FORMAT_VERSION = "2"  # 2: quantised matrices
@@ -74,6 +74,19 @@ class SingleFileSource(SafetensorsSource):
     def storable(self, name: str) -> np.ndarray:
         return self.float32(name) if name in self._quantized else super().storable(name)
 
+    def key_codebooks(self) -> KeyCodebooks | None:
+        if "lut_d_sub" not in self._file.metadata:
+            return None
+        try:
+            d_sub = int(self._file.metadata["lut_d_sub"])
+            layers = [np.array(self._file.array(codebook_name(i))) for i in range(self.config.num_layers)]
+        except (KeyError, ValueError):
+            raise ModelFormatError(f"{self.path}: the LUT codebooks are incomplete") from None
+        expected = (self.config.num_kv_heads, self.config.head_dim // max(d_sub, 1), 16, d_sub)
+        if any(book.shape != expected for book in layers):
+            raise ModelFormatError(f"{self.path}: LUT codebooks of shape {layers[0].shape}, expected {expected}")
+        return KeyCodebooks(d_sub, layers)
+
     def quantized(self, name: str) -> Matrix | None:
         if name not in self._quantized:
             return None
@@ -125,8 +138,9 @@ def float_type(source: WeightSource, name: str, bits: int | None) -> str:
 
 
 def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], None] | None = None,
-            bits: int | None = None) -> None:
-    """Write `source` as a single-file model, one tensor in memory at a time, layer by layer."""
+            bits: int | None = None, codebooks: KeyCodebooks | None = None) -> None:
+    """Write `source` as a single-file model, one tensor in memory at a time, layer by layer. LUT
+    attention's key codebooks (`codebooks`, else the source's own) go after the head."""
     if bits not in (None, 4, 8, 16):
         raise EdgeInferError(f"--bits must be 4, 8 or 16, got {bits}")
     names = source.model_tensor_names()
@@ -143,6 +157,11 @@ def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], 
             index[n] = [kinds[n], rows, cols]
             entries += part_entries(n, kinds[n], rows, cols)
 
+    codebooks = codebooks or source.key_codebooks()
+    if codebooks:
+        entries += [TensorEntry(codebook_name(i), "F32", book.shape) for i, book in enumerate(codebooks.layers)]
+        group_starts.add(codebook_name(0))
+
     def arrays() -> Iterator[np.ndarray]:
         for n in names:
             if kinds[n] is not None:
@@ -151,8 +170,10 @@ def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], 
                 yield source.storable(n).astype(np.float16)
             else:
                 yield source.storable(n)
+        yield from (codebooks.layers if codebooks else ())
 
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgeinfer_version": __version__,
                 "config": source.config.to_json(), "source_format": source.format,
-                "quantized": json.dumps(index), **source.tokenizer.to_metadata()}
+                "quantized": json.dumps(index), **source.tokenizer.to_metadata(),
+                **({"lut_d_sub": str(codebooks.d_sub)} if codebooks else {})}
     write_safetensors(out_path, entries, arrays(), metadata, progress, group_starts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -21,15 +22,29 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-EMBEDDING, HEAD = "embedding", "head"  # the units besides the layers
+EMBEDDING, HEAD, LUT = "embedding", "head", "lut"  # the units besides the layers
 
 
 def unit_of(name: str) -> int | str:
-    """Which unit a model tensor belongs to: the embedding, layer i, or the head (final norm, output
-    matrix and RoPE factors). A unit is stored contiguously and read as one."""
+    """Which unit a model tensor belongs to: the embedding, layer i, the head (final norm, output
+    matrix and RoPE factors) or LUT attention's codebooks. A unit is stored contiguously and read as one."""
     if name.startswith("model.layers."):
         return int(name.split(".")[2])
+    if name.startswith("lut."):
+        return LUT
     return EMBEDDING if name == "model.embed_tokens.weight" else HEAD
+
+
+def codebook_name(layer: int) -> str:
+    return f"lut.layers.{layer}.key_codebooks"
+
+
+@dataclass(frozen=True)
+class KeyCodebooks:
+    """LUT attention's codebooks: per layer (kv_heads, head_dim / d_sub, 16, d_sub) float32."""
+
+    d_sub: int
+    layers: list[np.ndarray]
 
 
 def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -92,6 +107,10 @@ class WeightSource:
 
     def has(self, name: str) -> bool:
         raise NotImplementedError
+
+    def key_codebooks(self) -> KeyCodebooks | None:
+        """LUT attention's codebooks, if the file holds them (edgeinfer calibrate)."""
+        return None
 
     def file_size(self) -> int:
         raise NotImplementedError
