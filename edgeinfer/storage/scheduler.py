@@ -132,14 +132,10 @@ class LayerStream:
         self._next = 0
         self.stats = StreamStats()
         self._pass_started = time.perf_counter()
-        self._closed = False
+        # A daemon: it lives as long as the model, waiting for requests, and ends with the process.
         self._reader = threading.Thread(target=self._read_loop, name="edgeinfer-prefetch", daemon=True)
         self._reader.start()
         self._fill()
-
-    @property
-    def slot_bytes(self) -> int:
-        return self._free[0].nbytes if self._free else self._pending[0].slot.nbytes
 
     def index(self, key: int | str) -> int:
         return next(i for i, u in enumerate(self.units) if u.key == key)
@@ -167,13 +163,6 @@ class LayerStream:
         self._free.append(load.slot)
         self._fill()
 
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._reader.join()
-        os.close(self._fd)
-
     def _fill(self) -> None:
         """Queue the next units, in forward order, into the free slots."""
         with self._wake:
@@ -195,10 +184,8 @@ class LayerStream:
     def _read_loop(self) -> None:
         while True:
             with self._wake:
-                while not self._requests and not self._closed:
+                while not self._requests:
                     self._wake.wait()
-                if self._closed:
-                    return
                 load = self._requests.popleft()
             unit = self.units[load.unit]
             t = time.perf_counter()
