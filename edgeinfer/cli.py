@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--ctx", type=int, help="context size in tokens (default: the model's, at most 4096)")
     run.add_argument("--mem-limit", metavar="SIZE", help="keep memory within SIZE (e.g. 2G, 512M): layers beyond it "
                                                         "stream from the file through a sliding window")
+    run.add_argument("--attention", choices=("exact", "lut"), default="exact",
+                     help="lut: NoMAD-style lookup-table scores over product-quantised keys (needs edgeinfer calibrate)")
     run.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true", help="print the prompt's token count and the seed")
     _sampling_args(run)
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "(run it with --exact), else compared: mean KL divergence and top-1 agreement")
     ppl.add_argument("--exact", action="store_true", help="the exact float32 path")
     ppl.add_argument("--mem-limit", metavar="SIZE", help="as for run")
+    ppl.add_argument("--attention", choices=("exact", "lut"), default="exact", help="as for run")
     ppl.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     ppl.set_defaults(func=_cmd_perplexity)
 
@@ -149,7 +152,7 @@ def resolve_model(arg: str | None) -> str:
 
 
 def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limit: str | None = None,
-                verbose: bool = False):
+                verbose: bool = False, attention: str = "exact"):
     """The engine with its kernels ready: compiled now on the very first run, and said so. The memory
     preflight is printed when a limit is given, when the model must stream, or with -v."""
     from .engine import Engine
@@ -158,7 +161,7 @@ def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limi
 
     limit = parse_size(mem_limit) if mem_limit is not None else None
     engine = Engine.load(path, ctx, exact=exact, mem_limit=limit,
-                         report=lambda line: print(line, file=sys.stderr, flush=True))
+                         report=lambda line: print(line, file=sys.stderr, flush=True), attention=attention)
     if verbose and limit is None and engine.memory_plan.window is None:
         print(engine.memory_plan.describe(), file=sys.stderr)
     if first_run():
@@ -173,7 +176,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
     engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit,
-                         verbose=args.verbose)
+                         verbose=args.verbose, attention=args.attention)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     if args.prompt is not None:
@@ -280,7 +283,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     text = _read_text(args.file)
-    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit)
+    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit,
+                         attention=args.attention)
     ids = engine.tokenizer.encode(text, add_bos=False)
     result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
     if args.output == "json":

@@ -79,18 +79,18 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, context: int | None = None, exact: bool = False, mem_limit: int | None = None,
-             report: Callable[[str], None] | None = None) -> "Engine":
+             report: Callable[[str], None] | None = None, attention: str = "exact") -> "Engine":
         """exact: the float32 reference path; otherwise 4-bit weights run with the 4-bit kernels.
         The memory preflight (storage/scheduler.py) decides, before any weight is read, whether the
         model is resident or streamed through a window of layers, within `mem_limit` when given, else
         within the memory available; `report` gets its one-line account when it streams or a limit
-        was given."""
+        was given. attention: "exact", or "lut" with the file's codebooks (edgeinfer calibrate)."""
         source = open_model(path)
         context = context or min(source.config.max_context, DEFAULT_CONTEXT)
         plan = plan_memory(source, context, mem_limit)
         if report and (mem_limit is not None or plan.window is not None):
             report(plan.describe())
-        model = Model(source, quantized=not exact, window=plan.window)
+        model = Model(source, quantized=not exact, window=plan.window, attention=attention)
         engine = cls(model, Tokenizer(source.tokenizer), context)
         engine.memory_plan = plan
         return engine

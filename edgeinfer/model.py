@@ -15,6 +15,7 @@ import numpy as np
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError, EdgeInferError, UnsupportedModelError
 from .kernels.block import decode_layer, decode_scratch
+from .kernels.lut_attention import attend_causal_lut, encode_keys_into, lut_buffers
 from .kernels.ops import LANES, attend_causal, rmsnorm_into, rope_rows
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_avx512_vnni
@@ -66,7 +67,8 @@ class KVCache:
     """Keys (after RoPE) and values of every layer, preallocated for `capacity` positions, and the
     decode step's buffers, whose attention scores are as long as the cache."""
 
-    def __init__(self, config: ModelConfig, capacity: int):
+    def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None):
+        """codebooks: per layer, for LUT attention: each layer's keys are also kept as codes."""
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
@@ -74,6 +76,7 @@ class KVCache:
         self.length = 0
         self.scratch = decode_scratch(config.hidden_size, config.q_size, config.num_kv_heads * config.head_dim,
                                       config.intermediate_size, config.num_heads, capacity)
+        self.lut = [lut_buffers(books, config.num_heads, capacity) for books in codebooks or [None] * config.num_layers]
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -128,7 +131,8 @@ class StreamedWeights:
 
 
 class Model:
-    def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None):
+    def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None,
+                 attention: str = "exact"):
         """quantized: run the weights the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels
         (on CPUs that have their instructions); otherwise (the exact path) everything is float32.
         window: stream layers through that many slots instead of holding them all (single file only)."""
@@ -143,12 +147,26 @@ class Model:
             StreamedWeights(source, quantized, window)
         self.embedding, self.precision = self.weights.embedding, self.weights.precision  # shown to the user
         self.fused = self.weights.fused  # every projection quantised: the Numba decode step and attention
+        self.codebooks = self._codebooks(source, attention)
         self.norm = np.array(source.float32("model.norm.weight"))
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
 
+    def _codebooks(self, source: WeightSource, attention: str) -> list[np.ndarray] | None:
+        if attention == "exact":
+            return None
+        if attention != "lut":
+            raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
+        books = source.key_codebooks()
+        if books is None:
+            raise EdgeInferError(f"{source.path} has no LUT codebooks: run edgeinfer calibrate MODEL -f TEXT -o OUT "
+                                 "and use OUT")
+        if not self.fused:
+            raise EdgeInferError("LUT attention runs on the 4/8-bit path (not with --exact or float weights)")
+        return books.layers
+
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity)
+        return KVCache(self.config, capacity, self.codebooks)
 
     def warm_up(self) -> None:
         """Run the prefill and decode kernels once, so that Numba compiles them (first run) or loads
@@ -185,7 +203,7 @@ class Model:
         h = self.embedding.rows(np.array([token]))[0].astype(np.float32)
         for i in range(self.config.num_layers):
             _, block = self.weights.layer(i)
-            decode_layer(h, block, cache.k[i], cache.v[i], position, self.inv_freq, eps, cache.scratch)
+            decode_layer(h, block, cache.k[i], cache.v[i], cache.lut[i], position, self.inv_freq, eps, cache.scratch)
             self.weights.done(i)
         cache.length = position + 1
         rmsnorm_into(h, self.norm, eps, cache.scratch.x)
@@ -209,7 +227,12 @@ class Model:
             rope_rows(k, cos, sin)
             cache.k[layer, :, start:start + count] = kv_heads(k)
             out = np.empty_like(q)
-            attend_causal(q, cache.k[layer], cache.v[layer], start, out)
+            if self.codebooks is None:
+                attend_causal(q, cache.k[layer], cache.v[layer], start, out)
+            else:
+                books, codes, tables, sums = cache.lut[layer]
+                encode_keys_into(cache.k[layer], books, codes, start, count)
+                attend_causal_lut(q, books, codes, cache.v[layer], start, tables, sums, cache.scratch.scores, out)
             return w.o(out)
         per_head = q.reshape(count, c.num_heads, c.head_dim).transpose(1, 0, 2)
         cache.k[layer, :, start:start + count] = apply_rope(kv_heads(k), cos, sin)

@@ -99,3 +99,61 @@ def test_calibrate_stores_codebooks_that_fit_the_models_keys(tiny_single, tmp_pa
     bad = edgeinfer_cli("calibrate", str(tiny_single), "-f", str(text), "-o", str(tmp_path / "x.safetensors"),
                         "--d-sub", "3")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--d-sub" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, tiny_hf):
+    """The tiny model in 4 bits with codebooks fitted on a text (d_sub 1)."""
+    from conftest import edgeinfer_cli, varied_lines
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    folder = tmp_path_factory.mktemp("lut")
+    q4, text, out = folder / "q4.safetensors", folder / "calib.txt", folder / "lut.safetensors"
+    convert(open_model(str(tiny_hf)), str(q4), bits=4)
+    text.write_text("\n".join(varied_lines(80, seed=12)), encoding="utf-8")
+    r = edgeinfer_cli("calibrate", str(q4), "-f", str(text), "-o", str(out), "--d-sub", "1", "-c", "64")
+    assert r.returncode == 0, r.stderr
+    return q4, out
+
+
+def test_encoding_in_the_cache_picks_the_nearest_centroids():
+    from edgeinfer.kernels.lut_attention import encode_keys_into
+
+    rng = np.random.default_rng(5)
+    keys = np.stack([clustered_keys(rng, 200, 32) for _ in range(2)])
+    books = np.stack([fit_codebooks(keys[k], 2) for k in range(2)])
+    codes = np.zeros((2, 4, 8, 64), np.uint8)
+    encode_keys_into(keys, books, codes, 0, 130)
+    encode_keys_into(keys, books, codes, 130, 70)
+    for k in range(2):
+        expected = pack_codes(encode_keys(keys[k], books[k]), 256)
+        assert (codes[k] == expected).mean() > 0.99  # float ties may fall either way
+
+
+def test_lut_prefill_and_decode_agree_and_track_exact(calibrated):
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+
+    _, path = calibrated
+    lut, exact = Model(open_model(str(path)), True, attention="lut"), Model(open_model(str(path)), True)
+    ids = np.arange(3, 43)
+    prefilled = lut.forward(ids, lut.new_cache(48), all_logits=True)
+    cache = lut.new_cache(48)
+    lut.forward(ids[:-1], cache)
+    stepped = lut.forward(ids[-1:], cache)  # the fused decode step's LUT path
+    np.testing.assert_allclose(stepped, prefilled[-1], atol=2e-3 * np.abs(prefilled).max())
+    # The approximation follows the exact logits: its error is a fraction of how much they vary.
+    # (Quality on a real model is perplexity's to judge: bench/RESULTS.md.)
+    reference = exact.forward(ids, exact.new_cache(48), all_logits=True)
+    assert np.abs(prefilled - reference).mean() < 0.5 * reference.std()
+
+
+def test_lut_attention_needs_codebooks(calibrated):
+    from conftest import edgeinfer_cli
+
+    plain, path = calibrated
+    r = edgeinfer_cli("run", str(plain), "-p", "x", "-n", "1", "--attention", "lut")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "calibrate" in r.stderr
+    ok = edgeinfer_cli("run", str(path), "-p", "hello", "-n", "4", "--temp", "0", "--attention", "lut")
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr

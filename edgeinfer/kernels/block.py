@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from .activations import Q8Activations, _quantize
+from .lut_attention import attend_one_lut, encode_keys_into
 from .ops import attend_one, rmsnorm_into, rope_in_place, silu_mul_into
 from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemv_parallel as q8_gemv
@@ -68,9 +69,10 @@ def add_bias(y, bias):
 
 
 @njit(cache=True)
-def decode_layer(h, weights, keys, values, position, inv_freq, eps, s):
+def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """h (hidden,) += the block's output for the token at `position`; its key and value go into
-    keys/values (kv_heads, capacity, head_dim) at `position`."""
+    keys/values (kv_heads, capacity, head_dim) at `position`. lut: (codebooks, codes, tables, sums)
+    for LUT attention (lut_attention.py), or empty arrays for exact attention."""
     attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
     kv_heads, hd = keys.shape[0], keys.shape[2]
 
@@ -87,7 +89,12 @@ def decode_layer(h, weights, keys, values, position, inv_freq, eps, s):
     for kh in range(kv_heads):
         keys[kh, position, :] = s.k[kh * hd:(kh + 1) * hd]
         values[kh, position, :] = s.v[kh * hd:(kh + 1) * hd]
-    attend_one(s.q, keys, values, position + 1, s.scores, s.att)
+    codebooks, codes, tables, sums = lut
+    if codebooks.shape[0]:
+        encode_keys_into(keys, codebooks, codes, position, 1)
+        attend_one_lut(s.q, codebooks, codes, values, position + 1, tables, sums, s.scores, s.att)
+    else:
+        attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.o)
     h += s.o

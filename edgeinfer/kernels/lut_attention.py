@@ -134,3 +134,42 @@ def attend_one_lut(q, codebooks, codes, values, length, tables, sums, scores, ou
 def lut_sums_reference(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """The same integer sums in numpy, from codes (n, S) and the tables' first lane."""
     return tables[np.arange(codes.shape[1])[None, :], codes.astype(np.int64)].astype(np.int64).sum(axis=1)
+
+
+@njit(cache=True)
+def attend_causal_lut(q, codebooks, codes, values, start, tables, sums, scores, out):
+    """Tokens at positions start.. (q, out: (tokens, heads * hd)), each over the keys up to itself."""
+    for t in range(q.shape[0]):
+        attend_one_lut(q[t], codebooks, codes, values, start + t + 1, tables, sums, scores, out[t])
+
+
+@njit(cache=True)
+def encode_keys_into(keys, codebooks, codes, first, count):
+    """Codes of the keys at positions first..first+count-1 of keys (kv_heads, capacity, hd) into codes
+    (kv_heads, blocks, S/2, 64): the nearest centroid of each sub-space, as encode_keys picks it."""
+    kv_heads, s_count, _, d_sub = codebooks.shape
+    for kh in range(kv_heads):
+        for p in range(first, first + count):
+            block, k = p // KEYS_PER_BLOCK, p % KEYS_PER_BLOCK
+            for s in range(s_count):
+                best, best_distance = 0, np.float32(np.inf)
+                for c in range(CENTROIDS):
+                    distance = np.float32(0)
+                    for i in range(d_sub):
+                        diff = keys[kh, p, s * d_sub + i] - codebooks[kh, s, c, i]
+                        distance += diff * diff
+                    if distance < best_distance:
+                        best, best_distance = c, distance
+                byte = codes[kh, block, s // 2, k]
+                codes[kh, block, s // 2, k] = (byte & 0xF0) | best if s % 2 == 0 else (byte & 0x0F) | (best << 4)
+
+
+def lut_buffers(codebooks: np.ndarray | None, heads: int, capacity: int) -> tuple:
+    """A KV cache's LUT side: (codebooks, codes, tables, sums), all empty for exact attention."""
+    if codebooks is None:
+        return (np.zeros((0, 1, CENTROIDS, 1), np.float32), np.zeros((0, 1, 1, KEYS_PER_BLOCK), np.uint8),
+                np.zeros((0, 1, KEYS_PER_BLOCK), np.uint8), np.zeros((0, KEYS_PER_BLOCK), np.uint16))
+    kv_heads, s_count = codebooks.shape[:2]
+    blocks = -(-capacity // KEYS_PER_BLOCK)
+    return (codebooks, np.zeros((kv_heads, blocks, s_count // 2, KEYS_PER_BLOCK), np.uint8),
+            np.zeros((heads, s_count, KEYS_PER_BLOCK), np.uint8), np.zeros((heads, blocks * KEYS_PER_BLOCK), np.uint16))
