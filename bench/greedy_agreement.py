@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import numpy as np
 
-CHAT_PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain how photosynthesis works.",
-    "Give me a recipe for pancakes.",
-    "Describe the history of the Roman Empire.",
-    "What are the benefits of regular exercise? Answer in detail.",
-]
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from chat_prompts import CHAT_PROMPTS  # noqa: E402
 
 
 def main() -> None:

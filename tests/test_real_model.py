@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from chat_prompts import CHAT_PROMPTS
 from conftest import edgeinfer_cli, varied_lines
 from edgeinfer.engine import Engine
 from edgeinfer.model import Model
@@ -17,14 +18,6 @@ from edgeinfer.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.oracle]
 
-# Prompts whose answers run past 64 tokens, so 64 greedy tokens are compared for each.
-CHAT_PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain how photosynthesis works.",
-    "Give me a recipe for pancakes.",
-    "Describe the history of the Roman Empire.",
-    "What are the benefits of regular exercise? Answer in detail.",
-]
 
 
 def real_text_lines() -> list[str]:
