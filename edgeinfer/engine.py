@@ -17,7 +17,7 @@ from .errors import ContextOverflowError, EdgeInferError, TokenizerError
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .storage import open_model
-from .storage.scheduler import plan_memory
+from .storage.scheduler import MemoryPlan, plan_memory
 from .tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -76,6 +76,7 @@ class Engine:
         self.context = context or min(model.config.max_context, DEFAULT_CONTEXT)
         self.cache = model.new_cache(self.context)
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
+        self.memory_plan: MemoryPlan | None = None  # set by load: resident, or streaming with a window
 
     @classmethod
     def load(cls, path: str, context: int | None = None, exact: bool = False, mem_limit: int | None = None,
