@@ -57,11 +57,31 @@ load_i32 = _loader(V16I32)
 load_f32 = _loader(V16F32)
 
 
-@intrinsic
-def zeros_f32(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.VectorType(ir.FloatType(), 16), None)
-    return V16F32(), codegen
+_ALIGN = {"i8": 1, "i16": 2, "i32": 4, "f32": 4}  # an element's size: stores need no more alignment
+
+
+def _storer(vtype):
+    """arr[offset:offset + lanes] = v."""
+    @intrinsic
+    def store(typingctx, arr, offset, v):
+        def codegen(context, builder, signature, args):
+            llty = context.get_value_type(vtype)
+            ptr = _ptr(context, builder, signature.args[0], args[0], args[1], llty)
+            builder.store(args[2], ptr, align=_ALIGN[vtype.kind])
+            return context.get_dummy_value()
+        return types.none(arr, offset, vtype), codegen
+    return store
+
+
+def _zeros(vtype):
+    @intrinsic
+    def zeros(typingctx):
+        def codegen(context, builder, signature, args):
+            return ir.Constant(context.get_value_type(vtype), None)
+        return vtype(), codegen
+    return zeros
+
+
 
 
 def _bytewise(op: str, constant: int):
@@ -163,11 +183,6 @@ def splat(typingctx, x):
     return V16F32(types.float32), codegen
 
 
-@intrinsic
-def zeros_i32(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.VectorType(ir.IntType(32), 16), None)
-    return V16I32(), codegen
 
 
 @intrinsic
@@ -203,14 +218,6 @@ def prefetch(typingctx, arr, offset):
     return types.none(arr, offset), codegen
 
 
-@intrinsic
-def store_f32(typingctx, arr, offset, v):
-    """arr[offset:offset + 16] = v (float32)."""
-    def codegen(context, builder, signature, args):
-        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(ir.FloatType(), 16))
-        builder.store(args[2], ptr, align=4)
-        return context.get_dummy_value()
-    return types.none(arr, offset, V16F32), codegen
 
 
 # e**r for |r| <= ln(2)/2: Taylor terms up to r**7 (relative error below 1e-8).
@@ -279,18 +286,5 @@ def add_i16(typingctx, a, b):
     return V32I16(V32I16, V32I16), codegen
 
 
-@intrinsic
-def zeros_i16(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.VectorType(ir.IntType(16), 32), None)
-    return V32I16(), codegen
-
-
-@intrinsic
-def store_i16(typingctx, arr, offset, v):
-    """arr[offset:offset + 32] = v (a uint16 array)."""
-    def codegen(context, builder, signature, args):
-        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(ir.IntType(16), 32))
-        builder.store(args[2], ptr, align=2)
-        return context.get_dummy_value()
-    return types.none(arr, offset, V32I16), codegen
+store_f32, store_i16 = _storer(V16F32), _storer(V32I16)
+zeros_f32, zeros_i32, zeros_i16 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16)
