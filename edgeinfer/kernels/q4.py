@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (dpbusd, expand4, fma, has_avx512_vnni, hi_nibbles, hsum, lo_nibbles, load_i8, mul, prefetch,
+from .simd import (dpbusd, expand4, fma, has_kernels, hi_nibbles, hsum, lo_nibbles, load_i8, mul, prefetch,
                    splat, to_f32, zeros_f32, zeros_i32)
 
 ROWS = 4  # rows interleaved per block
@@ -113,6 +113,20 @@ class Q4Matrix:
         scales = from_half_bits(deinterleave(self.scales, 4, self.rows, groups, ids))
         offsets = from_half_bits(deinterleave(self.offsets, 4, self.rows, groups, ids)) * np.float32(self.offset_factor)
         return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
+
+    def select(self, rows: slice, cols: slice) -> "Q4Matrix":
+        """The block of rows x cols as a matrix of its own, bit for bit: a tensor-parallel shard.
+        Columns go by whole groups of 32, so every weight keeps its scale and offset."""
+        c0, c1, _ = cols.indices(self.cols)
+        if c0 % GROUP or c1 % GROUP:
+            raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
+        groups = self.cols // GROUP
+        qs = deinterleave(self.packed, 64, self.rows, self.cols // 2)[rows, c0 // 2:c1 // 2]
+        scales = from_half_bits(deinterleave(self.scales, 4, self.rows, groups))[rows, c0 // GROUP:c1 // GROUP]
+        minima = None
+        if self.offset_factor == 1.0:
+            minima = from_half_bits(deinterleave(self.offsets, 4, self.rows, groups))[rows, c0 // GROUP:c1 // GROUP]
+        return Q4Matrix.from_rows(qs, scales, minima)
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
@@ -271,8 +285,8 @@ def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
 
 
 def _check(m: Q4Matrix, x: Q8Activations) -> None:
-    if not has_avx512_vnni():  # the instructions would kill the process, not raise
-        raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 4-bit kernel is not written yet")
+    if not has_kernels():  # the instructions would kill the process, not raise
+        raise EdgeInferError("the 4-bit kernels need AVX-512 VNNI, or AVX2 with FMA and F16C")
     if x.lo.shape[-1] * 2 != m.padded_cols:
         raise ValueError(f"activations of {x.lo.shape[-1] * 2} columns for a matrix of {m.padded_cols}")
 

@@ -16,7 +16,7 @@ from numba import njit, prange
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
 from .q4 import PREFETCH_STEPS, deinterleave, from_half_bits, interleave, store_block
-from .simd import dpbusd, expand2, fma, has_avx512_vnni, load_i8, mul, prefetch, splat, to_f32, zeros_f32, zeros_i32
+from .simd import dpbusd, expand2, fma, has_kernels, load_i8, mul, prefetch, splat, to_f32, zeros_f32, zeros_i32
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
@@ -44,9 +44,24 @@ class Q8Matrix:
         rows = b.shape[0]
         scales = b[:, :, :2].copy().view(np.uint16)[..., 0]
         weights = (b[:, :, 2:].reshape(rows, cols) ^ 0x80).astype(np.uint8)  # int8 + 128 as unsigned
+        return cls.from_parts(weights, scales)
+
+    @classmethod
+    def from_parts(cls, weights: np.ndarray, scales: np.ndarray) -> "Q8Matrix":
+        """From row-major weights + 128 (rows, cols) uint8 and fp16 scale bits (rows, cols/32)."""
+        (rows, cols) = weights.shape
         chunks, rows_padded = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS
         return cls(interleave(weights, 64, rows_padded, chunks), interleave(scales, 2, rows_padded, chunks),
                    rows, cols)
+
+    def select(self, rows: slice, cols: slice) -> "Q8Matrix":
+        """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
+        c0, c1, _ = cols.indices(self.cols)
+        if c0 % GROUP or c1 % GROUP:
+            raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
+        weights = deinterleave(self.packed, 64, self.rows, self.cols)[rows, c0:c1]
+        scales = deinterleave(self.scales, 2, self.rows, self.cols // GROUP)[rows, c0 // GROUP:c1 // GROUP]
+        return Q8Matrix.from_parts(weights, scales)
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
@@ -120,8 +135,8 @@ def _gemm(packed, scales, xflat, xscales, xsums, out):
 
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:
-    if not has_avx512_vnni():
-        raise EdgeInferError("this CPU lacks AVX-512 VNNI, and the portable 8-bit kernel is not written yet")
+    if not has_kernels():
+        raise EdgeInferError("the 8-bit kernels need AVX-512 VNNI, or AVX2 with FMA and F16C")
     if x.flat.shape[-1] != -(-m.cols // CHUNK) * CHUNK:  # activations are padded to whole 128-wide chunks
         raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.cols}")
 

@@ -3,8 +3,9 @@
 Plain Numba loops do not become vpdpbusd or wide FMAs (../shared/notes/KERNELS.md): integer products
 are widened and the loops stay scalar. Here a Numba type wraps an LLVM vector (64 x i8, 16 x i32,
 16 x f32), and small @intrinsic functions emit the loads, nibble splits and intrinsic calls; LLVM
-inlines them, and cache=True keeps working. AVX-512 VNNI only, for now: `has_avx512_vnni()` says
-whether the host can run them.
+inlines them, and cache=True keeps working. The target is AVX-512 VNNI; on AVX2 CPUs the two
+x86-only operations (vpdpbusd, 64-byte vpshufb) take fallbacks, chosen when Numba compiles, and
+LLVM splits the 512-bit vectors in two: `has_kernels()` says whether the host runs them at all.
 """
 
 from functools import lru_cache
@@ -100,12 +101,23 @@ hi_nibbles = _bytewise("lshr", 4)
 
 @intrinsic
 def dpbusd(typingctx, acc, a, b):
-    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane (AVX-512 VNNI)."""
+    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane: vpdpbusd on AVX-512 VNNI; elsewhere the
+    same sums in plain LLVM vector IR (16-bit products, which cannot overflow: 255 * 128 < 2**15),
+    which LLVM lowers to the host's widest integer multiply-adds."""
     def codegen(context, builder, signature, args):
         v16 = ir.VectorType(ir.IntType(32), 16)
-        fnty = ir.FunctionType(v16, [v16, v16, v16])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
+        if has_avx512_vnni():
+            fnty = ir.FunctionType(v16, [v16, v16, v16])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
+        v64x16 = ir.VectorType(ir.IntType(16), 64)
+        products = builder.mul(builder.zext(args[1], v64x16), builder.sext(args[2], v64x16))
+        acc = args[0]
+        for k in range(4):  # lane i gets products 4i + k
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [4 * i + k for i in range(16)])
+            part = builder.shuffle_vector(products, ir.Constant(v64x16, ir.Undefined), mask)
+            acc = builder.add(acc, builder.sext(part, v16))
+        return acc
     return V16I32(V16I32, V64I8, V64I8), codegen
 
 
@@ -196,11 +208,26 @@ def hsum(typingctx, v):
 
 
 @lru_cache(maxsize=1)
-def has_avx512_vnni() -> bool:
+def _features() -> dict:
     from llvmlite import binding
 
-    features = binding.get_host_cpu_features()
-    return bool(features.get("avx512f") and features.get("avx512bw") and features.get("avx512vnni"))
+    return dict(binding.get_host_cpu_features())
+
+
+def has_avx512_vnni() -> bool:
+    f = _features()
+    return bool(f.get("avx512f") and f.get("avx512bw") and f.get("avx512vnni"))
+
+
+def has_avx2() -> bool:
+    return bool(_features().get("avx2"))
+
+
+def has_kernels() -> bool:
+    """Whether the 4/8-bit kernels run here: with AVX-512 VNNI (their first target), or with AVX2,
+    FMA and F16C (x86 since 2013), where the two x86-only operations take their fallbacks."""
+    f = _features()
+    return has_avx512_vnni() or bool(f.get("avx2") and f.get("fma") and f.get("f16c"))
 
 
 @intrinsic
@@ -258,9 +285,19 @@ def shuffle_bytes(typingctx, table, index):
     repeated in the 4 lanes; index bytes must be 0..15."""
     def codegen(context, builder, signature, args):
         v64 = ir.VectorType(ir.IntType(8), 64)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64, v64]),
-                                            "llvm.x86.avx512.pshuf.b.512")
-        return builder.call(fn, list(args))
+        if has_avx512_vnni():
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64, v64]),
+                                                "llvm.x86.avx512.pshuf.b.512")
+            return builder.call(fn, list(args))
+        # AVX2: the same per-16-byte-lane lookup on each 32-byte half
+        v32 = ir.VectorType(ir.IntType(8), 32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]), "llvm.x86.avx2.pshuf.b")
+        undefined = ir.Constant(v64, ir.Undefined)
+        halves = []
+        for h in range(2):
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 32), [32 * h + i for i in range(32)])
+            halves.append(builder.call(fn, [builder.shuffle_vector(a, undefined, mask) for a in args]))
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
     return V64I8(V64I8, V64I8), codegen
 
 
