@@ -186,7 +186,7 @@ class ChatApp(App):
             self.call_from_thread(self._show_progress, "loading weights", 0, None)
             engine = Engine.load(path, self.default_context, mem_limit=self.mem_limit,
                                  report=lambda line: self.call_from_thread(self._show_progress, line, 0, None))
-            if first_run():
+            if engine.model.fused and first_run():
                 self.call_from_thread(self._show_progress, "compiling kernels, first run only", 0, None)
             engine.model.warm_up()
         except Exception as exc:  # anything that stops loading is shown, never a traceback
