@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--attention", choices=("exact", "lut"), default="exact",
                      help="lut: NoMAD-style lookup-table scores over product-quantised keys (needs edgeinfer calibrate)")
     run.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    _cluster_args(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print the prompt's token count and the seed")
     _sampling_args(run)
     run.set_defaults(func=_cmd_run)
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     chat.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
+    _cluster_args(chat)
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
@@ -124,10 +126,32 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("-o", "--output", required=True)
     syn.set_defaults(func=_cmd_synth)
 
+    worker = sub.add_parser("worker", help="join a master's cluster and compute a share of every layer")
+    worker.add_argument("--join", required=True, metavar="HOST[:PORT]", help="the master's address")
+    worker.add_argument("--token", required=True, help="the join token the master printed")
+    worker.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    worker.add_argument("--cache-dir", help="where model files pulled from the master are kept "
+                        "(default: ~/.cache/edgeinfer/cluster)")
+    worker.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master (60)")
+    worker.set_defaults(func=_cmd_worker)
+
     pull = sub.add_parser("pull", help="fetch and convert a catalog model into the cache")
     pull.add_argument("name", nargs="?")
     pull.set_defaults(func=_cmd_pull)
     return p
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (tensor parallelism over ZeroMQ, with `edgeinfer worker` on other devices)")
+    g.add_argument("--listen", metavar="[HOST:]PORT", help="be the master: listen for workers here "
+                   "(HOST defaults to 127.0.0.1; give 0.0.0.0 for the network)")
+    g.add_argument("--token", help="the join token workers must give (default: a random one, printed)")
+    g.add_argument("--workers", type=int, default=0, help="wait for this many workers before starting (0)")
+    g.add_argument("--wait", type=float, default=60.0, help="seconds to wait for them; then start with "
+                   "whoever joined (60)")
+    g.add_argument("--timeout", type=float, default=30.0, help="a worker silent this long is dropped and the "
+                   "work re-planned without it (30)")
+    g.add_argument("--sync", choices=("fp32", "fp16"), default="fp32", help="all-reduce payload type (fp32)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -164,19 +188,60 @@ def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limi
                          report=lambda line: print(line, file=sys.stderr, flush=True), attention=attention)
     if verbose and limit is None and engine.memory_plan.window is None:
         print(engine.memory_plan.describe(), file=sys.stderr)
-    if first_run():
+    if engine.model.fused and first_run():  # the float32 path compiles nothing
         print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
     engine.model.warm_up()
     return engine
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .sampling import SamplingParams
+def load_cluster_engine(path: str, args: argparse.Namespace):
+    """The master's engine: its own shard, and the workers that joined within --wait."""
+    import secrets
 
+    from .cluster.master import ClusterModel, Master
+    from .engine import DEFAULT_CONTEXT, Engine
+    from .jit_cache import first_run
+    from .kernels.simd import has_kernels
+    from .storage import open_model
+    from .tokenizer import Tokenizer
+
+    if getattr(args, "mem_limit", None) is not None:
+        raise EdgeInferError("--mem-limit does not combine with --listen yet: cluster shards are resident")
+    token = args.token or secrets.token_urlsafe(12)
+    if not getattr(args, "exact", False) and has_kernels() and first_run():
+        print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
+    master = Master(args.listen, token, args.timeout, "f2" if args.sync == "fp16" else "f4")
+    try:
+        print(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}",
+              file=sys.stderr, flush=True)
+        master.wait_for(args.workers, args.wait)
+        source = open_model(path)
+        context = args.ctx or min(source.config.max_context, DEFAULT_CONTEXT)
+        model = ClusterModel(master, path, context, quantized=not getattr(args, "exact", False),
+                             attention=getattr(args, "attention", "exact"))
+        return Engine(model, Tokenizer(source.tokenizer), context)
+    except BaseException:
+        master.close("the master failed to start")
+        raise
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
-    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit,
-                         verbose=args.verbose, attention=args.attention)
+    path = resolve_model(args.model)
+    if args.listen is None:
+        return _run(load_engine(path, args.ctx, exact=args.exact, mem_limit=args.mem_limit,
+                                verbose=args.verbose, attention=args.attention), args)
+    engine = load_cluster_engine(path, args)
+    try:
+        return _run(engine, args)
+    finally:
+        engine.model.master.close()
+
+
+def _run(engine, args: argparse.Namespace) -> int:
+    from .sampling import SamplingParams
+
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     if args.prompt is not None:
@@ -198,7 +263,7 @@ def _generate(engine, ids: list[int], params, args: argparse.Namespace) -> str:
     except KeyboardInterrupt:  # stop this reply, keep what was generated
         gen.stats.finish_reason = "cancelled"
     _print_stats(gen.stats, args.verbose)
-    stream = getattr(engine.model.weights, "stream", None)
+    stream = getattr(getattr(engine.model, "weights", None), "stream", None)
     if args.verbose and stream is not None:
         print(stream.stats.describe(), file=sys.stderr)
     return gen.text
@@ -398,6 +463,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     synth(args.shape, args.bits, args.output, Progress(f"writing {args.shape}", " tensors"))
     print(args.output)
     return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .cluster.worker import run_worker
+
+    return run_worker(args.join, args.token, args.cache_dir, args.timeout)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:

@@ -39,10 +39,11 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r} (supported: {', '.join(ARCHITECTURES)})"
             )
         dims = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+        headless = self.num_heads == self.num_kv_heads == 0  # a cluster node's shard without attention heads
         for name in dims:
-            if int(getattr(self, name)) <= 0:
+            if int(getattr(self, name)) <= 0 and not (headless and name in ("num_heads", "num_kv_heads")):
                 raise ModelFormatError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
+        if not headless and self.num_heads % self.num_kv_heads:
             raise ModelFormatError(
                 f"model config: {self.num_heads} attention heads do not divide into {self.num_kv_heads} KV heads"
             )

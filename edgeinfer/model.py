@@ -9,16 +9,17 @@ projections a file stores in 4 bits run by the 4-bit kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError, EdgeInferError, UnsupportedModelError
-from .kernels.block import decode_layer, decode_scratch
+from .kernels.block import decode_attention, decode_layer, decode_mlp, decode_scratch
 from .kernels.lut_attention import attend_causal_lut, encode_keys_into, lut_buffers
-from .kernels.ops import LANES, attend_causal, rmsnorm_into, rope_rows
+from .kernels.ops import LANES, attend_causal, rope_rows
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
-from .kernels.simd import has_avx512_vnni
+from .kernels.simd import has_kernels
 from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.scheduler import LayerStream, StreamedRows
 from .storage.single import SingleFileSource
@@ -83,13 +84,15 @@ class KVCache:
 
 
 class ResidentWeights:
-    """Every layer in memory, loaded once."""
+    """Every layer in memory, loaded once; without embedding and head when `ends` is false (a
+    cluster worker: the master keeps them)."""
 
-    def __init__(self, source: WeightSource, quantized: bool):
+    def __init__(self, source: WeightSource, quantized: bool, ends: bool = True):
         c = source.config
-        self.embedding = load_linear(source, "model.embed_tokens.weight", quantized)
+        self.embedding = load_linear(source, "model.embed_tokens.weight", quantized) if ends else None
         self.layers = [LayerWeights.load(source, i, quantized) for i in range(c.num_layers)]
-        self._head = self.embedding if c.tie_embeddings else load_linear(source, "lm_head.weight", quantized)
+        self._head = None if not ends else self.embedding if c.tie_embeddings else \
+            load_linear(source, "lm_head.weight", quantized)
         self._blocks = [layer.block_args() for layer in self.layers]
         self.fused = all(b is not None for b in self._blocks)
         bits = {lin.bits for layer in self.layers for lin in (layer.q, layer.gate, layer.down)}
@@ -132,18 +135,19 @@ class StreamedWeights:
 
 class Model:
     def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None,
-                 attention: str = "exact"):
+                 attention: str = "exact", ends: bool = True):
         """quantized: run the weights the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels
         (on CPUs that have their instructions); otherwise (the exact path) everything is float32.
-        window: stream layers through that many slots instead of holding them all (single file only)."""
-        quantized = quantized and has_avx512_vnni()
+        window: stream layers through that many slots instead of holding them all (single file only).
+        ends: load the embedding and head (a cluster worker runs only the layers)."""
+        quantized = quantized and has_kernels()
         self.config = c = source.config
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
             raise UnsupportedModelError(f"head dimension {c.head_dim} is not a multiple of {LANES}")
         source.model_tensor_names()  # every tensor present, with its shape
         if window is not None and not isinstance(source, SingleFileSource):
             raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
-        self.weights = ResidentWeights(source, quantized) if window is None else \
+        self.weights = ResidentWeights(source, quantized, ends) if window is None else \
             StreamedWeights(source, quantized, window)
         self.embedding, self.precision = self.weights.embedding, self.weights.precision  # shown to the user
         self.fused = self.weights.fused  # every projection quantised: the Numba decode step and attention
@@ -151,6 +155,9 @@ class Model:
         self.norm = np.array(source.float32("model.norm.weight"))
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
+        # On a cluster node the layers' two halves give partial sums of the hidden vector, which this
+        # sums over the nodes (cluster/allreduce.py); alone, a node's sum is its own.
+        self.allreduce: Callable[[np.ndarray], np.ndarray] | None = None
 
     def _codebooks(self, source: WeightSource, attention: str) -> list[np.ndarray] | None:
         if attention == "exact":
@@ -172,44 +179,67 @@ class Model:
         """Run the prefill and decode kernels once, so that Numba compiles them (first run) or loads
         them from its cache now, not at the user's first token."""
         cache = self.new_cache(3)
-        self.forward(np.zeros(2, np.int64), cache)
-        self.forward(np.zeros(1, np.int64), cache)
+        for count in (2, 1):
+            h = self.run_layers(np.zeros((count, self.config.hidden_size), np.float32), cache)
+            if self.embedding is not None:
+                self.logits(h)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` at the cache's next positions; logits of the last token, or of all of them.
-        The whole batch goes through a layer before the next, so streamed weights are read once."""
-        start, count = cache.length, len(tokens)
-        if start + count > cache.capacity:
-            raise ContextOverflowError(f"{start + count} tokens exceed the context of {cache.capacity}")
+        """Run `tokens` at the cache's next positions; logits of the last token, or of all of them."""
+        return self.logits(self.run_layers(self.embed(tokens), cache), all_logits)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.embedding.rows(np.asarray(tokens)), dtype=np.float32)
+
+    def logits(self, h: np.ndarray, all_logits: bool = False) -> np.ndarray:
         eps = self.config.rms_norm_eps
-        if count == 1 and self.fused:
-            return self.decode(int(tokens[0]), cache)
-        cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
-        h = self.embedding.rows(np.asarray(tokens))
-        for i in range(self.config.num_layers):
-            layer, _ = self.weights.layer(i)
-            h = h + self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
-            h = h + self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))
-            self.weights.done(i)
-        cache.length = start + count
         h = h if all_logits else h[-1:]
         logits = self.weights.head()(rmsnorm(h, self.norm, eps))
         self.weights.done(HEAD)
         return logits if all_logits else logits[0]
 
-    def decode(self, token: int, cache: KVCache) -> np.ndarray:
-        """One token through the fused layers: one Numba call per layer."""
-        position, eps = cache.length, self.config.rms_norm_eps
-        h = self.embedding.rows(np.array([token]))[0].astype(np.float32)
+    def run_layers(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
+        """The hidden vectors (count, hidden) of tokens at the cache's next positions through every
+        layer; their keys and values go in the cache. The whole batch goes through a layer before
+        the next, so streamed weights are read once."""
+        start, count = cache.length, h.shape[0]
+        if start + count > cache.capacity:
+            raise ContextOverflowError(f"{start + count} tokens exceed the context of {cache.capacity}")
+        if count == 1 and self.fused:
+            return self.decode(h, cache)
+        eps = self.config.rms_norm_eps
+        cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
+        for i in range(self.config.num_layers):
+            layer, _ = self.weights.layer(i)
+            h = h + self._sum(self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin))
+            h = h + self._sum(self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps)))
+            self.weights.done(i)
+        cache.length = start + count
+        return h
+
+    def _sum(self, partial: np.ndarray) -> np.ndarray:
+        return partial if self.allreduce is None else self.allreduce(partial)
+
+    def decode(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One token (h of shape (1, hidden)) through the fused layers: one Numba call per layer,
+        or per half-layer on a cluster node, whose halves' sums go through the all-reduce."""
+        position, eps, s = cache.length, self.config.rms_norm_eps, cache.scratch
+        h = h[0].copy()
         for i in range(self.config.num_layers):
             _, block = self.weights.layer(i)
-            decode_layer(h, block, cache.k[i], cache.v[i], cache.lut[i], position, self.inv_freq, eps, cache.scratch)
+            if self.allreduce is None:
+                decode_layer(h, block, cache.k[i], cache.v[i], cache.lut[i], position, self.inv_freq, eps, s)
+            else:
+                if self.config.num_kv_heads:
+                    decode_attention(h, block, cache.k[i], cache.v[i], cache.lut[i], position, self.inv_freq, eps, s)
+                else:
+                    s.o[:] = 0
+                h += self.allreduce(s.o)
+                decode_mlp(h, block, eps, s)
+                h += self.allreduce(s.o)
             self.weights.done(i)
         cache.length = position + 1
-        rmsnorm_into(h, self.norm, eps, cache.scratch.x)
-        logits = self.weights.head()(cache.scratch.x[None])[0]
-        self.weights.done(HEAD)
-        return logits
+        return h[None]
 
     def attention(self, w: LayerWeights, x: np.ndarray, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -219,6 +249,8 @@ class Model:
         OpenBLAS for its products: mixing the two thread pools on few cores makes both spin-wait."""
         c = self.config
         count, start = x.shape[0], cache.length
+        if not c.num_kv_heads:  # a cluster node holding MLP columns only
+            return np.zeros_like(x)
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
         kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
         cache.v[layer, :, start:start + count] = kv_heads(w.v(x))

@@ -73,6 +73,15 @@ def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """h (hidden,) += the block's output for the token at `position`; its key and value go into
     keys/values (kv_heads, capacity, head_dim) at `position`. lut: (codebooks, codes, tables, sums)
     for LUT attention (lut_attention.py), or empty arrays for exact attention."""
+    decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s)
+    h += s.o
+    decode_mlp(h, weights, eps, s)
+    h += s.o
+
+
+@njit(cache=True)
+def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
+    """s.o = the attention half's output for h (not yet added: on a cluster node it is a partial sum)."""
     attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
     kv_heads, hd = keys.shape[0], keys.shape[2]
 
@@ -97,8 +106,12 @@ def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
         attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.o)
-    h += s.o
 
+
+@njit(cache=True)
+def decode_mlp(h, weights, eps, s):
+    """s.o = the MLP half's output for h (not yet added)."""
+    attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
     rmsnorm_into(h, mlp_norm, eps, s.x)
     quantize(s.x, s.xq)
     matvec(wgate, s.xq, s.gate)
@@ -106,4 +119,3 @@ def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     silu_mul_into(s.gate, s.up, s.act)
     quantize(s.act, s.actq)
     matvec(wdown, s.actq, s.o)
-    h += s.o

@@ -1,0 +1,129 @@
+"""Star all-reduce: every worker sends its partial sum to the master, which adds them in node order
+and sends the total back. Two network hops whatever the node count (a ring needs 2(N-1)); a decode
+payload is one hidden vector, so latency, not bandwidth, decides (TPI-LLM's finding).
+
+Each all-reduce of a step has a sequence number (the step's first, then one more per call), so a
+late partial from before a re-plan is recognised and dropped. With sync "f2" partials and total
+travel as fp16; the master rounds the total it keeps the same way, so every node adds the very same
+vector to its hidden state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import EdgeInferError
+from .protocol import DTYPES, encode_array
+
+if TYPE_CHECKING:
+    from .master import Master
+    from .worker import Worker
+
+
+class NodeLost(EdgeInferError):
+    """A worker failed, or sent nothing within the timeout."""
+
+    def __init__(self, identity: bytes, reason: str):
+        super().__init__(reason)
+        self.identity = identity
+
+
+class StarHub:
+    """The master's side."""
+
+    def __init__(self, master: "Master", sync: str = "f4"):
+        self.master, self.sync = master, sync
+        self.seq = 0
+        self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0}
+
+    def allreduce(self, partial: np.ndarray) -> np.ndarray:
+        seq, self.seq = self.seq, self.seq + 1
+        workers = self.master.workers
+        parts: dict[bytes, np.ndarray] = {}
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.master.timeout
+        while len(parts) < len(workers):
+            got = self.master.recv(deadline)
+            if got is None:
+                late = next(w for w in workers if w.identity not in parts)
+                raise NodeLost(late.identity, f"{late.name} sent nothing for {self.master.timeout:g} s")
+            identity, m = got
+            if m.kind == "failed":
+                raise NodeLost(identity, f"{self.master.name_of(identity)} failed: {m.fields['message']}")
+            if m.kind != "partial" or m.fields["seq"] != seq or identity in parts:
+                continue  # late from an earlier step; joins are handled by the master between requests
+            a = m.array()
+            if a.shape != partial.shape:
+                raise NodeLost(identity, f"{self.master.name_of(identity)} sent a partial of shape {a.shape}")
+            parts[identity] = a
+            self.stats["bytes"] += len(m.payload)
+        total = np.array(partial, np.float32)
+        if self.sync != "f4":
+            total = total.astype(DTYPES[self.sync]).astype(np.float32)  # as the workers' partials travel
+        for w in workers:
+            total += parts[w.identity]
+        if self.sync != "f4":
+            total = total.astype(DTYPES[self.sync]).astype(np.float32)
+        frames = encode_array("sum", total, self.sync, seq=seq)
+        for w in workers:
+            self.master.send_frames(w.identity, frames)
+        self.stats["calls"] += 1
+        self.stats["wait_s"] += time.perf_counter() - t0
+        return total
+
+
+class StarMember:
+    """A worker's side: send the partial, wait for the total."""
+
+    def __init__(self, worker: "Worker", sync: str = "f4"):
+        self.worker, self.sync = worker, sync
+        self.seq = 0
+        self.wait_s = 0.0  # from sending a partial to having the total: network and the other nodes
+
+    def begin(self, seq: int) -> None:
+        self.seq = seq
+
+    def allreduce(self, partial: np.ndarray) -> np.ndarray:
+        seq, self.seq = self.seq, self.seq + 1
+        t0 = time.perf_counter()
+        self.worker.sock.send_multipart(encode_array("partial", partial, self.sync, seq=seq))
+        try:
+            return self._total(seq, partial.shape)
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def _total(self, seq: int, shape: tuple) -> np.ndarray:
+        from .worker import Interrupted
+
+        while True:
+            m = self.worker.recv(self.worker.timeout)
+            if m is None:
+                raise EdgeInferError(f"the master sent no sum for {self.worker.timeout:g} s")
+            if m.kind == "sum" and m.fields["seq"] == seq:
+                total = m.array()
+                if total.shape != shape:
+                    raise EdgeInferError(f"a sum of shape {total.shape} for a partial of {shape}")
+                return total
+            if m.kind in ("load", "step", "bye"):
+                raise Interrupted(m)
+            if m.kind == "ping":
+                self.worker.send("pong")
+
+
+def ring_allreduce(x: np.ndarray, rank: int, nodes: int, send, recv) -> np.ndarray:
+    """The ring all-reduce, for comparison only (bench/cluster.py): reduce-scatter then all-gather
+    of N chunks, each node sending to the next (`send(bytes)`) and receiving from the previous
+    (`recv() -> bytes`): 2(N-1) hops in sequence, where the star needs 2."""
+    chunks = [c.copy() for c in np.array_split(np.asarray(x, np.float32), nodes)]
+    for step in range(nodes - 1):  # reduce-scatter: chunk (rank + 1) ends up summed here
+        send(chunks[(rank - step) % nodes].tobytes())
+        i = (rank - step - 1) % nodes
+        chunks[i] += np.frombuffer(recv(), np.float32)
+    for step in range(nodes - 1):  # all-gather
+        send(chunks[(rank + 1 - step) % nodes].tobytes())
+        i = (rank - step) % nodes
+        chunks[i] = np.frombuffer(recv(), np.float32).copy()
+    return np.concatenate(chunks)

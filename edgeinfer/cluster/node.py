@@ -1,0 +1,83 @@
+"""What a node knows about itself and its files: cores, free memory, measured GEMV speed, and the
+sha256 fingerprint of a model file (remembered by path, size and mtime, since hashing gigabytes
+takes seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..kernels.activations import quantize_activations
+from ..kernels.q4 import Q4Matrix
+from ..kernels.simd import has_kernels
+from ..paths import home
+from ..storage.scheduler import available_memory
+
+READ_BLOCK = 8 << 20
+
+
+def log(message: str) -> None:
+    """One line per cluster event, on stderr."""
+    print(f"cluster: {message}", file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def free_memory() -> int:
+    return available_memory()
+
+
+def gemv_speed(rows: int = 2048, cols: int = 2048, repeats: int = 20) -> float:
+    """GB/s of 4-bit weights this node's GEMV streams (a 2 MB matrix), the speed its share follows."""
+    if not has_kernels():
+        return 1.0  # the float path: no kernel to measure, equal shares
+    rng = np.random.default_rng(0)
+    m = Q4Matrix.from_rows(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
+                           np.full((rows, cols // 32), 0.01, np.float32))
+    x, out = quantize_activations(rng.standard_normal(cols).astype(np.float32)), np.empty(rows, np.float32)
+    m.matmul(x, out)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        m.matmul(x, out)
+        times.append(time.perf_counter() - t)
+    return m.nbytes / float(np.median(times)) / 1e9
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of the file's bytes."""
+    st = os.stat(path)
+    memo_path = home() / "fingerprints.json"
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo, dict) and isinstance(memo.get(key), str):
+        return memo[key]
+    digest = sha256_file(path)
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = digest
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # only a memo: the next start hashes again
+    return digest
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()

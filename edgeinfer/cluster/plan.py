@@ -1,0 +1,90 @@
+"""Which node computes which part of every layer (tensor parallelism, as TPI-LLM splits it).
+
+Attention splits by KV heads: a node holds whole KV heads with their query heads (rows of q, k, v,
+the matching columns of o) and its share of the KV cache. The MLP splits by intermediate columns
+(rows of gate and up, columns of down). o and down then give partial sums of the hidden vector: two
+all-reduces per layer. Shares follow each node's weight (its measured speed, capped by its memory);
+any node count works, and a node can hold no heads (fewer KV heads than nodes) and still take MLP
+columns. The embedding and the head stay on the master (node 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import EdgeInferError
+
+COLUMN_STEP = 128  # MLP columns go in whole 4-bit chunks, so every share is a kernel-sized matrix
+
+
+@dataclass(frozen=True)
+class Share:
+    """One node's part: KV heads [kv_start, kv_end) and intermediate columns [col_start, col_end)."""
+
+    kv_start: int
+    kv_end: int
+    col_start: int
+    col_end: int
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kv_end - self.kv_start
+
+    @property
+    def columns(self) -> int:
+        return self.col_end - self.col_start
+
+    def to_dict(self) -> dict[str, int]:
+        return {"kv": [self.kv_start, self.kv_end], "cols": [self.col_start, self.col_end]}
+
+    @classmethod
+    def from_dict(cls, d: dict, config: ModelConfig) -> "Share":
+        try:
+            (k0, k1), (c0, c1) = d["kv"], d["cols"]
+            share = cls(int(k0), int(k1), int(c0), int(c1))
+        except (KeyError, TypeError, ValueError):
+            raise EdgeInferError(f"malformed share {d!r}") from None
+        if not (0 <= share.kv_start <= share.kv_end <= config.num_kv_heads
+                and 0 <= share.col_start < share.col_end <= config.intermediate_size):
+            raise EdgeInferError(f"share {d!r} does not fit the model")
+        return share
+
+
+def split(total: int, weights: list[float], step: int = 1, minimum: int = 0) -> list[tuple[int, int]]:
+    """[start, end) ranges of `total` in multiples of `step` (the last range takes the remainder),
+    each at least `minimum` steps, the rest proportional to `weights`, by largest remainders so the
+    sizes add up exactly."""
+    units = -(-total // step) - minimum * len(weights)
+    ideal = [units * w / sum(weights) for w in weights]
+    counts = [int(x) for x in ideal]
+    for i in sorted(range(len(weights)), key=lambda i: ideal[i] - counts[i], reverse=True)[:units - sum(counts)]:
+        counts[i] += 1
+    ranges, start = [], 0
+    for n in counts:
+        end = min(total, start + (n + minimum) * step)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def plan_shares(config: ModelConfig, weights: list[float]) -> list[Share]:
+    """Node i's share, in proportion to weights[i] (> 0). Every node gets at least one block of MLP
+    columns; heads may run out first."""
+    if not weights or min(weights) <= 0:
+        raise EdgeInferError("every node needs a positive weight")
+    steps = -(-config.intermediate_size // COLUMN_STEP)
+    if len(weights) > steps:
+        raise EdgeInferError(f"{len(weights)} nodes are more than the {steps} MLP column blocks of this model")
+    if config.head_dim % 32:
+        raise EdgeInferError(f"head dimension {config.head_dim} does not split on 32-wide quantisation groups")
+    heads = split(config.num_kv_heads, weights)
+    columns = split(config.intermediate_size, weights, COLUMN_STEP, minimum=1)
+    return [Share(k0, k1, c0, c1) for (k0, k1), (c0, c1) in zip(heads, columns)]
+
+
+def node_weight(gemv_gbs: float, free_bytes: int, model_bytes: int, nodes: int) -> float:
+    """A node's share weight: its measured matrix-vector speed, scaled down when its free memory
+    could not hold an even share of the weights."""
+    even = model_bytes / nodes
+    return gemv_gbs * min(1.0, free_bytes / even) if even else gemv_gbs

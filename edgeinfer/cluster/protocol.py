@@ -1,0 +1,155 @@
+"""What master and workers say to each other: message kinds, fields, limits, and their validation.
+
+A message is one ZeroMQ multipart: a JSON header {"kind", "v", fields...} and, for kinds that carry
+an array or file data, one payload frame. No pickle: arrays go as raw bytes with a declared dtype
+and shape, checked against the payload's size. Anything that does not match its kind's fields, or
+is larger than the limits, raises ProtocolError; the receiver logs and drops it.
+
+The channel is ZeroMQ CURVE (encrypted and authenticated). Its server key pair derives from the join
+token, so the token is the one secret the user shares: a worker that knows it can reach the master,
+and the token itself travels inside the encrypted channel in the hello.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+import zmq.utils.z85
+
+from .. import __version__
+from ..errors import EdgeInferError
+
+PROTOCOL = 1
+DEFAULT_PORT = 7433
+MAX_HEADER = 16 << 10
+FILE_CHUNK = 4 << 20
+MAX_PAYLOAD = 64 << 20  # a partial sum of 4096 tokens x 4096 floats, or a file chunk
+DTYPES = {"f4": np.float32, "f2": np.float16}
+
+_INT, _STR, _FLOAT, _BOOL, _LIST, _DICT = int, str, (int, float), bool, list, dict
+# kind -> its fields and their types; kinds in ARRAY_KINDS carry an array, in DATA_KINDS file bytes
+FIELDS: dict[str, dict[str, type | tuple]] = {
+    # worker -> master
+    "hello": {"token": _STR, "protocol": _INT, "version": _STR, "cores": _INT, "free_ram": _INT,
+              "gemv_gbs": _FLOAT, "models": _LIST},
+    "need": {"offset": _INT},  # the worker lacks the model file: send the chunk at offset
+    "ready": {"rss": _INT},
+    "partial": {"seq": _INT, "dtype": _STR, "shape": _LIST},
+    "failed": {"message": _STR},
+    "pong": {},
+    # master -> worker
+    "welcome": {"node": _INT},
+    "refused": {"reason": _STR},
+    "load": {"fingerprint": _STR, "size": _INT, "share": _DICT, "context": _INT, "attention": _STR, "exact": _BOOL,
+             "sync": _STR},
+    "chunk": {"offset": _INT},
+    "step": {"seq": _INT, "start": _INT, "dtype": _STR, "shape": _LIST},
+    "sum": {"seq": _INT, "dtype": _STR, "shape": _LIST},
+    "ping": {},
+    "bye": {"reason": _STR},
+}
+ARRAY_KINDS = {"partial", "step", "sum"}
+DATA_KINDS = {"chunk"}
+
+
+class ProtocolError(EdgeInferError):
+    """A message that is malformed, of an unknown kind, or over the limits."""
+
+
+class Refused(EdgeInferError):
+    """The master refused this worker (wrong token or version), with its reason."""
+
+
+@dataclass
+class Message:
+    kind: str
+    fields: dict = field(default_factory=dict)
+    payload: bytes | None = None
+
+    def array(self) -> np.ndarray:
+        """The payload as the float32 array it declares."""
+        return np.frombuffer(self.payload, DTYPES[self.fields["dtype"]]).reshape(self.fields["shape"]) \
+            .astype(np.float32)
+
+
+def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> list[bytes]:
+    if kind not in FIELDS:
+        raise ValueError(f"unknown message kind {kind}")
+    frames = [json.dumps({"kind": kind, "v": PROTOCOL, **fields}).encode()]
+    if payload is not None:
+        frames.append(payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload))
+    return frames
+
+
+def encode_array(kind: str, a: np.ndarray, sync: str = "f4", **fields) -> list[bytes]:
+    """An array message; sync "f2" sends it as fp16."""
+    a = np.ascontiguousarray(a, DTYPES[sync])
+    return encode(kind, a, dtype=sync, shape=list(a.shape), **fields)
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Validate and decode one message; raises ProtocolError on anything unexpected."""
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(f"{len(frames)} frames")
+    if len(frames[0]) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(frames[0])} bytes")
+    try:
+        header = json.loads(frames[0])
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not an object")
+    kind = header.pop("kind", None)
+    if kind not in FIELDS:
+        raise ProtocolError(f"unknown kind {str(kind)[:40]!r}")
+    version = header.pop("v", None)
+    if version != PROTOCOL and kind != "hello":  # a hello of another version gets a readable refusal
+        raise ProtocolError(f"{kind}: protocol version {version!r}, expected {PROTOCOL}")
+    expected = FIELDS[kind]
+    if set(header) != set(expected):
+        raise ProtocolError(f"{kind}: fields {sorted(header)}, expected {sorted(expected)}")
+    for name, typ in expected.items():
+        value = header[name]
+        if not isinstance(value, typ) or (typ is _INT and isinstance(value, bool)):
+            raise ProtocolError(f"{kind}: field {name} is {type(value).__name__}")
+    payload = frames[1] if len(frames) == 2 else None
+    wants_payload = kind in ARRAY_KINDS or kind in DATA_KINDS
+    if wants_payload != (payload is not None):
+        raise ProtocolError(f"{kind}: {'missing' if wants_payload else 'unexpected'} payload")
+    if payload is not None and len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"{kind}: payload of {len(payload)} bytes")
+    if kind in ARRAY_KINDS:
+        _check_array(kind, header, len(payload))
+    return Message(kind, header, payload)
+
+
+def _check_array(kind: str, header: dict, size: int) -> None:
+    if header["dtype"] not in DTYPES:
+        raise ProtocolError(f"{kind}: dtype {str(header['dtype'])[:20]!r}")
+    shape = header["shape"]
+    if not 1 <= len(shape) <= 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ProtocolError(f"{kind}: shape {str(shape)[:40]}")
+    if int(np.prod(shape)) * np.dtype(DTYPES[header["dtype"]]).itemsize != size:
+        raise ProtocolError(f"{kind}: payload of {size} bytes does not hold shape {shape}")
+
+
+def curve_server_keys(token: str) -> tuple[bytes, bytes]:
+    """(public, secret) CURVE keys of the master, Z85-encoded, derived from the join token."""
+    secret = zmq.utils.z85.encode(hashlib.sha256(b"edgeinfer cluster key\0" + token.encode()).digest())
+    return zmq.curve_public(secret), secret
+
+
+def check_hello(m: Message, token: str) -> str | None:
+    """Why the master refuses this hello, or None to accept it."""
+    if m.fields["protocol"] != PROTOCOL:
+        return f"protocol version {m.fields['protocol']}, the master speaks {PROTOCOL}"
+    if m.fields["version"] != __version__:
+        return f"edgeinfer {m.fields['version']}, the master runs {__version__}"
+    if not hmac.compare_digest(m.fields["token"].encode(), token.encode()):
+        return "wrong join token"
+    return None

@@ -1,0 +1,84 @@
+"""A node's shard of a model, as a WeightSource: the same forward pass runs on it unchanged.
+
+The shard's config has the node's heads and MLP columns; its projections are sliced from the full
+file's matrices bit for bit (kernels' `select`), its KV cache holds only its heads. Norms are whole:
+every node keeps the full hidden vector, which the all-reduces keep identical everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..storage.source import KeyCodebooks, WeightSource
+from .plan import Share
+
+ALL = slice(None)
+
+
+def shard_config(config: ModelConfig, share: Share) -> ModelConfig:
+    group = config.num_heads // config.num_kv_heads
+    return dataclasses.replace(config, num_kv_heads=share.kv_heads, num_heads=share.kv_heads * group,
+                               intermediate_size=share.columns)
+
+
+class ShardSource(WeightSource):
+    def __init__(self, source: WeightSource, share: Share):
+        self.source, self.share = source, share
+        self.config = shard_config(source.config, share)
+        self.tokenizer, self.path, self.format = source.tokenizer, source.path, source.format
+        c, hd = source.config, source.config.head_dim
+        q = slice(share.kv_start * hd * (c.num_heads // c.num_kv_heads), share.kv_end * hd * (c.num_heads // c.num_kv_heads))
+        kv = slice(share.kv_start * hd, share.kv_end * hd)
+        cols = slice(share.col_start, share.col_end)
+        # (rows, columns) of each sliced tensor, by the name's ending
+        self._slices = {
+            "self_attn.q_proj.weight": (q, ALL), "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.weight": (kv, ALL), "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.weight": (kv, ALL), "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.weight": (ALL, q),
+            "mlp.gate_proj.weight": (cols, ALL), "mlp.gate_proj.bias": (cols,),
+            "mlp.up_proj.weight": (cols, ALL), "mlp.up_proj.bias": (cols,),
+            "mlp.down_proj.weight": (ALL, cols),
+        }
+
+    def _slice(self, name: str) -> tuple | None:
+        return self._slices.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def stored_type(self, name: str) -> str:
+        return self.source.stored_type(name)
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        where, shape = self._slice(name), self.source.stored_shape(name)
+        if where is None:
+            return shape
+        return tuple(len(range(*s.indices(n))) for s, n in zip(where, shape))
+
+    def float32(self, name: str) -> np.ndarray:
+        where = self._slice(name)
+        full = self.source.float32(name)
+        return full if where is None else np.ascontiguousarray(full[where])
+
+    def quantized(self, name: str):
+        where, matrix = self._slice(name), self.source.quantized(name)
+        return matrix if where is None or matrix is None else matrix.select(*where)
+
+    def has(self, name: str) -> bool:
+        return self.source.has(name)
+
+    def key_codebooks(self) -> KeyCodebooks | None:
+        books = self.source.key_codebooks()
+        if books is None:
+            return None
+        return KeyCodebooks(books.d_sub, [b[self.share.kv_start:self.share.kv_end] for b in books.layers])
+
+    def file_size(self) -> int:
+        return self.source.file_size()
+
+    def close(self) -> None:
+        self.source.close()

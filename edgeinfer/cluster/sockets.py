@@ -1,0 +1,88 @@
+"""ZeroMQ sockets of the cluster: CURVE-encrypted, size-capped, with handshake failures visible.
+
+The master is the CURVE server (key pair derived from the join token, protocol.py); a worker is a
+client with a fresh key pair of its own. ZeroMQ drops a peer whose message exceeds MAXMSGSIZE before
+any of it reaches us. A wrong token fails the CURVE handshake itself, which only the socket monitor
+sees: both sides read it there, so both can say so.
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..errors import EdgeInferError
+from .protocol import DEFAULT_PORT, MAX_HEADER, MAX_PAYLOAD, curve_server_keys
+
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
+class Monitor:
+    """Connection events of a socket: failed handshakes, and lost connections (ZMTP heartbeats,
+    answered by the peer's ZeroMQ I/O thread, notice a dead or cut-off peer within HEARTBEAT_TIMEOUT)."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
+        self.failed = self.disconnected = 0
+
+    def update(self) -> None:
+        while self.sock.poll(0):
+            event = recv_monitor_message(self.sock)["event"]
+            if event & HANDSHAKE_FAILED:
+                self.failed += 1
+            else:
+                self.disconnected += 1
+
+    def handshake_failed(self) -> int:
+        """How many handshakes failed since the last call."""
+        self.update()
+        failed, self.failed = self.failed, 0
+        return failed
+
+
+def endpoint(address: str, default_host: str = "127.0.0.1") -> str:
+    """tcp://HOST:PORT from HOST, HOST:PORT, :PORT or PORT."""
+    host, _, port = address.rpartition(":") if ":" in address else ("", "", address)
+    if not host and not port.isdigit():
+        host, port = port, str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise EdgeInferError(f"bad address {address!r}: expected [HOST:]PORT")
+    return f"tcp://{host or default_host}:{port}"
+
+
+HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.maxmsgsize = MAX_HEADER + MAX_PAYLOAD
+    sock.linger = 1000
+    sock.heartbeat_ivl, sock.heartbeat_timeout = HEARTBEAT_IVL, HEARTBEAT_TIMEOUT
+
+
+def curve_server(ctx: zmq.Context, token: str, address: str) -> tuple[zmq.Socket, Monitor, str]:
+    """The master's ROUTER socket bound at `address`; returns it, its monitor and its public key."""
+    public, secret = curve_server_keys(token)
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock)
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.router_mandatory = True  # a send to a worker that is gone raises instead of vanishing
+    monitor = Monitor(sock)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as e:
+        raise EdgeInferError(f"cannot listen on {address}: {e}") from None
+    return sock, monitor, public.decode()
+
+
+def curve_client(ctx: zmq.Context, token: str, address: str) -> tuple[zmq.Socket, Monitor]:
+    """A worker's DEALER socket connecting to the master at `address`."""
+    public, secret = zmq.curve_keypair()
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock)
+    sock.curve_serverkey = curve_server_keys(token)[0]
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    monitor = Monitor(sock)
+    sock.connect(address)
+    return sock, monitor

@@ -1,0 +1,196 @@
+"""`edgeinfer worker --join HOST[:PORT] --token TOKEN`: a node that computes its share of every layer.
+
+It joins the master (hello: versions, token, cores, free memory, GEMV speed, the model files it
+holds), gets a share to load (pulling the model file once into its cache dir when it lacks it,
+resumable and hash-checked), then serves steps: for each batch of hidden vectors the master sends,
+it runs the same forward pass as a single node over its shard, and each half-layer's partial sum
+goes through the master's star all-reduce (allreduce.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+from .. import __version__
+from ..errors import EdgeInferError
+from ..model import Model
+from ..paths import home
+from ..storage import open_model
+from .allreduce import StarMember
+from .node import cores, free_memory, gemv_speed, log, sha256_file
+from .plan import Share
+from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
+from .sockets import curve_client, endpoint
+
+
+class Interrupted(Exception):
+    """The master sent a new command in the middle of a step (it re-planned after a node was lost)."""
+
+    def __init__(self, message: Message):
+        self.message = message
+
+
+class Worker:
+    def __init__(self, join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0):
+        self.address, self.token, self.timeout = endpoint(join), token, timeout
+        self.cache_dir = Path(cache_dir) if cache_dir else home() / "cluster"
+        self.sock, self.monitor = curve_client(zmq.Context.instance(), token, self.address)
+        self.model: Model | None = None
+        self.cache = None
+        self.member: StarMember | None = None
+        self.joined = False
+        self.steps, self.step_s = 0, 0.0
+
+    def recv(self, timeout: float | None) -> Message | None:
+        """The next valid message (malformed ones are logged and dropped); None after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 500 if deadline is None else max(0, min(500, int((deadline - time.monotonic()) * 1000)))
+            if not self.sock.poll(wait):
+                if self.monitor.handshake_failed():
+                    raise Refused("the master refused the encrypted handshake: wrong join token")
+                if self.monitor.disconnected and self.joined:
+                    raise EdgeInferError(f"lost the connection to the master at {self.address}")
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            frames = self.sock.recv_multipart()
+            try:
+                return decode(frames)
+            except ProtocolError as e:
+                log(f"dropped a malformed message from the master: {e}")
+
+    def send(self, kind: str, payload=None, **fields) -> None:
+        self.sock.send_multipart(encode(kind, payload, **fields))
+
+    def join(self) -> int:
+        self.send("hello", token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
+                  free_ram=free_memory(), gemv_gbs=gemv_speed(), models=self._held_models())
+        deadline = time.monotonic() + self.timeout
+        while True:
+            m = self.recv(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                raise EdgeInferError(f"no answer from the master at {self.address} within {self.timeout:g} s")
+            if m.kind == "refused":
+                raise Refused(f"the master refused this worker: {m.fields['reason']}")
+            if m.kind == "welcome":
+                log(f"joined {self.address} as node {m.fields['node']}")
+                self.monitor.update()
+                self.monitor.disconnected = 0
+                self.joined = True
+                return m.fields["node"]
+            log(f"dropped {m.kind} before the welcome")
+
+    def serve(self) -> None:
+        """Run the master's commands until it says bye."""
+        pending: Message | None = None
+        while True:
+            m = pending or self.recv(None)
+            pending = None
+            try:
+                if m.kind == "bye":
+                    log(f"the master ended the session: {m.fields['reason']}")
+                    if self.steps:
+                        wait = self.member.wait_s
+                        log(f"served {self.steps} steps: {self.step_s - wait:.3f} s computing, {wait:.3f} s "
+                            "waiting for sums")
+                    return
+                if m.kind == "load":
+                    self._load(m)
+                elif m.kind == "step":
+                    self._step(m)
+                elif m.kind == "ping":
+                    self.send("pong")
+                else:
+                    log(f"dropped an unexpected {m.kind}")
+            except Interrupted as e:
+                pending = e.message
+            except EdgeInferError as e:
+                log(f"failed: {e}")
+                self.send("failed", message=str(e))
+
+    def _held_models(self) -> list[str]:
+        if not self.cache_dir.is_dir():
+            return []
+        return sorted(p.name.split(".")[0] for p in self.cache_dir.glob("*.safetensors"))
+
+    def _load(self, m: Message) -> None:
+        f = m.fields
+        path = self._model_file(f["fingerprint"], f["size"])
+        source = open_model(str(path))
+        share = Share.from_dict(f["share"], source.config)
+        from .shard import ShardSource
+
+        self.model = Model(ShardSource(source, share), quantized=not f["exact"], attention=f["attention"], ends=False)
+        self.model.allreduce = lambda partial: partial  # compile both halves now, not at the first step
+        self.model.warm_up()
+        self.cache = self.model.new_cache(f["context"])
+        if f["sync"] not in DTYPES:
+            raise EdgeInferError(f"unknown sync type {f['sync'][:10]!r}")
+        self.member = StarMember(self, f["sync"])
+        self.model.allreduce = self.member.allreduce
+        log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
+        self.send("ready", rss=_rss())
+
+    def _model_file(self, fp: str, size: int) -> Path:
+        """The model file with this fingerprint: from the cache dir, or pulled from the master once."""
+        if len(fp) != 64 or not all(c in "0123456789abcdef" for c in fp):
+            raise EdgeInferError(f"malformed model fingerprint {fp[:70]!r}")
+        path = self.cache_dir / f"{fp}.safetensors"
+        if path.exists() and path.stat().st_size == size:
+            return path
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        offset = part.stat().st_size if part.exists() else 0  # a pull cut short resumes where it stopped
+        reported = -1
+        with open(part, "ab") as out:
+            while offset < size:
+                self.send("need", offset=offset)
+                m = self.recv(self.timeout)
+                if m is None:
+                    raise EdgeInferError(f"the master sent no model data within {self.timeout:g} s")
+                if m.kind != "chunk" or m.fields["offset"] != offset:
+                    raise Interrupted(m) if m.kind in ("load", "bye") else EdgeInferError(f"expected model data, got {m.kind}")
+                out.write(m.payload)
+                offset += len(m.payload)
+                if offset * 10 // size != reported:
+                    reported = offset * 10 // size
+                    log(f"pulling the model: {offset >> 20} of {size >> 20} MB")
+        if sha256_file(str(part)) != fp:
+            part.unlink()
+            raise EdgeInferError("the pulled model file does not match its fingerprint; removed it")
+        os.replace(part, path)
+        return path
+
+    def _step(self, m: Message) -> None:
+        if self.model is None:
+            raise EdgeInferError("a step before any load")
+        start = m.fields["start"]
+        if start > self.cache.length:
+            raise EdgeInferError(f"the step starts at {start} but this node's cache holds {self.cache.length}")
+        h = m.array()
+        if h.ndim != 2 or h.shape[1] != self.model.config.hidden_size:
+            raise EdgeInferError(f"hidden vectors of shape {h.shape}")
+        self.cache.truncate(start)
+        self.member.begin(m.fields["seq"])
+        t0 = time.perf_counter()
+        self.model.run_layers(h, self.cache)
+        self.steps += 1
+        self.step_s += time.perf_counter() - t0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0) -> int:
+    worker = Worker(join, token, cache_dir, timeout)
+    worker.join()
+    worker.serve()
+    return 0
+

@@ -1,0 +1,280 @@
+"""The home cluster: the plan, the wire protocol, and real master and worker processes on loopback
+running the real SmolLM2, whose greedy tokens must equal a single node's.
+
+The processes run the exact float32 path, one thread each (they share this machine's cores). In 4
+bits, a cluster's partial sums are added in another order than one node's, and int8 activations
+turn that last-bit difference into a different token at near ties (bench/cluster.py measures it)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import edgeinfer_cli
+from edgeinfer.cluster.plan import Share, plan_shares, split
+from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode, encode_array
+from edgeinfer.cluster.sockets import curve_client, curve_server
+from edgeinfer.config import ModelConfig
+from edgeinfer.kernels.q4 import Q4Matrix
+from edgeinfer.kernels.q8 import Q8Matrix
+
+TOKEN = "loopback-test-token"
+PROMPT = ["-p", "Name three colours.", "-n", "24", "--temp", "0", "--exact", "-t", "1"]
+
+
+def smol_config(**kw) -> ModelConfig:
+    base = dict(architecture="llama", hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                num_kv_heads=3, head_dim=64, vocab_size=49152, max_context=2048, rms_norm_eps=1e-5,
+                rope_theta=1e5)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_plan_covers_every_head_and_column_once():
+    c = smol_config()
+    for weights in ([1.0], [1.0, 1.0], [3.0, 1.0], [1.0, 1.0, 1.0], [1.0, 2.0, 1.0, 0.5], [1.0] * 7):
+        shares = plan_shares(c, weights)
+        assert [s.kv_start for s in shares[1:]] == [s.kv_end for s in shares[:-1]]
+        assert [s.col_start for s in shares[1:]] == [s.col_end for s in shares[:-1]]
+        assert shares[0].kv_start == 0 and shares[-1].kv_end == 3
+        assert shares[0].col_start == 0 and shares[-1].col_end == 1536
+        assert all(s.columns > 0 and s.col_start % 128 == 0 for s in shares)
+    four = plan_shares(c, [1.0] * 4)
+    assert sorted(s.kv_heads for s in four) == [0, 1, 1, 1]  # more nodes than KV heads: one holds none
+    uneven = plan_shares(c, [3.0, 1.0])
+    assert uneven[0].columns == 3 * uneven[1].columns  # shares follow the weights
+    assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_matrix_shards_are_bit_exact():
+    rng = np.random.default_rng(1)
+    rows, cols = 36, 320
+    q4 = Q4Matrix.from_rows(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
+                            rng.random((rows, cols // 32)).astype(np.float32),
+                            rng.standard_normal((rows, cols // 32)).astype(np.float32))
+    q4_0 = Q4Matrix.from_rows(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
+                              rng.random((rows, cols // 32)).astype(np.float32))
+    q8 = Q8Matrix.from_parts(rng.integers(0, 256, (rows, cols), dtype=np.uint8),
+                             rng.random((rows, cols // 32)).astype(np.float16).view(np.uint16))
+    for m in (q4, q4_0, q8):
+        full = m.dequantize()
+        for r, c in ((slice(4, 20), slice(None)), (slice(None), slice(64, 256)), (slice(8, 12), slice(288, 320))):
+            np.testing.assert_array_equal(m.select(r, c).dequantize(), full[r, c])
+    with pytest.raises(ValueError):
+        q4.select(slice(None), slice(16, 64))
+
+
+def test_valid_messages_round_trip():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    m = decode(encode_array("sum", a, seq=7))
+    assert m.kind == "sum" and m.fields["seq"] == 7
+    np.testing.assert_array_equal(m.array(), a)
+    half = decode(encode_array("partial", a, "f2", seq=1))
+    np.testing.assert_array_equal(half.array(), a)  # small integers are exact in fp16
+    assert decode(encode("ping")).kind == "ping"
+
+
+def test_malformed_messages_raise_protocol_error_only():
+    good = [encode_array("partial", np.ones((2, 8), np.float32), seq=3), encode("ready", rss=5),
+            encode("load", fingerprint="a" * 64, size=10, share={"kv": [0, 1], "cols": [0, 128]}, context=8,
+                   attention="exact", exact=False, sync="f4")]
+    bad = [[b"not json"], [b"[1, 2]"], [b'{"kind": "nope", "v": 1}'], [b"{}"], [b"x" * (MAX_HEADER + 1)],
+           [b'{"kind": "ping", "v": 99}'], [b'{"kind": "ready", "v": 1, "rss": "5"}'],
+           [b'{"kind": "ready", "v": 1, "rss": true}'], [b'{"kind": "ready", "v": 1}'],
+           encode("ping") + [b"extra payload"], [encode_array("sum", np.ones(4, np.float32), seq=1)[0]],
+           [encode_array("sum", np.ones(4, np.float32), seq=1)[0], b"\0" * 15],
+           [b'{"kind": "sum", "v": 1, "seq": 1, "dtype": "f8", "shape": [1]}', b"\0" * 8],
+           [b'{"kind": "sum", "v": 1, "seq": 1, "dtype": "f4", "shape": [-1, -4]}', b"\0" * 16], [], [b"a", b"b", b"c"]]
+    for frames in bad:
+        with pytest.raises(ProtocolError):
+            decode(frames)
+    rng = random.Random(0)
+    for _ in range(3000):  # mutated valid messages: decoded or refused, never anything else
+        frames = [bytearray(f) for f in rng.choice(good)]
+        target = frames[rng.randrange(len(frames))]
+        for _ in range(rng.randrange(1, 4)):
+            if target and rng.random() < 0.7:
+                target[rng.randrange(len(target))] = rng.randrange(256)
+            else:
+                del target[rng.randrange(len(target) + 1):]
+        try:
+            decode([bytes(f) for f in frames])
+        except ProtocolError:
+            pass
+
+
+def test_ring_allreduce_sums_like_the_star():
+    import queue
+    import threading
+
+    from edgeinfer.cluster.allreduce import ring_allreduce
+
+    for nodes, size in ((2, 576), (3, 577), (4, 10)):
+        inboxes = [queue.Queue() for _ in range(nodes)]
+        xs = [np.random.default_rng(r).standard_normal(size).astype(np.float32) for r in range(nodes)]
+        out = [None] * nodes
+
+        def run(r: int) -> None:
+            out[r] = ring_allreduce(xs[r], r, nodes, lambda b: inboxes[(r + 1) % nodes].put(b), inboxes[r].get)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(nodes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        for o in out:
+            np.testing.assert_allclose(o, np.sum(xs, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_share_from_the_wire_is_checked_against_the_model():
+    c = smol_config()
+    assert Share.from_dict({"kv": [1, 3], "cols": [0, 512]}, c) == Share(1, 3, 0, 512)
+    from edgeinfer.errors import EdgeInferError
+    for bad in ({"kv": [0, 4], "cols": [0, 128]}, {"kv": [0, 1]}, {"kv": "x", "cols": [0, 1]},
+                {"kv": [0, 1], "cols": [128, 128]}):
+        with pytest.raises(EdgeInferError):
+            Share.from_dict(bad, c)
+
+
+# --- real processes on loopback ------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(*args: str, env: dict | None = None, text: bool = True) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=text, env={**os.environ, **(env or {})})
+
+
+def worker(port: int, cache_dir: Path, token: str = TOKEN, env: dict | None = None) -> subprocess.Popen:
+    return spawn("worker", "--join", f"127.0.0.1:{port}", "--token", token, "--cache-dir", str(cache_dir),
+                 "--timeout", "120", "-t", "1", env=env)
+
+
+def held_model_dir(tmp_path: Path, model: Path, name: str) -> Path:
+    """A worker cache dir that already holds the model (a hard link named by its fingerprint)."""
+    from edgeinfer.cluster.node import fingerprint
+
+    folder = tmp_path / name
+    folder.mkdir()
+    os.link(model, folder / f"{fingerprint(str(model))}.safetensors")
+    return folder
+
+
+def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def single_node(smollm2_single) -> str:
+    r = edgeinfer_cli("run", str(smollm2_single), *PROMPT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_greedy_tokens_equal_single_node(smollm2_single, single_node, tmp_path, workers):
+    port = free_port()
+    master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                   "--workers", str(workers), "--wait", "120")
+    # the first worker pulls the file from the master (then holds it); the others already hold it
+    dirs = [tmp_path / "pulled"] + [held_model_dir(tmp_path, smollm2_single, f"w{i}") for i in range(1, workers)]
+    procs = [worker(port, d) for d in dirs[:workers]]
+    code, out, err = finish(master)
+    assert code == 0, err
+    assert out == single_node, err
+    assert f"plan 1 over {workers + 1} nodes" in err, err
+    if workers >= 1:
+        assert "sending the model file" in err
+        assert len(list((tmp_path / "pulled").glob("*.safetensors"))) == 1
+    for p in procs:
+        wcode, _, werr = finish(p, 60)
+        assert wcode == 0 and "the master ended the session" in werr, werr
+
+
+def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
+    prompt = ["-p", "Write a short story about a robot.", "-n", "48", "--temp", "0", "--exact", "-t", "1"]
+    alone = edgeinfer_cli("run", str(smollm2_single), *prompt)
+    assert alone.returncode == 0, alone.stderr
+    port = free_port()
+    master = spawn("run", str(smollm2_single), *prompt, "--listen", str(port), "--token", TOKEN,
+                   "--workers", "2", "--wait", "120", "--timeout", "3", text=False)
+    procs = [worker(port, held_model_dir(tmp_path, smollm2_single, f"w{i}")) for i in range(2)]
+    first = os.read(master.stdout.fileno(), 8)  # the first text: generation has started
+    procs[1].send_signal(signal.SIGKILL)
+    code, rest, err = finish(master)
+    err = err.decode()
+    assert code == 0, err
+    assert (first + rest).decode() == alone.stdout, err
+    assert "dropped worker" in err and "plan 2 over 2 nodes" in err, err
+    finish(procs[0], 60)
+
+
+def test_wrong_token_and_wrong_version_are_refused(smollm2_single, tmp_path):
+    port = free_port()
+    master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                   "--workers", "1", "--wait", "40")
+    wrong_token = worker(port, tmp_path / "a", token="not-the-token")
+    code, _, err = finish(wrong_token, 120)
+    assert code == 2 and "wrong join token" in err and "Traceback" not in err, err
+    old = subprocess.run([sys.executable, "-c", "import sys, edgeinfer; edgeinfer.__version__ = '0.0.1'; "
+                          "from edgeinfer.cli import main; sys.exit(main(sys.argv[1:]))", "worker", "--join",
+                          f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=120)
+    assert old.returncode == 2 and "edgeinfer 0.0.1" in old.stderr and "Traceback" not in old.stderr, old.stderr
+    good = worker(port, held_model_dir(tmp_path, smollm2_single, "c"))
+    code, out, err = finish(master)
+    assert code == 0, err
+    assert "wrong join token" in err and "refused a worker: edgeinfer 0.0.1" in err, err
+    assert "plan 1 over 2 nodes" in err
+    finish(good, 60)
+
+
+def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path):
+    port = free_port()
+    master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                   "--workers", "1", "--wait", "60")
+    ctx = zmq.Context()
+    sock, _ = curve_client(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
+    rng = random.Random(1)
+    hello = encode("hello", token=TOKEN, protocol=1, version="x", cores=1, free_ram=1, gemv_gbs=1.0, models=[])
+    for frames in ([b"garbage"], [b'{"kind": "partial", "v": 1}'], [b"{" * 20000], hello[:1] + [b"payload"],
+                   [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))] * 2):
+        sock.send_multipart(frames)
+    sock.close(linger=1000)
+    good = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
+    code, out, err = finish(master)
+    assert code == 0 and out == single_node, err
+    assert "dropped a malformed message" in err
+    finish(good, 60)
+
+    # the worker's side: a master that welcomes it, then sends garbage, then ends the session
+    server, _, _ = curve_server(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
+    w = worker(port, tmp_path / "empty")
+    identity, *frames = server.recv_multipart()
+    assert decode(frames).kind == "hello"
+    server.send_multipart([identity, *encode("welcome", node=1)])
+    for junk in ([b"\xff\xfe"], [b'{"kind": "step", "v": 1}'], [b'{"kind": "sum", "v": 1, "seq": 0, "dtype": "f4",'
+                                                                  b' "shape": [1000000]}', b"1234"]):
+        server.send_multipart([identity, *junk])
+    server.send_multipart([identity, *encode("step", np.ones((1, 576), np.float32).tobytes(), seq=0, start=0,
+                                             dtype="f4", shape=[1, 576])])  # a step before any load
+    reply = decode(server.recv_multipart()[1:])
+    assert reply.kind == "failed" and "before any load" in reply.fields["message"]
+    server.send_multipart([identity, *encode("bye", reason="test over")])
+    code, _, err = finish(w, 60)
+    assert code == 0 and "dropped a malformed message" in err and "test over" in err, err
+    server.close()
+    ctx.destroy(linger=0)
