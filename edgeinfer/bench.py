@@ -27,6 +27,7 @@ class BenchRow:
     tok_s_std: float
     model_size_mb: float
     weights: str  # "q4", "q8", "f32"
+    attention: str = "exact"  # or "lut"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +48,7 @@ def _seconds(model: Model, tokens: int, depth: int, batch: bool) -> float:
 
 
 def run_bench(model: Model, model_size_mb: float, prompt: int, generate: int, repetitions: int,
-              threads: list[int], depth: int = 0) -> list[BenchRow]:
+              threads: list[int], depth: int = 0, attention: str = "exact") -> list[BenchRow]:
     from numba import set_num_threads
 
     model.warm_up()
@@ -59,12 +60,13 @@ def run_bench(model: Model, model_size_mb: float, prompt: int, generate: int, re
                 continue
             rates = [tokens / _seconds(model, tokens, depth, batch) for _ in range(repetitions)]
             std = statistics.stdev(rates) if len(rates) > 1 else 0.0
-            rows.append(BenchRow(name, n, depth, statistics.mean(rates), std, model_size_mb, model.precision))
+            rows.append(BenchRow(name, n, depth, statistics.mean(rates), std, model_size_mb, model.precision,
+                                 attention))
     return rows
 
 
 def markdown(rows: list[BenchRow]) -> str:
-    lines = ["| weights | size MB | threads | test | depth | tok/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.weights} | {r.model_size_mb:.1f} | {r.threads} | {r.test} | {r.depth} | "
+    lines = ["| weights | size MB | attention | threads | test | depth | tok/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.weights} | {r.model_size_mb:.1f} | {r.attention} | {r.threads} | {r.test} | {r.depth} | "
               f"{r.tok_s:.2f} ± {r.tok_s_std:.2f} |" for r in rows]
     return "\n".join(lines)

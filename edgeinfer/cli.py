@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     chat.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
-    _cluster_args(chat)
+    chat.add_argument("--attention", choices=("exact", "lut"), default="exact", help="as for run")
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("-o", "--output", choices=("md", "json"), default="md")
     bench.add_argument("--exact", action="store_true", help="bench the exact float32 path")
     bench.add_argument("--mem-limit", metavar="SIZE", help="as for run")
+    bench.add_argument("--attention", default="exact", help="exact, lut or both (exact,lut): one row each")
     bench.set_defaults(func=_cmd_bench)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
@@ -328,16 +329,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise EdgeInferError(f"thread counts must be at least 1, got {args.threads}")
     if args.repetitions < 1 or min(args.n_prompt, args.n_gen, args.depth) < 0:
         raise EdgeInferError("-r must be at least 1 and -p, -n, -d not negative")
+    attentions = args.attention.split(",")
+    if not attentions or not set(attentions) <= {"exact", "lut"}:
+        raise EdgeInferError(f"--attention takes exact, lut or exact,lut, got {args.attention!r}")
     path = resolve_model(args.model)
-    # The caches bench makes hold depth + test tokens: plan memory for that, not the model's context.
-    engine = load_engine(path, args.depth + max(args.n_prompt, args.n_gen) + 1, exact=args.exact,
-                         mem_limit=args.mem_limit)
-    rows = run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
-                     args.n_prompt, args.n_gen, args.repetitions, threads, args.depth)
+    rows = []
+    for attention in attentions:
+        # The caches bench makes hold depth + test tokens: plan memory for that, not the model's context.
+        engine = load_engine(path, args.depth + max(args.n_prompt, args.n_gen) + 1, exact=args.exact,
+                             mem_limit=args.mem_limit, attention=attention)
+        rows += run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
+                          args.n_prompt, args.n_gen, args.repetitions, threads, args.depth, attention)
+        stream = getattr(engine.model.weights, "stream", None)
+        if stream is not None:
+            print(stream.stats.describe(), file=sys.stderr)
+        del engine
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
-    stream = getattr(engine.model.weights, "stream", None)
-    if stream is not None:
-        print(stream.stats.describe(), file=sys.stderr)
     return 0
 
 
@@ -370,7 +377,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         from .storage.scheduler import parse_size
 
         limit = parse_size(args.mem_limit)
-    ChatApp(args.model, args.ctx, args.history, mem_limit=limit).run()
+    ChatApp(args.model, args.ctx, args.history, mem_limit=limit, attention=args.attention).run()
     return 0
 
 

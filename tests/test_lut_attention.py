@@ -157,3 +157,20 @@ def test_lut_attention_needs_codebooks(calibrated):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "calibrate" in r.stderr
     ok = edgeinfer_cli("run", str(path), "-p", "hello", "-n", "4", "--temp", "0", "--attention", "lut")
     assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+
+
+def test_bench_rows_for_each_attention(calibrated):
+    import json
+
+    from conftest import edgeinfer_cli
+
+    _, path = calibrated
+    r = edgeinfer_cli("bench", str(path), "-p", "8", "-n", "4", "-r", "1", "-d", "16", "--attention", "exact,lut",
+                      "-o", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(row["attention"], row["test"]) for row in rows] == [("exact", "pp8"), ("exact", "tg4"), ("lut", "pp8"),
+                                                                 ("lut", "tg4")]
+    assert all(row["tok_s"] > 0 for row in rows)
+    bad = edgeinfer_cli("bench", str(path), "--attention", "exact,fast")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--attention" in bad.stderr

@@ -131,9 +131,10 @@ class ChatApp(App):
 
     def __init__(self, model: str | None = None, context: int | None = None,
                  history_path: str | os.PathLike | None = None, export_dir: str | os.PathLike | None = None,
-                 mem_limit: int | None = None):
+                 mem_limit: int | None = None, attention: str = "exact"):
         super().__init__()
         self.model_arg, self.default_context, self.mem_limit = model, context, mem_limit
+        self.attention = attention
         self.history = HistoryStore(history_path)
         self.export_dir = Path(export_dir or os.getcwd())
         self.engine: Engine | None = None
@@ -184,7 +185,7 @@ class ChatApp(App):
         try:
             path = resolve_model(self.model_arg, progress)
             self.call_from_thread(self._show_progress, "loading weights", 0, None)
-            engine = Engine.load(path, self.default_context, mem_limit=self.mem_limit,
+            engine = Engine.load(path, self.default_context, mem_limit=self.mem_limit, attention=self.attention,
                                  report=lambda line: self.call_from_thread(self._show_progress, line, 0, None))
             if engine.model.fused and first_run():
                 self.call_from_thread(self._show_progress, "compiling kernels, first run only", 0, None)
