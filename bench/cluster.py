@@ -9,7 +9,8 @@ the same bytes at the same place (between the two sockets), in user space.
 For N = 1..--nodes: `edgeinfer run MODEL -p ... --listen` plus N-1 `edgeinfer worker`, one thread
 each (they share this machine's cores: wall time is not what N devices would give; the per-node
 compute time is reported beside it). From the logs: decode tok/s, the master's time waiting in
-all-reduces per token, each worker's compute and wait per step; the greedy text is compared to one
+all-reduces per token and the rest (its compute), each worker's compute and wait per decoded token,
+memory (the master's peak RSS, each worker's RSS once loaded); the greedy text is compared to one
 node's. Then the all-reduce alone (hidden-size vectors, N processes): star (gather at node 0, sum,
 broadcast) against ring (reduce-scatter + all-gather), median per call.
 
@@ -27,6 +28,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -61,7 +63,15 @@ class DelayProxy:
         self.loop.run_until_complete(server.serve_forever())
 
     async def _client(self, reader, writer) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        for _ in range(600):  # the master may not listen yet
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            writer.close()
+            return
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader, writer) -> None:
@@ -87,6 +97,19 @@ class DelayProxy:
         await task
 
 
+def held_model_dir(model: str) -> str:
+    """A worker cache dir holding the model (a link named by its fingerprint): on one machine the
+    workers need not pull what is already on its disk."""
+    from edgeinfer.cluster.node import fingerprint
+
+    folder = os.path.join(tempfile.gettempdir(), "edgeinfer-bench-cluster")
+    os.makedirs(folder, exist_ok=True)
+    link = os.path.join(folder, f"{fingerprint(model)}.safetensors")
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(model), link)
+    return folder
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgeinfer.cli", *args]
 
@@ -100,7 +123,8 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
                               stderr=subprocess.PIPE, text=True)
     proxies = [DelayProxy(port, rtt_ms, mbit) for _ in range(nodes - 1)]
     workers = [subprocess.Popen(cli("worker", "--join", f"127.0.0.1:{p.port}", "--token", TOKEN, "-t", "1",
-                                    "--timeout", "300"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    "--timeout", "300", "--cache-dir", held_model_dir(model)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for p in proxies]
     out, err = master.communicate(timeout=1800)
     werrs = [w.communicate(timeout=120)[1] for w in workers]
@@ -108,20 +132,24 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
         raise SystemExit(f"master failed: {err.strip().splitlines()[-3:]}")
     decode = re.search(r"decode: (\d+) tok, ([\d.]+) tok/s", err)
     n_decode, tok_s = int(decode.group(1)), float(decode.group(2))
-    reduces = re.search(r"(\d+) all-reduces: ([\d.]+) s waiting in them \(([\d.]+) ms each\), (\d+) KB received", err)
+    reduces = re.search(r"decode: (\d+) all-reduces: ([\d.]+) s waiting in them \(([\d.]+) ms each\), (\d+) KB", err)
     row = {"nodes": nodes, "rtt_ms": rtt_ms, "mbit": mbit or None, "decode_tok_s": tok_s, "text": out,
            "ms_per_token": 1e3 / tok_s if tok_s else None}
     if reduces:
         row["allreduce_ms"] = float(reduces.group(3))
         row["master_wait_ms_per_token"] = row["allreduce_ms"] * 2 * _layers(model)  # two per layer
+        row["master_compute_ms_per_token"] = row["ms_per_token"] - row["master_wait_ms_per_token"]
     per_worker = []
     for werr in werrs:
-        m = re.search(r"served (\d+) steps: ([\d.]+) s computing, ([\d.]+) s waiting", werr)
+        m = re.search(r"served (\d+) decode steps: ([\d.]+) s computing, ([\d.]+) s waiting", werr)
         if m:
             steps = int(m.group(1))
             per_worker.append({"steps": steps, "compute_ms_per_step": float(m.group(2)) * 1e3 / steps,
                                "wait_ms_per_step": float(m.group(3)) * 1e3 / steps})
     row["workers"] = per_worker
+    row["worker_rss_mb"] = [int(x) for x in re.findall(r"worker \d+ ready, (\d+) MB resident", err)][-(nodes - 1):] \
+        if nodes > 1 else []
+    row["master_peak_rss_mb"] = float(re.search(r"peak RSS: (\d+) MB", err).group(1))
     row["decode_tokens"] = n_decode
     return row
 
@@ -252,11 +280,14 @@ def main() -> None:
     print(json.dumps({"model": args.model, "exact": args.exact, "cores": os.cpu_count(), "generation": rows,
                       "allreduce": latency}, indent=1))
     for r in rows:
-        w = "; ".join(f"worker compute {x['compute_ms_per_step']:.1f} ms/step, wait {x['wait_ms_per_step']:.1f}"
+        w = "; ".join(f"worker compute {x['compute_ms_per_step']:.1f} ms/token, wait {x['wait_ms_per_step']:.1f}"
                       for x in r["workers"])
+        split = f"master compute {r['master_compute_ms_per_token']:.1f} ms/token, waiting in all-reduces " \
+            f"{r['master_wait_ms_per_token']:.1f} ({r['allreduce_ms']:.2f} ms each); " if "allreduce_ms" in r else ""
         print(f"summary: {r['nodes']} nodes RTT {r['rtt_ms']:g} ms: {r['decode_tok_s']:.2f} tok/s, "
-              f"all-reduce {r.get('allreduce_ms', 0):.2f} ms, same text {r['same_text_as_one_node']}"
-              + (f" ({w})" if w else ""))
+              f"same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"
+              + (f", workers {r['worker_rss_mb']} MB" if r["worker_rss_mb"] else "")
+              + (f" ({split}{w})" if split or w else ""))
     for x in latency:
         print(f"summary: all-reduce of {x['floats']} floats, {x['nodes']} nodes, RTT {x['rtt_ms']:g} ms: star "
               f"{x['star_ms']:.2f} ms, ring {x['ring_ms']:.2f} ms (ring/star x{x['ring_over_star']:.2f})")

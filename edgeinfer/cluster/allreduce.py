@@ -37,7 +37,7 @@ class StarHub:
     def __init__(self, master: "Master", sync: str = "f4"):
         self.master, self.sync = master, sync
         self.seq = 0
-        self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0}
+        self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0}  # decode all-reduces (one vector each)
 
     def allreduce(self, partial: np.ndarray) -> np.ndarray:
         seq, self.seq = self.seq, self.seq + 1
@@ -59,7 +59,8 @@ class StarHub:
             if a.shape != partial.shape:
                 raise NodeLost(identity, f"{self.master.name_of(identity)} sent a partial of shape {a.shape}")
             parts[identity] = a
-            self.stats["bytes"] += len(m.payload)
+            if partial.ndim == 1:
+                self.stats["bytes"] += len(m.payload)
         total = np.array(partial, np.float32)
         if self.sync != "f4":
             total = total.astype(DTYPES[self.sync]).astype(np.float32)  # as the workers' partials travel
@@ -70,8 +71,10 @@ class StarHub:
         frames = encode_array("sum", total, self.sync, seq=seq)
         for w in workers:
             self.master.send_frames(w.identity, frames)
-        self.stats["calls"] += 1
-        self.stats["wait_s"] += time.perf_counter() - t0
+        if partial.ndim == 1:
+            self.stats["calls"] += 1
+            self.stats["wait_s"] += time.perf_counter() - t0
+            self.stats["bytes"] += sum(len(m) for m in frames[1:]) * len(workers)
         return total
 
 

@@ -197,8 +197,8 @@ class Master:
     def close(self, reason: str = "the master stopped") -> None:
         st = self.hub.stats
         if st["calls"]:
-            log(f"{st['calls']} all-reduces: {st['wait_s']:.3f} s waiting in them "
-                f"({st['wait_s'] / st['calls'] * 1e3:.3f} ms each), {st['bytes'] >> 10} KB received")
+            log(f"decode: {st['calls']} all-reduces: {st['wait_s']:.3f} s waiting in them "
+                f"({st['wait_s'] / st['calls'] * 1e3:.3f} ms each), {st['bytes'] >> 10} KB sent and received")
         for w in self.workers + self.waiting:
             try:
                 self.sock.send_multipart([w.identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)

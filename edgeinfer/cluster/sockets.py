@@ -8,6 +8,8 @@ sees: both sides read it there, so both can say so.
 
 from __future__ import annotations
 
+import os
+
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -35,7 +37,8 @@ class Monitor:
                 self.disconnected += 1
 
     def handshake_failed(self) -> int:
-        """How many handshakes failed since the last call."""
+        """How many handshakes failed since the last call (one can be a peer that went away
+        mid-handshake; a wrong key fails every retry)."""
         self.update()
         failed, self.failed = self.failed, 0
         return failed
@@ -81,6 +84,7 @@ def curve_client(ctx: zmq.Context, token: str, address: str) -> tuple[zmq.Socket
     public, secret = zmq.curve_keypair()
     sock = ctx.socket(zmq.DEALER)
     _common(sock)
+    sock.routing_id = os.urandom(16)  # the master knows it by this, also after a reconnect
     sock.curve_serverkey = curve_server_keys(token)[0]
     sock.curve_publickey, sock.curve_secretkey = public, secret
     monitor = Monitor(sock)

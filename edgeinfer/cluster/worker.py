@@ -9,6 +9,7 @@ goes through the master's star all-reduce (allreduce.py).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode,
 from .sockets import curve_client, endpoint
 
 
+WRONG_KEY_FAILURES = 3  # ZeroMQ retries every 0.1 s: a wrong key fails each time, a passing glitch once
+
+
 class Interrupted(Exception):
     """The master sent a new command in the middle of a step (it re-planned after a node was lost)."""
 
@@ -43,7 +47,8 @@ class Worker:
         self.cache = None
         self.member: StarMember | None = None
         self.joined = False
-        self.steps, self.step_s = 0, 0.0
+        self.failed_handshakes = 0
+        self.steps, self.step_s, self.step_wait_s = 0, 0.0, 0.0  # decode steps (one token each)
 
     def recv(self, timeout: float | None) -> Message | None:
         """The next valid message (malformed ones are logged and dropped); None after `timeout` s."""
@@ -51,7 +56,8 @@ class Worker:
         while True:
             wait = 500 if deadline is None else max(0, min(500, int((deadline - time.monotonic()) * 1000)))
             if not self.sock.poll(wait):
-                if self.monitor.handshake_failed():
+                self.failed_handshakes += self.monitor.handshake_failed()
+                if self.failed_handshakes >= WRONG_KEY_FAILURES and not self.joined:
                     raise Refused("the master refused the encrypted handshake: wrong join token")
                 if self.monitor.disconnected and self.joined:
                     raise EdgeInferError(f"lost the connection to the master at {self.address}")
@@ -95,9 +101,8 @@ class Worker:
                 if m.kind == "bye":
                     log(f"the master ended the session: {m.fields['reason']}")
                     if self.steps:
-                        wait = self.member.wait_s
-                        log(f"served {self.steps} steps: {self.step_s - wait:.3f} s computing, {wait:.3f} s "
-                            "waiting for sums")
+                        log(f"served {self.steps} decode steps: {self.step_s - self.step_wait_s:.3f} s computing, "
+                            f"{self.step_wait_s:.3f} s waiting for sums")
                     return
                 if m.kind == "load":
                     self._load(m)
@@ -145,26 +150,33 @@ class Worker:
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(".part")
-        offset = part.stat().st_size if part.exists() else 0  # a pull cut short resumes where it stopped
-        reported = -1
         with open(part, "ab") as out:
-            while offset < size:
-                self.send("need", offset=offset)
-                m = self.recv(self.timeout)
-                if m is None:
-                    raise EdgeInferError(f"the master sent no model data within {self.timeout:g} s")
-                if m.kind != "chunk" or m.fields["offset"] != offset:
-                    raise Interrupted(m) if m.kind in ("load", "bye") else EdgeInferError(f"expected model data, got {m.kind}")
-                out.write(m.payload)
-                offset += len(m.payload)
-                if offset * 10 // size != reported:
-                    reported = offset * 10 // size
-                    log(f"pulling the model: {offset >> 20} of {size >> 20} MB")
-        if sha256_file(str(part)) != fp:
-            part.unlink()
-            raise EdgeInferError("the pulled model file does not match its fingerprint; removed it")
-        os.replace(part, path)
+            fcntl.flock(out, fcntl.LOCK_EX)  # another worker on this device may be pulling it: wait
+            if path.exists() and path.stat().st_size == size:
+                return path
+            self._pull(size, out)
+            if sha256_file(str(part)) != fp:
+                part.unlink()
+                raise EdgeInferError("the pulled model file does not match its fingerprint; removed it")
+            os.replace(part, path)
         return path
+
+    def _pull(self, size: int, out) -> None:
+        """Append the file's bytes from where `out` ends (a pull cut short resumes there)."""
+        offset, reported = out.tell(), -1
+        while offset < size:
+            self.send("need", offset=offset)
+            m = self.recv(self.timeout)
+            if m is None:
+                raise EdgeInferError(f"the master sent no model data within {self.timeout:g} s")
+            if m.kind != "chunk" or m.fields["offset"] != offset:
+                raise Interrupted(m) if m.kind in ("load", "bye") else EdgeInferError(f"expected model data, got {m.kind}")
+            out.write(m.payload)
+            offset += len(m.payload)
+            if offset * 10 // size != reported:
+                reported = offset * 10 // size
+                log(f"pulling the model: {offset >> 20} of {size >> 20} MB")
+        out.flush()
 
     def _step(self, m: Message) -> None:
         if self.model is None:
@@ -177,10 +189,12 @@ class Worker:
             raise EdgeInferError(f"hidden vectors of shape {h.shape}")
         self.cache.truncate(start)
         self.member.begin(m.fields["seq"])
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.member.wait_s
         self.model.run_layers(h, self.cache)
-        self.steps += 1
-        self.step_s += time.perf_counter() - t0
+        if h.shape[0] == 1:
+            self.steps += 1
+            self.step_s += time.perf_counter() - t0
+            self.step_wait_s += self.member.wait_s - waited
 
 
 def _rss() -> int:
