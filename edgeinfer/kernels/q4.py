@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (dpbusd, expand4, fma, has_kernels, hi_nibbles, hsum, lo_nibbles, load_i8, mul, prefetch,
+from .simd import (dpbusd_nibbles, expand4, fma, has_kernels, hi_nibbles, hsum, lo_nibbles, load_i8, mul, prefetch,
                    splat, to_f32, zeros_f32, zeros_i32)
 
 ROWS = 4  # rows interleaved per block
@@ -37,7 +37,8 @@ def interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) -> 
     out = np.zeros((rows_padded, chunks * per_chunk), a.dtype)
     out[:a.shape[0], :a.shape[1]] = a
     blocks = rows_padded // ROWS
-    return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3).reshape(blocks, -1))
+    return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3)
+                                .reshape(blocks, chunks * ROWS * per_chunk))  # also for no rows (a headless shard)
 
 
 def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
@@ -147,7 +148,7 @@ class Q4Matrix:
 @njit(inline="always")
 def _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, acc):
     nib = load_i8(packed, w)
-    sums = dpbusd(dpbusd(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
+    sums = dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
     acc = fma(to_f32(sums), mul(expand4(scales, s), dx), acc)
     return fma(expand4(offsets, s), osum, acc)
 
@@ -224,7 +225,7 @@ def _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t, c, a
     """One unpacked row chunk against token t's activations of chunk c. (Flat offsets into the 2D
     arrays: a row view xlo[t] would cost a reference-count call on every use.)"""
     x, g = t * xlo.shape[1] + c * 64, t * xscales.shape[1] + c * 4
-    sums = dpbusd(dpbusd(zeros_i32(), lo, load_i8(xlo, x)), hi, load_i8(xhi, x))
+    sums = dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo, load_i8(xlo, x)), hi, load_i8(xhi, x))
     acc = fma(to_f32(sums), mul(scale, expand4(xscales, g)), acc)
     return fma(offset, mul(expand4(xsums, g), quarter), acc)
 

@@ -99,26 +99,48 @@ lo_nibbles = _bytewise("and_", 0x0F)
 hi_nibbles = _bytewise("lshr", 4)
 
 
-@intrinsic
-def dpbusd(typingctx, acc, a, b):
-    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane: vpdpbusd on AVX-512 VNNI; elsewhere the
-    same sums in plain LLVM vector IR (16-bit products, which cannot overflow: 255 * 128 < 2**15),
-    which LLVM lowers to the host's widest integer multiply-adds."""
-    def codegen(context, builder, signature, args):
-        v16 = ir.VectorType(ir.IntType(32), 16)
-        if has_avx512_vnni():
-            fnty = ir.FunctionType(v16, [v16, v16, v16])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-            return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
-        v64x16 = ir.VectorType(ir.IntType(16), 64)
-        products = builder.mul(builder.zext(args[1], v64x16), builder.sext(args[2], v64x16))
-        acc = args[0]
-        for k in range(4):  # lane i gets products 4i + k
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [4 * i + k for i in range(16)])
-            part = builder.shuffle_vector(products, ir.Constant(v64x16, ir.Undefined), mask)
-            acc = builder.add(acc, builder.sext(part, v16))
-        return acc
-    return V16I32(V16I32, V64I8, V64I8), codegen
+def _dpbusd(small: bool):
+    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane: vpdpbusd on AVX-512 VNNI. On AVX2, when
+    `small` (a <= 15: 4-bit weights), vpmaddubsw (its 16-bit pair sums cannot saturate: 2 * 15 * 128
+    < 2**15) then vpmaddwd against ones, per 32-byte half; otherwise the same sums in plain vector
+    IR (16-bit products, 255 * 128 < 2**15, widened before adding)."""
+    @intrinsic
+    def dpbusd(typingctx, acc, a, b):
+        def codegen(context, builder, signature, args):
+            i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+            v16 = ir.VectorType(i32, 16)
+            if has_avx512_vnni():
+                fnty = ir.FunctionType(v16, [v16, v16, v16])
+                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+                return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
+            if small:
+                v32x8, v16x16, v8x32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+                maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16x16, [v32x8, v32x8]),
+                                                         "llvm.x86.avx2.pmadd.ub.sw")
+                maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8x32, [v16x16, v16x16]),
+                                                        "llvm.x86.avx2.pmadd.wd")
+                ones = ir.Constant(v16x16, [1] * 16)
+                halves = []
+                for h in range(2):
+                    mask = ir.Constant(ir.VectorType(i32, 32), [32 * h + i for i in range(32)])
+                    a, b = (builder.shuffle_vector(x, ir.Constant(x.type, ir.Undefined), mask) for x in args[1:])
+                    halves.append(builder.call(maddwd, [builder.call(maddubs, [a, b]), ones]))
+                joined = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                return builder.add(args[0], joined)
+            v64x16 = ir.VectorType(i16, 64)
+            products = builder.mul(builder.zext(args[1], v64x16), builder.sext(args[2], v64x16))
+            acc = args[0]
+            for k in range(4):  # lane i gets products 4i + k
+                mask = ir.Constant(ir.VectorType(i32, 16), [4 * i + k for i in range(16)])
+                part = builder.shuffle_vector(products, ir.Constant(v64x16, ir.Undefined), mask)
+                acc = builder.add(acc, builder.sext(part, v16))
+            return acc
+        return V16I32(V16I32, V64I8, V64I8), codegen
+    return dpbusd
+
+
+dpbusd = _dpbusd(small=False)  # any unsigned bytes (8-bit weights + 128)
+dpbusd_nibbles = _dpbusd(small=True)  # unsigned bytes <= 15 (4-bit weights)
 
 
 @intrinsic
