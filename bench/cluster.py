@@ -114,16 +114,18 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgeinfer.cli", *args]
 
 
-def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, exact: bool) -> dict:
+def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, exact: bool,
+               worker_limit: str | None = None, ctx: int | None = None) -> dict:
     port = free_port()
-    common = ["-t", "1"] + (["--exact"] if exact else [])
+    common = ["-t", "1"] + (["--exact"] if exact else []) + (["-c", str(ctx)] if ctx else [])
     master = subprocess.Popen(cli("run", model, "-p", PROMPT, "-n", str(tokens), "--temp", "0", *common,
                                   "--listen", str(port), "--token", TOKEN, "--workers", str(nodes - 1),
                                   "--wait", "300", "--timeout", "120"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     proxies = [DelayProxy(port, rtt_ms, mbit) for _ in range(nodes - 1)]
     workers = [subprocess.Popen(cli("worker", "--join", f"127.0.0.1:{p.port}", "--token", TOKEN, "-t", "1",
-                                    "--timeout", "300", "--cache-dir", held_model_dir(model)),
+                                    "--timeout", "300", "--cache-dir", held_model_dir(model),
+                                    *(["--mem-limit", worker_limit] if worker_limit else [])),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for p in proxies]
     out, err = master.communicate(timeout=1800)
@@ -147,6 +149,7 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
             per_worker.append({"steps": steps, "compute_ms_per_step": float(m.group(2)) * 1e3 / steps,
                                "wait_ms_per_step": float(m.group(3)) * 1e3 / steps})
     row["workers"] = per_worker
+    row["worker_plans"] = [m.group(1) for werr in werrs if (m := re.search(r"plan: ([^\n]*)", werr))]
     row["worker_rss_mb"] = [int(x) for x in re.findall(r"worker \d+ ready, (\d+) MB resident", err)][-(nodes - 1):] \
         if nodes > 1 else []
     row["master_peak_rss_mb"] = float(re.search(r"peak RSS: (\d+) MB", err).group(1))
@@ -254,6 +257,9 @@ def main() -> None:
     ap.add_argument("--exact", action="store_true", help="the float32 path")
     ap.add_argument("--rounds", type=int, default=200, help="all-reduces per latency measurement")
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--worker-mem-limit", metavar="SIZE", help="workers stream their shard within SIZE")
+    ap.add_argument("--min-nodes", type=int, default=1)
+    ap.add_argument("-c", "--ctx", type=int, help="context (KV cache) size; a small one lets a limit hold layers")
     args = ap.parse_args()
     if args.model is None:
         from edgeinfer.storage.fetch import pull
@@ -263,13 +269,14 @@ def main() -> None:
     rows, latency = [], []
     if not args.skip_generation:
         for rtt in rtts:
-            for n in range(1, args.nodes + 1):
-                row = generation(args.model, n, rtt, args.mbit, args.tokens, args.exact)
+            for n in range(args.min_nodes, args.nodes + 1):
+                row = generation(args.model, n, rtt, args.mbit, args.tokens, args.exact, args.worker_mem_limit,
+                                 args.ctx)
                 rows.append(row)
                 print(f"# {n} node(s), RTT {rtt:g} ms: {row['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
-        alone = next(r["text"] for r in rows if r["nodes"] == 1)
+        alone = next((r["text"] for r in rows if r["nodes"] == 1), None)
         for r in rows:
-            r["same_text_as_one_node"] = r.pop("text") == alone
+            r["same_text_as_one_node"] = r.pop("text") == alone if alone is not None else None
     hidden = _hidden(args.model)
     for rtt in rtts:
         for n in range(2, args.nodes + 1):

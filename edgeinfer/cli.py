@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache-dir", help="where model files pulled from the master are kept "
                         "(default: ~/.cache/edgeinfer/cluster)")
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master (60)")
+    worker.add_argument("--mem-limit", metavar="SIZE", help="keep within SIZE: this node's shard is written once "
+                        "as its own file and its layers stream through a window (as run --mem-limit)")
     worker.set_defaults(func=_cmd_worker)
 
     pull = sub.add_parser("pull", help="fetch and convert a catalog model into the cache")
@@ -474,8 +476,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .cluster.worker import run_worker
+    from .storage.scheduler import parse_size
 
-    return run_worker(args.join, args.token, args.cache_dir, args.timeout)
+    limit = parse_size(args.mem_limit) if args.mem_limit is not None else None
+    return run_worker(args.join, args.token, args.cache_dir, args.timeout, limit)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:

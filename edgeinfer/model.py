@@ -122,10 +122,10 @@ class StreamedWeights:
     """Layers and head read into a sliding window of slots as the forward pass reaches them
     (storage/scheduler.py); embedding rows read on demand."""
 
-    def __init__(self, source: SingleFileSource, quantized: bool, window: int):
+    def __init__(self, source: SingleFileSource, quantized: bool, window: int, ends: bool = True):
         c = source.config
-        self.quantized, self.stream = quantized, LayerStream(source, window)
-        self.embedding = StreamedRows(source, "model.embed_tokens.weight")
+        self.quantized, self.stream = quantized, LayerStream(source, window, head=ends)
+        self.embedding = StreamedRows(source, "model.embed_tokens.weight") if ends else None
         self._head_name = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
         types = {source.stored_type(f"{layer_prefix(i)}{p}.weight") for i in range(c.num_layers) for p in PROJECTIONS}
         self.fused = quantized and types <= {"Q4_0", "Q4_1", "Q8_0"}
@@ -158,7 +158,7 @@ class Model:
         if window is not None and not isinstance(source, SingleFileSource):
             raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
         self.weights = ResidentWeights(source, quantized, ends) if window is None else \
-            StreamedWeights(source, quantized, window)
+            StreamedWeights(source, quantized, window, ends)
         self.embedding, self.precision = self.weights.embedding, self.weights.precision  # shown to the user
         self.fused = self.weights.fused  # every projection quantised: the Numba decode step and attention
         self.codebooks = self._codebooks(source, attention)

@@ -144,6 +144,55 @@ def test_share_from_the_wire_is_checked_against_the_model():
             Share.from_dict(bad, c)
 
 
+def test_four_bit_shards_add_up_to_the_whole_layer(smollm2_single):
+    """Four 4-bit shards (one without heads: SmolLM2 has 3 KV heads) each give a layer's partial
+    sums; added, they are the whole model's attention and MLP outputs up to float rounding."""
+    from edgeinfer.cluster.shard import ShardSource
+    from edgeinfer.kernels.reference import rmsnorm, rope_tables
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+
+    full = Model(open_model(str(smollm2_single)), quantized=True)
+    assert full.fused  # the 4-bit path, whatever this CPU (AVX-512 VNNI or AVX2)
+    shares = plan_shares(full.config, [1.0] * 4)
+    shards = [Model(ShardSource(open_model(str(smollm2_single)), s), quantized=True, ends=False) for s in shares]
+    assert [m.config.num_kv_heads for m in shards] == [1, 1, 1, 0] and all(m.fused for m in shards)
+    h = full.embed(np.array([1, 504, 3458, 282, 4193, 314, 1345, 47]))
+    cos, sin = rope_tables(full.inv_freq, np.arange(len(h)))
+    layer, _ = full.weights.layer(3)
+    x = rmsnorm(h, layer.attn_norm, full.config.rms_norm_eps)
+    whole = full.attention(layer, x, full.new_cache(8), 3, cos, sin), full.mlp(layer, x)
+    parts = [(m.attention(m.weights.layer(3)[0], x, m.new_cache(8), 3, cos, sin), m.mlp(m.weights.layer(3)[0], x))
+             for m in shards]
+    for k in range(2):
+        np.testing.assert_allclose(sum(p[k] for p in parts), whole[k], rtol=0, atol=2e-6 * np.abs(whole[k]).max())
+
+
+def test_a_shard_written_as_its_own_file_streams_to_the_same_partial_sums(smollm2_single, tmp_path):
+    """What `worker --mem-limit` runs: the share converted into a file of its own, its layers (and no
+    head) streamed through a window of 2 slots, gives the resident shard's sums exactly."""
+    from edgeinfer.cluster.shard import ShardSource
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    share = plan_shares(open_model(str(smollm2_single)).config, [1.0, 1.0])[1]
+    out = tmp_path / "shard.safetensors"
+    convert(ShardSource(open_model(str(smollm2_single)), share), str(out))
+    resident = Model(ShardSource(open_model(str(smollm2_single)), share), quantized=True, ends=False)
+    streamed = Model(open_model(str(out)), quantized=True, window=2, ends=False)
+    assert streamed.weights.stream.window == 2 and len(streamed.weights.stream.units) == 30  # no head unit
+    h = np.random.default_rng(3).standard_normal((5, 576)).astype(np.float32)
+    sums = []
+    for m in (resident, streamed):
+        m.allreduce = lambda partial: partial  # each node's own partial sums, as the all-reduce gets them
+        cache = m.new_cache(16)
+        prefill = m.run_layers(h[:4], cache)
+        sums.append((prefill, m.run_layers(h[4:], cache)))
+    for a, b in zip(*sums):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- real processes on loopback ------------------------------------------------------------------
 
 def free_port() -> int:

@@ -260,6 +260,7 @@ class ClusterModel:
             own = node_weight(self.weight, free_memory(), self.size, len(workers) + 1)
             shares = plan_shares(self.config, [own] + [w.weight for w in workers])
             source = open_model(self.path)
+            self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = Model(source if not workers else ShardSource(source, shares[0]),
                                quantized=self.quantized, attention=self.attention)
             self.local.allreduce = lambda partial: partial  # compile both halves at load, not at a token

@@ -39,6 +39,7 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
               "gemv_gbs": _FLOAT, "models": _LIST},
     "need": {"offset": _INT},  # the worker lacks the model file: send the chunk at offset
     "ready": {"rss": _INT},
+    "progress": {"done": _INT, "total": _INT},  # while loading: the worker is alive
     "partial": {"seq": _INT, "dtype": _STR, "shape": _LIST},
     "failed": {"message": _STR},
     "pong": {},

@@ -21,9 +21,12 @@ from ..errors import EdgeInferError
 from ..model import Model
 from ..paths import home
 from ..storage import open_model
+from ..storage.scheduler import plan_memory
+from ..storage.single import convert
 from .allreduce import StarMember
 from .node import cores, free_memory, gemv_speed, log, sha256_file
 from .plan import Share
+from .shard import ShardSource
 from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
 from .sockets import curve_client, endpoint
 
@@ -39,8 +42,11 @@ class Interrupted(Exception):
 
 
 class Worker:
-    def __init__(self, join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0):
-        self.address, self.token, self.timeout = endpoint(join), token, timeout
+    def __init__(self, join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0,
+                 mem_limit: int | None = None):
+        """mem_limit: stream this node's shard through a window of layers within it (its own file,
+        written once from the model file), instead of holding the shard."""
+        self.address, self.token, self.timeout, self.mem_limit = endpoint(join), token, timeout, mem_limit
         self.cache_dir = Path(cache_dir) if cache_dir else home() / "cluster"
         self.sock, self.monitor = curve_client(zmq.Context.instance(), token, self.address)
         self.model: Model | None = None
@@ -117,6 +123,9 @@ class Worker:
             except EdgeInferError as e:
                 log(f"failed: {e}")
                 self.send("failed", message=str(e))
+            except Exception as e:  # a bug: the master hears of it at once, and the traceback is printed
+                self.send("failed", message=f"{type(e).__name__}: {e}")
+                raise
 
     def _held_models(self) -> list[str]:
         if not self.cache_dir.is_dir():
@@ -128,9 +137,13 @@ class Worker:
         path = self._model_file(f["fingerprint"], f["size"])
         source = open_model(str(path))
         share = Share.from_dict(f["share"], source.config)
-        from .shard import ShardSource
-
-        self.model = Model(ShardSource(source, share), quantized=not f["exact"], attention=f["attention"], ends=False)
+        shard, window = ShardSource(source, share), None
+        if self.mem_limit is not None:
+            shard = open_model(str(self._shard_file(path, shard)))
+            plan = plan_memory(shard, f["context"], self.mem_limit, ends=False)
+            log(plan.describe())
+            window = plan.window
+        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, ends=False)
         self.model.allreduce = lambda partial: partial  # compile both halves now, not at the first step
         self.model.warm_up()
         self.cache = self.model.new_cache(f["context"])
@@ -140,6 +153,16 @@ class Worker:
         self.model.allreduce = self.member.allreduce
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
         self.send("ready", rss=_rss())
+
+    def _shard_file(self, path: Path, shard: ShardSource) -> Path:
+        """This node's share as a model file of its own (so that streaming reads only its slices),
+        written once next to the model file."""
+        s = shard.share
+        out = path.with_name(f"{path.stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}.safetensors")
+        if not out.exists():
+            log(f"writing this node's shard to {out.name}")
+            convert(shard, str(out), progress=lambda done, total: self.send("progress", done=done, total=total))
+        return out
 
     def _model_file(self, fp: str, size: int) -> Path:
         """The model file with this fingerprint: from the cache dir, or pulled from the master once."""
@@ -202,8 +225,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0) -> int:
-    worker = Worker(join, token, cache_dir, timeout)
+def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0,
+               mem_limit: int | None = None) -> int:
+    worker = Worker(join, token, cache_dir, timeout, mem_limit)
     worker.join()
     worker.serve()
     return 0

@@ -36,16 +36,17 @@ class Unit:
     entries: dict[str, tuple[int, str, tuple[int, ...]]]  # stored tensor -> (offset in the unit, dtype, shape)
 
 
-def file_units(source: "SingleFileSource") -> list[Unit]:  # noqa: F821 (single.py imports us)
-    """The layers, then the unit holding the output matrix (the embedding's, when tied)."""
+def file_units(source: "SingleFileSource", head: bool = True) -> list[Unit]:  # noqa: F821 (single.py imports us)
+    """The layers, then (unless `head` is false: a cluster worker) the unit holding the output matrix
+    (the embedding's, when tied)."""
     f = source.file
     spans: dict[int | str, list[str]] = {}
     for stored in f.entries:
         owner = source.owner_of(stored)
         if owner is not None:
             spans.setdefault(unit_of(owner), []).append(stored)
-    head = "model.embed_tokens.weight" if source.config.tie_embeddings else "lm_head.weight"
-    keys = list(range(source.config.num_layers)) + [unit_of(head)]
+    head_name = "model.embed_tokens.weight" if source.config.tie_embeddings else "lm_head.weight"
+    keys = list(range(source.config.num_layers)) + ([unit_of(head_name)] if head else [])
     units = []
     for key in keys:
         names = spans[key]
@@ -118,8 +119,8 @@ class _Load:
 class LayerStream:
     """W slots cycling over the units; acquire(i) returns unit i's view once it is read."""
 
-    def __init__(self, source: "SingleFileSource", window: int):  # noqa: F821
-        self.source, self.units = source, file_units(source)
+    def __init__(self, source: "SingleFileSource", window: int, head: bool = True):  # noqa: F821
+        self.source, self.units = source, file_units(source, head)
         if window < 1:
             raise EdgeInferError("the streaming window needs at least one unit slot")
         self.window = min(window, len(self.units))
@@ -156,7 +157,7 @@ class LayerStream:
         return UnitView(self.source, self.units[i], load.slot)
 
     def release(self, key: int | str) -> None:
-        if key == HEAD:
+        if self.index(key) == len(self.units) - 1:  # the end of a forward pass
             self.stats.passes += 1
             self.stats.busy_seconds += time.perf_counter() - self._pass_started
         load = self._pending.popleft()
@@ -322,18 +323,20 @@ class MemoryPlan:
         return f"{head}; plan: {plan}" + (f" within --mem-limit {mb(self.limit)}" if self.limit else "")
 
 
-def plan_memory(source: WeightSource, context: int, limit: int | None, batch: int = 512) -> MemoryPlan:
+def plan_memory(source: WeightSource, context: int, limit: int | None, batch: int = 512,
+                ends: bool = True) -> MemoryPlan:
     """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
-    limit, the memory available now), else the widest window that does."""
+    limit, the memory available now), else the widest window that does. ends: whether the
+    embedding and head are loaded (not on a cluster worker)."""
     c = source.config
-    weights = source.file_size()
+    streamable = hasattr(source, "quantized_parts")
+    weights = source.file_size() if ends or not streamable else sum(u.size for u in file_units(source, head=False))
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 4
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
     runtime = process_rss() + KERNELS_ALLOWANCE
-    streamable = hasattr(source, "quantized_parts")
-    slot = max(u.size for u in file_units(source)) if streamable else weights
-    units = c.num_layers + 1
+    slot = max(u.size for u in file_units(source, ends)) if streamable else weights
+    units = c.num_layers + ends
     plan = MemoryPlan(weights, slot, units, kv, scratch, runtime, limit, None)
     budget = limit if limit is not None else available_memory()
     if plan.resident_need <= budget:
