@@ -149,6 +149,7 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
             per_worker.append({"steps": steps, "compute_ms_per_step": float(m.group(2)) * 1e3 / steps,
                                "wait_ms_per_step": float(m.group(3)) * 1e3 / steps})
     row["workers"] = per_worker
+    row["dropped"] = re.findall(r"dropped (worker \d+: [^\n]*)", err)  # a re-plan would change what N means
     row["worker_plans"] = [m.group(1) for werr in werrs if (m := re.search(r"plan: ([^\n]*)", werr))]
     row["worker_rss_mb"] = [int(x) for x in re.findall(r"worker \d+ ready, (\d+) MB resident", err)][-(nodes - 1):] \
         if nodes > 1 else []
@@ -294,7 +295,7 @@ def main() -> None:
         print(f"summary: {r['nodes']} nodes RTT {r['rtt_ms']:g} ms: {r['decode_tok_s']:.2f} tok/s, "
               f"same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"
               + (f", workers {r['worker_rss_mb']} MB" if r["worker_rss_mb"] else "")
-              + (f" ({split}{w})" if split or w else ""))
+              + (f" ({split}{w})" if split or w else "") + (f" DROPPED: {r['dropped']}" if r["dropped"] else ""))
     for x in latency:
         print(f"summary: all-reduce of {x['floats']} floats, {x['nodes']} nodes, RTT {x['rtt_ms']:g} ms: star "
               f"{x['star_ms']:.2f} ms, ring {x['ring_ms']:.2f} ms (ring/star x{x['ring_over_star']:.2f})")
