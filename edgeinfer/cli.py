@@ -208,8 +208,9 @@ def load_cluster_engine(path: str, args: argparse.Namespace):
     from .storage import open_model
     from .tokenizer import Tokenizer
 
-    if getattr(args, "mem_limit", None) is not None:
-        raise EdgeInferError("--mem-limit does not combine with --listen yet: cluster shards are resident")
+    from .storage.scheduler import parse_size
+
+    limit = parse_size(args.mem_limit) if getattr(args, "mem_limit", None) is not None else None
     token = args.token or secrets.token_urlsafe(12)
     if not getattr(args, "exact", False) and has_kernels() and first_run():
         print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
@@ -221,7 +222,7 @@ def load_cluster_engine(path: str, args: argparse.Namespace):
         source = open_model(path)
         context = args.ctx or min(source.config.max_context, DEFAULT_CONTEXT)
         model = ClusterModel(master, path, context, quantized=not getattr(args, "exact", False),
-                             attention=getattr(args, "attention", "exact"))
+                             attention=getattr(args, "attention", "exact"), mem_limit=limit)
         return Engine(model, Tokenizer(source.tokenizer), context)
     except BaseException:
         master.close("the master failed to start")

@@ -22,12 +22,14 @@ import zmq
 
 from ..errors import ContextOverflowError, EdgeInferError
 from ..model import Model
+from ..paths import home
 from ..storage import open_model
+from ..storage.scheduler import plan_memory
 from .allreduce import NodeLost, StarHub
 from .node import fingerprint, free_memory, gemv_speed, log
 from .plan import Share, node_weight, plan_shares
 from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array
-from .shard import ShardSource
+from .shard import ShardSource, shard_file
 from .sockets import curve_server, endpoint
 
 PING_TIMEOUT = 5.0
@@ -228,9 +230,12 @@ class ClusterCache:
 class ClusterModel:
     """What the engine calls a model, computed by the master and its workers."""
 
-    def __init__(self, master: Master, path: str, context: int, quantized: bool = True, attention: str = "exact"):
-        """context: the KV cache capacity every node allocates for its shard."""
+    def __init__(self, master: Master, path: str, context: int, quantized: bool = True, attention: str = "exact",
+                 mem_limit: int | None = None):
+        """context: the KV cache capacity every node allocates for its shard. mem_limit: the master
+        streams its own share within it (from a file of the share, as workers with --mem-limit do)."""
         self.master, self.path, self.quantized, self.attention = master, path, quantized, attention
+        self.mem_limit = mem_limit
         self.config = open_model(path).config
         self.fingerprint = fingerprint(path)
         self.size = os.path.getsize(path)
@@ -259,10 +264,8 @@ class ClusterModel:
                 w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
             own = node_weight(self.weight, free_memory(), self.size, len(workers) + 1)
             shares = plan_shares(self.config, [own] + [w.weight for w in workers])
-            source = open_model(self.path)
             self.local = None  # the previous plan's shard goes before the new one is loaded
-            self.local = Model(source if not workers else ShardSource(source, shares[0]),
-                               quantized=self.quantized, attention=self.attention)
+            self.local = self._local_model(shares[0], alone=not workers)
             self.local.allreduce = lambda partial: partial  # compile both halves at load, not at a token
             self.local.warm_up()
             try:
@@ -280,6 +283,17 @@ class ClusterModel:
                       for w, s in zip(workers, shares[1:])]
             log(f"plan {self.plan_id} over {len(workers) + 1} nodes: " + "; ".join(parts))
             return
+
+    def _local_model(self, share: Share, alone: bool) -> Model:
+        source = open_model(self.path)
+        if self.mem_limit is None:
+            return Model(source if alone else ShardSource(source, share), quantized=self.quantized,
+                         attention=self.attention)
+        if not alone:
+            source = open_model(str(shard_file(ShardSource(source, share), home() / "cluster", self.fingerprint)))
+        plan = plan_memory(source, self.context, self.mem_limit)
+        log(plan.describe())
+        return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention)
 
     def new_cache(self, capacity: int) -> ClusterCache:
         if capacity > self.context:  # the workers' caches are made at load: reload with this size

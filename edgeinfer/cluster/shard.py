@@ -8,11 +8,15 @@ every node keeps the full hidden vector, which the all-reduces keep identical ev
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..config import ModelConfig
+from ..storage.single import convert
 from ..storage.source import KeyCodebooks, WeightSource
+from .node import log
 from .plan import Share
 
 ALL = slice(None)
@@ -82,3 +86,16 @@ class ShardSource(WeightSource):
 
     def close(self) -> None:
         self.source.close()
+
+
+def shard_file(shard: ShardSource, folder: Path, stem: str,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """The share as a model file of its own (so that streaming reads only its slices), written once
+    into `folder` (to a temporary name, then renamed) and reused while the plan gives the same share."""
+    s = shard.share
+    out = folder / f"{stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}.safetensors"
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"writing this node's shard to {out.name}")
+        convert(shard, str(out), progress=progress)
+    return out

@@ -22,11 +22,10 @@ from ..model import Model
 from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import plan_memory
-from ..storage.single import convert
 from .allreduce import StarMember
 from .node import cores, free_memory, gemv_speed, log, sha256_file
 from .plan import Share
-from .shard import ShardSource
+from .shard import ShardSource, shard_file
 from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
 from .sockets import curve_client, endpoint
 
@@ -139,7 +138,8 @@ class Worker:
         share = Share.from_dict(f["share"], source.config)
         shard, window = ShardSource(source, share), None
         if self.mem_limit is not None:
-            shard = open_model(str(self._shard_file(path, shard)))
+            shard = open_model(str(shard_file(shard, path.parent, path.stem,
+                                              lambda done, total: self.send("progress", done=done, total=total))))
             plan = plan_memory(shard, f["context"], self.mem_limit, ends=False)
             log(plan.describe())
             window = plan.window
@@ -153,16 +153,6 @@ class Worker:
         self.model.allreduce = self.member.allreduce
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
         self.send("ready", rss=_rss())
-
-    def _shard_file(self, path: Path, shard: ShardSource) -> Path:
-        """This node's share as a model file of its own (so that streaming reads only its slices),
-        written once next to the model file."""
-        s = shard.share
-        out = path.with_name(f"{path.stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}.safetensors")
-        if not out.exists():
-            log(f"writing this node's shard to {out.name}")
-            convert(shard, str(out), progress=lambda done, total: self.send("progress", done=done, total=total))
-        return out
 
     def _model_file(self, fp: str, size: int) -> Path:
         """The model file with this fingerprint: from the cache dir, or pulled from the master once."""
