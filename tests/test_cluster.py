@@ -298,7 +298,8 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
     ctx = zmq.Context()
     sock, _ = curve_client(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
     rng = random.Random(1)
-    hello = encode("hello", token=TOKEN, protocol=1, version="x", cores=1, free_ram=1, gemv_gbs=1.0, models=[])
+    hello = encode("hello", token=TOKEN, protocol=1, version="x", cores=1, free_ram=1, gemv_gbs=1.0, disk_mb_s=1.0,
+                   models=[])
     for frames in ([b"garbage"], [b'{"kind": "partial", "v": 1}'], [b"{" * 20000], hello[:1] + [b"payload"],
                    [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))] * 2):
         sock.send_multipart(frames)

@@ -110,7 +110,8 @@ class Master:
         self.waiting.append(w)
         self.send(identity, "welcome", node=w.node)
         f = m.fields
-        log(f"{w.name} joined: {f['cores']} cores, {f['free_ram'] >> 20} MB free, GEMV {f['gemv_gbs']:.1f} GB/s")
+        log(f"{w.name} joined: {f['cores']} cores, {f['free_ram'] >> 20} MB free, GEMV {f['gemv_gbs']:.1f} GB/s, "
+            f"disk {f['disk_mb_s']:.0f} MB/s")
 
     def wait_for(self, count: int, wait: float) -> None:
         """Until `count` workers joined, or `wait` seconds: then it starts with whoever joined."""

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +17,8 @@ from ..kernels.activations import quantize_activations
 from ..kernels.q4 import Q4Matrix
 from ..kernels.simd import has_kernels
 from ..paths import home
-from ..storage.scheduler import available_memory
+from ..storage.safetensors import PAGE
+from ..storage.scheduler import aligned_buffer, open_direct, available_memory
 
 READ_BLOCK = 8 << 20
 
@@ -49,6 +51,24 @@ def gemv_speed(rows: int = 2048, cols: int = 2048, repeats: int = 20) -> float:
         m.matmul(x, out)
         times.append(time.perf_counter() - t)
     return m.nbytes / float(np.median(times)) / 1e9
+
+
+def disk_speed(folder: Path, nbytes: int = 64 << 20) -> float:
+    """MB/s of reading (O_DIRECT where the filesystem allows) the first `nbytes` of the largest
+    model file in `folder`: how fast this node could stream its share; 0 when it holds none."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size) if folder.is_dir() else []
+    if not files:
+        return 0.0
+    fd, _ = open_direct(str(files[-1]))
+    buf = aligned_buffer(min(nbytes, files[-1].stat().st_size) // PAGE * PAGE or PAGE)
+    try:
+        t = time.perf_counter()
+        n = os.preadv(fd, [memoryview(buf)], 0)
+        return n / (time.perf_counter() - t) / 1e6
+    except OSError:
+        return 0.0
+    finally:
+        os.close(fd)
 
 
 def fingerprint(path: str) -> str:

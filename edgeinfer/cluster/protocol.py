@@ -36,7 +36,7 @@ _INT, _STR, _FLOAT, _BOOL, _LIST, _DICT = int, str, (int, float), bool, list, di
 FIELDS: dict[str, dict[str, type | tuple]] = {
     # worker -> master
     "hello": {"token": _STR, "protocol": _INT, "version": _STR, "cores": _INT, "free_ram": _INT,
-              "gemv_gbs": _FLOAT, "models": _LIST},
+              "gemv_gbs": _FLOAT, "disk_mb_s": _FLOAT, "models": _LIST},
     "need": {"offset": _INT},  # the worker lacks the model file: send the chunk at offset
     "ready": {"rss": _INT},
     "progress": {"done": _INT, "total": _INT},  # while loading: the worker is alive

@@ -23,7 +23,7 @@ from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import plan_memory
 from .allreduce import StarMember
-from .node import cores, free_memory, gemv_speed, log, sha256_file
+from .node import cores, disk_speed, free_memory, gemv_speed, log, sha256_file
 from .plan import Share
 from .shard import ShardSource, shard_file
 from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
@@ -80,7 +80,8 @@ class Worker:
 
     def join(self) -> int:
         self.send("hello", token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
-                  free_ram=free_memory(), gemv_gbs=gemv_speed(), models=self._held_models())
+                  free_ram=free_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
+                  models=self._held_models())
         deadline = time.monotonic() + self.timeout
         while True:
             m = self.recv(max(0.0, deadline - time.monotonic()))

@@ -125,8 +125,8 @@ class LayerStream:
             raise EdgeInferError("the streaming window needs at least one unit slot")
         self.window = min(window, len(self.units))
         slot_bytes = max(u.size for u in self.units)
-        self._free = [_aligned(slot_bytes) for _ in range(self.window)]
-        self._fd, self.direct = _open_direct(source.path)
+        self._free = [aligned_buffer(slot_bytes) for _ in range(self.window)]
+        self._fd, self.direct = open_direct(source.path)
         self._pending: deque[_Load] = deque()
         self._requests: deque[_Load] = deque()
         self._wake = threading.Condition()
@@ -214,7 +214,7 @@ class LayerStream:
             os.posix_fadvise(self._fd, unit.start, unit.size, os.POSIX_FADV_DONTNEED)
 
 
-def _open_direct(path: str) -> tuple[int, bool]:
+def open_direct(path: str) -> tuple[int, bool]:
     """The file opened for O_DIRECT reads (bypassing the page cache: page-aligned slots, offsets and
     sizes make that possible), or for plain reads where the filesystem refuses it (tmpfs)."""
     try:
@@ -223,7 +223,7 @@ def _open_direct(path: str) -> tuple[int, bool]:
         return os.open(path, os.O_RDONLY), False
 
 
-def _aligned(nbytes: int) -> np.ndarray:
+def aligned_buffer(nbytes: int) -> np.ndarray:
     """A page-aligned buffer of nbytes (O_DIRECT-friendly, and whole pages for the reads)."""
     raw = np.empty(nbytes + PAGE, np.uint8)
     skip = -raw.ctypes.data % PAGE
