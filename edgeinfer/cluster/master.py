@@ -75,8 +75,8 @@ class Master:
         """The next valid message from a known worker, or None at the deadline (monotonic seconds).
         Hellos are handled here; malformed messages are logged and dropped."""
         while True:
-            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            ready = self.sock.poll(wait if wait is None or wait < 1000 else 1000)
+            wait = 1000 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            ready = self.sock.poll(min(wait, 1000))  # at least once a second: handshake failures
             if self.monitor.handshake_failed():
                 log("a peer failed the encrypted handshake (a wrong join token?)")
             if not ready:
@@ -250,10 +250,6 @@ class ClusterModel:
     @property
     def precision(self) -> str:
         return self.local.precision
-
-    @property
-    def nodes(self) -> int:
-        return 1 + len(self.master.workers)
 
     def _replan(self) -> None:
         """Shares over the master and its workers, loaded everywhere; retried without any worker
