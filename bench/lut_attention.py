@@ -51,7 +51,7 @@ def main() -> None:
             tables, sums = np.zeros((heads, s, 64), np.uint8), np.zeros((heads, codes.shape[1] * 64), np.uint16)
             repeats = max(5, 200_000 // length)
             exact = median_us(lambda: attend_one(q, keys, values, length, scores, out), repeats)
-            lut = median_us(lambda: attend_one_lut(q, books, codes, values, length, tables, sums, scores, out), repeats)
+            lut = median_us(lambda: attend_one_lut(q, books, codes, keys, values, length, tables, sums, scores, out), repeats)
             rows.append({"shape": shape, "context": length, "d_sub": args.d_sub, "exact_us": round(exact, 1),
                          "lut_us": round(lut, 1), "speedup": round(exact / lut, 2)})
     print(json.dumps(rows, indent=1))

@@ -274,7 +274,8 @@ class Model:
             else:
                 books, codes, tables, sums = cache.lut[layer]
                 encode_keys_into(cache.k[layer], books, codes, start, count)
-                attend_causal_lut(q, books, codes, cache.v[layer], start, tables, sums, cache.scratch.scores, out)
+                attend_causal_lut(q, books, codes, cache.k[layer], cache.v[layer], start, tables, sums,
+                                  cache.scratch.scores, out)
             return w.o(out)
         per_head = q.reshape(count, c.num_heads, c.head_dim).transpose(1, 0, 2)
         cache.k[layer, :, start:start + count] = apply_rope(kv_heads(k), cos, sin)

@@ -7,8 +7,8 @@ import pytest
 
 from edgeinfer.engine import Engine
 from edgeinfer.kernels import reference as ref
-from edgeinfer.kernels.lut_attention import (attend_one_lut, build_tables, encode_keys, fit_codebooks, lut_sums,
-                                             lut_sums_reference, pack_codes)
+from edgeinfer.kernels.lut_attention import (SINK_KEYS, attend_one_lut, build_tables, encode_keys, fit_codebooks,
+                                             lut_sums, lut_sums_reference, pack_codes)
 
 
 def clustered_keys(rng, n, hd):
@@ -49,13 +49,14 @@ def test_lut_attention_approximates_exact_attention(d_sub):
     q = (0.5 * rng.standard_normal(heads * hd)).astype(np.float32)
     s = hd // d_sub
     out = np.empty_like(q)
-    attend_one_lut(q, books, codes, values, length, np.zeros((heads, s, 64), np.uint8),
+    attend_one_lut(q, books, codes, keys, values, length, np.zeros((heads, s, 64), np.uint8),
                    np.zeros((heads, capacity), np.uint16), np.zeros((heads, capacity), np.float32), out)
-    # The exact attention over the keys the codes stand for (the centroids): only the tables'
-    # 8-bit rounding remains, so the outputs agree closely.
+    # The exact attention over the keys the codes stand for (the centroids; the first SINK_KEYS keys
+    # themselves, which score exactly): only the tables' 8-bit rounding remains, so they agree closely.
     decoded = np.stack([np.take_along_axis(books[k][None], encode_keys(keys[k], books[k])[:, :, None, None]
                                            .astype(np.int64), axis=2)[:, :, 0].reshape(capacity, hd)
                         for k in range(kv_heads)])
+    decoded[:, :SINK_KEYS] = keys[:, :SINK_KEYS]
     expected = ref.causal_attention(q.reshape(heads, 1, hd), decoded[:, :length], values[:, :length], length - 1)
     np.testing.assert_allclose(out, expected.reshape(-1), atol=0.05)
     # And against the true keys, the error is the quantisation's: bounded, not exact.

@@ -101,7 +101,7 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
     codebooks, codes, tables, sums = lut
     if codebooks.shape[0]:
         encode_keys_into(keys, codebooks, codes, position, 1)
-        attend_one_lut(s.q, codebooks, codes, values, position + 1, tables, sums, s.scores, s.att)
+        attend_one_lut(s.q, codebooks, codes, keys, values, position + 1, tables, sums, s.scores, s.att)
     else:
         attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)

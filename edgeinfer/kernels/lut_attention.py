@@ -22,14 +22,17 @@ from .simd import (add_i16, hi_nibbles, load_i8, lo_nibbles, shuffle_bytes, stor
 
 KEYS_PER_BLOCK = 64
 CENTROIDS = 16
+SINK_KEYS = 4  # the first keys score exactly (attend_one_lut)
 
 
-def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 12, seed: int = 0) -> np.ndarray:
-    """k-means (Lloyd, seeded, deterministic) of each sub-space of keys (n, hd): (S, 16, d_sub)."""
+def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 40, seed: int = 0) -> np.ndarray:
+    """k-means (k-means++ seeding, then Lloyd; seeded, deterministic) of each sub-space of keys
+    (n, hd): (S, 16, d_sub). Seeding from random keys left the tails without centroids: SmolLM2 d_sub
+    1, GPL-3 (6 windows, keys replaced by their centroids): PPL 28.69 vs 25.56 with k-means++ (24.20
+    exact)."""
     n, hd = keys.shape
     subs = keys.reshape(n, hd // d_sub, d_sub).transpose(1, 0, 2).astype(np.float32)  # (S, n, d_sub)
-    rng = np.random.default_rng(seed)
-    centroids = subs[:, rng.choice(n, CENTROIDS, replace=n < CENTROIDS)].copy()
+    centroids = _kmeans_pp(subs, np.random.default_rng(seed))
     s_count = subs.shape[0]
     for _ in range(iterations):
         cell = (_assign(subs, centroids) + CENTROIDS * np.arange(s_count)[:, None]).ravel()  # (sub-space, centroid)
@@ -38,6 +41,23 @@ def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 12, seed: int 
             sums = np.bincount(cell, weights=subs[:, :, d].ravel(), minlength=s_count * CENTROIDS)
             means = sums.reshape(s_count, CENTROIDS) / np.maximum(counts, 1)
             centroids[:, :, d] = np.where(counts > 0, means, centroids[:, :, d])  # an empty cell keeps its centroid
+    return centroids
+
+
+def _kmeans_pp(subs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """16 starting centroids per sub-space, each next one drawn with probability proportional to
+    the squared distance to the nearest one so far (all sub-spaces at once)."""
+    s_count, n, _ = subs.shape
+    rows = np.arange(s_count)
+    centroids = np.empty((s_count, CENTROIDS, subs.shape[2]), np.float32)
+    centroids[:, 0] = subs[rows, rng.integers(n, size=s_count)]
+    nearest = ((subs - centroids[:, :1]) ** 2).sum(axis=2)  # (S, n)
+    for j in range(1, CENTROIDS):
+        weights = np.cumsum(nearest.astype(np.float64), axis=1)
+        drawn = rng.random(s_count) * weights[:, -1]
+        pick = np.minimum((weights < drawn[:, None]).sum(axis=1), n - 1)
+        centroids[:, j] = subs[rows, pick]
+        nearest = np.minimum(nearest, ((subs - centroids[:, j:j + 1]) ** 2).sum(axis=2))
     return centroids
 
 
@@ -109,10 +129,13 @@ def lut_sums(tables, codes, blocks, out):
 
 
 @njit(parallel=True, cache=True)
-def attend_one_lut(q, codebooks, codes, values, length, tables, sums, scores, out):
+def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scores, out):
     """As ops.attend_one, with scores from LUTs: codebooks (kv_heads, S, 16, d_sub), codes
     (kv_heads, blocks, S/2, 64), values (kv_heads, capacity, hd); scratch per head: tables
-    (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads, >= length)."""
+    (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads, >= length).
+    The first SINK_KEYS keys (where attention piles up) score exactly from keys (kv_heads, >=
+    SINK_KEYS, hd): SmolLM2 d_sub 1, GPL-3 (6 windows, keys replaced by their centroids): PPL 28.69
+    with every key quantised, 25.37 with the first 4 exact (24.20 all exact)."""
     kv_heads, _, hd = values.shape
     heads = q.shape[0] // hd
     group = heads // kv_heads
@@ -123,9 +146,15 @@ def attend_one_lut(q, codebooks, codes, values, length, tables, sums, scores, ou
         step, offset = build_tables(q, qo, codebooks[kh], tables[h])
         lut_sums(tables[h], codes[kh], blocks, sums[h])
         scores_h, sums_h = scores[h], sums[h]
-        top = np.float32(-np.inf)
         for t in range(length):
             scores_h[t] = (np.float32(sums_h[t]) * step + offset) * scale
+        for t in range(min(SINK_KEYS, length)):
+            dot = np.float32(0)
+            for i in range(hd):
+                dot += q[qo + i] * keys[kh, t, i]
+            scores_h[t] = dot * scale
+        top = np.float32(-np.inf)
+        for t in range(length):
             top = max(top, scores_h[t])
         total = exp_in_place(scores_h, length, top)
         weighted_values(scores_h, values, kh * values.shape[1] * hd, length, hd, np.float32(1) / total, out, qo)
@@ -137,10 +166,10 @@ def lut_sums_reference(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def attend_causal_lut(q, codebooks, codes, values, start, tables, sums, scores, out):
+def attend_causal_lut(q, codebooks, codes, keys, values, start, tables, sums, scores, out):
     """Tokens at positions start.. (q, out: (tokens, heads * hd)), each over the keys up to itself."""
     for t in range(q.shape[0]):
-        attend_one_lut(q[t], codebooks, codes, values, start + t + 1, tables, sums, scores, out[t])
+        attend_one_lut(q[t], codebooks, codes, keys, values, start + t + 1, tables, sums, scores, out[t])
 
 
 @njit(cache=True)
