@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -261,6 +262,8 @@ def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     master = spawn("run", str(smollm2_single), *prompt, "--listen", str(port), "--token", TOKEN,
                    "--workers", "2", "--wait", "120", "--timeout", "3", text=False)
     procs = [worker(port, held_model_dir(tmp_path, smollm2_single, f"w{i}")) for i in range(2)]
+    ready, _, _ = select.select([master.stdout], [], [], 300)
+    assert ready, "the master printed nothing"
     first = os.read(master.stdout.fileno(), 8)  # the first text: generation has started
     procs[1].send_signal(signal.SIGKILL)
     code, rest, err = finish(master)
@@ -313,7 +316,14 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
     # the worker's side: a master that welcomes it, then sends garbage, then ends the session
     server, _, _ = curve_server(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
     w = worker(port, tmp_path / "empty")
-    identity, *frames = server.recv_multipart()
+
+    def receive() -> list[bytes]:  # with a deadline: a worker that died must fail the test, not hang it
+        if not server.poll(180_000):
+            w.kill()
+            raise AssertionError(f"no message from the worker: {w.communicate()[1]}")
+        return server.recv_multipart()
+
+    identity, *frames = receive()
     assert decode(frames).kind == "hello"
     server.send_multipart([identity, *encode("welcome", node=1)])
     for junk in ([b"\xff\xfe"], [b'{"kind": "step", "v": 1}'], [b'{"kind": "sum", "v": 1, "seq": 0, "dtype": "f4",'
@@ -321,7 +331,7 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
         server.send_multipart([identity, *junk])
     server.send_multipart([identity, *encode("step", np.ones((1, 576), np.float32).tobytes(), seq=0, start=0,
                                              dtype="f4", shape=[1, 576])])  # a step before any load
-    reply = decode(server.recv_multipart()[1:])
+    reply = decode(receive()[1:])
     assert reply.kind == "failed" and "before any load" in reply.fields["message"]
     server.send_multipart([identity, *encode("bye", reason="test over")])
     code, _, err = finish(w, 60)
