@@ -24,9 +24,9 @@ from ..errors import ContextOverflowError, EdgeInferError
 from ..model import Model
 from ..paths import home
 from ..storage import open_model
-from ..storage.scheduler import plan_memory
+from ..storage.scheduler import available_memory, plan_memory
 from .allreduce import NodeLost, StarHub
-from .node import fingerprint, free_memory, gemv_speed, log
+from .node import fingerprint, gemv_speed, log
 from .plan import Share, node_weight, plan_shares
 from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array
 from .shard import ShardSource, shard_file
@@ -259,7 +259,7 @@ class ClusterModel:
             workers = self.master.workers
             for w in workers:
                 w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
-            own = node_weight(self.weight, free_memory(), self.size, len(workers) + 1)
+            own = node_weight(self.weight, available_memory(), self.size, len(workers) + 1)
             shares = plan_shares(self.config, [own] + [w.weight for w in workers])
             self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = self._local_model(shares[0], alone=not workers)

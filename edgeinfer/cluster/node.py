@@ -18,7 +18,7 @@ from ..kernels.q4 import Q4Matrix
 from ..kernels.simd import has_kernels
 from ..paths import home
 from ..storage.safetensors import PAGE
-from ..storage.scheduler import aligned_buffer, open_direct, available_memory
+from ..storage.scheduler import aligned_buffer, open_direct
 
 READ_BLOCK = 8 << 20
 
@@ -30,10 +30,6 @@ def log(message: str) -> None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def free_memory() -> int:
-    return available_memory()
 
 
 def gemv_speed(rows: int = 2048, cols: int = 2048, repeats: int = 20) -> float:

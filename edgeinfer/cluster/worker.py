@@ -21,9 +21,9 @@ from ..errors import EdgeInferError
 from ..model import Model
 from ..paths import home
 from ..storage import open_model
-from ..storage.scheduler import plan_memory
+from ..storage.scheduler import available_memory, plan_memory, process_rss
 from .allreduce import StarMember
-from .node import cores, disk_speed, free_memory, gemv_speed, log, sha256_file
+from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
 from .shard import ShardSource, shard_file
 from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
@@ -80,7 +80,7 @@ class Worker:
 
     def join(self) -> int:
         self.send("hello", token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
-                  free_ram=free_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
+                  free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
                   models=self._held_models())
         deadline = time.monotonic() + self.timeout
         while True:
@@ -153,7 +153,7 @@ class Worker:
         self.member = StarMember(self, f["sync"])
         self.model.allreduce = self.member.allreduce
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
-        self.send("ready", rss=_rss())
+        self.send("ready", rss=process_rss())
 
     def _model_file(self, fp: str, size: int) -> Path:
         """The model file with this fingerprint: from the cache dir, or pulled from the master once."""
@@ -209,11 +209,6 @@ class Worker:
             self.steps += 1
             self.step_s += time.perf_counter() - t0
             self.step_wait_s += self.member.wait_s - waited
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0,
