@@ -299,42 +299,46 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
     master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
                    "--workers", "1", "--wait", "60")
     ctx = zmq.Context()
-    sock, _ = curve_client(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
-    rng = random.Random(1)
-    hello = encode("hello", token=TOKEN, protocol=1, version="x", cores=1, free_ram=1, gemv_gbs=1.0, disk_mb_s=1.0,
-                   models=[])
-    for frames in ([b"garbage"], [b'{"kind": "partial", "v": 1}'], [b"{" * 20000], hello[:1] + [b"payload"],
-                   [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))] * 2):
-        sock.send_multipart(frames)
-    sock.close(linger=1000)
-    good = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
-    code, out, err = finish(master)
-    assert code == 0 and out == single_node, err
-    assert "dropped a malformed message" in err
-    finish(good, 60)
+    try:
+        sock, _ = curve_client(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
+        rng = random.Random(1)
+        hello = encode("hello", token=TOKEN, protocol=1, version="x", cores=1, free_ram=1, gemv_gbs=1.0, disk_mb_s=1.0,
+                       models=[])
+        for frames in ([b"garbage"], [b'{"kind": "partial", "v": 1}'], [b"{" * 20000], hello[:1] + [b"payload"],
+                       [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))] * 2):
+            sock.send_multipart(frames)
+        # ZeroMQ delivers them once the master listens, which on a first run comes after its kernels
+        # compile: a 1 s linger dropped them unsent under load.
+        sock.close(linger=300_000)
+        good = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
+        code, out, err = finish(master)
+        assert code == 0 and out == single_node, err
+        assert "dropped a malformed message" in err
+        finish(good, 60)
 
-    # the worker's side: a master that welcomes it, then sends garbage, then ends the session
-    server, _, _ = curve_server(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
-    w = worker(port, tmp_path / "empty")
+        # the worker's side: a master that welcomes it, then sends garbage, then ends the session
+        server, _, _ = curve_server(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
+        w = worker(port, tmp_path / "empty")
 
-    def receive() -> list[bytes]:  # with a deadline: a worker that died must fail the test, not hang it
-        if not server.poll(180_000):
-            w.kill()
-            raise AssertionError(f"no message from the worker: {w.communicate()[1]}")
-        return server.recv_multipart()
+        def receive() -> list[bytes]:  # with a deadline: a worker that died must fail the test, not hang it
+            if not server.poll(180_000):
+                w.kill()
+                raise AssertionError(f"no message from the worker: {w.communicate()[1]}")
+            return server.recv_multipart()
 
-    identity, *frames = receive()
-    assert decode(frames).kind == "hello"
-    server.send_multipart([identity, *encode("welcome", node=1)])
-    for junk in ([b"\xff\xfe"], [b'{"kind": "step", "v": 1}'], [b'{"kind": "sum", "v": 1, "seq": 0, "dtype": "f4",'
-                                                                  b' "shape": [1000000]}', b"1234"]):
-        server.send_multipart([identity, *junk])
-    server.send_multipart([identity, *encode("step", np.ones((1, 576), np.float32).tobytes(), seq=0, start=0,
-                                             dtype="f4", shape=[1, 576])])  # a step before any load
-    reply = decode(receive()[1:])
-    assert reply.kind == "failed" and "before any load" in reply.fields["message"]
-    server.send_multipart([identity, *encode("bye", reason="test over")])
-    code, _, err = finish(w, 60)
-    assert code == 0 and "dropped a malformed message" in err and "test over" in err, err
-    server.close()
-    ctx.destroy(linger=0)
+        identity, *frames = receive()
+        assert decode(frames).kind == "hello"
+        server.send_multipart([identity, *encode("welcome", node=1)])
+        for junk in ([b"\xff\xfe"], [b'{"kind": "step", "v": 1}'], [b'{"kind": "sum", "v": 1, "seq": 0, "dtype": "f4",'
+                                                                      b' "shape": [1000000]}', b"1234"]):
+            server.send_multipart([identity, *junk])
+        server.send_multipart([identity, *encode("step", np.ones((1, 576), np.float32).tobytes(), seq=0, start=0,
+                                                 dtype="f4", shape=[1, 576])])  # a step before any load
+        reply = decode(receive()[1:])
+        assert reply.kind == "failed" and "before any load" in reply.fields["message"]
+        server.send_multipart([identity, *encode("bye", reason="test over")])
+        code, _, err = finish(w, 60)
+        assert code == 0 and "dropped a malformed message" in err and "test over" in err, err
+        server.close()
+    finally:  # a context left to the garbage collector can block in term() in the middle of a later test
+        ctx.destroy(linger=0)
