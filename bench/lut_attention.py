@@ -1,11 +1,14 @@
 """Attention time per decoded token, one layer: LUT attention vs exact, both edgeinfer, same run.
 
-Keys, values and the query are random (timing does not depend on them; quality is measured with
-perplexity once calibration lands). Both kernels run on all threads, heads in parallel; exact reads
-float32 keys (hd * 4 bytes per key per KV head), LUT reads hd / (2 * d_sub) bytes of codes; values
-are float32 in both. Prints JSON and a one-line summary per shape.
+Keys, values and the query are random (timing does not depend on them; quality is perplexity's:
+bench/RESULTS.md). The kernels run on all threads, heads in parallel, over the cache as the model
+keeps it: exact attention reads float32 keys (hd * 4 bytes per key per KV head) and float32 values;
+LUT reads hd / (2 * d_sub) bytes of codes and fp16 values, builds a table per band of positions the
+context reaches (one codebook per band, lut_attention.py) and scores the first and the last keys
+exactly. Exact attention over fp16 values is timed too, the like-for-like baseline. The three take
+turns; medians. Prints JSON and a one-line summary per shape and d_sub.
 
-    python bench/lut_attention.py [--d-sub 2] [--contexts 1024,4096,16384]
+    python bench/lut_attention.py [--d-sub 1,2,4] [--contexts 1024,4096,16384] [--shapes smollm2-135m,llama2-7b]
 """
 
 from __future__ import annotations
@@ -16,49 +19,66 @@ import time
 
 import numpy as np
 
-from edgeinfer.kernels.lut_attention import attend_one_lut, encode_keys, fit_codebooks, pack_codes
+from edgeinfer.kernels.lut_attention import EXACT_SLOTS, attend_one_lut, bands_for, encode_keys_into, fit_codebooks
 from edgeinfer.kernels.ops import attend_one
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama2-7b": (32, 32, 128)}  # heads, KV heads, head dim
 
 
-def median_us(fn, repeats: int) -> float:
+def seconds(fn) -> float:
+    t = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    return time.perf_counter() - t
+
+
+def alternate(fns, rounds: int) -> list[float]:
+    """Median microseconds of each, run in turn so that drift hits all alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e6
+    times = [[seconds(fn) for fn in fns] for _ in range(rounds)]
+    return [float(np.median([t[i] for t in times])) * 1e6 for i in range(len(fns))]
+
+
+def measure(shape: str, length: int, d_sub: int, rng: np.random.Generator) -> dict:
+    heads, kv_heads, hd = SHAPES[shape]
+    keys = rng.standard_normal((kv_heads, length, hd), dtype=np.float32)
+    values = rng.standard_normal((kv_heads, length, hd), dtype=np.float32)
+    half = values.astype(np.float16).view(np.uint16)
+    bands = bands_for(length)
+    books = np.stack([np.repeat(fit_codebooks(keys[k, :2048], d_sub, iterations=4)[None], bands, axis=0)
+                      for k in range(kv_heads)])
+    codes = np.zeros((kv_heads, -(-length // 64), hd // (2 * d_sub), 64), np.uint8)
+    encode_keys_into(keys, books, codes, 0)
+    exact_keys = np.ascontiguousarray(keys[:, :EXACT_SLOTS])  # the sinks and the ring of recent keys
+    q = rng.standard_normal(heads * hd, dtype=np.float32)
+    out, scores = np.empty_like(q), np.zeros((heads, length), np.float32)
+    tables, sums = np.zeros((heads, hd // d_sub, 64), np.uint8), np.zeros((heads, codes.shape[1] * 64), np.uint16)
+    exact_us, exact_f16_us, lut_us = alternate(
+        [lambda: attend_one(q, keys, values, length, scores, out),
+         lambda: attend_one(q, keys, half, length, scores, out),
+         lambda: attend_one_lut(q, books, codes, exact_keys, half, length, tables, sums, scores, out)],
+        max(7, 100_000 // length))
+    return {"shape": shape, "context": length, "d_sub": d_sub, "bands": bands, "exact_us": round(exact_us, 1),
+            "exact_f16_values_us": round(exact_f16_us, 1), "lut_us": round(lut_us, 1),
+            "speedup": round(exact_us / lut_us, 2), "speedup_same_values": round(exact_f16_us / lut_us, 2)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--d-sub", type=int, default=2)
+    p.add_argument("--d-sub", default="1,2,4")
     p.add_argument("--contexts", default="1024,4096,16384")
+    p.add_argument("--shapes", default=",".join(SHAPES))
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    rows = []
-    for shape, (heads, kv_heads, hd) in SHAPES.items():
-        for length in map(int, args.contexts.split(",")):
-            keys = rng.standard_normal((kv_heads, length, hd)).astype(np.float32)
-            values = rng.standard_normal((kv_heads, length, hd)).astype(np.float32)
-            books = np.stack([fit_codebooks(keys[k, :2048], args.d_sub, iterations=4) for k in range(kv_heads)])
-            codes = np.stack([pack_codes(encode_keys(keys[k], books[k])) for k in range(kv_heads)])
-            q = rng.standard_normal(heads * hd).astype(np.float32)
-            out, s = np.empty_like(q), hd // args.d_sub
-            scores = np.zeros((heads, length), np.float32)
-            tables, sums = np.zeros((heads, s, 64), np.uint8), np.zeros((heads, codes.shape[1] * 64), np.uint16)
-            repeats = max(5, 200_000 // length)
-            exact = median_us(lambda: attend_one(q, keys, values, length, scores, out), repeats)
-            lut = median_us(lambda: attend_one_lut(q, books, codes, keys, values, length, tables, sums, scores, out), repeats)
-            rows.append({"shape": shape, "context": length, "d_sub": args.d_sub, "exact_us": round(exact, 1),
-                         "lut_us": round(lut, 1), "speedup": round(exact / lut, 2)})
+    rows = [measure(shape, length, d_sub, rng) for shape in args.shapes.split(",")
+            for d_sub in map(int, args.d_sub.split(",")) for length in map(int, args.contexts.split(","))]
     print(json.dumps(rows, indent=1))
-    for shape in SHAPES:
-        print(f"{shape}, d_sub {args.d_sub}, attention per token per layer, exact / LUT: " +
-              ", ".join(f"{r['context']}: {r['exact_us']:.0f} / {r['lut_us']:.0f} us (x{r['speedup']})"
-                        for r in rows if r["shape"] == shape))
+    for shape in args.shapes.split(","):
+        for d_sub in map(int, args.d_sub.split(",")):
+            print(f"{shape}, d_sub {d_sub}, attention per token per layer, exact / exact on fp16 values / LUT: " +
+                  ", ".join(f"{r['context']}: {r['exact_us']:.0f} / {r['exact_f16_values_us']:.0f} / {r['lut_us']:.0f}"
+                            f" us (x{r['speedup']}, x{r['speedup_same_values']})"
+                            for r in rows if r["shape"] == shape and r["d_sub"] == d_sub))
 
 
 if __name__ == "__main__":

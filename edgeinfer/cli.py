@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                      "of exact perplexity; 2 and 4 are smaller and faster)")
     cal.add_argument("-c", "--ctx", type=int, default=512, help="window size in tokens (512)")
     cal.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to use (8192)")
+    cal.add_argument("--span", type=int, default=0, help="the longest context the codebooks serve: keys are turned "
+                     "to positions spread over it (default: the model's context)")
     cal.set_defaults(func=_cmd_calibrate)
 
     syn = sub.add_parser("synth", help="write a random-weight model of a real shape (speed and memory tests only)")
@@ -453,7 +455,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise EdgeInferError(f"--ctx must be at least 16, got {args.ctx}")
     engine = load_engine(path, args.ctx)
     ids = engine.tokenizer.encode(_read_text(args.file), add_bos=False)
-    books = calibrate(engine.model, ids, args.d_sub, args.ctx, args.max_tokens, Progress("fitting codebooks", " layers"))
+    books = calibrate(engine.model, ids, args.d_sub, args.ctx, args.max_tokens, args.span,
+                      Progress("fitting codebooks", " layers"))
     convert(open_model(path), args.output, Progress("writing", " tensors"), codebooks=books)
     print(args.output)
     return 0

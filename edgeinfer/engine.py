@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import ContextOverflowError, EdgeInferError, TokenizerError
-from .model import Model
+from .model import Model, cache_size
 from .sampling import Sampler, SamplingParams
 from .storage import open_model
 from .storage.scheduler import MemoryPlan, plan_memory
@@ -88,7 +88,7 @@ class Engine:
         was given. attention: "exact", or "lut" with the file's codebooks (edgeinfer calibrate)."""
         source = open_model(path)
         context = context or min(source.config.max_context, DEFAULT_CONTEXT)
-        plan = plan_memory(source, context, mem_limit)
+        plan = plan_memory(source, context, mem_limit, cache_size(source, context, not exact, attention))
         if report and (mem_limit is not None or plan.window is not None):
             report(plan.describe())
         model = Model(source, quantized=not exact, window=plan.window, attention=attention)

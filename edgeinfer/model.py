@@ -17,11 +17,12 @@ import numpy as np
 from .config import ModelConfig, rope_inv_freq
 from .errors import ContextOverflowError, EdgeInferError, UnsupportedModelError
 from .kernels.block import decode_attention, decode_layer, decode_mlp, decode_scratch
-from .kernels.lut_attention import attend_causal_lut, encode_keys_into, lut_buffers
+from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, attend_causal_lut, encode_keys_into, lut_buffers
 from .kernels.ops import LANES, attend_causal, rope_rows
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import has_kernels
 from .layers import DenseLinear, QuantLinear, load_linear
+from .storage.quantize import TYPES as QUANTIZED_TYPES
 from .storage.scheduler import LayerStream, StreamedRows
 from .storage.single import SingleFileSource
 from .storage.source import HEAD, ROPE_FREQS, WeightSource, layer_prefix
@@ -65,29 +66,71 @@ class LayerWeights:
                 bias(self.q), bias(self.k), bias(self.v))
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros whose pages become resident as they are written. numpy advises huge pages for
-    large arrays, and with the cache's layout (each head's positions contiguous) the first token's
-    keys would then make every head's whole 2 MB page resident: a 7B model's 4096-token cache took
-    4.3 GB of RSS before anything was cached. A plain anonymous mapping has no such advice."""
+def projection_types(source: WeightSource) -> set[str]:
+    """The types the file stores the layers' projections in: all of them 4/8-bit runs the fused path."""
+    c = source.config
+    return {source.stored_type(f"{layer_prefix(i)}{p}.weight") for i in range(c.num_layers) for p in PROJECTIONS}
+
+
+def cache_size(source: WeightSource, capacity: int, quantized: bool, attention: str) -> int:
+    """Bytes of the KV cache that Model(source, quantized, attention=...) makes for `capacity`
+    positions, known before any weight is read (the memory plan's)."""
+    fused = quantized and has_kernels() and projection_types(source) <= set(QUANTIZED_TYPES)
+    books = source.key_codebooks() if attention == "lut" and fused else None
+    return KVCache.size(source.config, capacity, books is not None, books.d_sub if books else None)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """Zeros whose pages become resident as they are written. numpy advises huge pages for large
+    arrays, and with the cache's layout (each head's positions contiguous) the first token's keys
+    would then make every head's whole 2 MB page resident: a 7B model's 4096-token cache took 4.3 GB
+    of RSS before anything was cached. A plain anonymous mapping has no such advice."""
     count = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(count * 4, 1)), np.float32, count).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1)), dtype, count).reshape(shape)
 
 
 class KVCache:
     """Keys (after RoPE) and values of every layer, preallocated for `capacity` positions, and the
-    decode step's buffers, whose attention scores are as long as the cache."""
+    decode step's buffers, whose attention scores are as long as the cache.
 
-    def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None):
-        """codebooks: per layer, for LUT attention: each layer's keys are also kept as codes."""
-        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
-        self.k = lazy_zeros(shape)
-        self.v = lazy_zeros(shape)
+    With LUT attention a key is its codes (`lut`), `k` holds only EXACT_SLOTS float keys per layer
+    and KV head (the first positions and a ring of the recent ones, which score exactly, kept by the
+    LUT kernels themselves), and values are fp16 (uint16 bits), as NoMAD keeps them: at long contexts
+    the value pass is then most of attention's reads. Exact attention keeps float32 keys and values
+    (with fp16 values "hi" no longer got llama.cpp's greedy answer: a near tie)."""
+
+    def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None,
+                 half_values: bool = False):
+        """codebooks: per layer, for LUT attention."""
+        key_positions = capacity if codebooks is None else EXACT_SLOTS
+        self.k = lazy_zeros((config.num_layers, config.num_kv_heads, key_positions, config.head_dim))
+        self.v = lazy_zeros((config.num_layers, config.num_kv_heads, capacity, config.head_dim),
+                            np.uint16 if half_values else np.float32)
         self.capacity = capacity
         self.length = 0
         self.scratch = decode_scratch(config.hidden_size, config.q_size, config.num_kv_heads * config.head_dim,
                                       config.intermediate_size, config.num_heads, capacity)
         self.lut = [lut_buffers(books, config.num_heads, capacity) for books in codebooks or [None] * config.num_layers]
+
+    @staticmethod
+    def size(config: ModelConfig, capacity: int, half_values: bool, d_sub: int | None) -> int:
+        """Bytes of the keys, codes and values of a cache as __init__ makes it (d_sub: LUT attention's)."""
+        per_position = config.num_layers * config.num_kv_heads * config.head_dim
+        values = per_position * capacity * (2 if half_values else 4)
+        if d_sub is None:
+            return values + per_position * capacity * 4
+        blocks = -(-capacity // KEYS_PER_BLOCK)
+        return values + per_position * (EXACT_SLOTS * 4 + blocks * KEYS_PER_BLOCK // (2 * d_sub))
+
+    def store_values(self, layer: int, start: int, values: np.ndarray) -> None:
+        """Values (kv_heads, count, head_dim) float32 of positions start.. into the cache."""
+        self.v[layer, :, start:start + values.shape[1]] = \
+            values.astype(np.float16).view(np.uint16) if self.v.dtype == np.uint16 else values
+
+    def values(self, layer: int, end: int) -> np.ndarray:
+        """Values (kv_heads, end, head_dim) of positions 0..end-1, float32 (for numpy)."""
+        v = self.v[layer, :, :end]
+        return v.view(np.float16).astype(np.float32) if v.dtype == np.uint16 else v
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -127,8 +170,8 @@ class StreamedWeights:
         self.quantized, self.stream = quantized, LayerStream(source, window, head=ends)
         self.embedding = StreamedRows(source, "model.embed_tokens.weight") if ends else None
         self._head_name = "model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"
-        types = {source.stored_type(f"{layer_prefix(i)}{p}.weight") for i in range(c.num_layers) for p in PROJECTIONS}
-        self.fused = quantized and types <= {"Q4_0", "Q4_1", "Q8_0"}
+        types = projection_types(source)
+        self.fused = quantized and types <= set(QUANTIZED_TYPES)
         self.precision = "f32" if not quantized else "q4" if types & {"Q4_0", "Q4_1"} else "q8" if "Q8_0" in types \
             else "f32"
 
@@ -183,7 +226,7 @@ class Model:
         return books.layers
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity, self.codebooks)
+        return KVCache(self.config, capacity, self.codebooks, half_values=self.codebooks is not None)
 
     def warm_up(self) -> None:
         """Run the prefill and decode kernels once, so that Numba compiles them (first run) or loads
@@ -263,24 +306,25 @@ class Model:
             return np.zeros_like(x)
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
         kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
-        cache.v[layer, :, start:start + count] = kv_heads(w.v(x))
+        cache.store_values(layer, start, kv_heads(w.v(x)))
         if self.fused:
             rope_rows(q, cos, sin)
             rope_rows(k, cos, sin)
-            cache.k[layer, :, start:start + count] = kv_heads(k)
             out = np.empty_like(q)
             if self.codebooks is None:
+                cache.k[layer, :, start:start + count] = kv_heads(k)
                 attend_causal(q, cache.k[layer], cache.v[layer], start, out)
             else:
                 books, codes, tables, sums = cache.lut[layer]
-                encode_keys_into(cache.k[layer], books, codes, start, count)
-                attend_causal_lut(q, books, codes, cache.k[layer], cache.v[layer], start, tables, sums,
+                new_keys = np.ascontiguousarray(kv_heads(k))
+                encode_keys_into(new_keys, books, codes, start)
+                attend_causal_lut(q, new_keys, books, codes, cache.k[layer], cache.v[layer], start, tables, sums,
                                   cache.scratch.scores, out)
             return w.o(out)
         per_head = q.reshape(count, c.num_heads, c.head_dim).transpose(1, 0, 2)
         cache.k[layer, :, start:start + count] = apply_rope(kv_heads(k), cos, sin)
         end = start + count
-        out = causal_attention(apply_rope(per_head, cos, sin), cache.k[layer, :, :end], cache.v[layer, :, :end], start)
+        out = causal_attention(apply_rope(per_head, cos, sin), cache.k[layer, :, :end], cache.values(layer, end), start)
         return w.o(out.transpose(1, 0, 2).reshape(count, c.q_size))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 from conftest import edgeinfer_cli
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, ModelFormatError
-from edgeinfer.model import Model
+from edgeinfer.model import Model, cache_size
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.storage import open_model
 from edgeinfer.storage.scheduler import file_units, parse_size, plan_memory
@@ -56,7 +56,7 @@ def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window):
 
 def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
     source = open_model(str(tiny_q4))
-    free = plan_memory(source, 64, None)
+    free = plan_memory(source, 64, None, cache_size(source, 64, True, "exact"))
     assert free.window is None  # no limit: it fits in this machine's memory
     limit = free.runtime + free.kv_cache + free.scratch + 2 * free.slot + free.slot // 2
     engine = Engine.load(str(tiny_q4), 64, mem_limit=limit)
@@ -68,7 +68,7 @@ def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
         g.run()
     assert runs[0].token_ids == runs[1].token_ids
     with pytest.raises(EdgeInferError, match="too small"):
-        plan_memory(source, 64, free.runtime)
+        plan_memory(source, 64, free.runtime, free.kv_cache)
 
 
 def test_units_are_whole_pages_of_the_file(tiny_q4):

@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from ..errors import ContextOverflowError, EdgeInferError
-from ..model import Model
+from ..model import Model, cache_size
 from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import available_memory, plan_memory
@@ -288,7 +288,8 @@ class ClusterModel:
                          attention=self.attention)
         if not alone:
             source = open_model(str(shard_file(ShardSource(source, share), home() / "cluster", self.fingerprint)))
-        plan = plan_memory(source, self.context, self.mem_limit)
+        plan = plan_memory(source, self.context, self.mem_limit,
+                           cache_size(source, self.context, self.quantized, self.attention))
         log(plan.describe())
         return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention)
 

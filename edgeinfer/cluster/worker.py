@@ -18,7 +18,7 @@ import zmq
 
 from .. import __version__
 from ..errors import EdgeInferError
-from ..model import Model
+from ..model import Model, cache_size
 from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import available_memory, plan_memory, process_rss
@@ -141,7 +141,8 @@ class Worker:
         if self.mem_limit is not None:
             shard = open_model(str(shard_file(shard, path.parent, path.stem,
                                               lambda done, total: self.send("progress", done=done, total=total))))
-            plan = plan_memory(shard, f["context"], self.mem_limit, ends=False)
+            plan = plan_memory(shard, f["context"], self.mem_limit,
+                               cache_size(shard, f["context"], not f["exact"], f["attention"]), ends=False)
             log(plan.describe())
             window = plan.window
         self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, ends=False)

@@ -23,10 +23,11 @@ import numpy as np
 from numba import njit
 
 from .activations import Q8Activations, _quantize
-from .lut_attention import attend_one_lut, encode_keys_into
-from .ops import attend_one, rmsnorm_into, rope_in_place, silu_mul_into
+from .lut_attention import attend_one_lut, encode_keys_into, keep_exact_key
+from .ops import LANES, attend_one, rmsnorm_into, rope_in_place, silu_mul_into
 from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemv_parallel as q8_gemv
+from .simd import load_f32, store_floats
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
 # (lo, hi, flat, scales, sums) tuples, then each head's attention scores, as long as the context.
@@ -71,8 +72,9 @@ def add_bias(y, bias):
 @njit(cache=True)
 def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """h (hidden,) += the block's output for the token at `position`; its key and value go into
-    keys/values (kv_heads, capacity, head_dim) at `position`. lut: (codebooks, codes, tables, sums)
-    for LUT attention (lut_attention.py), or empty arrays for exact attention."""
+    keys/values (kv_heads, capacity, head_dim; values float32 or fp16 bits) at `position`. lut:
+    (codebooks, codes, tables, sums) for LUT attention (lut_attention.py), whose keys are codes, keys
+    then holding only the float keys that score exactly; or empty arrays for exact attention."""
     decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s)
     h += s.o
     decode_mlp(h, weights, eps, s)
@@ -96,13 +98,16 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
     rope_in_place(s.q, s.q.shape[0] // hd, inv_freq, position)
     rope_in_place(s.k, kv_heads, inv_freq, position)
     for kh in range(kv_heads):
-        keys[kh, position, :] = s.k[kh * hd:(kh + 1) * hd]
-        values[kh, position, :] = s.v[kh * hd:(kh + 1) * hd]
+        for d in range(0, hd, LANES):
+            store_floats(values, (kh * values.shape[1] + position) * hd + d, load_f32(s.v, kh * hd + d))
     codebooks, codes, tables, sums = lut
+    new_key = s.k.reshape((kv_heads, 1, hd))
     if codebooks.shape[0]:
-        encode_keys_into(keys, codebooks, codes, position, 1)
+        keep_exact_key(keys, new_key, 0, position)
+        encode_keys_into(new_key, codebooks, codes, position)
         attend_one_lut(s.q, codebooks, codes, keys, values, position + 1, tables, sums, s.scores, s.att)
     else:
+        keys[:, position, :] = new_key[:, 0, :]
         attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.o)

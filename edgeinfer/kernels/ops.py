@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simd import (add, div, exp_f32, fma, hsum, load_f32, mul, neg, splat, store_f32, sub,
+from .simd import (add, div, exp_f32, fma, hsum, load_f32, load_floats, mul, neg, splat, store_f32, sub,
                    zeros_f32)
 
 LANES = 16
@@ -52,15 +52,15 @@ def silu_mul_into(gate, up, out):
 @njit(parallel=True, cache=True)
 def attend_one(q, keys, values, length, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over the first `length`
-    positions of keys/values (kv_heads, capacity, hd), C-contiguous, hd a multiple of 16; scores
-    is scratch (heads, >= length). Heads run on all threads: at long contexts this is the step's
-    largest read after the weights."""
+    positions of keys/values (kv_heads, capacity, hd), C-contiguous, hd a multiple of 16 (values
+    float32 or fp16 bits); scores is scratch (heads, >= length). Heads run on all threads: at long
+    contexts this is the step's largest read after the weights."""
     kv_heads, capacity, hd = keys.shape
     heads = q.shape[0] // hd
     group = heads // kv_heads
     scale = np.float32(1.0 / np.sqrt(hd))
     for h in prange(heads):
-        qo, base = h * hd, (h // group) * capacity * hd
+        qo, base = h * hd, (h // group) * capacity * hd  # keys and values have the same capacity here
         scores_h = scores[h]
         top = np.float32(-np.inf)
         for t in range(length):
@@ -89,15 +89,16 @@ def exp_in_place(scores, length, top):
 
 @njit(cache=True)
 def weighted_values(p, values, base, length, hd, norm, out, qo):
-    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd]: key by key, each
-    value row read once in order (a pass per 16 dimensions would stride through the rows hd/16 times)."""
+    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd] (float32 or fp16
+    bits): key by key, each value row read once in order (a pass per 16 dimensions would stride
+    through the rows hd/16 times)."""
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, zeros_f32())
     for t in range(length):
         weight = splat(p[t])
         row = base + t * hd
         for d in range(0, hd, LANES):
-            store_f32(out, qo + d, fma(weight, load_f32(values, row + d), load_f32(out, qo + d)))
+            store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
     scale = splat(norm)
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, mul(load_f32(out, qo + d), scale))
@@ -153,7 +154,7 @@ def _attend_query(q, keys, values, start, t, out):
             for d in range(0, hd, LANES):
                 acc = mul(load_f32(out, qo + d), splat(correction))
                 for j in range(n):
-                    acc = fma(splat(block[j]), load_f32(values, base + (k0 + j) * hd + d), acc)
+                    acc = fma(splat(block[j]), load_floats(values, base + (k0 + j) * hd + d), acc)
                 store_f32(out, qo + d, acc)
         inv = splat(np.float32(1) / total)
         for d in range(0, hd, LANES):

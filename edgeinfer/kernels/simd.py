@@ -182,6 +182,23 @@ def _expander(count: int):
 
 expand4 = _expander(4)  # one float per 4 lanes: a Q4 chunk holds 4 groups
 expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
+load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
+
+
+@intrinsic
+def store_floats(typingctx, arr, offset, v):
+    """arr[offset:offset + 16] = v: float32, or rounded to fp16 bits (uint16) as vcvtps2ph rounds."""
+    half = arr.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        value = args[2]
+        if half:
+            value = builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), 16)),
+                                    ir.VectorType(ir.IntType(16), 16))
+        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], value.type)
+        builder.store(value, ptr, align=2 if half else 4)
+        return context.get_dummy_value()
+    return types.none(arr, offset, V16F32), codegen
 
 
 def _binary(op: str):

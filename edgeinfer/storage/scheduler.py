@@ -323,33 +323,33 @@ class MemoryPlan:
         return f"{head}; plan: {plan}" + (f" within --mem-limit {mb(self.limit)}" if self.limit else "")
 
 
-def plan_memory(source: WeightSource, context: int, limit: int | None, batch: int = 512,
+def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512,
                 ends: bool = True) -> MemoryPlan:
     """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
-    limit, the memory available now), else the widest window that does. ends: whether the
-    embedding and head are loaded (not on a cluster worker)."""
+    limit, the memory available now), else the widest window that does. kv_cache: its bytes at
+    `context` (model.cache_size). ends: whether the embedding and head are loaded (not on a cluster
+    worker)."""
     c = source.config
     streamable = hasattr(source, "quantized_parts")
     weights = source.file_size() if ends or not streamable else sum(u.size for u in file_units(source, head=False))
-    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 4
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
     runtime = process_rss() + KERNELS_ALLOWANCE
     slot = max(u.size for u in file_units(source, ends)) if streamable else weights
     units = c.num_layers + ends
-    plan = MemoryPlan(weights, slot, units, kv, scratch, runtime, limit, None)
+    plan = MemoryPlan(weights, slot, units, kv_cache, scratch, runtime, limit, None)
     budget = limit if limit is not None else available_memory()
     if plan.resident_need <= budget:
         return plan
-    window = min(units, (budget - runtime - kv - scratch) // slot)
+    window = min(units, (budget - runtime - kv_cache - scratch) // slot)
     if not streamable:
         raise EdgeInferError(f"{source.path} needs {plan.resident_need / 2**20:.0f} MB resident but "
                              f"{'--mem-limit' if limit else 'this machine'} allows {budget / 2**20:.0f} MB; "
                              "streaming needs edgeinfer's single file: edgeinfer convert MODEL -o FILE --bits 4")
     if window < 1:
-        least = runtime + kv + scratch + slot
+        least = runtime + kv_cache + scratch + slot
         raise EdgeInferError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
                              f"the least this model runs in at --ctx {context} is {least / 2**20:.0f} MB (runtime "
-                             f"{runtime / 2**20:.0f} + KV cache {kv / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
+                             f"{runtime / 2**20:.0f} + KV cache {kv_cache / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
                              f"one layer slot {slot / 2**20:.0f})")
-    return MemoryPlan(weights, slot, units, kv, scratch, runtime, limit, int(window))
+    return MemoryPlan(weights, slot, units, kv_cache, scratch, runtime, limit, int(window))

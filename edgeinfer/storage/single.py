@@ -82,8 +82,9 @@ class SingleFileSource(SafetensorsSource):
             layers = [np.array(self._file.array(codebook_name(i))) for i in range(self.config.num_layers)]
         except (KeyError, ValueError):
             raise ModelFormatError(f"{self.path}: the LUT codebooks are incomplete") from None
-        expected = (self.config.num_kv_heads, self.config.head_dim // max(d_sub, 1), 16, d_sub)
-        if any(book.shape != expected for book in layers):
+        layers = [book[:, None] if book.ndim == 4 else book for book in layers]  # files before bands: one band
+        expected = (self.config.num_kv_heads, layers[0].shape[1], self.config.head_dim // max(d_sub, 1), 16, d_sub)
+        if any(book.shape != expected for book in layers) or not expected[1]:
             raise ModelFormatError(f"{self.path}: LUT codebooks of shape {layers[0].shape}, expected {expected}")
         return KeyCodebooks(d_sub, layers)
 

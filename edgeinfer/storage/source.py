@@ -41,7 +41,8 @@ def codebook_name(layer: int) -> str:
 
 @dataclass(frozen=True)
 class KeyCodebooks:
-    """LUT attention's codebooks: per layer (kv_heads, head_dim / d_sub, 16, d_sub) float32."""
+    """LUT attention's codebooks: per layer (kv_heads, bands, head_dim / d_sub, 16, d_sub) float32, a
+    codebook per band of positions (kernels/lut_attention.py)."""
 
     d_sub: int
     layers: list[np.ndarray]
