@@ -155,8 +155,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="wait for this many workers before starting (0)")
     g.add_argument("--wait", type=float, default=60.0, help="seconds to wait for them; then start with "
                    "whoever joined (60)")
-    g.add_argument("--timeout", type=float, default=30.0, help="a worker silent this long is dropped and the "
-                   "work re-planned without it (30)")
+    g.add_argument("--timeout", type=float, default=30.0, help="a worker silent this long in a step is dropped "
+                   "and the work re-planned without it (30; loading a share waits at least 120)")
     g.add_argument("--sync", choices=("fp32", "fp16"), default="fp32", help="all-reduce payload type (fp32)")
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from .kernels.activations import quantize_activations
 from .kernels.q4 import Q4Matrix
 from .kernels.q8 import Q8Matrix
+from .kernels.simd import FIXED_BITS
 from .kernels.reference import linear
 from .storage.source import WeightSource
 
@@ -19,6 +20,8 @@ class DenseLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return linear(x, self.weight, self.bias)
+
+    partial = __call__  # float32: a cluster adds these partials in node order
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the weight: an embedding lookup (a tied head is its embedding)."""
@@ -35,6 +38,14 @@ class QuantLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self.matrix.matmul(quantize_activations(x), np.empty((x.shape[0], self.matrix.rows), np.float32))
         return out + self.bias if self.bias is not None else out
+
+    def partial(self, x: np.ndarray) -> np.ndarray:
+        """x W^T as fixed-point sums (int64, kernels/simd.py), for a product whose columns a cluster
+        splits over its nodes (o_proj, down_proj): the nodes' partials add up exactly to this."""
+        out = self.matrix.matmul(quantize_activations(x), np.empty((x.shape[0], self.matrix.rows), np.int64))
+        if self.bias is not None:
+            out += np.round(self.bias.astype(np.float64) * 2.0 ** FIXED_BITS).astype(np.int64)
+        return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return self.matrix.dequantize(ids)

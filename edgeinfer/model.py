@@ -20,7 +20,7 @@ from .kernels.block import decode_attention, decode_layer, decode_mlp, decode_sc
 from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, attend_causal_lut, encode_keys_into, lut_buffers
 from .kernels.ops import LANES, attend_causal, rope_rows
 from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
-from .kernels.simd import has_kernels
+from .kernels.simd import from_fixed, has_kernels
 from .layers import DenseLinear, QuantLinear, load_linear
 from .storage.quantize import TYPES as QUANTIZED_TYPES
 from .storage.scheduler import LayerStream, StreamedRows
@@ -209,7 +209,8 @@ class Model:
         freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
         self.inv_freq = rope_inv_freq(c, freq_factors)
         # On a cluster node the layers' two halves give partial sums of the hidden vector, which this
-        # sums over the nodes (cluster/allreduce.py); alone, a node's sum is its own.
+        # sums over the nodes (cluster/allreduce.py) into the float32 vector every node adds; alone,
+        # a node's sum is its own (own_sum). Partials of the 4/8-bit path are fixed point (int64).
         self.allreduce: Callable[[np.ndarray], np.ndarray] | None = None
 
     def _codebooks(self, source: WeightSource, attention: str) -> list[np.ndarray] | None:
@@ -271,7 +272,7 @@ class Model:
         return h
 
     def _sum(self, partial: np.ndarray) -> np.ndarray:
-        return partial if self.allreduce is None else self.allreduce(partial)
+        return own_sum(partial) if self.allreduce is None else self.allreduce(partial)
 
     def decode(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token (h of shape (1, hidden)) through the fused layers: one Numba call per layer,
@@ -286,10 +287,10 @@ class Model:
                 if self.config.num_kv_heads:
                     decode_attention(h, block, cache.k[i], cache.v[i], cache.lut[i], position, self.inv_freq, eps, s)
                 else:
-                    s.o[:] = 0
-                h += self.allreduce(s.o)
+                    s.fixed[:] = 0
+                h += self.allreduce(s.fixed)
                 decode_mlp(h, block, eps, s)
-                h += self.allreduce(s.o)
+                h += self.allreduce(s.fixed)
             self.weights.done(i)
         cache.length = position + 1
         return h[None]
@@ -303,7 +304,7 @@ class Model:
         c = self.config
         count, start = x.shape[0], cache.length
         if not c.num_kv_heads:  # a cluster node holding MLP columns only
-            return np.zeros_like(x)
+            return np.zeros(x.shape, np.int64 if self.fused else np.float32)
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
         kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
         cache.store_values(layer, start, kv_heads(w.v(x)))
@@ -320,7 +321,7 @@ class Model:
                 encode_keys_into(new_keys, books, codes, start)
                 attend_causal_lut(q, new_keys, books, codes, cache.k[layer], cache.v[layer], start, tables, sums,
                                   cache.scratch.scores, out)
-            return w.o(out)
+            return w.o.partial(out)
         per_head = q.reshape(count, c.num_heads, c.head_dim).transpose(1, 0, 2)
         cache.k[layer, :, start:start + count] = apply_rope(kv_heads(k), cos, sin)
         end = start + count
@@ -328,4 +329,9 @@ class Model:
         return w.o(out.transpose(1, 0, 2).reshape(count, c.q_size))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return w.down(silu_mul(w.gate(x), w.up(x)))
+        return w.down.partial(silu_mul(w.gate(x), w.up(x)))
+
+
+def own_sum(partial: np.ndarray) -> np.ndarray:
+    """A half-layer's output as the float32 vector to add, when this node's partial is the whole sum."""
+    return from_fixed(partial) if partial.dtype == np.int64 else partial

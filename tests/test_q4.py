@@ -121,3 +121,29 @@ def test_gemm_equals_the_gemv_token_by_token(tokens, with_min):
     out = gemm(m, quantize_activations(x), np.empty((tokens, 70), np.float32))
     for t in range(tokens):
         np.testing.assert_array_equal(out[t], gemv(m, quantize_activations(x[t]), np.empty(70, np.float32)))
+
+
+@pytest.mark.parametrize("with_min", [False, True], ids=["q4_0", "q4_1"])
+@pytest.mark.parametrize("cuts", [(192, 384), (32, 1504), (640,), (96, 224, 800, 1248)])
+def test_fixed_point_sums_are_the_same_over_any_split_of_the_groups(with_min, cuts):
+    """An int64 output makes the kernels sum in fixed point: the whole matrix's sums equal, bit for
+    bit, the sums of its column pieces (a cluster's partials, pieces not on 128-column chunks too),
+    in GEMV and GEMM, and they stand for the same product as the float kernel's."""
+    from edgeinfer.kernels.simd import from_fixed
+
+    rng = np.random.default_rng(len(cuts) + with_min)
+    rows, cols = 37, 1536
+    m = random_q4(rng, rows, cols, with_min)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    whole = gemm(m, quantize_activations(x), np.empty((5, rows), np.int64))
+    edges = (0, *cuts, cols)
+    pieces = [(m.select(slice(None), slice(a, b)), slice(a, b)) for a, b in zip(edges, edges[1:])]
+    split = sum(gemm(p, quantize_activations(x[:, c]), np.empty((5, rows), np.int64)) for p, c in pieces)
+    np.testing.assert_array_equal(split, whole)
+    for t in range(5):
+        xt = quantize_activations(x[t])
+        np.testing.assert_array_equal(gemv(m, xt, np.empty(rows, np.int64)), whole[t])
+        ref = gemv_reference(m, xt)
+        np.testing.assert_allclose(from_fixed(whole[t]), ref, rtol=0, atol=np.abs(ref).max() * 3e-6)
+        split_gemv = sum(gemv(p, quantize_activations(x[t, c]), np.empty(rows, np.int64)) for p, c in pieces)
+        np.testing.assert_array_equal(split_gemv, whole[t])

@@ -79,3 +79,22 @@ def test_gemm8_equals_the_gemv_token_by_token(tokens):
     out = gemm8(m, quantize_activations(x), np.empty((tokens, 33), np.float32))
     for t in range(tokens):
         np.testing.assert_array_equal(out[t], gemv8(m, quantize_activations(x[t]), np.empty(33, np.float32)))
+
+
+def test_fixed_point_sums_are_the_same_over_any_split_of_the_groups():
+    """As in 4 bits: with an int64 output the pieces' sums add up to the whole matrix's exactly."""
+    from edgeinfer.kernels.simd import from_fixed
+
+    rng = np.random.default_rng(11)
+    m = Q8Matrix.from_gguf(q8_blocks(rng, 21, 576), 576)
+    x = rng.standard_normal((3, 576)).astype(np.float32)
+    whole = gemm8(m, quantize_activations(x), np.empty((3, 21), np.int64))
+    edges = (0, 96, 160, 576)
+    split = sum(gemm8(m.select(slice(None), slice(a, b)), quantize_activations(x[:, a:b]), np.empty((3, 21), np.int64))
+                for a, b in zip(edges, edges[1:]))
+    np.testing.assert_array_equal(split, whole)
+    for t in range(3):
+        xt = quantize_activations(x[t])
+        np.testing.assert_array_equal(gemv8(m, xt, np.empty(21, np.int64)), whole[t])
+        ref = gemv8_reference(m, xt)
+        np.testing.assert_allclose(from_fixed(whole[t]), ref, rtol=0, atol=np.abs(ref).max() * 3e-6)

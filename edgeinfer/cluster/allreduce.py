@@ -3,9 +3,12 @@ and sends the total back. Two network hops whatever the node count (a ring needs
 payload is one hidden vector, so latency, not bandwidth, decides (TPI-LLM's finding).
 
 Each all-reduce of a step has a sequence number (the step's first, then one more per call), so a
-late partial from before a re-plan is recognised and dropped. With sync "f2" partials and total
-travel as fp16; the master rounds the total it keeps the same way, so every node adds the very same
-vector to its hidden state.
+late partial from before a re-plan is recognised and dropped.
+
+On the 4/8-bit path a partial is fixed point (int64, kernels/simd.py): the master adds them as
+integers, so the total is the very one a single node computes, whatever the split, and sends it back
+as float32. With sync "f2" partials (as floats) and total travel as fp16 instead, the master rounding
+the total it keeps the same way: every node adds the same vector, no longer one node's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import EdgeInferError
-from .protocol import DTYPES, encode_array
+from ..model import own_sum
+from .protocol import DTYPES, FIXED, encode_array
 
 if TYPE_CHECKING:
     from .master import Master
@@ -42,6 +46,7 @@ class StarHub:
     def allreduce(self, partial: np.ndarray) -> np.ndarray:
         seq, self.seq = self.seq, self.seq + 1
         workers = self.master.workers
+        wire = wire_dtype(partial, self.sync)
         parts: dict[bytes, np.ndarray] = {}
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.master.timeout
@@ -56,18 +61,22 @@ class StarHub:
             if m.kind != "partial" or m.fields["seq"] != seq or identity in parts:
                 continue  # late from an earlier step; joins are handled by the master between requests
             a = m.array()
-            if a.shape != partial.shape:
-                raise NodeLost(identity, f"{self.master.name_of(identity)} sent a partial of shape {a.shape}")
+            if a.shape != partial.shape or m.fields["dtype"] != wire:
+                raise NodeLost(identity, f"{self.master.name_of(identity)} sent a partial of shape {a.shape} "
+                                         f"as {m.fields['dtype']}, not {partial.shape} as {wire}")
             parts[identity] = a
             if partial.ndim == 1:
                 self.stats["bytes"] += len(m.payload)
-        total = np.array(partial, np.float32)
-        if self.sync != "f4":
-            total = total.astype(DTYPES[self.sync]).astype(np.float32)  # as the workers' partials travel
-        for w in workers:
-            total += parts[w.identity]
-        if self.sync != "f4":
-            total = total.astype(DTYPES[self.sync]).astype(np.float32)
+        if wire == FIXED:
+            total = own_sum(partial + sum(parts.values()))  # integers: any order gives the same sum
+        else:
+            total = np.array(own_sum(partial), np.float32)
+            if self.sync != "f4":
+                total = total.astype(DTYPES[self.sync]).astype(np.float32)  # as the workers' partials travel
+            for w in workers:
+                total += parts[w.identity]
+            if self.sync != "f4":
+                total = total.astype(DTYPES[self.sync]).astype(np.float32)
         frames = encode_array("sum", total, self.sync, seq=seq)
         for w in workers:
             self.master.send_frames(w.identity, frames)
@@ -92,7 +101,9 @@ class StarMember:
     def allreduce(self, partial: np.ndarray) -> np.ndarray:
         seq, self.seq = self.seq, self.seq + 1
         t0 = time.perf_counter()
-        self.worker.sock.send_multipart(encode_array("partial", partial, self.sync, seq=seq))
+        wire = wire_dtype(partial, self.sync)
+        self.worker.sock.send_multipart(encode_array("partial", partial if wire == FIXED else own_sum(partial), wire,
+                                                     seq=seq))
         try:
             return self._total(seq, partial.shape)
         finally:
@@ -114,6 +125,11 @@ class StarMember:
                 raise Interrupted(m)
             if m.kind == "ping":
                 self.worker.send("pong")
+
+
+def wire_dtype(partial: np.ndarray, sync: str) -> str:
+    """How a partial travels: fixed point as int64 (exact), unless sync fp16 rounds it; floats as sync."""
+    return FIXED if partial.dtype == np.int64 and sync == "f4" else sync
 
 
 def ring_allreduce(x: np.ndarray, rank: int, nodes: int, send, recv) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from ..errors import ContextOverflowError, EdgeInferError
-from ..model import Model, cache_size
+from ..model import Model, cache_size, own_sum
 from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import available_memory, plan_memory
@@ -33,6 +33,10 @@ from .shard import ShardSource, shard_file
 from .sockets import curve_server, endpoint
 
 PING_TIMEOUT = 5.0
+# A worker building its share and loading (or compiling) its kernels sends nothing for a while, all
+# the longer on a slow or busy device: loading waits this long, or the step timeout if longer,
+# between two messages (progress resets it), so that a short --timeout drops stalled steps only.
+LOAD_TIMEOUT = 120.0
 
 
 @dataclass
@@ -168,15 +172,16 @@ class Master:
             self.send(w.identity, "load", fingerprint=fp, size=size, share=share.to_dict(), context=context,
                       attention=attention, exact=exact, sync=self.hub.sync)
         ready: set[bytes] = set()
-        deadline = time.monotonic() + self.timeout
+        patience = max(self.timeout, LOAD_TIMEOUT)
+        deadline = time.monotonic() + patience
         with open(path, "rb") as f:
             while len(ready) < len(self.workers):
                 got = self.recv(deadline)
                 if got is None:
                     late = next(w for w in self.workers if w.identity not in ready)
-                    raise NodeLost(late.identity, f"{late.name} did not load its share within {self.timeout:g} s")
+                    raise NodeLost(late.identity, f"{late.name} did not load its share within {patience:g} s")
                 identity, m = got
-                deadline = time.monotonic() + self.timeout  # progress resets the clock
+                deadline = time.monotonic() + patience  # progress resets the clock
                 if m.kind == "need":
                     offset = m.fields["offset"]
                     if not 0 <= offset < size:
@@ -263,7 +268,7 @@ class ClusterModel:
             shares = plan_shares(self.config, [own] + [w.weight for w in workers])
             self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = self._local_model(shares[0], alone=not workers)
-            self.local.allreduce = lambda partial: partial  # compile both halves at load, not at a token
+            self.local.allreduce = own_sum  # compile both halves at load, not at a token
             self.local.warm_up()
             try:
                 self.master.load(shares[1:], self.path, self.fingerprint, self.context, self.attention,

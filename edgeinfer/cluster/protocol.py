@@ -24,12 +24,14 @@ import zmq.utils.z85
 from .. import __version__
 from ..errors import EdgeInferError
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: 4/8-bit partials travel as int64 fixed point
 DEFAULT_PORT = 7433
 MAX_HEADER = 16 << 10
 FILE_CHUNK = 4 << 20
 MAX_PAYLOAD = 64 << 20  # a partial sum of 4096 tokens x 4096 floats, or a file chunk
-DTYPES = {"f4": np.float32, "f2": np.float16}
+DTYPES = {"f4": np.float32, "f2": np.float16}  # what --sync may choose for activations
+FIXED = "i8"  # a 4/8-bit node's partial sums: int64 fixed point (kernels/simd.py), added exactly
+WIRE_DTYPES = {**DTYPES, FIXED: np.int64}
 
 _INT, _STR, _FLOAT, _BOOL, _LIST, _DICT = int, str, (int, float), bool, list, dict
 # kind -> its fields and their types; kinds in ARRAY_KINDS carry an array, in DATA_KINDS file bytes
@@ -73,9 +75,9 @@ class Message:
     payload: bytes | None = None
 
     def array(self) -> np.ndarray:
-        """The payload as the float32 array it declares."""
-        return np.frombuffer(self.payload, DTYPES[self.fields["dtype"]]).reshape(self.fields["shape"]) \
-            .astype(np.float32)
+        """The payload as the array it declares: float32 (from fp32 or fp16), or int64 fixed point."""
+        a = np.frombuffer(self.payload, WIRE_DTYPES[self.fields["dtype"]]).reshape(self.fields["shape"])
+        return a.copy() if self.fields["dtype"] == FIXED else a.astype(np.float32)
 
 
 def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> list[bytes]:
@@ -87,10 +89,10 @@ def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> li
     return frames
 
 
-def encode_array(kind: str, a: np.ndarray, sync: str = "f4", **fields) -> list[bytes]:
-    """An array message; sync "f2" sends it as fp16."""
-    a = np.ascontiguousarray(a, DTYPES[sync])
-    return encode(kind, a, dtype=sync, shape=list(a.shape), **fields)
+def encode_array(kind: str, a: np.ndarray, dtype: str = "f4", **fields) -> list[bytes]:
+    """An array message, sent as `dtype` (f4, f2 or, for partials, i8)."""
+    a = np.ascontiguousarray(a, WIRE_DTYPES[dtype])
+    return encode(kind, a, dtype=dtype, shape=list(a.shape), **fields)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -130,12 +132,12 @@ def decode(frames: list[bytes]) -> Message:
 
 
 def _check_array(kind: str, header: dict, size: int) -> None:
-    if header["dtype"] not in DTYPES:
+    if header["dtype"] not in (WIRE_DTYPES if kind == "partial" else DTYPES):
         raise ProtocolError(f"{kind}: dtype {str(header['dtype'])[:20]!r}")
     shape = header["shape"]
     if not 1 <= len(shape) <= 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ProtocolError(f"{kind}: shape {str(shape)[:40]}")
-    if int(np.prod(shape)) * np.dtype(DTYPES[header["dtype"]]).itemsize != size:
+    if int(np.prod(shape)) * np.dtype(WIRE_DTYPES[header["dtype"]]).itemsize != size:
         raise ProtocolError(f"{kind}: payload of {size} bytes does not hold shape {shape}")
 
 

@@ -18,7 +18,7 @@ import zmq
 
 from .. import __version__
 from ..errors import EdgeInferError
-from ..model import Model, cache_size
+from ..model import Model, cache_size, own_sum
 from ..paths import home
 from ..storage import open_model
 from ..storage.scheduler import available_memory, plan_memory, process_rss
@@ -146,7 +146,7 @@ class Worker:
             log(plan.describe())
             window = plan.window
         self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, ends=False)
-        self.model.allreduce = lambda partial: partial  # compile both halves now, not at the first step
+        self.model.allreduce = own_sum  # compile both halves now, not at the first step
         self.model.warm_up()
         self.cache = self.model.new_cache(f["context"])
         if f["sync"] not in DTYPES:

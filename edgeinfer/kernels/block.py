@@ -27,11 +27,12 @@ from .lut_attention import attend_one_lut, encode_keys_into, keep_exact_key
 from .ops import LANES, attend_one, rmsnorm_into, rope_in_place, silu_mul_into
 from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemv_parallel as q8_gemv
-from .simd import load_f32, store_floats
+from .simd import FIXED_SCALE, load_f32, store_floats
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
 # (lo, hi, flat, scales, sums) tuples, then each head's attention scores, as long as the context.
-DecodeScratch = namedtuple("DecodeScratch", "x q k v att o gate up act xq attq actq scores")
+# `fixed` holds a half-layer's output as fixed-point sums (simd.py).
+DecodeScratch = namedtuple("DecodeScratch", "x q k v att fixed gate up act xq attq actq scores")
 
 
 def activation_buffers(cols: int) -> tuple:
@@ -42,9 +43,9 @@ def activation_buffers(cols: int) -> tuple:
 def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, heads: int,
                    capacity: int) -> DecodeScratch:
     f = lambda *n: np.zeros(n, np.float32)  # noqa: E731
-    return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), f(hidden), f(intermediate),
-                         f(intermediate), f(intermediate), activation_buffers(hidden), activation_buffers(q_size),
-                         activation_buffers(intermediate), f(heads, capacity))
+    return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), np.zeros(hidden, np.int64),
+                         f(intermediate), f(intermediate), f(intermediate), activation_buffers(hidden),
+                         activation_buffers(q_size), activation_buffers(intermediate), f(heads, capacity))
 
 
 @njit(cache=True)
@@ -70,20 +71,28 @@ def add_bias(y, bias):
 
 
 @njit(cache=True)
+def add_fixed(h, fixed):
+    """h += fixed-point sums, each rounded to float32 once (as simd.from_fixed rounds them)."""
+    for i in range(h.shape[0]):
+        h[i] += np.float32(fixed[i] * FIXED_SCALE)
+
+
+@njit(cache=True)
 def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """h (hidden,) += the block's output for the token at `position`; its key and value go into
     keys/values (kv_heads, capacity, head_dim; values float32 or fp16 bits) at `position`. lut:
     (codebooks, codes, tables, sums) for LUT attention (lut_attention.py), whose keys are codes, keys
     then holding only the float keys that score exactly; or empty arrays for exact attention."""
     decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s)
-    h += s.o
+    add_fixed(h, s.fixed)
     decode_mlp(h, weights, eps, s)
-    h += s.o
+    add_fixed(h, s.fixed)
 
 
 @njit(cache=True)
 def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
-    """s.o = the attention half's output for h (not yet added: on a cluster node it is a partial sum)."""
+    """s.fixed = the attention half's output for h, in fixed point (not yet added: on a cluster node
+    it is a partial sum, which adds up over the nodes exactly as one node's)."""
     attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
     kv_heads, hd = keys.shape[0], keys.shape[2]
 
@@ -110,12 +119,12 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
         keys[:, position, :] = new_key[:, 0, :]
         attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)
-    matvec(wo, s.attq, s.o)
+    matvec(wo, s.attq, s.fixed)
 
 
 @njit(cache=True)
 def decode_mlp(h, weights, eps, s):
-    """s.o = the MLP half's output for h (not yet added)."""
+    """s.fixed = the MLP half's output for h (not yet added)."""
     attn_norm, mlp_norm, wq, wk, wv, wo, wgate, wup, wdown, bq, bk, bv = weights
     rmsnorm_into(h, mlp_norm, eps, s.x)
     quantize(s.x, s.xq)
@@ -123,4 +132,4 @@ def decode_mlp(h, weights, eps, s):
     matvec(wup, s.xq, s.up)
     silu_mul_into(s.gate, s.up, s.act)
     quantize(s.act, s.actq)
-    matvec(wdown, s.actq, s.o)
+    matvec(wdown, s.actq, s.fixed)

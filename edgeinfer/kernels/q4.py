@@ -11,10 +11,14 @@ reads one sequential stream per array, as llama.cpp's repacking does. Columns ar
 number of chunks with zero groups.
 
 Kernel (AVX-512 VNNI): one 64-byte load is 4 groups of one row; vpdpbusd sums 4 bytes per i32 lane,
-so lanes 4g..4g+3 hold group g's low nibbles and, after a second vpdpbusd, its high ones. Then
-    acc += float(sums) * (scale * x_scale) + offset * (factor * x_sum / 4)
-with each group's values spread over its 4 lanes (x_sum = x_scale * sum of the int8 activations,
-factor -8 for Q4_0 whose offset is its scale, 1 for Q4_1).
+so lanes 4g..4g+3 hold group g's low nibbles and, after a second vpdpbusd, its high ones. The 4
+rows' integer sums are added per group first (exact), so that one 16-lane vector holds the 4 rows x
+4 groups of a chunk step, lane 4 * row + g, and the float work is one FMA for the 4 rows:
+    term = float(dot) * (scale * x_scale) + offset * (factor * x_sum)
+(x_sum = x_scale * sum of the group's int8 activations, factor -8 for Q4_0 whose offset is its
+scale, 1 for Q4_1). The terms add up in float32 lanes, or, when the output array is int64, each
+rounded to fixed point and added as integers (simd.py): the partial sums a cluster adds exactly.
+A GEMM runs the same block over each token while the block's weights stay in L1.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (dpbusd_nibbles, expand4, fma, has_kernels, hi_nibbles, hsum, lo_nibbles, load_i8, mul, prefetch,
-                   splat, to_f32, zeros_f32, zeros_i32)
+from .simd import (accumulate, accumulator, dpbusd_nibbles, fma, group_sums4, has_kernels, hi_nibbles, lo_nibbles,
+                   load_floats, load_i8, mul, prefetch, quad_total, splat, tile4, to_f32, zeros_i32)
 
 ROWS = 4  # rows interleaved per block
 
@@ -146,11 +150,20 @@ class Q4Matrix:
 
 
 @njit(inline="always")
-def _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, acc):
+def _dots(packed, w, xl, xh):
+    """One row's chunk against the activations: int32 dot products, group g's in lanes 4g..4g+3."""
     nib = load_i8(packed, w)
-    sums = dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
-    acc = fma(to_f32(sums), mul(expand4(scales, s), dx), acc)
-    return fma(expand4(offsets, s), osum, acc)
+    return dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
+
+
+@njit(inline="always")
+def _terms(packed, scales, offsets, w, s, xl, xh, dx, xo):
+    """The 4 rows x 4 groups of one chunk step, lane 4 * row + group: the group's term
+    scale * x_scale * (nibbles . x) + offset * factor * x_sum. The integer dots are summed per group
+    first, so the float work is one vector per 4 rows."""
+    dots = group_sums4(_dots(packed, w, xl, xh), _dots(packed, w + 64, xl, xh), _dots(packed, w + 128, xl, xh),
+                       _dots(packed, w + 192, xl, xh))
+    return fma(to_f32(dots), mul(load_floats(scales, s), dx), mul(load_floats(offsets, s), xo))
 
 
 # Software prefetch this many 4-row chunk steps ahead: the matrices of a small model are short
@@ -169,50 +182,36 @@ def _prefetch_ahead(packed, scales, offsets, w, s):
 
 
 @njit(inline="always")
-def _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block):
-    """Rows 4*block .. 4*block+3: one pass over the block's interleaved streams."""
+def _block(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block):
+    """Rows 4*block .. 4*block+3: one pass over the block's interleaved streams. The accumulator is
+    float32, or fixed point when `out` is int64 (simd.py: the partial sums a cluster adds exactly)."""
     chunks = packed.shape[1] // (4 * 64)
-    a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
+    acc = accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
         _prefetch_ahead(packed, scales, offsets, w, s)
         xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
-        dx = expand4(xscales, c * 4)
-        osum = mul(expand4(xsums, c * 4), quarter)
-        a0 = _chunk(packed, scales, offsets, w, s, xl, xh, dx, osum, a0)
-        a1 = _chunk(packed, scales, offsets, w + 64, s + 4, xl, xh, dx, osum, a1)
-        a2 = _chunk(packed, scales, offsets, w + 128, s + 8, xl, xh, dx, osum, a2)
-        a3 = _chunk(packed, scales, offsets, w + 192, s + 12, xl, xh, dx, osum, a3)
+        xo = mul(tile4(xsums, c * 4), factor)
+        acc = accumulate(acc, _terms(packed, scales, offsets, w, s, xl, xh, tile4(xscales, c * 4), xo))
         w += 256
         s += 16
-    store_block(out, block, a0, a1, a2, a3)
-
-
-@njit(inline="always")
-def store_block(out, block, a0, a1, a2, a3):
-    """The block's 4 row sums into `out`, leaving out the padding rows past its end."""
     r = block * ROWS
-    out[r] = hsum(a0)
-    if r + 1 < out.shape[0]:
-        out[r + 1] = hsum(a1)
-    if r + 2 < out.shape[0]:
-        out[r + 2] = hsum(a2)
-    if r + 3 < out.shape[0]:
-        out[r + 3] = hsum(a3)
+    for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
+        out[r + i] = quad_total(acc, i)
 
 
 @njit(parallel=True, cache=True)
 def _gemv_parallel(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    quarter = splat(np.float32(factor * 0.25))  # each group's offset term is spread over 4 lanes
+    f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
-        _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block)
 
 
 @njit(cache=True)
 def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    quarter = splat(np.float32(factor * 0.25))
+    f = splat(np.float32(factor))
     for block in range(packed.shape[0]):
-        _block(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block)
 
 
 # Below this size waking the worker threads costs more than the matrix takes on one core: decode
@@ -220,69 +219,14 @@ def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out)
 PARALLEL_MIN_BYTES = 4 << 20
 
 
-@njit(inline="always")
-def _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t, c, acc):
-    """One unpacked row chunk against token t's activations of chunk c. (Flat offsets into the 2D
-    arrays: a row view xlo[t] would cost a reference-count call on every use.)"""
-    x, g = t * xlo.shape[1] + c * 64, t * xscales.shape[1] + c * 4
-    sums = dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo, load_i8(xlo, x)), hi, load_i8(xhi, x))
-    acc = fma(to_f32(sums), mul(scale, expand4(xscales, g)), acc)
-    return fma(offset, mul(expand4(xsums, g), quarter), acc)
-
-
-@njit(inline="always")
-def _row_tokens(packed, scales, offsets, w, s, xlo, xhi, xscales, xsums, quarter, t, c, acc):
-    """One row's chunk, unpacked once, against 4 tokens (acc: their 4 accumulators)."""
-    nib = load_i8(packed, w)
-    lo, hi = lo_nibbles(nib), hi_nibbles(nib)
-    scale, offset = expand4(scales, s), expand4(offsets, s)
-    return (_token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t, c, acc[0]),
-            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 1, c, acc[1]),
-            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 2, c, acc[2]),
-            _token_dot(lo, hi, scale, offset, xlo, xhi, xscales, xsums, quarter, t + 3, c, acc[3]))
-
-
-@njit(inline="always")
-def _store_tokens(out, t, row, acc):
-    if row < out.shape[1]:  # not a padding row
-        for i in range(4):
-            out[t + i, row] = hsum(acc[i])
-
-
-@njit(cache=True)  # a call, not inlined into the prange loop: parfors' analysis rejects tuples of vectors
-def _tile(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block, t):
-    """Rows 4*block..+3 x tokens t..t+3: 16 accumulators, each weight chunk unpacked once for 4 tokens."""
-    chunks = packed.shape[1] // (4 * 64)
-    w, s = block * packed.shape[1], block * scales.shape[1]
-    z = zeros_f32()
-    r0, r1, r2, r3 = (z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z)
-    for c in range(chunks):
-        r0 = _row_tokens(packed, scales, offsets, w, s, xlo, xhi, xscales, xsums, quarter, t, c, r0)
-        r1 = _row_tokens(packed, scales, offsets, w + 64, s + 4, xlo, xhi, xscales, xsums, quarter, t, c, r1)
-        r2 = _row_tokens(packed, scales, offsets, w + 128, s + 8, xlo, xhi, xscales, xsums, quarter, t, c, r2)
-        r3 = _row_tokens(packed, scales, offsets, w + 192, s + 12, xlo, xhi, xscales, xsums, quarter, t, c, r3)
-        w += 256
-        s += 16
-    row = block * ROWS
-    _store_tokens(out, t, row, r0)
-    _store_tokens(out, t, row + 1, r1)
-    _store_tokens(out, t, row + 2, r2)
-    _store_tokens(out, t, row + 3, r3)
-
-
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    """out[t] = W x[t] for every token of a batch, in tiles of 4 rows x 4 tokens: a block's weights
-    come from memory once and stay in L1 while the tokens pass; each chunk is unpacked once per 4
-    tokens. Tokens past the last whole tile take the GEMV's block."""
-    quarter = splat(np.float32(factor * 0.25))
-    tokens = xlo.shape[0]
-    whole = tokens - tokens % 4
+    """out[t] = W x[t] for every token of a batch: each thread takes a 4-row block, whose weights
+    come from memory once and stay in L1 while the tokens pass."""
+    f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
-        for t in range(0, whole, 4):
-            _tile(packed, scales, offsets, quarter, xlo, xhi, xscales, xsums, out, block, t)
-        for t in range(whole, tokens):
-            _block(packed, scales, offsets, quarter, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block)
+        for t in range(xlo.shape[0]):
+            _block(packed, scales, offsets, f, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block)
 
 
 def _check(m: Q4Matrix, x: Q8Activations) -> None:

@@ -15,8 +15,9 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import PREFETCH_STEPS, deinterleave, from_half_bits, interleave, store_block
-from .simd import dpbusd, expand2, fma, has_kernels, load_i8, mul, prefetch, splat, to_f32, zeros_f32, zeros_i32
+from .q4 import PREFETCH_STEPS, deinterleave, from_half_bits, interleave
+from .simd import (begin, dpbusd, expand2, finish2, fma, has_kernels, load_i8, mul, prefetch, row_accumulator, splat,
+                   to_f32, total, zeros_i32)
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
@@ -86,13 +87,13 @@ class Q8Matrix:
 def _chunk(packed, scales, w, s, x, dx, osum, acc):
     sums = dpbusd(zeros_i32(), load_i8(packed, w), x)
     scale = expand2(scales, s)
-    return fma(scale, osum, fma(to_f32(sums), mul(scale, dx), acc))
+    return finish2(acc, fma(scale, osum, fma(to_f32(sums), mul(scale, dx), begin(acc))))
 
 
 @njit(inline="always")
 def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
     chunks = packed.shape[1] // (ROWS * 64)
-    a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
+    a0 = a1 = a2 = a3 = row_accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
         ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
@@ -109,6 +110,19 @@ def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
         w += 256
         s += 8
     store_block(out, block, a0, a1, a2, a3)
+
+
+@njit(inline="always")
+def store_block(out, block, a0, a1, a2, a3):
+    """The block's 4 row sums into `out`, leaving out the padding rows past its end."""
+    r = block * ROWS
+    out[r] = total(a0)
+    if r + 1 < out.shape[0]:
+        out[r + 1] = total(a1)
+    if r + 2 < out.shape[0]:
+        out[r + 2] = total(a2)
+    if r + 3 < out.shape[0]:
+        out[r + 3] = total(a3)
 
 
 @njit(parallel=True, cache=True)

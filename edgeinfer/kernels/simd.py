@@ -10,10 +10,11 @@ LLVM splits the 512-bit vectors in two: `has_kernels()` says whether the host ru
 
 from functools import lru_cache
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 
 class Vec(types.Type):
@@ -22,7 +23,8 @@ class Vec(types.Type):
         super().__init__(name=f"vec{n}x{kind}")
 
 
-_ELEM = {"i8": ir.IntType(8), "i16": ir.IntType(16), "i32": ir.IntType(32), "f32": ir.FloatType()}
+_ELEM = {"i8": ir.IntType(8), "i16": ir.IntType(16), "i32": ir.IntType(32), "i64": ir.IntType(64),
+         "f32": ir.FloatType()}
 
 
 @register_model(Vec)
@@ -32,6 +34,7 @@ class VecModel(models.PrimitiveModel):
 
 
 V64I8, V32I16, V16I32, V16F32 = Vec("i8", 64), Vec("i16", 32), Vec("i32", 16), Vec("f32", 16)
+V4I64 = Vec("i64", 4)
 
 
 def _ptr(context, builder, arr_ty, arr, offset, vec_ty):
@@ -159,9 +162,9 @@ def fma(typingctx, a, b, c):
     return V16F32(V16F32, V16F32, V16F32), codegen
 
 
-def _expander(count: int):
-    """`count` consecutive scales, each repeated over 16/count lanes: float32 values, or fp16 bits
-    stored as uint16 (widened with vcvtph2ps)."""
+def _expander(count: int, tiled: bool = False):
+    """`count` consecutive scales, each repeated over 16/count lanes (or, tiled, all `count` of them
+    repeated 16/count times): float32 values, or fp16 bits stored as uint16 (widened with vcvtph2ps)."""
     @intrinsic
     def expand(typingctx, arr, offset):
         half = arr.dtype == types.uint16
@@ -174,7 +177,8 @@ def _expander(count: int):
             if half:
                 values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), count)),
                                        ir.VectorType(ir.FloatType(), count))
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [i * count // 16 for i in range(16)])
+            lanes = [i % count for i in range(16)] if tiled else [i * count // 16 for i in range(16)]
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), lanes)
             return builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), mask)
         return V16F32(arr, offset), codegen
     return expand
@@ -183,6 +187,7 @@ def _expander(count: int):
 expand4 = _expander(4)  # one float per 4 lanes: a Q4 chunk holds 4 groups
 expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
 load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
+tile4 = _expander(4, tiled=True)  # 4 floats repeated 4 times: a chunk's 4 groups for each of 4 rows
 
 
 @intrinsic
@@ -363,4 +368,174 @@ def add_i16(typingctx, a, b):
 
 
 store_f32, store_i16 = _storer(V16F32), _storer(V32I16)
-zeros_f32, zeros_i32, zeros_i16 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16)
+zeros_f32, zeros_i32, zeros_i16, zeros_i64 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16), _zeros(V4I64)
+
+
+# --- Fixed point: sums that do not depend on their order ------------------------------------------
+# A product whose output is a partial sum over its input columns (o_proj, down_proj: on a cluster
+# each node holds some of the columns) rounds each group's term to a multiple of 2**-FIXED_BITS and
+# adds those as int64. Integer addition is associative, so one node and any split of the groups over
+# nodes give the very same sums. Per group, not per vector: a shard's chunks start at other columns
+# than the whole matrix's, its groups at the same ones.
+FIXED_BITS = 28  # resolution 3.7e-9, far below a hidden state's last bit; a group's term up to 2**23
+FIXED_SCALE = 2.0 ** -FIXED_BITS
+_MAGIC = 1.5 * 2.0 ** 52  # x + _MAGIC holds round(x) in its low mantissa bits, for |x| < 2**51
+_MAGIC_BITS = 0x4338000000000000
+
+V16I64, V4I64 = Vec("i64", 16), Vec("i64", 4)
+zeros_i64, zeros_i64x4 = _zeros(V16I64), _zeros(V4I64)
+
+
+def _round_fixed(builder, x):
+    """float32 lanes -> int64 lanes round(x * 2**FIXED_BITS): widened to double (exact), scaled by a
+    power of two (exact), rounded to nearest by the 1.5 * 2**52 addition (AVX2 has no vcvtpd2qq)."""
+    n = x.type.count
+    wide = builder.fpext(x, ir.VectorType(ir.DoubleType(), n))
+    scaled = builder.fmul(wide, ir.Constant(wide.type, [float(2 ** FIXED_BITS)] * n))
+    shifted = builder.bitcast(builder.fadd(scaled, ir.Constant(wide.type, [_MAGIC] * n)), ir.VectorType(ir.IntType(64), n))
+    return builder.sub(shifted, ir.Constant(shifted.type, [_MAGIC_BITS] * n))
+
+
+def _pair_sums(builder, a, b):
+    """Lanes (2i, 2i + 1) of a then b, added: half as many lanes as a and b together."""
+    n = a.type.count
+    i32 = ir.IntType(32)
+    even = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), list(range(1, 2 * n, 2))))
+    return builder.fadd(even, odd) if isinstance(a.type.element, ir.FloatType) else builder.add(even, odd)
+
+
+@intrinsic
+def group_sums4(typingctx, a, b, c, d):
+    """Four rows' int32 dot products, each row's 4 groups spread over 4 lanes apiece (q4's layout)
+    -> lane 4 * row + group: that group's whole dot product."""
+    def codegen(context, builder, signature, args):
+        return _pair_sums(builder, _pair_sums(builder, args[0], args[1]), _pair_sums(builder, args[2], args[3]))
+    return V16I32(V16I32, V16I32, V16I32, V16I32), codegen
+
+
+@intrinsic
+def to_fixed(typingctx, v):
+    def codegen(context, builder, signature, args):
+        return _round_fixed(builder, args[0])
+    return V16I64(V16F32), codegen
+
+
+@intrinsic
+def fixed_groups2(typingctx, v):
+    """16 float32 lanes holding 2 groups of 8 lanes (q8's layout) -> each group's sum (added
+    pairwise, in one fixed order) in fixed point, in int64 lanes 0 and 1 of 4."""
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        while x.type.count > 2:
+            x = _pair_sums(builder, *_halves(builder, x))
+        x = builder.shuffle_vector(x, ir.Constant(x.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 2]))
+        return _round_fixed(builder, x)
+    return V4I64(V16F32), codegen
+
+
+def _halves(builder, x):
+    n, i32 = x.type.count, ir.IntType(32)
+    undefined = ir.Constant(x.type, ir.Undefined)
+    return [builder.shuffle_vector(x, undefined, ir.Constant(ir.VectorType(i32, n // 2), list(range(h * n // 2, (h + 1) * n // 2))))
+            for h in range(2)]
+
+
+@intrinsic
+def add_i64(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+    return a(a, b), codegen
+
+
+@intrinsic
+def quad_total(typingctx, v, r):
+    """The sum of lanes 4r .. 4r + 3 (float32 or int64 lanes): row r of a q4 accumulator."""
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        i32 = ir.IntType(32)
+        undefined = ir.Constant(x.type, ir.Undefined)
+        quads = [builder.shuffle_vector(x, undefined, ir.Constant(ir.VectorType(i32, 4), list(range(k, 16, 4))))
+                 for k in range(4)]  # lane k of every quad
+        add = builder.fadd if v.kind == "f32" else builder.add
+        sums = add(add(quads[0], quads[1]), add(quads[2], quads[3]))
+        return builder.extract_element(sums, builder.trunc(args[1], i32))
+    return (types.float32 if v.kind == "f32" else types.int64)(v, r), codegen
+
+
+@intrinsic
+def hsum_i64(typingctx, v):
+    def codegen(context, builder, signature, args):
+        v4 = ir.VectorType(ir.IntType(64), 4)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), [v4]),
+                                            "llvm.vector.reduce.add.v4i64")
+        return builder.call(fn, [args[0]])
+    return types.int64(V4I64), codegen
+
+
+# A kernel's accumulators follow its output array: float32 out -> float lanes; int64 out -> fixed point.
+
+
+def _zero_accumulator(fixed_zero):
+    def zero(out):
+        """A zero accumulator for a kernel writing `out`: float32 lanes, or `fixed_zero`'s int64 ones."""
+
+    @overload(zero)
+    def _zero(out):
+        if out.dtype == types.int64:
+            return lambda out: fixed_zero()
+        return lambda out: zeros_f32()
+    return zero
+
+
+accumulator = _zero_accumulator(zeros_i64)  # q4: 4 rows x 4 groups
+row_accumulator = _zero_accumulator(zeros_i64x4)  # q8: one row (its 2 groups in lanes 0, 1)
+
+
+def accumulate(acc, terms):
+    """q4: acc + the 16 group terms of a chunk (float32, or each rounded to fixed point)."""
+
+
+@overload(accumulate)
+def _accumulate(acc, terms):
+    if acc == V16I64:
+        return lambda acc, terms: add_i64(acc, to_fixed(terms))
+    return lambda acc, terms: add(acc, terms)
+
+
+def begin(acc):
+    """q8: what a chunk's FMAs start from: the float accumulator itself, or zero (fixed point)."""
+
+
+def finish2(acc, part):
+    """q8: the accumulator after a chunk whose FMAs (started from begin(acc)) gave `part`."""
+
+
+def total(acc):
+    """q8: the accumulator's sum: float32, or int64 in units of 2**-FIXED_BITS."""
+
+
+@overload(begin)
+def _begin(acc):
+    if acc == V4I64:
+        return lambda acc: zeros_f32()
+    return lambda acc: acc
+
+
+@overload(finish2)
+def _finish2(acc, part):
+    if acc == V4I64:
+        return lambda acc, part: add_i64(acc, fixed_groups2(part))
+    return lambda acc, part: part
+
+
+@overload(total)
+def _total(acc):
+    if acc == V4I64:
+        return lambda acc: hsum_i64(acc)
+    return lambda acc: hsum(acc)
+
+
+def from_fixed(a: np.ndarray) -> np.ndarray:
+    """Fixed-point sums (int64) as float32: exact to float64, then rounded once."""
+    return (np.asarray(a, np.int64) * FIXED_SCALE).astype(np.float32)
