@@ -56,6 +56,24 @@ def test_plan_covers_every_head_and_column_once():
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
 
 
+def test_a_plan_around_held_shards_gives_the_master_the_rest():
+    from edgeinfer.cluster.plan import plan_around
+
+    c = smol_config()
+    for weights in ([1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 3.0]):
+        shares = plan_shares(c, weights)
+        assert plan_around(c, shares[1:]) == shares  # the same workers get the same plan back
+    assert plan_around(c, [Share(0, 1, 0, 256), Share(2, 3, 1280, 1536)]) == \
+        [Share(1, 2, 256, 1280), Share(0, 1, 0, 256), Share(2, 3, 1280, 1536)]
+    assert plan_around(c, [Share(0, 3, 0, 1280)]) == [Share(3, 3, 1280, 1536), Share(0, 3, 0, 1280)]
+    assert plan_around(c, [Share(0, 1, 0, 256), Share(1, 2, 256, 512)]) == \
+        [Share(2, 3, 512, 1536), Share(0, 1, 0, 256), Share(1, 2, 256, 512)]
+    for held in ([Share(0, 2, 0, 768), Share(1, 3, 768, 1536)],  # overlapping heads
+                 [Share(0, 3, 0, 1536)],  # nothing left for the master
+                 [Share(0, 1, 0, 256), Share(2, 3, 512, 1280)]):  # two gaps in the columns
+        assert plan_around(c, held) is None, held
+
+
 def test_matrix_shards_are_bit_exact():
     rng = np.random.default_rng(1)
     rows, cols = 36, 320
@@ -259,7 +277,7 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
     port = free_port()
     master = spawn("run", str(smollm2_single), *PROMPT, *path, "--listen", str(port), "--token", TOKEN,
                    "--workers", str(workers), "--wait", "120")
-    # the first worker pulls the file from the master (then holds it); the others already hold it
+    # the first worker pulls a file of its share alone from the master; the others hold the model
     dirs = [tmp_path / "pulled"] + [held_model_dir(tmp_path, smollm2_single, f"w{i}") for i in range(1, workers)]
     procs = [worker(port, d) for d in dirs[:workers]]
     code, out, err = finish(master)
@@ -267,11 +285,24 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
     assert out == alone(*PROMPT, *path), err
     assert f"plan 1 over {workers + 1} nodes" in err, err
     if workers >= 1:
-        assert "sending the model file" in err
-        assert len(list((tmp_path / "pulled").glob("*.safetensors"))) == 1
+        assert "sending its shard" in err and "sending the model file" not in err, err
+        pulled = list((tmp_path / "pulled").glob("*.safetensors"))
+        assert len(pulled) == 1 and pulled[0].stat().st_size < smollm2_single.stat().st_size
+        from edgeinfer.storage import open_model
+        c, full = open_model(str(pulled[0])).config, open_model(str(smollm2_single)).config
+        assert c.num_layers == full.num_layers and c.num_kv_heads < full.num_kv_heads  # a share, not the model
+        assert c.intermediate_size < full.intermediate_size
     for p in procs:
         wcode, _, werr = finish(p, 60)
         assert wcode == 0 and "the master ended the session" in werr, werr
+    if workers == 1 and not path:  # the next session with the same plan: the shard is reused, not sent again
+        master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                       "--workers", "1", "--wait", "120")
+        again = worker(port, tmp_path / "pulled")
+        code, out, err = finish(master)
+        assert code == 0 and out == alone(*PROMPT), err
+        assert "sending" not in err, err
+        finish(again, 60)
 
 
 def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):

@@ -27,9 +27,9 @@ from ..storage import open_model
 from ..storage.scheduler import available_memory, plan_memory
 from .allreduce import NodeLost, StarHub
 from .node import fingerprint, gemv_speed, log
-from .plan import Share, node_weight, plan_shares
+from .plan import Share, node_weight, plan_around, plan_shares
 from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array
-from .shard import ShardSource, shard_file
+from .shard import ShardSource, shard_file, written_shards
 from .sockets import curve_server, endpoint
 
 PING_TIMEOUT = 5.0
@@ -166,15 +166,23 @@ class Master:
         return bool(admitted)
 
     def load(self, shares: list[Share], path: str, fp: str, context: int, attention: str, exact: bool) -> None:
-        """Each worker loads its share (pulling the file from here first if it lacks it)."""
+        """Each worker loads its share: from the model file if it holds it, otherwise from a file of
+        its share alone, which it pulls from here once (written here once per share, shard.py)."""
         size = os.path.getsize(path)
+        files = {fp: path}  # what workers may pull, by fingerprint
         for w, share in zip(self.workers, shares):
-            self.send(w.identity, "load", fingerprint=fp, size=size, share=share.to_dict(), context=context,
-                      attention=attention, exact=exact, sync=self.hub.sync)
+            shard_fp, shard_size = "", 0
+            if fp not in w.hello["models"]:
+                shard = str(shard_file(ShardSource(open_model(path), share), home() / "cluster", fp))
+                shard_fp, shard_size = fingerprint(shard), os.path.getsize(shard)
+                files[shard_fp] = shard
+            self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,
+                      share=share.to_dict(), context=context, attention=attention, exact=exact, sync=self.hub.sync)
+        handles: dict[str, object] = {}  # the files being sent, opened once
         ready: set[bytes] = set()
         patience = max(self.timeout, LOAD_TIMEOUT)
         deadline = time.monotonic() + patience
-        with open(path, "rb") as f:
+        try:
             while len(ready) < len(self.workers):
                 got = self.recv(deadline)
                 if got is None:
@@ -183,18 +191,23 @@ class Master:
                 identity, m = got
                 deadline = time.monotonic() + patience  # progress resets the clock
                 if m.kind == "need":
-                    offset = m.fields["offset"]
-                    if not 0 <= offset < size:
-                        raise NodeLost(identity, f"{self.name_of(identity)} asked for offset {offset}")
+                    want, offset = m.fields["fingerprint"], m.fields["offset"]
+                    if want not in files or not 0 <= offset < os.path.getsize(files[want]):
+                        raise NodeLost(identity, f"{self.name_of(identity)} asked for {want[:16]} at offset {offset}")
+                    f = handles.get(want) or handles.setdefault(want, open(files[want], "rb"))
                     f.seek(offset)
-                    self.send(identity, "chunk", f.read(FILE_CHUNK), offset=offset)
+                    self.send(identity, "chunk", f.read(FILE_CHUNK), fingerprint=want, offset=offset)
                     if offset == 0:
-                        log(f"sending the model file ({size >> 20} MB) to {self.name_of(identity)}")
+                        what = "the model file" if want == fp else "its shard"
+                        log(f"sending {what} ({os.path.getsize(files[want]) >> 20} MB) to {self.name_of(identity)}")
                 elif m.kind == "ready":
                     ready.add(identity)
                     log(f"{self.name_of(identity)} ready, {m.fields['rss'] >> 20} MB resident")
                 elif m.kind == "failed":
                     raise NodeLost(identity, f"{self.name_of(identity)} failed to load: {m.fields['message']}")
+        finally:
+            for f in handles.values():
+                f.close()
 
     def step(self, start: int, h: np.ndarray) -> None:
         """Start every worker on hidden vectors h at cache position `start`."""
@@ -262,10 +275,12 @@ class ClusterModel:
         while True:
             self.master.admit()
             workers = self.master.workers
-            for w in workers:
-                w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
-            own = node_weight(self.weight, available_memory(), self.size, len(workers) + 1)
-            shares = plan_shares(self.config, [own] + [w.weight for w in workers])
+            shares = self._held_plan(workers)
+            if shares is None:  # in proportion to the nodes' speeds
+                for w in workers:
+                    w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
+                own = node_weight(self.weight, available_memory(), self.size, len(workers) + 1)
+                shares = plan_shares(self.config, [own] + [w.weight for w in workers])
             self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = self._local_model(shares[0], alone=not workers)
             self.local.allreduce = own_sum  # compile both halves at load, not at a token
@@ -285,6 +300,21 @@ class ClusterModel:
                       for w, s in zip(workers, shares[1:])]
             log(f"plan {self.plan_id} over {len(workers) + 1} nodes: " + "; ".join(parts))
             return
+
+    def _held_plan(self, workers: list[WorkerInfo]) -> list[Share] | None:
+        """The plan the workers' held shards make, when each holds one of this model's (the shares
+        pulled from here before) and they fit together: the same nodes keep their shards, which a
+        plan by measured speed, noisy by a tenth, would change and send again."""
+        if not workers:
+            return None
+        written = written_shards(home() / "cluster", self.fingerprint)
+        held = [next((written[m] for m in w.hello["models"] if m in written), None) for w in workers]
+        if None in held:
+            return None
+        shares = plan_around(self.config, held)
+        if shares is not None:
+            log("plan: the shards the workers hold")
+        return shares
 
     def _local_model(self, share: Share, alone: bool) -> Model:
         source = open_model(self.path)

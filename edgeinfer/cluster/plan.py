@@ -39,12 +39,17 @@ class Share:
         return {"kv": [self.kv_start, self.kv_end], "cols": [self.col_start, self.col_end]}
 
     @classmethod
-    def from_dict(cls, d: dict, config: ModelConfig) -> "Share":
+    def parse(cls, d: dict) -> "Share":
         try:
             (k0, k1), (c0, c1) = d["kv"], d["cols"]
-            share = cls(int(k0), int(k1), int(c0), int(c1))
+            return cls(int(k0), int(k1), int(c0), int(c1))
         except (KeyError, TypeError, ValueError):
             raise EdgeInferError(f"malformed share {d!r}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict, config: ModelConfig) -> "Share":
+        """The share in a message, checked against the model it is a share of."""
+        share = cls.parse(d)
         if not (0 <= share.kv_start <= share.kv_end <= config.num_kv_heads
                 and 0 <= share.col_start < share.col_end <= config.intermediate_size):
             raise EdgeInferError(f"share {d!r} does not fit the model")
@@ -88,3 +93,26 @@ def node_weight(gemv_gbs: float, free_bytes: int, model_bytes: int, nodes: int) 
     could not hold an even share of the weights."""
     even = model_bytes / nodes
     return gemv_gbs * min(1.0, free_bytes / even) if even else gemv_gbs
+
+
+def plan_around(config: ModelConfig, held: list[Share]) -> list[Share] | None:
+    """[the master's share, *held] when the workers' shares leave the master one range of KV heads
+    (maybe empty) and one of MLP columns, and cover the rest once: the same nodes keep the plan
+    whose shards they hold. None when they do not fit together."""
+    def gap(ranges: list[tuple[int, int]], total: int) -> tuple[int, int] | None:
+        edge, gaps = 0, []
+        for start, end in sorted(r for r in ranges if r[0] < r[1]):
+            if start < edge:
+                return None  # overlapping shares
+            if start > edge:
+                gaps.append((edge, start))
+            edge = end
+        if edge < total:
+            gaps.append((edge, total))
+        return gaps[0] if len(gaps) == 1 else (total, total) if not gaps else None
+
+    heads = gap([(s.kv_start, s.kv_end) for s in held], config.num_kv_heads)
+    columns = gap([(s.col_start, s.col_end) for s in held], config.intermediate_size)
+    if heads is None or columns is None or columns[0] == columns[1]:
+        return None
+    return [Share(*heads, *columns), *held]

@@ -24,7 +24,7 @@ import zmq.utils.z85
 from .. import __version__
 from ..errors import EdgeInferError
 
-PROTOCOL = 2  # 2: 4/8-bit partials travel as int64 fixed point
+PROTOCOL = 2  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard, not the model
 DEFAULT_PORT = 7433
 MAX_HEADER = 16 << 10
 FILE_CHUNK = 4 << 20
@@ -39,7 +39,7 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     # worker -> master
     "hello": {"token": _STR, "protocol": _INT, "version": _STR, "cores": _INT, "free_ram": _INT,
               "gemv_gbs": _FLOAT, "disk_mb_s": _FLOAT, "models": _LIST},
-    "need": {"offset": _INT},  # the worker lacks the model file: send the chunk at offset
+    "need": {"fingerprint": _STR, "offset": _INT},  # the worker lacks this file: send the chunk at offset
     "ready": {"rss": _INT},
     "progress": {"done": _INT, "total": _INT},  # while loading: the worker is alive
     "partial": {"seq": _INT, "dtype": _STR, "shape": _LIST},
@@ -48,9 +48,10 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     # master -> worker
     "welcome": {"node": _INT},
     "refused": {"reason": _STR},
-    "load": {"fingerprint": _STR, "size": _INT, "share": _DICT, "context": _INT, "attention": _STR, "exact": _BOOL,
-             "sync": _STR},
-    "chunk": {"offset": _INT},
+    # the model file, and ("" and 0 when the worker holds the model) the file of the share alone
+    "load": {"fingerprint": _STR, "size": _INT, "shard_fingerprint": _STR, "shard_size": _INT, "share": _DICT,
+             "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR},
+    "chunk": {"fingerprint": _STR, "offset": _INT},
     "step": {"seq": _INT, "start": _INT, "dtype": _STR, "shape": _LIST},
     "sum": {"seq": _INT, "dtype": _STR, "shape": _LIST},
     "ping": {},

@@ -8,6 +8,8 @@ every node keeps the full hidden vector, which the all-reduces keep identical ev
 from __future__ import annotations
 
 import dataclasses
+import glob
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..storage.single import convert
 from ..storage.source import KeyCodebooks, WeightSource
-from .node import log
+from .node import fingerprint, log
 from .plan import Share
 
 ALL = slice(None)
@@ -99,3 +101,13 @@ def shard_file(shard: ShardSource, folder: Path, stem: str,
         log(f"writing this node's shard to {out.name}")
         convert(shard, str(out), progress=progress)
     return out
+
+
+def written_shards(folder: Path, stem: str) -> dict[str, Share]:
+    """The shares shard_file wrote into `folder` for `stem`, by their files' fingerprints."""
+    found = {}
+    for p in folder.glob(f"{glob.escape(stem)}.kv*.cols*.safetensors"):
+        m = re.fullmatch(rf"{re.escape(stem)}\.kv(\d+)-(\d+)\.cols(\d+)-(\d+)\.safetensors", p.name)
+        if m:
+            found[fingerprint(str(p))] = Share(*map(int, m.groups()))
+    return found

@@ -1,8 +1,9 @@
 """`edgeinfer worker --join HOST[:PORT] --token TOKEN`: a node that computes its share of every layer.
 
 It joins the master (hello: versions, token, cores, free memory, GEMV speed, the model files it
-holds), gets a share to load (pulling the model file once into its cache dir when it lacks it,
-resumable and hash-checked), then serves steps: for each batch of hidden vectors the master sends,
+holds), gets a share to load (from the model file when it holds it; otherwise from a file of its
+share alone, pulled from the master once into its cache dir, resumable and hash-checked, and reused
+while the plan gives it the same share), then serves steps: for each batch of hidden vectors the master sends,
 it runs the same forward pass as a single node over its shard, and each half-layer's partial sum
 goes through the master's star all-reduce (allreduce.py).
 """
@@ -134,13 +135,21 @@ class Worker:
 
     def _load(self, m: Message) -> None:
         f = m.fields
-        path = self._model_file(f["fingerprint"], f["size"])
-        source = open_model(str(path))
-        share = Share.from_dict(f["share"], source.config)
-        shard, window = ShardSource(source, share), None
+        if f["shard_fingerprint"] and not self._holds(f["fingerprint"], f["size"]):
+            shard = open_model(str(self._model_file(f["shard_fingerprint"], f["shard_size"])))
+            share = Share.parse(f["share"])
+            if (shard.config.num_kv_heads, shard.config.intermediate_size) != (share.kv_heads, share.columns):
+                raise EdgeInferError(f"the shard file does not hold the share {f['share']}")
+        else:
+            path = self._model_file(f["fingerprint"], f["size"])
+            source = open_model(str(path))
+            share = Share.from_dict(f["share"], source.config)
+            shard = ShardSource(source, share)
+            if self.mem_limit is not None:  # stream from a file of the share alone
+                shard = open_model(str(shard_file(shard, path.parent, path.stem,
+                                                  lambda done, total: self.send("progress", done=done, total=total))))
+        window = None
         if self.mem_limit is not None:
-            shard = open_model(str(shard_file(shard, path.parent, path.stem,
-                                              lambda done, total: self.send("progress", done=done, total=total))))
             plan = plan_memory(shard, f["context"], self.mem_limit,
                                cache_size(shard, f["context"], not f["exact"], f["attention"]), ends=False)
             log(plan.describe())
@@ -156,41 +165,46 @@ class Worker:
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
         self.send("ready", rss=process_rss())
 
+    def _holds(self, fp: str, size: int) -> bool:
+        path = self.cache_dir / f"{fp}.safetensors"
+        return path.exists() and path.stat().st_size == size
+
     def _model_file(self, fp: str, size: int) -> Path:
-        """The model file with this fingerprint: from the cache dir, or pulled from the master once."""
+        """The file with this fingerprint (the model's or a shard's): from the cache dir, or pulled
+        from the master once."""
         if len(fp) != 64 or not all(c in "0123456789abcdef" for c in fp):
             raise EdgeInferError(f"malformed model fingerprint {fp[:70]!r}")
         path = self.cache_dir / f"{fp}.safetensors"
-        if path.exists() and path.stat().st_size == size:
+        if self._holds(fp, size):
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(".part")
         with open(part, "ab") as out:
             fcntl.flock(out, fcntl.LOCK_EX)  # another worker on this device may be pulling it: wait
-            if path.exists() and path.stat().st_size == size:
+            if self._holds(fp, size):
                 return path
-            self._pull(size, out)
+            self._pull(fp, size, out)
             if sha256_file(str(part)) != fp:
                 part.unlink()
                 raise EdgeInferError("the pulled model file does not match its fingerprint; removed it")
             os.replace(part, path)
         return path
 
-    def _pull(self, size: int, out) -> None:
+    def _pull(self, fp: str, size: int, out) -> None:
         """Append the file's bytes from where `out` ends (a pull cut short resumes there)."""
         offset, reported = out.tell(), -1
         while offset < size:
-            self.send("need", offset=offset)
+            self.send("need", fingerprint=fp, offset=offset)
             m = self.recv(self.timeout)
             if m is None:
                 raise EdgeInferError(f"the master sent no model data within {self.timeout:g} s")
-            if m.kind != "chunk" or m.fields["offset"] != offset:
+            if m.kind != "chunk" or m.fields["offset"] != offset or m.fields["fingerprint"] != fp:
                 raise Interrupted(m) if m.kind in ("load", "bye") else EdgeInferError(f"expected model data, got {m.kind}")
             out.write(m.payload)
             offset += len(m.payload)
             if offset * 10 // size != reported:
                 reported = offset * 10 // size
-                log(f"pulling the model: {offset >> 20} of {size >> 20} MB")
+                log(f"pulling {fp[:12]}: {offset >> 20} of {size >> 20} MB")
         out.flush()
 
     def _step(self, m: Message) -> None:

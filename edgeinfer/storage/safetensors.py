@@ -186,7 +186,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[TensorEntry], array
                 if array.shape != entry.shape or array.dtype != DTYPES[entry.dtype]:
                     raise ValueError(f"tensor {entry.name}: got {array.dtype}{array.shape}, "
                                      f"declared {entry.dtype}{entry.shape}")
-                f.write(memoryview(array).cast("B"))
+                f.write(array.tobytes() if array.size == 0 else memoryview(array).cast("B"))  # (a headless shard)
                 written += 1
                 if progress:
                     progress(written, len(entries))
