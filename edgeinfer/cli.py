@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
     chat.add_argument("--attention", choices=("exact", "lut"), default="exact", help="as for run")
+    _cluster_args(chat)
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
@@ -200,8 +201,9 @@ def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limi
     return engine
 
 
-def load_cluster_engine(path: str, args: argparse.Namespace):
-    """The master's engine: its own shard, and the workers that joined within --wait."""
+def load_cluster_engine(path: str, args: argparse.Namespace, report=None):
+    """The master's engine: its own shard, and the workers that joined within --wait. report(line):
+    where the join command and compile notice go (default stderr)."""
     import secrets
 
     from .cluster.master import ClusterModel, Master
@@ -213,14 +215,14 @@ def load_cluster_engine(path: str, args: argparse.Namespace):
 
     from .storage.scheduler import parse_size
 
+    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     limit = parse_size(args.mem_limit) if getattr(args, "mem_limit", None) is not None else None
     token = args.token or secrets.token_urlsafe(12)
     if not getattr(args, "exact", False) and has_kernels() and first_run():
-        print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
+        report("compiling kernels, first run only (about 15 s)")
     master = Master(args.listen, token, args.timeout, "f2" if args.sync == "fp16" else "f4")
     try:
-        print(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}",
-              file=sys.stderr, flush=True)
+        report(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}")
         master.wait_for(args.workers, args.wait)
         source = open_model(path)
         context = args.ctx or min(source.config.max_context, DEFAULT_CONTEXT)
@@ -383,7 +385,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         from .storage.scheduler import parse_size
 
         limit = parse_size(args.mem_limit)
-    ChatApp(args.model, args.ctx, args.history, mem_limit=limit, attention=args.attention).run()
+    app = ChatApp(args.model, args.ctx, args.history, mem_limit=limit, attention=args.attention,
+                  cluster=args if args.listen is not None else None)
+    try:
+        app.run()
+    finally:
+        app.close_cluster()
     return 0
 
 

@@ -393,3 +393,45 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
         server.close()
     finally:  # a context left to the garbage collector can block in term() in the middle of a later test
         ctx.destroy(linger=0)
+
+
+def test_the_chat_app_as_master_of_a_cluster(smollm2_single, tmp_path):
+    """`edgeinfer chat --listen`: the app waits for the worker, shows the join command and the
+    cluster's events, replies through the cluster, and says bye to the worker when it closes."""
+    import argparse
+    import asyncio
+    import time
+
+    from edgeinfer.tui.app import ChatApp
+
+    port = free_port()
+    options = argparse.Namespace(listen=str(port), token=TOKEN, workers=1, wait=120.0, timeout=30.0, sync="fp32",
+                                 ctx=256, mem_limit=None, attention="exact")
+    w = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
+    app = ChatApp(str(smollm2_single), 256, tmp_path / "h.sqlite3", cluster=options)
+
+    async def until(pilot, condition, timeout=240.0):
+        start = time.monotonic()
+        while not condition():
+            assert time.monotonic() - start < timeout, "timed out waiting for the app"
+            await pilot.pause(0.05)
+
+    async def scenario():
+        async with app.run_test(size=(150, 32)) as pilot:
+            await until(pilot, lambda: app.engine is not None)
+            assert app.join_line == f"edgeinfer worker --join 127.0.0.1:{port} --token {TOKEN}"
+            assert len(app.engine.model.master.workers) == 1
+            await pilot.click("#prompt")
+            await pilot.press(*"hello", "enter")
+            await until(pilot, lambda: app.last_reply is not None and app.generation is None)
+            assert app.last_reply.text and app.last_reply.stats.decode_tokens > 0
+            status = str(app.query_one("#status").render())
+            assert "cluster of 2" in status, status
+            assert any("plan 1 over 2 nodes" in str(n.message) for n in app._notifications), "no cluster events"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        app.close_cluster()
+    code, _, err = finish(w, 60)
+    assert code == 0 and "the master ended the session" in err and "served" in err, err

@@ -200,3 +200,17 @@ def test_multiline_input_recall_and_copy(tiny_single, tmp_path):
             await pilot.press("f3")
             assert app.clipboard == messages[1]["content"]
     run(scenario)
+
+
+def test_a_line_on_stderr_while_the_app_runs_does_not_break_it(tiny_single, tmp_path):
+    """Textual captures stderr while it runs and flushes it through App._flush: a method of that name
+    in the app broke every flushed print (a library warning, a cluster log line)."""
+    import sys
+
+    async def scenario():
+        async with running(tiny_single, history_path=tmp_path / "h.sqlite3") as (app, pilot):
+            print("a warning from some library", file=sys.stderr, flush=True)
+            await send(pilot, app, "hi")
+            await reply_done(pilot, app)
+            assert app.last_reply.text is not None
+    run(scenario)

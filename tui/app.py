@@ -131,9 +131,13 @@ class ChatApp(App):
 
     def __init__(self, model: str | None = None, context: int | None = None,
                  history_path: str | os.PathLike | None = None, export_dir: str | os.PathLike | None = None,
-                 mem_limit: int | None = None, attention: str = "exact"):
+                 mem_limit: int | None = None, attention: str = "exact", cluster=None):
+        """cluster: the `--listen ...` options (an argparse namespace, as `run` takes them) to be
+        the master of a cluster, or None."""
         super().__init__()
         self.model_arg, self.default_context, self.mem_limit = model, context, mem_limit
+        self.cluster = cluster
+        self.join_line = ""
         self.attention = attention
         self.history = HistoryStore(history_path)
         self.export_dir = Path(export_dir or os.getcwd())
@@ -170,7 +174,7 @@ class ChatApp(App):
         self._sidebar = self.query_one("#conversations", ListView)
         self._prompt = self.query_one(PromptInput)
         await self._refresh_sidebar()
-        self.set_interval(1 / FLUSH_HZ, self._flush)
+        self.set_interval(1 / FLUSH_HZ, self._flush_reply)
         self.set_interval(1.0, self._refresh_status)
         self._prompt.focus()
         self.load_engine()
@@ -185,8 +189,13 @@ class ChatApp(App):
         try:
             path = resolve_model(self.model_arg, progress)
             self.call_from_thread(self._show_progress, "loading weights", 0, None)
+            report = lambda line: self.call_from_thread(self._show_progress, line, 0, None)  # noqa: E731
+            if self.cluster is not None:
+                engine = self._cluster_engine(path, report)
+                self.call_from_thread(self._engine_ready, engine, path)
+                return
             engine = Engine.load(path, self.default_context, mem_limit=self.mem_limit, attention=self.attention,
-                                 report=lambda line: self.call_from_thread(self._show_progress, line, 0, None))
+                                 report=report)
             if engine.model.fused and first_run():
                 self.call_from_thread(self._show_progress, "compiling kernels, first run only", 0, None)
             engine.model.warm_up()
@@ -194,6 +203,35 @@ class ChatApp(App):
             self.call_from_thread(self._fail, "cannot load the model", exc)
             return
         self.call_from_thread(self._engine_ready, engine, path)
+
+    def _cluster_engine(self, path: str, report) -> Engine:
+        """As master of a cluster (`--listen`): its events become notifications, the join command
+        shows while it waits for workers and stays in the status line."""
+        from edgeinfer.cli import load_cluster_engine
+        from edgeinfer.cluster.node import set_log_sink
+
+        def event(line: str) -> None:
+            if threading.current_thread() is threading.main_thread():
+                self.notify(line, timeout=8, markup=False)
+            else:
+                self.call_from_thread(self.notify, line, timeout=8, markup=False)
+
+        def shown(line: str) -> None:
+            if "join with:" in line:
+                self.join_line = line.split("join with: ", 1)[1]
+            report(line)
+
+        set_log_sink(event)
+        return load_cluster_engine(path, self.cluster, shown)
+
+    def close_cluster(self) -> None:
+        """Say bye to the workers (after the app has ended)."""
+        from edgeinfer.cluster.node import set_log_sink
+
+        set_log_sink(None)
+        master = getattr(self.engine.model, "master", None) if self.engine is not None else None
+        if master is not None:
+            master.close()
 
     def _show_progress(self, stage: str, done: int, total: int | None) -> None:
         self._loading_label.update(stage)
@@ -294,18 +332,22 @@ class ChatApp(App):
         """The engine, rebuilt around the same weights when the context size changes."""
         engine = self.engine
         assert engine is not None
-        if settings.context and settings.context != engine.context:
+        if settings.context and settings.context != engine.context and self.cluster is not None:
+            # every worker sized its KV cache shard for the context the cluster started with
+            self.call_from_thread(self.notify, f"a cluster keeps its context of {engine.context} tokens",
+                                  markup=False)
+        elif settings.context and settings.context != engine.context:
             engine = self.engine = Engine(engine.model, engine.tokenizer, settings.context)
         return engine
 
-    async def _flush(self) -> None:
+    async def _flush_reply(self) -> None:
         with self._lock:
             chunk, self._pending = self._pending, ""
         if chunk and self._reply is not None:
             await self._reply.append(chunk)
 
     async def _reply_done(self, gen: Generation | None) -> None:
-        await self._flush()
+        await self._flush_reply()
         self.generation = None
         if gen is not None:
             self.last_reply = gen
@@ -392,6 +434,8 @@ class ChatApp(App):
         parts = [self.model_name]
         if self.engine is not None:
             parts.append(self.engine.model.precision)
+            if self.cluster is not None:
+                parts.append(f"cluster of {len(self.engine.model.master.workers) + 1} · join: {self.join_line}")
             s = self.last_reply.stats if self.last_reply else None
             if s is not None:
                 parts.append(f"prefill {s.prefill_tok_s:.0f} tok/s · decode {s.decode_tok_s:.1f} tok/s")

@@ -23,9 +23,20 @@ from ..storage.scheduler import aligned_buffer, open_direct
 READ_BLOCK = 8 << 20
 
 
+_sink: list = []  # where log lines go instead of stderr (the chat app shows them)
+
+
 def log(message: str) -> None:
-    """One line per cluster event, on stderr."""
-    print(f"cluster: {message}", file=sys.stderr, flush=True)
+    """One line per cluster event, on stderr (or to the function set_log_sink gave)."""
+    if _sink:
+        _sink[0](f"cluster: {message}")
+    else:
+        print(f"cluster: {message}", file=sys.stderr, flush=True)
+
+
+def set_log_sink(fn) -> None:
+    """Send log lines to fn(line) instead of stderr; None: back to stderr."""
+    _sink[:] = [] if fn is None else [fn]
 
 
 def cores() -> int:
