@@ -435,3 +435,32 @@ def test_the_chat_app_as_master_of_a_cluster(smollm2_single, tmp_path):
         app.close_cluster()
     code, _, err = finish(w, 60)
     assert code == 0 and "the master ended the session" in err and "served" in err, err
+
+
+def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, alone, tmp_path):
+    """`worker --mem-limit`: a limit below what the share needs is refused by the worker (the master
+    drops it and answers alone); one just above it streams the pulled shard file through a window
+    of a few layer slots, and the cluster's text is one node's."""
+    import re
+
+    prompt = [*PROMPT, "-c", "256"]
+
+    def session(limit: str) -> tuple[str, str, str]:
+        port = free_port()
+        master = spawn("run", str(smollm2_single), *prompt, "--listen", str(port), "--token", TOKEN,
+                       "--workers", "1", "--wait", "120")
+        w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir", str(tmp_path / "w"),
+                  "--timeout", "120", "-t", "1", "--mem-limit", limit)
+        code, out, err = finish(master)
+        assert code == 0, err
+        _, _, werr = finish(w, 60)
+        return out, err, werr
+
+    out, err, werr = session("1M")
+    least = re.search(r"the least this model runs in at --ctx 256 is (\d+) MB", werr)
+    assert least and "dropped worker 1" in err and out == alone(*prompt), werr
+    out, err, werr = session(f"{int(least.group(1)) + 3}M")
+    assert "sending" not in err, err  # the shard pulled in the first session
+    window = re.search(r"streaming, window of (\d+) of 30 layer slots", werr)
+    assert window and int(window.group(1)) < 30 and "plan 1 over 2 nodes" in err, werr
+    assert out == alone(*prompt), err
