@@ -138,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache-dir", help="where model files pulled from the master are kept "
                         "(default: ~/.cache/edgeinfer/cluster)")
     worker.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master (60)")
+    worker.add_argument("--stay", action="store_true", help="after a session, or when the master is lost, join "
+                        "it again (a restarted master too) until stopped")
     worker.add_argument("--mem-limit", metavar="SIZE", help="keep within SIZE: this node's shard is written once "
                         "as its own file and its layers stream through a window (as run --mem-limit)")
     worker.set_defaults(func=_cmd_worker)
@@ -491,7 +493,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from .storage.scheduler import parse_size
 
     limit = parse_size(args.mem_limit) if args.mem_limit is not None else None
-    return run_worker(args.join, args.token, args.cache_dir, args.timeout, limit)
+    return run_worker(args.join, args.token, args.cache_dir, args.timeout, limit, stay=args.stay)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:

@@ -464,3 +464,21 @@ def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, 
     window = re.search(r"streaming, window of (\d+) of 30 layer slots", werr)
     assert window and int(window.group(1)) < 30 and "plan 1 over 2 nodes" in err, werr
     assert out == alone(*prompt), err
+
+
+def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path):
+    """`worker --stay` serves one master's session after another: after the first ends it joins the
+    master started next on the same address, and stops on Ctrl+C."""
+    port = free_port()
+    w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir",
+              str(held_model_dir(tmp_path, smollm2_single, "w")), "-t", "1", "--stay")
+    for session in range(2):
+        master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                       "--workers", "1", "--wait", "120")
+        code, out, err = finish(master)
+        assert code == 0 and out == alone(*PROMPT), err
+        assert "plan 1 over 2 nodes" in err, (session, err)
+    w.send_signal(signal.SIGINT)
+    code, _, err = finish(w, 60)
+    assert err.count("joined tcp://") == 2 and err.count("the master ended the session") == 2, err
+    assert code != 0 and "Traceback" not in err, err

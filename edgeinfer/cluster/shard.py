@@ -98,7 +98,7 @@ def shard_file(shard: ShardSource, folder: Path, stem: str,
     out = folder / f"{stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}.safetensors"
     if not out.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        log(f"writing this node's shard to {out.name}")
+        log(f"writing the share's own model file {out.name}")
         convert(shard, str(out), progress=progress)
     return out
 

@@ -56,6 +56,10 @@ class Worker:
         self.failed_handshakes = 0
         self.steps, self.step_s, self.step_wait_s = 0, 0.0, 0.0  # decode steps (one token each)
 
+    def close(self) -> None:
+        self.monitor.sock.close(linger=0)
+        self.sock.close(linger=0)
+
     def recv(self, timeout: float | None) -> Message | None:
         """The next valid message (malformed ones are logged and dropped); None after `timeout` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -226,10 +230,28 @@ class Worker:
             self.step_wait_s += self.member.wait_s - waited
 
 
+REJOIN_AFTER = 2.0  # seconds between a session's end (or a lost master) and the next join
+
+
 def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: float = 60.0,
-               mem_limit: int | None = None) -> int:
-    worker = Worker(join, token, cache_dir, timeout, mem_limit)
-    worker.join()
-    worker.serve()
-    return 0
+               mem_limit: int | None = None, stay: bool = False) -> int:
+    """One session with the master; with `stay`, one after another: when the master ends the
+    session, stops or is lost, the worker joins it again (a restarted master too) until stopped.
+    A refusal (wrong token or version) ends it either way."""
+    while True:
+        worker = Worker(join, token, cache_dir, timeout, mem_limit)
+        try:
+            worker.join()
+            worker.serve()
+        except Refused:
+            raise
+        except EdgeInferError as e:
+            if not stay:
+                raise
+            log(f"{e}; joining again")
+        finally:
+            worker.close()
+        if not stay:
+            return 0
+        time.sleep(REJOIN_AFTER)
 
