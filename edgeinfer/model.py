@@ -304,7 +304,7 @@ class Model:
         c = self.config
         count, start = x.shape[0], cache.length
         if not c.num_kv_heads:  # a cluster node holding MLP columns only
-            return np.zeros(x.shape, np.int64 if self.fused else np.float32)
+            return np.zeros(x.shape, np.int64 if isinstance(w.o, QuantLinear) else np.float32)  # as w.o.partial
         q, k = np.ascontiguousarray(w.q(x)), np.ascontiguousarray(w.k(x))
         kv_heads = lambda y: y.reshape(count, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)  # noqa: E731
         cache.store_values(layer, start, kv_heads(w.v(x)))
