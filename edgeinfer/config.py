@@ -32,6 +32,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    layers_only: bool = False  # a cluster worker's share: no embedding or head in the file
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

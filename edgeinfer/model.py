@@ -195,6 +195,8 @@ class Model:
         ends: load the embedding and head (a cluster worker runs only the layers)."""
         quantized = quantized and has_kernels()
         self.config = c = source.config
+        if ends and c.layers_only:
+            raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
             raise UnsupportedModelError(f"head dimension {c.head_dim} is not a multiple of {LANES}")
         source.model_tensor_names()  # every tensor present, with its shape

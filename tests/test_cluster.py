@@ -200,15 +200,19 @@ def test_a_shard_written_as_its_own_file_streams_to_the_same_partial_sums(smollm
     head) streamed through a window of 2 slots, gives the resident shard's sums exactly."""
     from edgeinfer.cluster.shard import ShardSource
     from edgeinfer.model import Model, own_sum
+    from edgeinfer.errors import EdgeInferError
     from edgeinfer.storage import open_model
     from edgeinfer.storage.single import convert
 
     share = plan_shares(open_model(str(smollm2_single)).config, [1.0, 1.0])[1]
     out = tmp_path / "shard.safetensors"
-    convert(ShardSource(open_model(str(smollm2_single)), share), str(out))
+    convert(ShardSource(open_model(str(smollm2_single)), share, layers_only=True), str(out))
     resident = Model(ShardSource(open_model(str(smollm2_single)), share), quantized=True, ends=False)
     streamed = Model(open_model(str(out)), quantized=True, window=2, ends=False)
     assert streamed.weights.stream.window == 2 and len(streamed.weights.stream.units) == 30  # no head unit
+    assert "model.embed_tokens.weight" not in open_model(str(out)).names()  # the master keeps the embedding
+    with pytest.raises(EdgeInferError, match="share of the layers"):
+        Model(open_model(str(out)), quantized=True)  # not a whole model
     h = np.random.default_rng(3).standard_normal((5, 576)).astype(np.float32)
     sums = []
     for m in (resident, streamed):
@@ -287,9 +291,11 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
     if workers >= 1:
         assert "sending its shard" in err and "sending the model file" not in err, err
         pulled = list((tmp_path / "pulled").glob("*.safetensors"))
-        assert len(pulled) == 1 and pulled[0].stat().st_size < smollm2_single.stat().st_size
         from edgeinfer.storage import open_model
         c, full = open_model(str(pulled[0])).config, open_model(str(smollm2_single)).config
+        embedding = full.vocab_size * full.hidden_size * 5 // 8  # at least what its 4-bit rows take
+        assert len(pulled) == 1 and pulled[0].stat().st_size < smollm2_single.stat().st_size - embedding
+        assert "model.embed_tokens.weight" not in open_model(str(pulled[0])).names()
         assert c.num_layers == full.num_layers and c.num_kv_heads < full.num_kv_heads  # a share, not the model
         assert c.intermediate_size < full.intermediate_size
     for p in procs:
@@ -427,7 +433,7 @@ def test_the_chat_app_as_master_of_a_cluster(smollm2_single, tmp_path):
             assert app.last_reply.text and app.last_reply.stats.decode_tokens > 0
             status = str(app.query_one("#status").render())
             assert "cluster of 2" in status, status
-            assert any("plan 1 over 2 nodes" in str(n.message) for n in app._notifications), "no cluster events"
+            assert any("plan 1 over 2 nodes" in line for line in app.cluster_events), app.cluster_events
 
     try:
         asyncio.run(scenario())

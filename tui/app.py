@@ -138,6 +138,7 @@ class ChatApp(App):
         self.model_arg, self.default_context, self.mem_limit = model, context, mem_limit
         self.cluster = cluster
         self.join_line = ""
+        self.cluster_events: list[str] = []
         self.attention = attention
         self.history = HistoryStore(history_path)
         self.export_dir = Path(export_dir or os.getcwd())
@@ -211,6 +212,7 @@ class ChatApp(App):
         from edgeinfer.cluster.node import set_log_sink
 
         def event(line: str) -> None:
+            self.cluster_events = [*self.cluster_events[-199:], line]  # the last 200, beyond the toasts
             if threading.current_thread() is threading.main_thread():
                 self.notify(line, timeout=8, markup=False)
             else:

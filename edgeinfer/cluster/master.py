@@ -173,7 +173,7 @@ class Master:
         for w, share in zip(self.workers, shares):
             shard_fp, shard_size = "", 0
             if fp not in w.hello["models"]:
-                shard = str(shard_file(ShardSource(open_model(path), share), home() / "cluster", fp))
+                shard = str(shard_file(ShardSource(open_model(path), share, layers_only=True), home() / "cluster", fp))
                 shard_fp, shard_size = fingerprint(shard), os.path.getsize(shard)
                 files[shard_fp] = shard
             self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,

@@ -24,16 +24,17 @@ from .plan import Share
 ALL = slice(None)
 
 
-def shard_config(config: ModelConfig, share: Share) -> ModelConfig:
+def shard_config(config: ModelConfig, share: Share, layers_only: bool = False) -> ModelConfig:
     group = config.num_heads // config.num_kv_heads
     return dataclasses.replace(config, num_kv_heads=share.kv_heads, num_heads=share.kv_heads * group,
-                               intermediate_size=share.columns)
+                               intermediate_size=share.columns, layers_only=config.layers_only or layers_only)
 
 
 class ShardSource(WeightSource):
-    def __init__(self, source: WeightSource, share: Share):
+    def __init__(self, source: WeightSource, share: Share, layers_only: bool = False):
+        """layers_only: without the embedding and head (a worker's share; the master keeps them)."""
         self.source, self.share = source, share
-        self.config = shard_config(source.config, share)
+        self.config = shard_config(source.config, share, layers_only)
         self.tokenizer, self.path, self.format = source.tokenizer, source.path, source.format
         c, hd = source.config, source.config.head_dim
         q = slice(share.kv_start * hd * (c.num_heads // c.num_kv_heads), share.kv_end * hd * (c.num_heads // c.num_kv_heads))
@@ -54,7 +55,8 @@ class ShardSource(WeightSource):
         return self._slices.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
 
     def names(self) -> list[str]:
-        return self.source.names()
+        ends = ("model.embed_tokens.weight", "lm_head.weight")
+        return [n for n in self.source.names() if not (self.config.layers_only and n in ends)]
 
     def stored_type(self, name: str) -> str:
         return self.source.stored_type(name)
@@ -95,7 +97,8 @@ def shard_file(shard: ShardSource, folder: Path, stem: str,
     """The share as a model file of its own (so that streaming reads only its slices), written once
     into `folder` (to a temporary name, then renamed) and reused while the plan gives the same share."""
     s = shard.share
-    out = folder / f"{stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}.safetensors"
+    kind = ".layers" if shard.config.layers_only else ""
+    out = folder / f"{stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}{kind}.safetensors"
     if not out.exists():
         folder.mkdir(parents=True, exist_ok=True)
         log(f"writing the share's own model file {out.name}")
@@ -104,10 +107,11 @@ def shard_file(shard: ShardSource, folder: Path, stem: str,
 
 
 def written_shards(folder: Path, stem: str) -> dict[str, Share]:
-    """The shares shard_file wrote into `folder` for `stem`, by their files' fingerprints."""
+    """The workers' shares (layers only) shard_file wrote into `folder` for `stem`, by their files'
+    fingerprints."""
     found = {}
-    for p in folder.glob(f"{glob.escape(stem)}.kv*.cols*.safetensors"):
-        m = re.fullmatch(rf"{re.escape(stem)}\.kv(\d+)-(\d+)\.cols(\d+)-(\d+)\.safetensors", p.name)
+    for p in folder.glob(f"{glob.escape(stem)}.kv*.cols*.layers.safetensors"):
+        m = re.fullmatch(rf"{re.escape(stem)}\.kv(\d+)-(\d+)\.cols(\d+)-(\d+)\.layers\.safetensors", p.name)
         if m:
             found[fingerprint(str(p))] = Share(*map(int, m.groups()))
     return found

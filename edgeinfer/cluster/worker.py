@@ -148,7 +148,7 @@ class Worker:
             path = self._model_file(f["fingerprint"], f["size"])
             source = open_model(str(path))
             share = Share.from_dict(f["share"], source.config)
-            shard = ShardSource(source, share)
+            shard = ShardSource(source, share, layers_only=True)  # the master keeps embedding and head
             if self.mem_limit is not None:  # stream from a file of the share alone
                 shard = open_model(str(shard_file(shard, path.parent, path.stem,
                                                   lambda done, total: self.send("progress", done=done, total=total))))

@@ -51,7 +51,8 @@ class KeyCodebooks:
 def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every tensor a Llama-family model needs, in file order: layer by layer, each layer contiguous."""
     d, f = c.hidden_size, c.intermediate_size
-    yield "model.embed_tokens.weight", (c.vocab_size, d)
+    if not c.layers_only:
+        yield "model.embed_tokens.weight", (c.vocab_size, d)
     for i in range(c.num_layers):
         p = layer_prefix(i)
         yield p + "input_layernorm.weight", (d,)
@@ -69,7 +70,7 @@ def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]
             yield p + "mlp.up_proj.bias", (f,)
             yield p + "mlp.down_proj.bias", (d,)
     yield "model.norm.weight", (d,)
-    if not c.tie_embeddings:
+    if not c.tie_embeddings and not c.layers_only:
         yield "lm_head.weight", (c.vocab_size, d)
 
 
