@@ -102,12 +102,16 @@ def test_valid_messages_round_trip():
     fixed = np.array([-(1 << 40), 3, 1 << 50], np.int64)  # a 4-bit node's partial: int64, not rounded to float
     got = decode(encode_array("partial", fixed, "i8", seq=2)).array()
     assert got.dtype == np.int64 and np.array_equal(got, fixed)
+    small = np.array([-(1 << 31), 5, (1 << 31) - 1], np.int64)  # fits int32: sent in half the bytes
+    frames = encode_array("partial", small, "i4", seq=3)
+    assert len(frames[1]) == 12 and np.array_equal(decode(frames).array(), small)
     assert decode(encode("ping")).kind == "ping"
 
 
 def test_malformed_messages_raise_protocol_error_only():
     good = [encode_array("partial", np.ones((2, 8), np.float32), seq=3), encode("ready", rss=5),
             encode_array("partial", np.ones(8, np.int64), "i8", seq=4),
+            encode_array("partial", np.ones(8, np.int64), "i4", seq=5),
             encode("load", fingerprint="a" * 64, size=10, share={"kv": [0, 1], "cols": [0, 128]}, context=8,
                    attention="exact", exact=False, sync="f4")]
     bad = [[b"not json"], [b"[1, 2]"], [b'{"kind": "nope", "v": 1}'], [b"{}"], [b"x" * (MAX_HEADER + 1)],

@@ -5,8 +5,8 @@ payload is one hidden vector, so latency, not bandwidth, decides (TPI-LLM's find
 Each all-reduce of a step has a sequence number (the step's first, then one more per call), so a
 late partial from before a re-plan is recognised and dropped.
 
-On the 4/8-bit path a partial is fixed point (int64, kernels/simd.py): the master adds them as
-integers, so the total is the very one a single node computes, whatever the split, and sends it back
+On the 4/8-bit path a partial is fixed point (int64, kernels/simd.py; sent as int32 when every
+value fits, as is usual below |8|): the master adds them as integers, so the total is the very one a single node computes, whatever the split, and sends it back
 as float32. With sync "f2" partials (as floats) and total travel as fp16 instead, the master rounding
 the total it keeps the same way: every node adds the same vector, no longer one node's.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import EdgeInferError
 from ..model import own_sum
-from .protocol import DTYPES, FIXED, encode_array
+from .protocol import DTYPES, FIXED, FIXED_SMALL, encode_array
 
 if TYPE_CHECKING:
     from .master import Master
@@ -61,7 +61,8 @@ class StarHub:
             if m.kind != "partial" or m.fields["seq"] != seq or identity in parts:
                 continue  # late from an earlier step; joins are handled by the master between requests
             a = m.array()
-            if a.shape != partial.shape or m.fields["dtype"] != wire:
+            sent = FIXED if m.fields["dtype"] == FIXED_SMALL else m.fields["dtype"]
+            if a.shape != partial.shape or sent != wire:
                 raise NodeLost(identity, f"{self.master.name_of(identity)} sent a partial of shape {a.shape} "
                                          f"as {m.fields['dtype']}, not {partial.shape} as {wire}")
             parts[identity] = a
@@ -102,8 +103,10 @@ class StarMember:
         seq, self.seq = self.seq, self.seq + 1
         t0 = time.perf_counter()
         wire = wire_dtype(partial, self.sync)
-        self.worker.sock.send_multipart(encode_array("partial", partial if wire == FIXED else own_sum(partial), wire,
-                                                     seq=seq))
+        sent = partial if wire == FIXED else own_sum(partial)
+        if wire == FIXED and np.abs(partial).max(initial=0) < 2 ** 31:
+            wire = FIXED_SMALL  # every value fits int32 (|x| < 8 at 2**-28): half the bytes, as exact
+        self.worker.sock.send_multipart(encode_array("partial", sent, wire, seq=seq))
         try:
             return self._total(seq, partial.shape)
         finally:

@@ -31,7 +31,8 @@ FILE_CHUNK = 4 << 20
 MAX_PAYLOAD = 64 << 20  # a partial sum of 4096 tokens x 4096 floats, or a file chunk
 DTYPES = {"f4": np.float32, "f2": np.float16}  # what --sync may choose for activations
 FIXED = "i8"  # a 4/8-bit node's partial sums: int64 fixed point (kernels/simd.py), added exactly
-WIRE_DTYPES = {**DTYPES, FIXED: np.int64}
+FIXED_SMALL = "i4"  # the same, sent as int32 when every value fits (half the bytes, still exact)
+WIRE_DTYPES = {**DTYPES, FIXED: np.int64, FIXED_SMALL: np.int32}
 
 _INT, _STR, _FLOAT, _BOOL, _LIST, _DICT = int, str, (int, float), bool, list, dict
 # kind -> its fields and their types; kinds in ARRAY_KINDS carry an array, in DATA_KINDS file bytes
@@ -76,9 +77,10 @@ class Message:
     payload: bytes | None = None
 
     def array(self) -> np.ndarray:
-        """The payload as the array it declares: float32 (from fp32 or fp16), or int64 fixed point."""
+        """The payload as the array it declares: float32 (from fp32 or fp16), or int64 fixed point
+        (from int64 or int32)."""
         a = np.frombuffer(self.payload, WIRE_DTYPES[self.fields["dtype"]]).reshape(self.fields["shape"])
-        return a.copy() if self.fields["dtype"] == FIXED else a.astype(np.float32)
+        return a.astype(np.int64) if self.fields["dtype"] in (FIXED, FIXED_SMALL) else a.astype(np.float32)
 
 
 def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> list[bytes]:
