@@ -184,7 +184,6 @@ def _expander(count: int, tiled: bool = False):
     return expand
 
 
-expand4 = _expander(4)  # one float per 4 lanes: a Q4 chunk holds 4 groups
 expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
 load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
 tile4 = _expander(4, tiled=True)  # 4 floats repeated 4 times: a chunk's 4 groups for each of 4 rows
