@@ -164,6 +164,24 @@ def test_ring_allreduce_sums_like_the_star():
             np.testing.assert_allclose(o, np.sum(xs, axis=0), rtol=1e-5, atol=1e-6)
 
 
+def test_a_down_proj_bias_counts_on_one_node_only():
+    """Every node adds its down_proj partial: with an MLP bias, only the share whose columns start at
+    0 keeps it, so the nodes' sum holds it once; the other partial biases are cut by column."""
+    from types import SimpleNamespace
+
+    from edgeinfer.cluster.shard import ShardSource
+
+    c = smol_config(mlp_bias=True)
+    tensors = {"model.layers.0.mlp.down_proj.bias": np.arange(576, dtype=np.float32),
+               "model.layers.0.mlp.up_proj.bias": np.arange(1536, dtype=np.float32)}
+    source = SimpleNamespace(config=c, tokenizer=None, path="stub", format="stub", float32=tensors.__getitem__)
+    shares = plan_shares(c, [1.0, 1.0, 1.0])
+    down = [ShardSource(source, s).float32("model.layers.0.mlp.down_proj.bias") for s in shares]
+    np.testing.assert_array_equal(sum(down), tensors["model.layers.0.mlp.down_proj.bias"])
+    up = [ShardSource(source, s).float32("model.layers.0.mlp.up_proj.bias") for s in shares]
+    np.testing.assert_array_equal(np.concatenate(up), tensors["model.layers.0.mlp.up_proj.bias"])
+
+
 def test_share_from_the_wire_is_checked_against_the_model():
     c = smol_config()
     assert Share.from_dict({"kv": [1, 3], "cols": [0, 512]}, c) == Share(1, 3, 0, 512)

@@ -104,7 +104,7 @@ class StarMember:
         t0 = time.perf_counter()
         wire = wire_dtype(partial, self.sync)
         sent = partial if wire == FIXED else own_sum(partial)
-        if wire == FIXED and np.abs(partial).max(initial=0) < 2 ** 31:
+        if wire == FIXED and -2 ** 31 <= partial.min(initial=0) and partial.max(initial=0) < 2 ** 31:
             wire = FIXED_SMALL  # every value fits int32 (|x| < 8 at 2**-28): half the bytes, as exact
         self.worker.sock.send_multipart(encode_array("partial", sent, wire, seq=seq))
         try:

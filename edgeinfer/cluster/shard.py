@@ -54,9 +54,12 @@ class ShardSource(WeightSource):
     def _slice(self, name: str) -> tuple | None:
         return self._slices.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
 
+    def _held(self, name: str) -> bool:
+        """Not the embedding and head of a layers-only share."""
+        return not (self.config.layers_only and name in ("model.embed_tokens.weight", "lm_head.weight"))
+
     def names(self) -> list[str]:
-        ends = ("model.embed_tokens.weight", "lm_head.weight")
-        return [n for n in self.source.names() if not (self.config.layers_only and n in ends)]
+        return [n for n in self.source.names() if self._held(n)]
 
     def stored_type(self, name: str) -> str:
         return self.source.stored_type(name)
@@ -70,6 +73,8 @@ class ShardSource(WeightSource):
     def float32(self, name: str) -> np.ndarray:
         where = self._slice(name)
         full = self.source.float32(name)
+        if name.endswith("mlp.down_proj.bias") and self.share.col_start != 0:
+            return np.zeros_like(full)  # every node adds its partial: the bias counts on one node only
         return full if where is None else np.ascontiguousarray(full[where])
 
     def quantized(self, name: str):
@@ -77,7 +82,7 @@ class ShardSource(WeightSource):
         return matrix if where is None or matrix is None else matrix.select(*where)
 
     def has(self, name: str) -> bool:
-        return self.source.has(name)
+        return self._held(name) and self.source.has(name)
 
     def key_codebooks(self) -> KeyCodebooks | None:
         books = self.source.key_codebooks()

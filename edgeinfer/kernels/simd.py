@@ -34,7 +34,6 @@ class VecModel(models.PrimitiveModel):
 
 
 V64I8, V32I16, V16I32, V16F32 = Vec("i8", 64), Vec("i16", 32), Vec("i32", 16), Vec("f32", 16)
-V4I64 = Vec("i64", 4)
 
 
 def _ptr(context, builder, arr_ty, arr, offset, vec_ty):
@@ -367,7 +366,7 @@ def add_i16(typingctx, a, b):
 
 
 store_f32, store_i16 = _storer(V16F32), _storer(V32I16)
-zeros_f32, zeros_i32, zeros_i16, zeros_i64 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16), _zeros(V4I64)
+zeros_f32, zeros_i32, zeros_i16 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16)
 
 
 # --- Fixed point: sums that do not depend on their order ------------------------------------------
