@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -37,6 +38,11 @@ PING_TIMEOUT = 5.0
 # the longer on a slow or busy device: loading waits this long, or the step timeout if longer,
 # between two messages (progress resets it), so that a short --timeout drops stalled steps only.
 LOAD_TIMEOUT = 120.0
+
+
+def shard_dir() -> Path:
+    """Where the master writes share files (its own under --mem-limit, and those workers pull)."""
+    return home() / "cluster"
 
 
 @dataclass
@@ -173,7 +179,7 @@ class Master:
         for w, share in zip(self.workers, shares):
             shard_fp, shard_size = "", 0
             if fp not in w.hello["models"]:
-                shard = str(shard_file(ShardSource(open_model(path), share, layers_only=True), home() / "cluster", fp))
+                shard = str(shard_file(ShardSource(open_model(path), share, layers_only=True), shard_dir(), fp))
                 shard_fp, shard_size = fingerprint(shard), os.path.getsize(shard)
                 files[shard_fp] = shard
             self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,
@@ -307,7 +313,7 @@ class ClusterModel:
         plan by measured speed, noisy by a tenth, would change and send again."""
         if not workers:
             return None
-        written = written_shards(home() / "cluster", self.fingerprint)
+        written = written_shards(shard_dir(), self.fingerprint)
         held = [next((written[m] for m in w.hello["models"] if m in written), None) for w in workers]
         if None in held:
             return None
@@ -322,7 +328,7 @@ class ClusterModel:
             return Model(source if alone else ShardSource(source, share), quantized=self.quantized,
                          attention=self.attention)
         if not alone:
-            source = open_model(str(shard_file(ShardSource(source, share), home() / "cluster", self.fingerprint)))
+            source = open_model(str(shard_file(ShardSource(source, share), shard_dir(), self.fingerprint)))
         plan = plan_memory(source, self.context, self.mem_limit,
                            cache_size(source, self.context, self.quantized, self.attention))
         log(plan.describe())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from pathlib import Path
 
@@ -133,9 +134,11 @@ class Worker:
                 raise
 
     def _held_models(self) -> list[str]:
+        """The fingerprints of the files held whole as FINGERPRINT.safetensors (pulled, or linked by
+        the user); not shard files written from them (a master on this machine shares the dir)."""
         if not self.cache_dir.is_dir():
             return []
-        return sorted(p.name.split(".")[0] for p in self.cache_dir.glob("*.safetensors"))
+        return sorted(p.stem for p in self.cache_dir.glob("*.safetensors") if re.fullmatch(r"[0-9a-f]{64}", p.stem))
 
     def _load(self, m: Message) -> None:
         f = m.fields
