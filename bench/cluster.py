@@ -198,10 +198,24 @@ def _star_node(rank: int, nodes: int, ports: list[int], size: int, rounds: int, 
     ctx.destroy(linger=0)
 
 
+def ring_allreduce(x: np.ndarray, rank: int, nodes: int, send, recv) -> np.ndarray:
+    """The ring all-reduce, to compare with edgeinfer's star (cluster/allreduce.py): reduce-scatter
+    then all-gather of N chunks, each node sending to the next (`send(bytes)`) and receiving from
+    the previous (`recv() -> bytes`): 2(N-1) hops in sequence, where the star needs 2."""
+    chunks = [c.copy() for c in np.array_split(np.asarray(x, np.float32), nodes)]
+    for step in range(nodes - 1):  # reduce-scatter: chunk (rank + 1) ends up summed here
+        send(chunks[(rank - step) % nodes].tobytes())
+        i = (rank - step - 1) % nodes
+        chunks[i] += np.frombuffer(recv(), np.float32)
+    for step in range(nodes - 1):  # all-gather
+        send(chunks[(rank + 1 - step) % nodes].tobytes())
+        i = (rank - step) % nodes
+        chunks[i] = np.frombuffer(recv(), np.float32).copy()
+    return np.concatenate(chunks)
+
+
 def _ring_node(rank: int, nodes: int, ports: list[int], size: int, rounds: int, out) -> None:
     import zmq
-
-    from edgeinfer.cluster.allreduce import ring_allreduce
 
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)

@@ -23,8 +23,8 @@ from chat_prompts import CHAT_PROMPTS  # noqa: E402
 
 
 def main() -> None:
-    from edgeinfer.engine import Engine
     from edgeinfer.sampling import SamplingParams
+    from edgeinfer.session import open_engine
     from edgeinfer.storage.fetch import resolve_model
 
     p = argparse.ArgumentParser()
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("-n", type=int, default=64)
     args = p.parse_args()
     path = resolve_model(args.model)
-    fast, exact = Engine.load(path), Engine.load(path, exact=True)
+    fast, exact = open_engine(path), open_engine(path, float32=True)
     rows = []
     for prompt in CHAT_PROMPTS:
         ids = fast.chat_ids([{"role": "user", "content": prompt}])

@@ -27,7 +27,8 @@ import numpy as np
 from numba import set_num_threads
 
 from edgeinfer.kernels.lut_attention import CENTROIDS, bands_for
-from edgeinfer.model import KVCache, Model
+from edgeinfer.kv_cache import KVCache
+from edgeinfer.model import Model
 from edgeinfer.storage import open_model
 
 TILE = 1024  # positions of random content, repeated to the depth (np.resize)
@@ -42,7 +43,7 @@ def random_codebooks(model: Model, depth: int, rng: np.random.Generator, d_sub: 
 
 def filled_cache(model: Model, codebooks: list[np.ndarray] | None, half_values: bool, depth: int, extra: int,
                  rng: np.random.Generator) -> KVCache:
-    cache = KVCache(model.config, depth + extra, codebooks, half_values)
+    cache = KVCache(model.config, depth + extra, codebooks, half_values, kernels=True)
     kv_heads, hd = model.config.num_kv_heads, model.config.head_dim
     keys = rng.standard_normal((kv_heads, TILE, hd), dtype=np.float32)
     values = keys[:, ::-1].astype(np.float16)
@@ -54,7 +55,7 @@ def filled_cache(model: Model, codebooks: list[np.ndarray] | None, half_values: 
         if codebooks is not None:
             codes = cache.lut[layer][1]
             codes[:, :depth // 64] = rng.integers(0, 256, codes[:, :depth // 64].shape, dtype=np.uint8)
-    cache.length = depth
+    cache.commit(depth)
     return cache
 
 
@@ -70,7 +71,7 @@ def step_seconds(model: Model, cache: KVCache, tokens: int) -> float:
 def bench_model(path: str, depth: int, tokens: int, rounds: int, kinds: list[str], rng: np.random.Generator) -> dict:
     source = open_model(path)
     model = Model(source, quantized=True)
-    if not model.fused:
+    if not model.path.fused:
         raise SystemExit(f"{path}: LUT attention runs on the 4/8-bit path; this model has float projections")
     books = source.key_codebooks()
     codebooks = books.layers if books is not None else random_codebooks(model, depth, rng)

@@ -38,9 +38,9 @@ print(json.dumps({"pp512": pp, "tg128": tg}))
 
 def edgeinfer_round(path: str, threads: int) -> dict[str, float]:
     from edgeinfer.bench import run_bench
-    from edgeinfer.engine import Engine
+    from edgeinfer.session import open_engine
 
-    rows = run_bench(Engine.load(path, 1024).model, 0.0, 512, 128, 1, [threads])
+    rows = run_bench(open_engine(path, 1024).model, 0.0, 512, 128, 1, [threads])
     return {r.test: r.tok_s for r in rows}
 
 

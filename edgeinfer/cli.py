@@ -177,77 +177,53 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed (default: random; printed with -v)")
 
 
-def resolve_model(arg: str | None) -> str:
+def _model_path(arg: str | None) -> str:
+    """A model argument as a path: a catalog name is fetched and converted first, with progress bars."""
     from .progress import StageProgress
-    from .storage.fetch import resolve_model as resolve
+    from .storage.fetch import resolve_model
 
-    return resolve(arg, StageProgress())
-
-
-def load_engine(path: str, ctx: int | None = None, exact: bool = False, mem_limit: str | None = None,
-                verbose: bool = False, attention: str = "exact"):
-    """The engine with its kernels ready: compiled now on the very first run, and said so. The memory
-    preflight is printed when a limit is given, when the model must stream, or with -v."""
-    from .engine import Engine
-    from .jit_cache import first_run
-    from .storage.scheduler import parse_size
-
-    limit = parse_size(mem_limit) if mem_limit is not None else None
-    engine = Engine.load(path, ctx, exact=exact, mem_limit=limit,
-                         report=lambda line: print(line, file=sys.stderr, flush=True), attention=attention)
-    if verbose and limit is None and engine.memory_plan.window is None:
-        print(engine.memory_plan.describe(), file=sys.stderr)
-    if engine.model.fused and first_run():  # the float32 path compiles nothing
-        print("compiling kernels, first run only (about 15 s)", file=sys.stderr, flush=True)
-    engine.model.warm_up()
-    return engine
+    return resolve_model(arg, StageProgress())
 
 
-def load_cluster_engine(path: str, args: argparse.Namespace, report=None):
-    """The master's engine: its own shard, and the workers that joined within --wait. report(line):
-    where the join command and compile notice go (default stderr)."""
-    import secrets
+def _mem_limit(args: argparse.Namespace) -> int | None:
+    from .storage.memory_plan import parse_size
 
-    from .cluster.master import ClusterModel, Master
-    from .engine import DEFAULT_CONTEXT, Engine
-    from .jit_cache import first_run
-    from .kernels.simd import has_kernels
-    from .storage import open_model
-    from .tokenizer import Tokenizer
+    return parse_size(args.mem_limit) if args.mem_limit is not None else None
 
-    from .storage.scheduler import parse_size
 
-    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-    limit = parse_size(args.mem_limit) if getattr(args, "mem_limit", None) is not None else None
-    token = args.token or secrets.token_urlsafe(12)
-    if not getattr(args, "exact", False) and has_kernels() and first_run():
-        report("compiling kernels, first run only (about 15 s)")
-    master = Master(args.listen, token, args.timeout, "f2" if args.sync == "fp16" else "f4")
-    try:
-        report(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}")
-        master.wait_for(args.workers, args.wait)
-        source = open_model(path)
-        context = args.ctx or min(source.config.max_context, DEFAULT_CONTEXT)
-        model = ClusterModel(master, path, context, quantized=not getattr(args, "exact", False),
-                             attention=getattr(args, "attention", "exact"), mem_limit=limit)
-        return Engine(model, Tokenizer(source.tokenizer), context)
-    except BaseException:
-        master.close("the master failed to start")
-        raise
+def _session_options(args: argparse.Namespace, context: int | None = None):
+    """The session a command's arguments ask for (`context`: the command's own, where not --ctx)."""
+    from .session import ClusterOptions, SessionOptions
+
+    cluster = None
+    if getattr(args, "listen", None) is not None:
+        cluster = ClusterOptions(args.listen, args.token, args.workers, args.wait, args.timeout, args.sync)
+    return SessionOptions(args.model, context or getattr(args, "ctx", None), getattr(args, "exact", False),
+                          _mem_limit(args), getattr(args, "attention", "exact"), getattr(args, "verbose", False),
+                          cluster)
+
+
+def _log_cluster_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cluster: %(message)s"))
+    logger = logging.getLogger("edgeinfer.cluster")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .session import close_session, open_session
+
     if args.ctx is not None and args.ctx < 2:
         raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
-    path = resolve_model(args.model)
-    if args.listen is None:
-        return _run(load_engine(path, args.ctx, exact=args.exact, mem_limit=args.mem_limit,
-                                verbose=args.verbose, attention=args.attention), args)
-    engine = load_cluster_engine(path, args)
+    _log_cluster_to_stderr()
+    engine = open_session(_session_options(args))
     try:
         return _run(engine, args)
     finally:
-        engine.model.master.close()
+        close_session(engine)
 
 
 def _run(engine, args: argparse.Namespace) -> int:
@@ -274,10 +250,16 @@ def _generate(engine, ids: list[int], params, args: argparse.Namespace) -> str:
     except KeyboardInterrupt:  # stop this reply, keep what was generated
         gen.stats.finish_reason = "cancelled"
     _print_stats(gen.stats, args.verbose)
-    stream = getattr(getattr(engine.model, "weights", None), "stream", None)
-    if args.verbose and stream is not None:
-        print(stream.stats.describe(), file=sys.stderr)
+    if args.verbose:
+        _print_stream_stats(engine)
     return gen.text
+
+
+def _print_stream_stats(engine) -> None:
+    """What streaming the layers read and waited, when they stream."""
+    stream = getattr(getattr(engine.model, "weights", None), "stream", None)
+    if stream is not None:
+        print(stream.stats.describe(), file=sys.stderr)
 
 
 def _print_stats(s, verbose: bool) -> None:
@@ -313,8 +295,7 @@ def _chat_loop(engine, params, args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            ids = engine.tokenizer.encode(text) if args.raw or not engine.tokenizer.chat_template \
-                else engine.chat_ids(messages)
+            ids = engine.chat_ids(messages, args.raw)
             reply = _generate(engine, ids, params, args)
         except ContextOverflowError as exc:
             print(f"edgeinfer: error: {exc}; the conversation was reset", file=sys.stderr)
@@ -330,6 +311,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import numba
 
     from .bench import markdown, run_bench
+    from .session import open_session
 
     try:  # the pool was sized to the largest count before numba started (see _set_threads)
         threads = [int(t) for t in args.threads.split(",")] if args.threads else [numba.config.NUMBA_NUM_THREADS]
@@ -342,17 +324,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     attentions = args.attention.split(",")
     if not attentions or not set(attentions) <= {"exact", "lut"}:
         raise EdgeInferError(f"--attention takes exact, lut or exact,lut, got {args.attention!r}")
-    path = resolve_model(args.model)
+    path = _model_path(args.model)
     rows = []
     for attention in attentions:
         # The caches bench makes hold depth + test tokens: plan memory for that, not the model's context.
-        engine = load_engine(path, args.depth + max(args.n_prompt, args.n_gen) + 1, exact=args.exact,
-                             mem_limit=args.mem_limit, attention=attention)
+        options = _session_options(args, args.depth + max(args.n_prompt, args.n_gen) + 1)
+        options.model, options.attention = path, attention
+        engine = open_session(options)
         rows += run_bench(engine.model, os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0,
                           args.n_prompt, args.n_gen, args.repetitions, threads, args.depth, attention)
-        stream = getattr(engine.model.weights, "stream", None)
-        if stream is not None:
-            print(stream.stats.describe(), file=sys.stderr)
+        _print_stream_stats(engine)
         del engine
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
     return 0
@@ -363,10 +344,10 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
     from .perplexity import perplexity
     from .progress import Progress
+    from .session import open_session
 
     text = _read_text(args.file)
-    engine = load_engine(resolve_model(args.model), args.ctx, exact=args.exact, mem_limit=args.mem_limit,
-                         attention=args.attention)
+    engine = open_session(_session_options(args))
     ids = engine.tokenizer.encode(text, add_bos=False)
     result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
     if args.output == "json":
@@ -382,17 +363,11 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .tui.app import ChatApp
 
-    limit = None
-    if args.mem_limit is not None:
-        from .storage.scheduler import parse_size
-
-        limit = parse_size(args.mem_limit)
-    app = ChatApp(args.model, args.ctx, args.history, mem_limit=limit, attention=args.attention,
-                  cluster=args if args.listen is not None else None)
+    app = ChatApp(_session_options(args), args.history)
     try:
         app.run()
     finally:
-        app.close_cluster()
+        app.close_session()
     return 0
 
 
@@ -405,7 +380,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .storage import open_model
     from .tokenizer import Tokenizer
 
-    source = open_model(resolve_model(args.model))
+    source = open_model(_model_path(args.model))
     c = source.config
     names = source.model_tensor_names()
     params = sum(int(np.prod(source.stored_shape(n))) for n in names)
@@ -454,15 +429,16 @@ def resolve_source(arg: str) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .progress import Progress
+    from .session import SessionOptions, open_session
     from .storage import open_model
     from .storage.single import convert
 
-    path = resolve_model(args.model)
+    path = _model_path(args.model)
     if os.path.abspath(path) == os.path.abspath(args.output):
         raise EdgeInferError("the output would overwrite the model")
     if args.ctx < 16:
         raise EdgeInferError(f"--ctx must be at least 16, got {args.ctx}")
-    engine = load_engine(path, args.ctx)
+    engine = open_session(SessionOptions(path, args.ctx))
     ids = engine.tokenizer.encode(_read_text(args.file), add_bos=False)
     books = calibrate(engine.model, ids, args.d_sub, args.ctx, args.max_tokens, args.span,
                       Progress("fitting codebooks", " layers"))
@@ -490,14 +466,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .cluster.worker import run_worker
-    from .storage.scheduler import parse_size
 
-    limit = parse_size(args.mem_limit) if args.mem_limit is not None else None
-    return run_worker(args.join, args.token, args.cache_dir, args.timeout, limit, stay=args.stay)
+    _log_cluster_to_stderr()
+    return run_worker(args.join, args.token, args.cache_dir, args.timeout, _mem_limit(args), stay=args.stay)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    print(resolve_model(args.name))
+    print(_model_path(args.name))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Generation: prefill, decode, KV cache ownership, stop conditions and timings.
+"""Generation: prefill, decode, the conversation's KV cache, stop conditions and timings.
 
 The CLI, the TUI and the cluster master all consume a `Generation` the same way: iterate it for text
 pieces as they become printable, read `.stats` when it ends, call `.cancel()` from any thread.
@@ -9,15 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import ContextOverflowError, EdgeInferError, TokenizerError
-from .model import Model, cache_size
+from .model import Model
 from .sampling import Sampler, SamplingParams
-from .storage import open_model
-from .storage.scheduler import MemoryPlan, plan_memory
+from .storage.memory_plan import MemoryPlan
 from .tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -67,43 +67,32 @@ class Generation:
         return self.text
 
 
+def default_context(config: ModelConfig, requested: int | None = None) -> int:
+    """The context a model runs at: as asked, else the model's, at most DEFAULT_CONTEXT."""
+    return requested or min(config.max_context, DEFAULT_CONTEXT)
+
+
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, context: int | None = None):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
                                  f"{model.config.vocab_size} rows")
         self.model, self.tokenizer = model, tokenizer
-        self.context = context or min(model.config.max_context, DEFAULT_CONTEXT)
+        self.context = default_context(model.config, context)
         self.cache = model.new_cache(self.context)
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
-        self.memory_plan: MemoryPlan | None = None  # set by load: resident, or streaming with a window
-
-    @classmethod
-    def load(cls, path: str, context: int | None = None, exact: bool = False, mem_limit: int | None = None,
-             report: Callable[[str], None] | None = None, attention: str = "exact") -> "Engine":
-        """exact: the float32 reference path; otherwise 4-bit weights run with the 4-bit kernels.
-        The memory preflight (storage/scheduler.py) decides, before any weight is read, whether the
-        model is resident or streamed through a window of layers, within `mem_limit` when given, else
-        within the memory available; `report` gets its one-line account when it streams or a limit
-        was given. attention: "exact", or "lut" with the file's codebooks (edgeinfer calibrate)."""
-        source = open_model(path)
-        context = context or min(source.config.max_context, DEFAULT_CONTEXT)
-        plan = plan_memory(source, context, mem_limit, cache_size(source, context, not exact, attention))
-        if report and (mem_limit is not None or plan.window is not None):
-            report(plan.describe())
-        model = Model(source, quantized=not exact, window=plan.window, attention=attention)
-        engine = cls(model, Tokenizer(source.tokenizer), context)
-        engine.memory_plan = plan
-        return engine
+        self.memory_plan: MemoryPlan | None = None  # set by the session: resident, or streaming with a window
 
     def prompt_ids(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
-        """Token ids of a one-shot prompt: the chat template applied unless `raw` or the model has none."""
-        if raw or not self.tokenizer.chat_template:
-            return self.tokenizer.encode(text)
+        """Token ids of a one-shot prompt (chat_ids of one user message)."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        return self.chat_ids(messages)
+        return self.chat_ids(messages, raw)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]], raw: bool = False) -> list[int]:
+        """Token ids of a conversation: the chat template applied, or, when `raw` or the model has
+        none, the last message as it is."""
+        if raw or not self.tokenizer.chat_template:
+            return self.tokenizer.encode(messages[-1]["content"])
         # Templates write BOS themselves where the model wants it (as transformers assumes).
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_bos=False)
 

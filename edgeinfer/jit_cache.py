@@ -1,7 +1,7 @@
 """Where Numba keeps the compiled kernels: one directory per version of the kernels' sources.
 
 Numba checks a cached function against its own file only; a kernel inlined from another file
-(block.py calls q4.py) would keep running the old code after that file changed, and can crash the
+(decode_layer.py calls q4.py) would keep running the old code after that file changed, and can crash the
 process. Keying the cache directory on a hash of every kernel source makes any change compile anew.
 Imported by edgeinfer/__init__.py, before Numba reads its configuration.
 """

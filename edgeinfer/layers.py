@@ -7,8 +7,8 @@ import numpy as np
 from .kernels.activations import quantize_activations
 from .kernels.q4 import Q4Matrix
 from .kernels.q8 import Q8Matrix
-from .kernels.simd import FIXED_BITS
 from .kernels.reference import linear
+from .kernels.simd import FIXED_BITS
 from .storage.source import WeightSource
 
 
@@ -23,6 +23,10 @@ class DenseLinear:
 
     partial = __call__  # float32: a cluster adds these partials in node order
 
+    def zero_partial(self, count: int) -> np.ndarray:
+        """The partial of a node that holds none of the input columns."""
+        return np.zeros((count, self.weight.shape[0]), np.float32)
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the weight: an embedding lookup (a tied head is its embedding)."""
         return self.weight[ids]
@@ -30,7 +34,7 @@ class DenseLinear:
 
 class QuantLinear:
     """y = x W^T for a batch of tokens with the matrix's VNNI GEMM, activations quantised to int8.
-    (The decode step does not come here: kernels/block.py runs whole layers.)"""
+    (The decode step does not come here: kernels/decode_layer.py runs whole layers.)"""
 
     def __init__(self, matrix: Q4Matrix | Q8Matrix, bias: np.ndarray | None):
         self.matrix, self.bias, self.bits = matrix, bias, matrix.bits
@@ -47,8 +51,14 @@ class QuantLinear:
             out += np.round(self.bias.astype(np.float64) * 2.0 ** FIXED_BITS).astype(np.int64)
         return out
 
+    def zero_partial(self, count: int) -> np.ndarray:
+        return np.zeros((count, self.matrix.rows), np.int64)
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return self.matrix.dequantize(ids)
+
+
+Linear = DenseLinear | QuantLinear
 
 
 def load_linear(source: WeightSource, name: str, quantized: bool) -> DenseLinear | QuantLinear:

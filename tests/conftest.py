@@ -239,9 +239,9 @@ def smollm2_single() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_single):
-    from edgeinfer.engine import Engine
+    from edgeinfer.session import open_engine
 
-    return Engine.load(str(smollm2_single), context=2048, exact=True)  # the float32 path, for the oracle
+    return open_engine(str(smollm2_single), context=2048, float32=True)  # the float32 path, for the oracle
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-
 from conftest import edgeinfer_cli
+
 from edgeinfer.cluster.plan import Share, plan_shares, split
-from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode, encode_array
+from edgeinfer.cluster.protocol import (MAX_HEADER, ProtocolError, decode, encode, encode_array)
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
 from edgeinfer.kernels.q4 import Q4Matrix
@@ -142,10 +142,15 @@ def test_malformed_messages_raise_protocol_error_only():
 
 
 def test_ring_allreduce_sums_like_the_star():
+    import importlib.util
     import queue
     import threading
 
-    from edgeinfer.cluster.allreduce import ring_allreduce
+    bench_file = Path(__file__).parent.parent / "bench" / "cluster.py"  # the ring is the bench's, for comparison
+    spec = importlib.util.spec_from_file_location("bench_cluster", bench_file)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ring_allreduce = bench.ring_allreduce
 
     for nodes, size in ((2, 576), (3, 577), (4, 10)):
         inboxes = [queue.Queue() for _ in range(nodes)]
@@ -192,6 +197,7 @@ def test_share_from_the_wire_is_checked_against_the_model():
             Share.from_dict(bad, c)
 
 
+@pytest.mark.real_model
 def test_four_bit_shards_add_up_to_the_whole_layer(smollm2_single):
     """Four 4-bit shards (one without heads: SmolLM2 has 3 KV heads) each give a layer's partial
     sums; added, they are the whole model's attention and MLP outputs bit for bit (fixed point)."""
@@ -201,10 +207,10 @@ def test_four_bit_shards_add_up_to_the_whole_layer(smollm2_single):
     from edgeinfer.storage import open_model
 
     full = Model(open_model(str(smollm2_single)), quantized=True)
-    assert full.fused  # the 4-bit path, whatever this CPU (AVX-512 VNNI or AVX2)
+    assert full.path.fused  # the 4-bit path, whatever this CPU (AVX-512 VNNI or AVX2)
     shares = plan_shares(full.config, [1.0] * 4)
-    shards = [Model(ShardSource(open_model(str(smollm2_single)), s), quantized=True, ends=False) for s in shares]
-    assert [m.config.num_kv_heads for m in shards] == [1, 1, 1, 0] and all(m.fused for m in shards)
+    shards = [Model(ShardSource(open_model(str(smollm2_single)), s, layers_only=True), quantized=True) for s in shares]
+    assert [m.config.num_kv_heads for m in shards] == [1, 1, 1, 0] and all(m.path.fused for m in shards)
     h = full.embed(np.array([1, 504, 3458, 282, 4193, 314, 1345, 47]))
     cos, sin = rope_tables(full.inv_freq, np.arange(len(h)))
     layer, _ = full.weights.layer(3)
@@ -217,28 +223,31 @@ def test_four_bit_shards_add_up_to_the_whole_layer(smollm2_single):
         np.testing.assert_array_equal(sum(p[k] for p in parts), whole[k])
 
 
+@pytest.mark.real_model
 def test_a_shard_written_as_its_own_file_streams_to_the_same_partial_sums(smollm2_single, tmp_path):
     """What `worker --mem-limit` runs: the share converted into a file of its own, its layers (and no
     head) streamed through a window of 2 slots, gives the resident shard's sums exactly."""
     from edgeinfer.cluster.shard import ShardSource
-    from edgeinfer.model import Model, own_sum
     from edgeinfer.errors import EdgeInferError
+    from edgeinfer.kernels.simd import partial_to_float
+    from edgeinfer.model import Model
+    from edgeinfer.session import open_engine
     from edgeinfer.storage import open_model
     from edgeinfer.storage.single import convert
 
     share = plan_shares(open_model(str(smollm2_single)).config, [1.0, 1.0])[1]
     out = tmp_path / "shard.safetensors"
     convert(ShardSource(open_model(str(smollm2_single)), share, layers_only=True), str(out))
-    resident = Model(ShardSource(open_model(str(smollm2_single)), share), quantized=True, ends=False)
-    streamed = Model(open_model(str(out)), quantized=True, window=2, ends=False)
+    resident = Model(ShardSource(open_model(str(smollm2_single)), share, layers_only=True), quantized=True)
+    streamed = Model(open_model(str(out)), quantized=True, window=2)
     assert streamed.weights.stream.window == 2 and len(streamed.weights.stream.units) == 30  # no head unit
     assert "model.embed_tokens.weight" not in open_model(str(out)).names()  # the master keeps the embedding
     with pytest.raises(EdgeInferError, match="share of the layers"):
-        Model(open_model(str(out)), quantized=True)  # not a whole model
+        open_engine(str(out))  # not a whole model
     h = np.random.default_rng(3).standard_normal((5, 576)).astype(np.float32)
     sums = []
     for m in (resident, streamed):
-        m.allreduce = own_sum  # each node's own partial sums, as if it were alone
+        m.allreduce = partial_to_float  # each node's own partial sums, as if it were alone
         cache = m.new_cache(16)
         prefill = m.run_layers(h[:4], cache)
         sums.append((prefill, m.run_layers(h[4:], cache)))
@@ -298,6 +307,7 @@ def single_node(alone) -> str:
     return alone(*PROMPT)
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("workers,path", [(0, ()), (1, ()), (2, ()), (3, ()), (1, ("--exact",))])
 def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, workers, path):
     port = free_port()
@@ -333,6 +343,7 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
         finish(again, 60)
 
 
+@pytest.mark.real_model
 def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     prompt = ["-p", "Write a short story about a robot.", "-n", "48", "--temp", "0", "-t", "1"]
     alone = edgeinfer_cli("run", str(smollm2_single), *prompt)
@@ -353,6 +364,7 @@ def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     finish(procs[0], 60)
 
 
+@pytest.mark.real_model
 def test_wrong_token_and_wrong_version_are_refused(smollm2_single, tmp_path):
     port = free_port()
     master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
@@ -373,6 +385,7 @@ def test_wrong_token_and_wrong_version_are_refused(smollm2_single, tmp_path):
     finish(good, 60)
 
 
+@pytest.mark.real_model
 def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path):
     port = free_port()
     master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
@@ -423,20 +436,21 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
         ctx.destroy(linger=0)
 
 
+@pytest.mark.real_model
 def test_the_chat_app_as_master_of_a_cluster(smollm2_single, tmp_path):
     """`edgeinfer chat --listen`: the app waits for the worker, shows the join command and the
     cluster's events, replies through the cluster, and says bye to the worker when it closes."""
-    import argparse
     import asyncio
     import time
 
     from edgeinfer.tui.app import ChatApp
 
+    from edgeinfer.session import ClusterOptions, SessionOptions
+
     port = free_port()
-    options = argparse.Namespace(listen=str(port), token=TOKEN, workers=1, wait=120.0, timeout=30.0, sync="fp32",
-                                 ctx=256, mem_limit=None, attention="exact")
+    options = SessionOptions(str(smollm2_single), 256, cluster=ClusterOptions(str(port), TOKEN, workers=1, wait=120.0))
     w = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
-    app = ChatApp(str(smollm2_single), 256, tmp_path / "h.sqlite3", cluster=options)
+    app = ChatApp(options, tmp_path / "h.sqlite3")
 
     async def until(pilot, condition, timeout=240.0):
         start = time.monotonic()
@@ -460,11 +474,12 @@ def test_the_chat_app_as_master_of_a_cluster(smollm2_single, tmp_path):
     try:
         asyncio.run(scenario())
     finally:
-        app.close_cluster()
+        app.close_session()
     code, _, err = finish(w, 60)
     assert code == 0 and "the master ended the session" in err and "served" in err, err
 
 
+@pytest.mark.real_model
 def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, alone, tmp_path):
     """`worker --mem-limit`: a limit below what the share needs is refused by the worker (the master
     drops it and answers alone); one just above it streams the pulled shard file through a window
@@ -494,6 +509,7 @@ def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, 
     assert out == alone(*prompt), err
 
 
+@pytest.mark.real_model
 def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path):
     """`worker --stay` serves one master's session after another: after the first ends it joins the
     master started next on the same address, and stops on Ctrl+C."""

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import (hf_logits, make_hf_model, permute_rope_rows, varied_lines, write_gguf)
 
-from conftest import hf_logits, make_hf_model, permute_rope_rows, varied_lines, write_gguf
-from edgeinfer.engine import Engine
 from edgeinfer.model import Model
+from edgeinfer.session import open_engine
 from edgeinfer.storage import open_model
-from edgeinfer.storage.source import unit_of
+from edgeinfer.storage.tensor_names import unit_of
 from edgeinfer.tokenizer import Tokenizer
 
 TOL = 1e-4  # tiny models, float32 on both sides
@@ -185,7 +185,7 @@ def test_convert_to_single_file_keeps_everything(request, tmp_path, tokenizer_js
 
 
 def test_single_file_runs_alone(tiny_single):
-    engine = Engine.load(str(tiny_single))
+    engine = open_engine(str(tiny_single))
     ids = engine.prompt_ids("hello", raw=False)
     assert engine.tokenizer.decode(ids, skip_special=False).startswith("<|im_start|>user\nhello<|im_end|>")
     text = engine.generate(ids, max_tokens=8).run()
@@ -243,7 +243,7 @@ def test_hf_folder_with_sentencepiece_model(tmp_path, tokenizer_json):
     tok = Tokenizer(source.tokenizer)
     for line in varied_lines(200, seed=8):
         assert tok.encode(line) == [sp.bos_id(), *sp.EncodeAsIds(line)]
-    engine = Engine.load(str(folder))
+    engine = open_engine(str(folder))
     gen = engine.generate(engine.prompt_ids("hello", raw=True), max_tokens=5)
     assert gen.run() == tok.decode(gen.token_ids)
     assert len(gen.token_ids) == 5 or gen.stats.finish_reason == "stop"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeinfer.engine import Engine
 from edgeinfer.kernels import reference as ref
 from edgeinfer.kernels.lut_attention import (EXACT_SLOTS, RECENT_KEYS, SINK_KEYS, attend_one_lut, band_of, band_start,
                                              bands_for, build_tables, encode_keys, encode_keys_into, fit_codebooks,
                                              keep_exact_key, lut_sums, lut_sums_reference, pack_codes)
+from edgeinfer.session import open_engine
 
 
 def clustered_keys(rng, n, hd):
@@ -86,6 +86,7 @@ def test_lut_attention_approximates_exact_attention(d_sub, length, half):
 
 def test_calibrate_stores_codebooks_that_fit_the_models_keys(tiny_single, tmp_path):
     from conftest import edgeinfer_cli, varied_lines
+
     from edgeinfer.calibrate import collect_keys
     from edgeinfer.storage import open_model
     from edgeinfer.storage.single import convert
@@ -105,7 +106,7 @@ def test_calibrate_stores_codebooks_that_fit_the_models_keys(tiny_single, tmp_pa
     assert books.layers[0].shape == (c.num_kv_heads, 1, c.head_dim // 2, 16, 2)  # --span 64: one band
     assert "LUT codebooks: d_sub 2" in edgeinfer_cli("info", str(outs[0])).stdout
     # The codes stand for the model's own keys far better than their mean does.
-    engine = Engine.load(str(outs[0]), 64, exact=True)
+    engine = open_engine(str(outs[0]), 64, float32=True)
     keys, positions = collect_keys(engine.model, engine.tokenizer.encode(text.read_text(), add_bos=False), 64, 512)
     assert positions.min() == SINK_KEYS and positions.max() == 63  # the sinks score exactly: left out
     for layer, layer_keys in enumerate(keys):
@@ -128,6 +129,7 @@ def test_calibrate_stores_codebooks_that_fit_the_models_keys(tiny_single, tmp_pa
 def calibrated(tmp_path_factory, tiny_hf):
     """The tiny model in 4 bits with codebooks fitted on a text (d_sub 1)."""
     from conftest import edgeinfer_cli, varied_lines
+
     from edgeinfer.storage import open_model
     from edgeinfer.storage.single import convert
 
@@ -193,19 +195,25 @@ def test_lut_prefill_and_decode_agree_and_track_exact(calibrated):
 def test_caches_hold_what_the_memory_plan_counts(calibrated):
     """A LUT cache keeps codes, fp16 values and the exactly scored float keys only; exact attention
     keeps float32 keys and values."""
-    from edgeinfer.model import KVCache, Model, cache_size
+    from edgeinfer.errors import EdgeInferError
+    from edgeinfer.kv_cache import KVCache, cache_bytes
+    from edgeinfer.model import Model
+    from edgeinfer.run_path import choose_path
     from edgeinfer.storage import open_model
 
     _, path = calibrated
+    source = open_model(str(path))
     for attention in ("exact", "lut"):
         model = Model(open_model(str(path)), True, attention=attention)
         cache = model.new_cache(200)
         held = cache.k.nbytes + cache.v.nbytes + sum(lut[1].nbytes for lut in cache.lut)
         assert cache.v.dtype == (np.uint16 if attention == "lut" else np.float32)
-        assert held == cache_size(open_model(str(path)), 200, True, attention)
+        assert held == cache_bytes(source, 200, choose_path(source, True, attention))
         assert cache.k.shape[2] == (200 if attention == "exact" else EXACT_SLOTS)
-    assert cache_size(open_model(str(path)), 200, False, "lut") == KVCache.size(model.config, 200, False, None) == \
-        Model(open_model(str(path)), False).new_cache(200).k.nbytes * 2  # the float path has no LUT attention
+    assert cache_bytes(source, 200, choose_path(source, False)) == KVCache.size(model.config, 200, False, None) == \
+        Model(open_model(str(path)), False).new_cache(200).k.nbytes * 2
+    with pytest.raises(EdgeInferError, match="4/8-bit path"):  # the float path has no LUT attention
+        choose_path(source, False, "lut")
 
 
 def test_lut_attention_needs_codebooks(calibrated):

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import edgeinfer_cli, varied_lines
-from edgeinfer.engine import Engine
+
 from edgeinfer.perplexity import log_softmax, perplexity
+from edgeinfer.session import open_engine
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def text_file(tmp_path_factory):
 
 
 def test_perplexity_is_the_mean_nll_of_every_window_token_but_the_first(tiny_single, text_file):
-    engine = Engine.load(str(tiny_single), exact=True)
+    engine = open_engine(str(tiny_single), float32=True)
     ids = engine.tokenizer.encode(text_file.read_text(), add_bos=False)
     ctx = 40
     result = perplexity(engine.model, ids, ctx)

@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import edgeinfer_cli, write_gguf
+
 from edgeinfer.model import Model
 from edgeinfer.storage import open_model
 from edgeinfer.storage.quantize import quantize_q4_1, quantize_q8_0
-from edgeinfer.storage.single import HEAD_NAMES, convert
+from edgeinfer.storage.single import convert
+from edgeinfer.storage.tensor_names import ENDS
 
 # write_gguf takes the first suffix that matches: attn_output.weight must come before output.weight.
 MIXED = {"attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "attn_v.weight": "Q8_0", "attn_output.weight": "Q4_1",
@@ -41,7 +42,7 @@ def test_gguf_quantised_matrices_come_in_losslessly(mixed_gguf, tmp_path, bits):
     gguf, single = open_model(str(mixed_gguf)), open_model(str(out))
     for name in gguf.model_tensor_names():
         kind = gguf.stored_type(name)
-        expected = kind if bits is None or kind != "Q8_0" or name in HEAD_NAMES else "Q4_1"  # 4 bits: v_proj too
+        expected = kind if bits is None or kind != "Q8_0" or name in ENDS else "Q4_1"  # 4 bits: v_proj too
         assert single.stored_type(name) == (expected if kind != "F32" else "F32"), name
         if single.stored_type(name) == kind:
             np.testing.assert_array_equal(single.float32(name), gguf.float32(name))

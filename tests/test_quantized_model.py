@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import edgeinfer_cli, write_gguf
@@ -58,22 +60,23 @@ def test_smollm2_four_bit_path_agrees_with_float32(smollm2_gguf):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
 def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_json, arch):
-    """Decoding token by token through kernels/block.py gives the logits of the op-by-op 4-bit path."""
+    """Decoding token by token through kernels/decode_layer.py gives the logits of the op-by-op 4-bit path."""
     from conftest import make_hf_model
 
     hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch)
     model = Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
                   quantized=True)
-    assert model.fused
+    assert model.path.fused
+    fused_path, by_op_path = model.path, dataclasses.replace(model.path, fused=False)
     ids = np.arange(5, 29)
     fused, by_op = model.new_cache(32), model.new_cache(32)
     model.forward(ids[:4], fused)
     model.forward(ids[:4], by_op)
     for token in ids[4:]:
         a = model.forward(np.array([token]), fused)
-        model.fused = False
+        model.path = by_op_path
         b = model.forward(np.array([token]), by_op)
-        model.fused = True
+        model.path = fused_path
         # int8 activations: the two paths' float rounding can flip a value by one step
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
     np.testing.assert_allclose(fused.k, by_op.k, rtol=0, atol=2e-3 * np.abs(by_op.k).max())

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-
 from chat_prompts import CHAT_PROMPTS
 from conftest import edgeinfer_cli, varied_lines
-from edgeinfer.engine import Engine
+
 from edgeinfer.model import Model
 from edgeinfer.sampling import SamplingParams
+from edgeinfer.session import open_engine
 from edgeinfer.storage import open_model
 from edgeinfer.tokenizer import Tokenizer
 
@@ -198,7 +198,7 @@ def test_gemma_architecture_is_refused_clearly(gemma_gguf):
 
 
 def test_engine_load_of_gguf_and_single_file_agree(smollm2_gguf, smollm2_single):
-    a, b = Engine.load(str(smollm2_gguf), 512, exact=True), Engine.load(str(smollm2_single), 512, exact=True)
+    a, b = open_engine(str(smollm2_gguf), 512, float32=True), open_engine(str(smollm2_single), 512, float32=True)
     ids = a.prompt_ids("Why is the sea salty?")
     assert ids == b.prompt_ids("Why is the sea salty?")
     greedy = SamplingParams(temperature=0)

@@ -10,6 +10,8 @@ from edgeinfer.tui.app import ChatApp, ChatMessage
 from edgeinfer.tui.history import HistoryStore
 from edgeinfer.tui.settings import SettingsScreen
 
+from edgeinfer.session import SessionOptions
+
 SIZE = (110, 32)
 
 
@@ -21,9 +23,9 @@ async def until(pilot, condition, timeout: float = 60.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(model, **kwargs):
+async def running(model, context=None, **kwargs):
     """The app on `model`, under the pilot, once the model has loaded."""
-    app = ChatApp(str(model), **kwargs)
+    app = ChatApp(SessionOptions(str(model), context), **kwargs)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
         yield app, pilot
@@ -160,7 +162,7 @@ def test_rename_export_delete(tiny_single, tmp_path):
 def test_a_model_that_fails_to_load_is_a_notification(tmp_path):
     async def scenario():
         # A path that is also broken Rich markup: error text is shown as text.
-        app = ChatApp(str(tmp_path / "[/bold]missing.gguf"), history_path=tmp_path / "h.sqlite3")
+        app = ChatApp(SessionOptions(str(tmp_path / "[/bold]missing.gguf")), history_path=tmp_path / "h.sqlite3")
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "cannot load" in str(app.query_one("#loading-label").render()))
             assert "model not found" in str(app.query_one("#loading-label").render())
@@ -212,5 +214,7 @@ def test_a_line_on_stderr_while_the_app_runs_does_not_break_it(tiny_single, tmp_
             print("a warning from some library", file=sys.stderr, flush=True)
             await send(pilot, app, "hi")
             await reply_done(pilot, app)
-            assert app.last_reply.text is not None
+            assert app.last_reply.stats.finish_reason in ("stop", "length", "context")  # ran to its end
+            assert app.history.get(app.conversation_id).messages[-1] == {"role": "assistant",
+                                                                         "content": app.last_reply.text}
     run(scenario)

@@ -6,6 +6,8 @@ cancel). Pieces are gathered under a lock and drawn 20 times a second, so typing
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import threading
 from pathlib import Path
@@ -16,10 +18,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Input, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
+from textual.widgets import (Footer, Input, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea)
 
 from edgeinfer.engine import Engine, Generation
-from edgeinfer.jit_cache import first_run
+from edgeinfer.session import SessionOptions, close_session, open_session
 from edgeinfer.storage.fetch import resolve_model
 
 from .history import HistoryStore
@@ -72,6 +74,17 @@ class PromptInput(TextArea):
                 self._recall_at = None
             return
         await super()._on_key(event)
+
+
+class _NoticeHandler(logging.Handler):
+    """Log records (the cluster's events) to a function, as "cluster: ..." lines."""
+
+    def __init__(self, notice):
+        super().__init__(logging.INFO)
+        self.notice = notice
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notice(f"cluster: {record.getMessage()}")
 
 
 class ChatMessage(Markdown):
@@ -129,23 +142,21 @@ class ChatApp(App):
         Binding("f8", "delete_chat", "Delete"),
     ]
 
-    def __init__(self, model: str | None = None, context: int | None = None,
-                 history_path: str | os.PathLike | None = None, export_dir: str | os.PathLike | None = None,
-                 mem_limit: int | None = None, attention: str = "exact", cluster=None):
-        """cluster: the `--listen ...` options (an argparse namespace, as `run` takes them) to be
-        the master of a cluster, or None."""
+    def __init__(self, options: SessionOptions, history_path: str | os.PathLike | None = None,
+                 export_dir: str | os.PathLike | None = None):
+        """options: the model and how to run it (session.py), the master of a cluster too."""
         super().__init__()
-        self.model_arg, self.default_context, self.mem_limit = model, context, mem_limit
-        self.cluster = cluster
+        self.options = options
+        self.cluster = options.cluster
         self.join_line = ""
         self.cluster_events: list[str] = []
-        self.attention = attention
         self.history = HistoryStore(history_path)
         self.export_dir = Path(export_dir or os.getcwd())
         self.engine: Engine | None = None
-        self.model_name = model or "default model"
+        self.model_name = options.model or "default model"
         self.conversation_id: int | None = None
-        self.settings = ChatSettings(context=context)
+        self.settings = ChatSettings(context=options.context)
+        self._log_handler = _NoticeHandler(self._cluster_event)
         self.generation: Generation | None = None
         self.last_reply: Generation | None = None
         self.tokens_at_cancel: int | None = None
@@ -178,6 +189,10 @@ class ChatApp(App):
         self.set_interval(1 / FLUSH_HZ, self._flush_reply)
         self.set_interval(1.0, self._refresh_status)
         self._prompt.focus()
+        if self.cluster is not None:
+            logger = logging.getLogger("edgeinfer.cluster")
+            logger.addHandler(self._log_handler)
+            logger.setLevel(logging.INFO)
         self.load_engine()
 
     # --- model loading ------------------------------------------------------------------------
@@ -187,53 +202,32 @@ class ChatApp(App):
         def progress(stage: str, done: int, total: int) -> None:
             self.call_from_thread(self._show_progress, stage, done, total)
 
+        def report(line: str) -> None:
+            if "join with:" in line:  # a cluster's join command stays in the status line
+                self.join_line = line.split("join with: ", 1)[1]
+            self.call_from_thread(self._show_progress, line, 0, None)
+
         try:
-            path = resolve_model(self.model_arg, progress)
+            path = resolve_model(self.options.model, progress)
             self.call_from_thread(self._show_progress, "loading weights", 0, None)
-            report = lambda line: self.call_from_thread(self._show_progress, line, 0, None)  # noqa: E731
-            if self.cluster is not None:
-                engine = self._cluster_engine(path, report)
-                self.call_from_thread(self._engine_ready, engine, path)
-                return
-            engine = Engine.load(path, self.default_context, mem_limit=self.mem_limit, attention=self.attention,
-                                 report=report)
-            if engine.model.fused and first_run():
-                self.call_from_thread(self._show_progress, "compiling kernels, first run only", 0, None)
-            engine.model.warm_up()
+            engine = open_session(dataclasses.replace(self.options, model=path), report)
         except Exception as exc:  # anything that stops loading is shown, never a traceback
             self.call_from_thread(self._fail, "cannot load the model", exc)
             return
         self.call_from_thread(self._engine_ready, engine, path)
 
-    def _cluster_engine(self, path: str, report) -> Engine:
-        """As master of a cluster (`--listen`): its events become notifications, the join command
-        shows while it waits for workers and stays in the status line."""
-        from edgeinfer.cli import load_cluster_engine
-        from edgeinfer.cluster.node import set_log_sink
+    def _cluster_event(self, line: str) -> None:
+        """A cluster event as a notification (the last 200 kept, beyond the toasts)."""
+        self.cluster_events = [*self.cluster_events[-199:], line]
+        if threading.current_thread() is threading.main_thread():
+            self.notify(line, timeout=8, markup=False)
+        else:
+            self.call_from_thread(self.notify, line, timeout=8, markup=False)
 
-        def event(line: str) -> None:
-            self.cluster_events = [*self.cluster_events[-199:], line]  # the last 200, beyond the toasts
-            if threading.current_thread() is threading.main_thread():
-                self.notify(line, timeout=8, markup=False)
-            else:
-                self.call_from_thread(self.notify, line, timeout=8, markup=False)
-
-        def shown(line: str) -> None:
-            if "join with:" in line:
-                self.join_line = line.split("join with: ", 1)[1]
-            report(line)
-
-        set_log_sink(event)
-        return load_cluster_engine(path, self.cluster, shown)
-
-    def close_cluster(self) -> None:
-        """Say bye to the workers (after the app has ended)."""
-        from edgeinfer.cluster.node import set_log_sink
-
-        set_log_sink(None)
-        master = getattr(self.engine.model, "master", None) if self.engine is not None else None
-        if master is not None:
-            master.close()
+    def close_session(self) -> None:
+        """Say bye to a cluster's workers (after the app has ended)."""
+        logging.getLogger("edgeinfer.cluster").removeHandler(self._log_handler)
+        close_session(self.engine)
 
     def _show_progress(self, stage: str, done: int, total: int | None) -> None:
         self._loading_label.update(stage)
@@ -274,7 +268,7 @@ class ChatApp(App):
         await messages_view.remove_children()
         prompt = self._prompt
         if conv_id is None:
-            self.settings = ChatSettings(context=self.default_context)
+            self.settings = ChatSettings(context=self.options.context)
             return
         conv = self.history.get(conv_id)
         self.settings = ChatSettings.from_dict(conv.settings)
@@ -315,10 +309,7 @@ class ChatApp(App):
         gen = None
         try:
             engine = self._engine_for(settings)
-            if engine.tokenizer.chat_template:
-                ids = engine.chat_ids(messages)
-            else:
-                ids = engine.tokenizer.encode(messages[-1]["content"])
+            ids = engine.chat_ids(messages)
             gen = engine.generate(ids, settings.sampling(), settings.max_tokens)
             self.generation = gen
             for piece in gen:

@@ -7,12 +7,14 @@ import asyncio
 import os
 import tempfile
 
+from edgeinfer.session import SessionOptions
+
 from .app import ChatApp
 
 
 async def screenshot(out: str, model: str | None, question: str, size: tuple[int, int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        app = ChatApp(model, history_path=os.path.join(tmp, "history.sqlite3"))
+        app = ChatApp(SessionOptions(model), history_path=os.path.join(tmp, "history.sqlite3"))
         async with app.run_test(size=size) as pilot:
             while app.engine is None:
                 await pilot.pause(0.1)

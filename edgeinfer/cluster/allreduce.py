@@ -14,17 +14,34 @@ the total it keeps the same way: every node adds the same vector, no longer one 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import EdgeInferError
-from ..model import own_sum
-from .protocol import DTYPES, FIXED, FIXED_SMALL, encode_array
+from ..kernels.simd import partial_to_float
+from .protocol import DTYPES, FIXED, FIXED_SMALL, Interrupted, Message, encode_array
 
-if TYPE_CHECKING:
-    from .master import Master
-    from .worker import Worker
+
+class Hub(Protocol):
+    """The master as the star's hub sees it (master.Master)."""
+
+    workers: list
+    timeout: float
+
+    def recv(self, deadline: float | None) -> tuple[bytes, Message] | None: ...
+    def send_frames(self, identity: bytes, frames: list[bytes]) -> None: ...
+    def name_of(self, identity: bytes) -> str: ...
+
+
+class Member(Protocol):
+    """A worker as a member of the star sees it (worker.Worker)."""
+
+    sock: object
+    timeout: float
+
+    def recv(self, timeout: float | None) -> Message | None: ...
+    def send(self, kind: str, payload=None, **fields) -> None: ...
 
 
 class NodeLost(EdgeInferError):
@@ -38,7 +55,7 @@ class NodeLost(EdgeInferError):
 class StarHub:
     """The master's side."""
 
-    def __init__(self, master: "Master", sync: str = "f4"):
+    def __init__(self, master: Hub, sync: str = "f4"):
         self.master, self.sync = master, sync
         self.seq = 0
         self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0}  # decode all-reduces (one vector each)
@@ -69,9 +86,9 @@ class StarHub:
             if partial.ndim == 1:
                 self.stats["bytes"] += len(m.payload)
         if wire == FIXED:
-            total = own_sum(partial + sum(parts.values()))  # integers: any order gives the same sum
+            total = partial_to_float(partial + sum(parts.values()))  # integers: any order gives the same sum
         else:
-            total = np.array(own_sum(partial), np.float32)
+            total = np.array(partial_to_float(partial), np.float32)
             if self.sync != "f4":
                 total = total.astype(DTYPES[self.sync]).astype(np.float32)  # as the workers' partials travel
             for w in workers:
@@ -91,7 +108,7 @@ class StarHub:
 class StarMember:
     """A worker's side: send the partial, wait for the total."""
 
-    def __init__(self, worker: "Worker", sync: str = "f4"):
+    def __init__(self, worker: Member, sync: str = "f4"):
         self.worker, self.sync = worker, sync
         self.seq = 0
         self.wait_s = 0.0  # from sending a partial to having the total: network and the other nodes
@@ -103,7 +120,7 @@ class StarMember:
         seq, self.seq = self.seq, self.seq + 1
         t0 = time.perf_counter()
         wire = wire_dtype(partial, self.sync)
-        sent = partial if wire == FIXED else own_sum(partial)
+        sent = partial if wire == FIXED else partial_to_float(partial)
         if wire == FIXED and -2 ** 31 <= partial.min(initial=0) and partial.max(initial=0) < 2 ** 31:
             wire = FIXED_SMALL  # every value fits int32 (|x| < 8 at 2**-28): half the bytes, as exact
         self.worker.sock.send_multipart(encode_array("partial", sent, wire, seq=seq))
@@ -113,8 +130,6 @@ class StarMember:
             self.wait_s += time.perf_counter() - t0
 
     def _total(self, seq: int, shape: tuple) -> np.ndarray:
-        from .worker import Interrupted
-
         while True:
             m = self.worker.recv(self.worker.timeout)
             if m is None:
@@ -133,19 +148,3 @@ class StarMember:
 def wire_dtype(partial: np.ndarray, sync: str) -> str:
     """How a partial travels: fixed point as int64 (exact), unless sync fp16 rounds it; floats as sync."""
     return FIXED if partial.dtype == np.int64 and sync == "f4" else sync
-
-
-def ring_allreduce(x: np.ndarray, rank: int, nodes: int, send, recv) -> np.ndarray:
-    """The ring all-reduce, for comparison only (bench/cluster.py): reduce-scatter then all-gather
-    of N chunks, each node sending to the next (`send(bytes)`) and receiving from the previous
-    (`recv() -> bytes`): 2(N-1) hops in sequence, where the star needs 2."""
-    chunks = [c.copy() for c in np.array_split(np.asarray(x, np.float32), nodes)]
-    for step in range(nodes - 1):  # reduce-scatter: chunk (rank + 1) ends up summed here
-        send(chunks[(rank - step) % nodes].tobytes())
-        i = (rank - step - 1) % nodes
-        chunks[i] += np.frombuffer(recv(), np.float32)
-    for step in range(nodes - 1):  # all-gather
-        send(chunks[(rank + 1 - step) % nodes].tobytes())
-        i = (rank - step) % nodes
-        chunks[i] = np.frombuffer(recv(), np.float32).copy()
-    return np.concatenate(chunks)

@@ -51,7 +51,7 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "refused": {"reason": _STR},
     # the model file, and ("" and 0 when the worker holds the model) the file of the share alone
     "load": {"fingerprint": _STR, "size": _INT, "shard_fingerprint": _STR, "shard_size": _INT, "share": _DICT,
-             "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR},
+             "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR},  # exact: float32 weights (--exact)
     "chunk": {"fingerprint": _STR, "offset": _INT},
     "step": {"seq": _INT, "start": _INT, "dtype": _STR, "shape": _LIST},
     "sum": {"seq": _INT, "dtype": _STR, "shape": _LIST},
@@ -68,6 +68,13 @@ class ProtocolError(EdgeInferError):
 
 class Refused(EdgeInferError):
     """The master refused this worker (wrong token or version), with its reason."""
+
+
+class Interrupted(Exception):
+    """The master sent a new command in the middle of a step (it re-planned after a node was lost)."""
+
+    def __init__(self, message: "Message"):
+        self.message = message
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..storage.single import convert
 from ..storage.source import KeyCodebooks, WeightSource
+from ..storage.tensor_names import ENDS
 from .node import fingerprint, log
 from .plan import Share
 
@@ -56,7 +57,7 @@ class ShardSource(WeightSource):
 
     def _held(self, name: str) -> bool:
         """Not the embedding and head of a layers-only share."""
-        return not (self.config.layers_only and name in ("model.embed_tokens.weight", "lm_head.weight"))
+        return not (self.config.layers_only and name in ENDS)
 
     def names(self) -> list[str]:
         return [n for n in self.source.names() if self._held(n)]

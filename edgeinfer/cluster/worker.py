@@ -20,26 +20,21 @@ import zmq
 
 from .. import __version__
 from ..errors import EdgeInferError
-from ..model import Model, cache_size, own_sum
-from ..paths import home
+from ..kernels.simd import partial_to_float
+from ..kv_cache import cache_bytes
+from ..model import Model
+from ..paths import cluster_dir
+from ..run_path import choose_path
 from ..storage import open_model
-from ..storage.scheduler import available_memory, plan_memory, process_rss
+from ..storage.memory_plan import available_memory, plan_memory, process_rss
 from .allreduce import StarMember
 from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
+from .protocol import (DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode)
 from .shard import ShardSource, shard_file
-from .protocol import DTYPES, PROTOCOL, Message, ProtocolError, Refused, decode, encode
 from .sockets import curve_client, endpoint
 
-
 WRONG_KEY_FAILURES = 3  # ZeroMQ retries every 0.1 s: a wrong key fails each time, a passing glitch once
-
-
-class Interrupted(Exception):
-    """The master sent a new command in the middle of a step (it re-planned after a node was lost)."""
-
-    def __init__(self, message: Message):
-        self.message = message
 
 
 class Worker:
@@ -48,7 +43,7 @@ class Worker:
         """mem_limit: stream this node's shard through a window of layers within it (its own file,
         written once from the model file), instead of holding the shard."""
         self.address, self.token, self.timeout, self.mem_limit = endpoint(join), token, timeout, mem_limit
-        self.cache_dir = Path(cache_dir) if cache_dir else home() / "cluster"
+        self.cache_dir = Path(cache_dir) if cache_dir else cluster_dir()
         self.sock, self.monitor = curve_client(zmq.Context.instance(), token, self.address)
         self.model: Model | None = None
         self.cache = None
@@ -157,12 +152,12 @@ class Worker:
                                                   lambda done, total: self.send("progress", done=done, total=total))))
         window = None
         if self.mem_limit is not None:
-            plan = plan_memory(shard, f["context"], self.mem_limit,
-                               cache_size(shard, f["context"], not f["exact"], f["attention"]), ends=False)
+            run_path = choose_path(shard, not f["exact"], f["attention"])
+            plan = plan_memory(shard, f["context"], self.mem_limit, cache_bytes(shard, f["context"], run_path))
             log(plan.describe())
             window = plan.window
-        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, ends=False)
-        self.model.allreduce = own_sum  # compile both halves now, not at the first step
+        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window)
+        self.model.allreduce = partial_to_float  # compile both halves now, not at the first step
         self.model.warm_up()
         self.cache = self.model.new_cache(f["context"])
         if f["sync"] not in DTYPES:

@@ -8,9 +8,8 @@ all), so that vpshufb looks up 64 keys of a sub-space at once from a 16-byte tab
 register, and the sums accumulate in 16-bit lanes.
 
 RoPE turns a key's slow dimension pairs further the later its position, so one codebook cannot fit
-position 100 and position 7000 alike (SmolLM2, GPL-3 at ctx 7168, one codebook fitted on positions
-below 512: PPL 57.5 vs 16.1 exact; fitted on positions spread over 8192: ctx 512 got 11.8% worse).
-Each (layer, KV head) has a codebook per band of positions: [0, 512), then octaves [512, 1024),
+position 100 and position 7000 alike (measured in bench/RESULTS.md). Each (layer, KV head) has a
+codebook per band of positions: [0, 512), then octaves [512, 1024),
 [1024, 2048), ..., the last band open-ended. A query builds one table per band it reaches.
 
 Codes are stored for the kernel: keys in blocks of 64, and within a block, for each pair of
@@ -71,9 +70,8 @@ def bands_for(span: int) -> int:
 
 def fit_codebooks(keys: np.ndarray, d_sub: int, iterations: int = 40, seed: int = 0) -> np.ndarray:
     """k-means (k-means++ seeding, then Lloyd; seeded, deterministic) of each sub-space of keys
-    (n, hd): (S, 16, d_sub). Seeding from random keys left the tails without centroids: SmolLM2 d_sub
-    1, GPL-3 (6 windows, keys replaced by their centroids): PPL 28.69 vs 25.56 with k-means++ (24.20
-    exact)."""
+    (n, hd): (S, 16, d_sub). Seeding from random keys left the tails without centroids (perplexity
+    in bench/RESULTS.md)."""
     n, hd = keys.shape
     subs = np.ascontiguousarray(keys.reshape(n, hd // d_sub, d_sub).transpose(1, 0, 2), dtype=np.float32)
     centroids = _kmeans_pp(subs, np.random.default_rng(seed))
@@ -214,9 +212,7 @@ def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scor
     (kv_heads, blocks, S/2, 64), values (kv_heads, capacity, hd) float32 or fp16 bits; scratch per
     head: tables (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads,
     >= length). The first SINK_KEYS keys and the last RECENT_KEYS score exactly, from keys (kv_heads,
-    EXACT_SLOTS, hd) kept by keep_exact_key. SmolLM2 d_sub 1, GPL-3 at ctx 512, exact attention over
-    keys replaced by their centroids: PPL 23.78 with the sinks exact, 23.36 with the last 16 keys too,
-    23.27 with the last 64 (23.25 all exact)."""
+    EXACT_SLOTS, hd) kept by keep_exact_key (what each costs in perplexity: bench/RESULTS.md)."""
     kv_heads, _, hd = values.shape
     bands = codebooks.shape[1]
     heads = q.shape[0] // hd

@@ -138,7 +138,7 @@ class Q4Matrix:
         return gemm(self, x, out) if x.lo.ndim == 2 else gemv(self, x, out)
 
     def kernel_args(self) -> tuple:
-        """The matrix as the fused decode layer takes it (block.py)."""
+        """The matrix as the fused decode layer takes it (decode_layer.py)."""
         return 4, self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
@@ -214,8 +214,9 @@ def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out)
         _block(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block)
 
 
-# Below this size waking the worker threads costs more than the matrix takes on one core: decode
-# calls kernels back to back with other work between them, so the threads are asleep each time.
+# Below this size a GEMV called on its own from Python runs on one core: the worker threads fall
+# asleep between such calls, and waking them costs more than the matrix takes. The fused decode
+# layer (decode_layer.py) runs every matrix in parallel: within one call its threads stay awake.
 PARALLEL_MIN_BYTES = 4 << 20
 
 
@@ -236,10 +237,12 @@ def _check(m: Q4Matrix, x: Q8Activations) -> None:
         raise ValueError(f"activations of {x.lo.shape[-1] * 2} columns for a matrix of {m.padded_cols}")
 
 
-def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations)."""
+def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None = None) -> np.ndarray:
+    """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations); on all threads when
+    `parallel`, by default when the matrix is large enough to gain."""
     _check(m, x)
-    kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
+    parallel = m.nbytes >= PARALLEL_MIN_BYTES if parallel is None else parallel
+    kernel = _gemv_parallel if parallel else _gemv_serial
     kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
     return out
 

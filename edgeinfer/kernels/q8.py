@@ -69,7 +69,7 @@ class Q8Matrix:
         return gemm8(self, x, out) if x.flat.ndim == 2 else gemv8(self, x, out)
 
     def kernel_args(self) -> tuple:
-        """The matrix as the fused decode layer takes it (block.py): no offsets of its own."""
+        """The matrix as the fused decode layer takes it (decode_layer.py): no offsets of its own."""
         return 8, self.packed, self.scales, self.scales, 0.0
 
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

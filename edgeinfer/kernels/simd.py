@@ -56,7 +56,6 @@ def _loader(vtype):
 
 
 load_i8 = _loader(V64I8)
-load_i32 = _loader(V16I32)
 load_f32 = _loader(V16F32)
 
 
@@ -259,10 +258,6 @@ def _features() -> dict:
 def has_avx512_vnni() -> bool:
     f = _features()
     return bool(f.get("avx512f") and f.get("avx512bw") and f.get("avx512vnni"))
-
-
-def has_avx2() -> bool:
-    return bool(_features().get("avx2"))
 
 
 def has_kernels() -> bool:
@@ -537,3 +532,9 @@ def _total(acc):
 def from_fixed(a: np.ndarray) -> np.ndarray:
     """Fixed-point sums (int64) as float32: exact to float64, then rounded once."""
     return (np.asarray(a, np.int64) * FIXED_SCALE).astype(np.float32)
+
+
+def partial_to_float(partial: np.ndarray) -> np.ndarray:
+    """A half-layer's output as the float32 vector to add: fixed-point sums (the 4/8-bit path)
+    rounded once, float32 partials (the float path) as they are."""
+    return from_fixed(partial) if partial.dtype == np.int64 else partial

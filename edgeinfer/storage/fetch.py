@@ -23,10 +23,6 @@ from ..paths import home
 ProgressFn = Callable[[str, int, int], None]
 
 
-def cache_dir() -> Path:
-    return home()
-
-
 def catalog_entry(name: str):
     from ..models import catalog
 
@@ -41,7 +37,7 @@ CATALOG_BITS = 4  # catalog models run from 4-bit single files
 
 
 def converted_path(name: str) -> Path:
-    return cache_dir() / "models" / f"{name}-q{CATALOG_BITS}.safetensors"
+    return home() / "models" / f"{name}-q{CATALOG_BITS}.safetensors"
 
 
 def resolve_model(arg: str | None, progress: ProgressFn | None = None) -> str:
@@ -61,7 +57,7 @@ def is_path(arg: str) -> bool:
 def fetch_gguf(name: str, progress: ProgressFn | None = None) -> Path:
     """The catalog model's GGUF in the cache, downloaded and assembled first if needed."""
     entry = catalog_entry(name)
-    target = cache_dir() / "downloads" / entry.file
+    target = home() / "downloads" / entry.file
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,15 @@ from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
-from .source import ROPE_FREQS, WeightSource
+from .source import WeightSource
+from .tensor_names import (EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix)
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K"}
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight", "rope_freqs.weight": ROPE_FREQS}
+_GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
+                 "output.weight": LM_HEAD_WEIGHT, "rope_freqs.weight": ROPE_FREQS}
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -40,7 +41,7 @@ def hf_name(gguf_name: str) -> str | None:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+        return f"{layer_prefix(int(m.group(1)))}{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -191,7 +192,7 @@ class GGUFSource(WeightSource):
 
         heads = int(need("attention.head_count"))
         hidden = int(need("embedding_length"))
-        embed = self._tensors.get("model.embed_tokens.weight")
+        embed = self._tensors.get(EMBEDDING_WEIGHT)
         if embed is None:
             raise ModelFormatError(f"{self.path}: GGUF file has no token_embd.weight")
         return ModelConfig(
@@ -207,7 +208,7 @@ class GGUFSource(WeightSource):
             rms_norm_eps=float(value("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(value("rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(arch),
-            tie_embeddings="lm_head.weight" not in self._tensors,
+            tie_embeddings=LM_HEAD_WEIGHT not in self._tensors,
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
         )
 

@@ -20,11 +20,11 @@ from ..tokenizer import TokenizerSpec
 from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
                        quantize_q8_0, read_index)
 from .safetensors import PAD_PREFIX, SafetensorsFile, TensorEntry, write_safetensors
-from .source import ROPE_FREQS, KeyCodebooks, SafetensorsSource, WeightSource, codebook_name, unit_of
+from .source import KeyCodebooks, SafetensorsSource, WeightSource
+from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
 FORMAT_VERSION = "2"  # 2: quantised matrices
-HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")  # 8 bits when the rest is 4
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
@@ -37,6 +37,8 @@ def open_single_file(f: SafetensorsFile) -> "SingleFileSource":
 
 class SingleFileSource(SafetensorsSource):
     """The single file: float tensors as stored, quantised matrices as their kernels' arrays."""
+
+    can_stream = True
 
     def __init__(self, f: SafetensorsFile):
         config = ModelConfig.from_json(f.metadata.get("config", ""))
@@ -119,7 +121,7 @@ def target_type(source: WeightSource, name: str, bits: int | None) -> str | None
         return stored if stored in TYPES else None
     if bits == 16:
         return None
-    if bits == 8 or name in HEAD_NAMES:
+    if bits == 8 or name in ENDS:  # embedding and head: 8 bits when the rest is 4
         return "Q8_0"
     return stored if stored in ("Q4_0", "Q4_1") else "Q4_1"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -14,29 +13,7 @@ from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from .safetensors import PAD_PREFIX, SafetensorsFile
-
-ROPE_FREQS = "rope_freqs.weight"  # optional per-pair RoPE divisors (GGUF's Llama-3 scaling)
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
-
-
-EMBEDDING, HEAD, LUT = "embedding", "head", "lut"  # the units besides the layers
-
-
-def unit_of(name: str) -> int | str:
-    """Which unit a model tensor belongs to: the embedding, layer i, the head (final norm, output
-    matrix and RoPE factors) or LUT attention's codebooks. A unit is stored contiguously and read as one."""
-    if name.startswith("model.layers."):
-        return int(name.split(".")[2])
-    if name.startswith("lut."):
-        return LUT
-    return EMBEDDING if name == "model.embed_tokens.weight" else HEAD
-
-
-def codebook_name(layer: int) -> str:
-    return f"lut.layers.{layer}.key_codebooks"
+from .tensor_names import ROPE_FREQS, llama_tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -48,32 +25,6 @@ class KeyCodebooks:
     layers: list[np.ndarray]
 
 
-def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor a Llama-family model needs, in file order: layer by layer, each layer contiguous."""
-    d, f = c.hidden_size, c.intermediate_size
-    if not c.layers_only:
-        yield "model.embed_tokens.weight", (c.vocab_size, d)
-    for i in range(c.num_layers):
-        p = layer_prefix(i)
-        yield p + "input_layernorm.weight", (d,)
-        for proj, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
-            yield p + f"self_attn.{proj}.weight", (rows, d)
-            if c.attention_bias:
-                yield p + f"self_attn.{proj}.bias", (rows,)
-        yield p + "self_attn.o_proj.weight", (d, c.q_size)
-        yield p + "post_attention_layernorm.weight", (d,)
-        yield p + "mlp.gate_proj.weight", (f, d)
-        yield p + "mlp.up_proj.weight", (f, d)
-        yield p + "mlp.down_proj.weight", (d, f)
-        if c.mlp_bias:
-            yield p + "mlp.gate_proj.bias", (f,)
-            yield p + "mlp.up_proj.bias", (f,)
-            yield p + "mlp.down_proj.bias", (d,)
-    yield "model.norm.weight", (d,)
-    if not c.tie_embeddings and not c.layers_only:
-        yield "lm_head.weight", (c.vocab_size, d)
-
-
 class WeightSource:
     """A model's config, tokenizer and tensors, whatever file they came from."""
 
@@ -81,6 +32,7 @@ class WeightSource:
     tokenizer: TokenizerSpec
     path: str
     format: str  # "gguf", "hf", "edgeinfer"
+    can_stream = False  # whether layers can be read one unit at a time (storage/units.py): the single file
 
     def names(self) -> list[str]:
         raise NotImplementedError

@@ -18,7 +18,8 @@ from ..errors import EdgeInferError
 from ..kernels.q4 import ROWS, Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
-from .source import WeightSource, llama_tensor_shapes
+from .source import WeightSource
+from .tensor_names import ENDS, llama_tensor_shapes
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, rope theta
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0),
@@ -79,7 +80,7 @@ class SynthSource(WeightSource):
     def stored_type(self, name: str) -> str:
         if len(self._shapes[name]) == 1:
             return "F32"
-        return "Q8_0" if self.bits == 8 or name in ("model.embed_tokens.weight", "lm_head.weight") else "Q4_0"
+        return "Q8_0" if self.bits == 8 or name in ENDS else "Q4_0"
 
     def file_size(self) -> int:
         return 0

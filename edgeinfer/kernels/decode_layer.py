@@ -1,10 +1,10 @@
-"""One transformer block for one token, in a single Numba call: the decode step's whole layer.
+"""One transformer layer for one token, in a single Numba call: the decode step's whole layer.
 
 Python dispatch costs microseconds per call, and a layer is 7 matrix products plus norms, RoPE,
 attention and activation quantisation; called one by one they cost more than the products
 themselves on a small model. Here the layer reads like model.py's forward pass:
 
-    x = rmsnorm(h);  q, k, v = Wq x, Wk x, Wv x;  rope(q, k);  cache k, v
+    x = rmsnorm(h);  q, k, v = Wq x, Wk x, Wv x;  rope(q, k);  append k, v to the cache
     h += Wo attend(q, cache);  x = rmsnorm(h);  h += Wdown (silu(Wgate x) * Wup x)
 
 A matrix is passed as (bits, packed, scales, offsets, offset_factor): 4-bit (q4.py) or 8-bit
@@ -23,11 +23,12 @@ import numpy as np
 from numba import njit
 
 from .activations import Q8Activations, _quantize
-from .lut_attention import attend_one_lut, encode_keys_into, keep_exact_key
-from .ops import LANES, attend_one, rmsnorm_into, rope_in_place, silu_mul_into
+from .kv_store import append_kv
+from .lut_attention import attend_causal_lut
+from .ops import attend_one, rmsnorm_into, rope_in_place, silu_mul_into
 from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemv_parallel as q8_gemv
-from .simd import FIXED_SCALE, load_f32, store_floats
+from .simd import FIXED_SCALE
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
 # (lo, hi, flat, scales, sums) tuples, then each head's attention scores, as long as the context.
@@ -79,10 +80,8 @@ def add_fixed(h, fixed):
 
 @njit(cache=True)
 def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
-    """h (hidden,) += the block's output for the token at `position`; its key and value go into
-    keys/values (kv_heads, capacity, head_dim; values float32 or fp16 bits) at `position`. lut:
-    (codebooks, codes, tables, sums) for LUT attention (lut_attention.py), whose keys are codes, keys
-    then holding only the float keys that score exactly; or empty arrays for exact attention."""
+    """h (hidden,) += the layer's output for the token at `position`; its key and value go into the
+    layer's cache arrays (keys, values, lut: kv_cache.LayerKV) at `position`."""
     decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s)
     add_fixed(h, s.fixed)
     decode_mlp(h, weights, eps, s)
@@ -106,17 +105,13 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
     add_bias(s.v, bv)
     rope_in_place(s.q, s.q.shape[0] // hd, inv_freq, position)
     rope_in_place(s.k, kv_heads, inv_freq, position)
-    for kh in range(kv_heads):
-        for d in range(0, hd, LANES):
-            store_floats(values, (kh * values.shape[1] + position) * hd + d, load_f32(s.v, kh * hd + d))
-    codebooks, codes, tables, sums = lut
     new_key = s.k.reshape((kv_heads, 1, hd))
+    append_kv(keys, values, lut, new_key, s.v.reshape((kv_heads, 1, hd)), position)
+    codebooks, codes, tables, sums = lut
     if codebooks.shape[0]:
-        keep_exact_key(keys, new_key, 0, position)
-        encode_keys_into(new_key, codebooks, codes, position)
-        attend_one_lut(s.q, codebooks, codes, keys, values, position + 1, tables, sums, s.scores, s.att)
+        attend_causal_lut(s.q.reshape((1, s.q.shape[0])), new_key, codebooks, codes, keys, values, position, tables,
+                          sums, s.scores, s.att.reshape((1, s.att.shape[0])))
     else:
-        keys[:, position, :] = new_key[:, 0, :]
         attend_one(s.q, keys, values, position + 1, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.fixed)

@@ -1,4 +1,5 @@
-"""Streaming layers through a sliding window: same tokens as resident, memory preflight, failures."""
+"""Streaming layers through a sliding window (storage/layer_stream.py) and the memory plan that picks the
+window (storage/memory_plan.py): same tokens as resident, the preflight, failures."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import edgeinfer_cli
+
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, ModelFormatError
-from edgeinfer.model import Model, cache_size
+from edgeinfer.kv_cache import cache_bytes
+from edgeinfer.model import Model
+from edgeinfer.run_path import choose_path
 from edgeinfer.sampling import SamplingParams
+from edgeinfer.session import open_engine
 from edgeinfer.storage import open_model
-from edgeinfer.storage.scheduler import file_units, parse_size, plan_memory
+from edgeinfer.storage.memory_plan import parse_size, plan_memory
 from edgeinfer.storage.single import convert
 from edgeinfer.storage.synth import SynthSource, synth_config
+from edgeinfer.storage.units import file_units
 from edgeinfer.tokenizer import Tokenizer
 
 
@@ -39,6 +44,7 @@ def greedy(model: Model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("window", [1, 2])
 def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window):
     source = open_model(str(smollm2_single))
@@ -56,12 +62,12 @@ def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window):
 
 def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
     source = open_model(str(tiny_q4))
-    free = plan_memory(source, 64, None, cache_size(source, 64, True, "exact"))
+    free = plan_memory(source, 64, None, cache_bytes(source, 64, choose_path(source, True)))
     assert free.window is None  # no limit: it fits in this machine's memory
     limit = free.runtime + free.kv_cache + free.scratch + 2 * free.slot + free.slot // 2
-    engine = Engine.load(str(tiny_q4), 64, mem_limit=limit)
+    engine = open_engine(str(tiny_q4), 64, mem_limit=limit)
     assert engine.memory_plan.window == 2 and engine.memory_plan.need <= limit
-    resident = Engine.load(str(tiny_q4), 64)
+    resident = open_engine(str(tiny_q4), 64)
     ids = resident.prompt_ids("hello")
     runs = [e.generate(ids, SamplingParams(temperature=0), max_tokens=12) for e in (engine, resident)]
     for g in runs:

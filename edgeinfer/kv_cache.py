@@ -1,0 +1,100 @@
+"""The KV cache: keys (after RoPE) and values of every layer, preallocated for `capacity` positions.
+
+It owns its layout and its updates. The forward pass takes the next positions (`reserve`), appends
+each layer's new keys and values (`append`; the fused decode layer appends through the same kernel,
+kernels/kv_store.py), gives the kernels a layer's arrays (`layer`) and, when the tokens have been
+through every layer, counts them in (`commit`); `truncate` forgets the positions past a length.
+
+With LUT attention a key is its codes (`lut`), `k` holds only EXACT_SLOTS float keys per layer and
+KV head (the first positions and a ring of the recent ones, which score exactly, kept by the LUT
+kernels themselves), and values are fp16 (uint16 bits), as NoMAD keeps them: at long contexts the
+value pass is then most of attention's reads. Exact attention keeps float32 keys and values.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ContextOverflowError
+from .kernels.kv_store import append_kv
+from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, lut_buffers
+from .run_path import RunPath
+from .storage.source import WeightSource
+
+
+class LayerKV(NamedTuple):
+    keys: np.ndarray  # (kv_heads, capacity or EXACT_SLOTS, head_dim) float32
+    values: np.ndarray  # (kv_heads, capacity, head_dim) float32, or fp16 bits
+    lut: tuple  # (codebooks, codes, tables, sums) of LUT attention, empty arrays for exact attention
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """Zeros whose pages become resident as they are written. numpy advises huge pages for large
+    arrays, and with the cache's layout (each head's positions contiguous) the first token's keys
+    would then make every head's whole 2 MB page resident: a 7B model's 4096-token cache took 4.3 GB
+    of RSS before anything was cached. A plain anonymous mapping has no such advice."""
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1)), dtype, count).reshape(shape)
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None,
+                 half_values: bool = False, kernels: bool = False):
+        """codebooks: per layer, for LUT attention. kernels: whether the 4/8-bit path's kernels write
+        it (else numpy does: the float32 path runs on CPUs without them)."""
+        key_positions = capacity if codebooks is None else EXACT_SLOTS
+        self.k = lazy_zeros((config.num_layers, config.num_kv_heads, key_positions, config.head_dim))
+        self.v = lazy_zeros((config.num_layers, config.num_kv_heads, capacity, config.head_dim),
+                            np.uint16 if half_values else np.float32)
+        self.lut = [lut_buffers(books, config.num_heads, capacity) for books in codebooks or [None] * config.num_layers]
+        self.capacity, self.length, self.kernels = capacity, 0, kernels
+
+    @staticmethod
+    def size(config: ModelConfig, capacity: int, half_values: bool, d_sub: int | None) -> int:
+        """Bytes of the keys, codes and values of a cache as __init__ makes it (d_sub: LUT attention's)."""
+        per_position = config.num_layers * config.num_kv_heads * config.head_dim
+        values = per_position * capacity * (2 if half_values else 4)
+        if d_sub is None:
+            return values + per_position * capacity * 4
+        blocks = -(-capacity // KEYS_PER_BLOCK)
+        return values + per_position * (EXACT_SLOTS * 4 + blocks * KEYS_PER_BLOCK // (2 * d_sub))
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], self.lut[i])
+
+    def reserve(self, count: int) -> int:
+        """The first of the next `count` positions, which must fit."""
+        if self.length + count > self.capacity:
+            raise ContextOverflowError(f"{self.length + count} tokens exceed the context of {self.capacity}")
+        return self.length
+
+    def append(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Keys (after RoPE) and values (kv_heads, count, head_dim) float32 of positions start.."""
+        keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
+        if self.kernels:
+            append_kv(self.k[layer], self.v[layer], self.lut[layer], keys, values, start)
+        else:
+            self.k[layer, :, start:start + keys.shape[1]] = keys
+            self.v[layer, :, start:start + values.shape[1]] = values
+
+    def fetch(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values (kv_heads, end, head_dim) float32 of positions 0..end-1 (the float32 path's)."""
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def commit(self, count: int) -> None:
+        """The tokens at the next `count` positions are in every layer."""
+        self.length += count
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
+    """Bytes of the KV cache a model of `source` on `path` makes for `capacity` positions, known
+    before any weight is read (the memory plan's)."""
+    books = source.key_codebooks() if path.lut else None
+    return KVCache.size(source.config, capacity, books is not None, books.d_sub if books else None)

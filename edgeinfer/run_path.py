@@ -1,0 +1,47 @@
+"""Which path runs a model, decided once, before any weight is read, from the types the file stores
+its projections in, the CPU, and the user's options: the fused 4/8-bit path, the float32 path, or
+in between (a file whose projections are only partly in 4/8 bits); and exact or LUT attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import EdgeInferError
+from .kernels.simd import has_kernels
+from .storage.quantize import TYPES as QUANTIZED_TYPES
+from .storage.source import WeightSource
+from .storage.tensor_names import PROJECTIONS, layer_prefix
+
+ATTENTION_KINDS = ("exact", "lut")
+
+
+@dataclass(frozen=True)
+class RunPath:
+    quantized: bool  # matrices stored in 4/8 bits run in 4/8 bits (int8 activations); others in float32
+    fused: bool  # every projection runs in 4/8 bits: one Numba call per decoded layer, Numba attention
+    lut: bool  # LUT attention over the file's key codebooks (fused only)
+    precision: str  # "q4", "q8" or "f32", shown to the user
+
+
+def projection_types(source: WeightSource) -> set[str]:
+    """The types the file stores the layers' projections in."""
+    return {source.stored_type(f"{layer_prefix(i)}{p}.weight")
+            for i in range(source.config.num_layers) for p in PROJECTIONS}
+
+
+def choose_path(source: WeightSource, quantized: bool, attention: str = "exact") -> RunPath:
+    """quantized: run what the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels (on CPUs that
+    have their instructions); otherwise (--exact) everything is float32."""
+    if attention not in ATTENTION_KINDS:
+        raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
+    quantized = quantized and has_kernels()
+    types = projection_types(source)
+    fused = quantized and types <= set(QUANTIZED_TYPES)
+    precision = "f32" if not quantized else "q4" if types & {"Q4_0", "Q4_1"} else "q8" if "Q8_0" in types else "f32"
+    if attention == "lut":
+        if source.key_codebooks() is None:
+            raise EdgeInferError(f"{source.path} has no LUT codebooks: run edgeinfer calibrate MODEL -f TEXT -o OUT "
+                                 "and use OUT")
+        if not fused:
+            raise EdgeInferError("LUT attention runs on the 4/8-bit path (not with --exact or float weights)")
+    return RunPath(quantized, fused, attention == "lut", precision)

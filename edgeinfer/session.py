@@ -1,0 +1,119 @@
+"""Opening a model for a user: a model name and the user's options become an engine with its kernels
+ready, on this machine alone or as the master of a home cluster. The CLI, the chat app and the
+server all come here; none of them imports another."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from .engine import Engine, default_context
+from .errors import EdgeInferError
+from .jit_cache import first_run
+from .kernels.simd import has_kernels
+from .kv_cache import cache_bytes
+from .model import Model
+from .progress import StageProgress
+from .run_path import choose_path
+from .storage import open_model
+from .storage.fetch import ProgressFn, resolve_model
+from .storage.memory_plan import plan_memory
+from .tokenizer import Tokenizer
+
+Report = Callable[[str], None]
+COMPILING = "compiling kernels, first run only (about 15 s)"
+
+
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ClusterOptions:
+    """Be the master of a cluster: listen for `edgeinfer worker`s and split every layer with them."""
+
+    listen: str  # [HOST:]PORT
+    token: str | None = None  # the join token; None: a random one
+    workers: int = 0  # wait for this many before starting
+    wait: float = 60.0  # seconds to wait for them
+    timeout: float = 30.0  # a worker silent this long in a step is dropped
+    sync: str = "fp32"  # all-reduce payload type: fp32 or fp16
+
+
+@dataclass
+class SessionOptions:
+    model: str | None = None  # a path or a catalog name; None: the catalog's default model
+    context: int | None = None  # None: the model's, at most engine.DEFAULT_CONTEXT
+    float32: bool = False  # the exact float32 path (--exact), not 4/8-bit kernels
+    mem_limit: int | None = None  # bytes
+    attention: str = "exact"  # or "lut"
+    verbose: bool = False  # report the memory plan even when it is plainly resident
+    cluster: ClusterOptions | None = None
+
+
+def open_session(options: SessionOptions, report: Report = to_stderr, progress: ProgressFn | None = None) -> Engine:
+    """The engine for `options`: the catalog model fetched and converted first if needed (`progress`
+    sees it), its kernels compiled now on the very first run (and said so). `report` gets one-line
+    accounts: the memory plan when a limit is given, when the model must stream, or when verbose;
+    a cluster's join command."""
+    path = resolve_model(options.model, progress or StageProgress())
+    if options.cluster is not None:
+        return _open_cluster(path, options, report)
+    engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report)
+    if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
+        report(engine.memory_plan.describe())
+    if engine.model.path.fused and first_run():  # the float32 path compiles nothing
+        report(COMPILING)
+    engine.model.warm_up()
+    return engine
+
+
+def open_engine(path: str, context: int | None = None, float32: bool = False, mem_limit: int | None = None,
+                attention: str = "exact", report: Report | None = None) -> Engine:
+    """The engine of the model file at `path` (kernels not yet warm). The memory preflight
+    (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
+    streamed through a window of layers, within `mem_limit` when given, else within the memory
+    available; `report` gets its one-line account when it streams or a limit was given."""
+    source = open_model(path)
+    if source.config.layers_only:
+        raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
+    context = default_context(source.config, context)
+    run_path = choose_path(source, not float32, attention)
+    plan = plan_memory(source, context, mem_limit, cache_bytes(source, context, run_path))
+    if report and (mem_limit is not None or plan.window is not None):
+        report(plan.describe())
+    engine = Engine(Model(source, not float32, plan.window, attention), Tokenizer(source.tokenizer), context)
+    engine.memory_plan = plan
+    return engine
+
+
+def _open_cluster(path: str, options: SessionOptions, report: Report) -> Engine:
+    """The master's engine: its own shard, and the workers that joined within the wait."""
+    from .cluster.cluster_model import ClusterModel
+    from .cluster.master import Master
+
+    c = options.cluster
+    token = c.token or secrets.token_urlsafe(12)
+    if not options.float32 and has_kernels() and first_run():
+        report(COMPILING)
+    master = Master(c.listen, token, c.timeout, "f2" if c.sync == "fp16" else "f4")
+    try:
+        report(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}")
+        master.wait_for(c.workers, c.wait)
+        source = open_model(path)
+        context = default_context(source.config, options.context)
+        model = ClusterModel(master, path, context, quantized=not options.float32, attention=options.attention,
+                             mem_limit=options.mem_limit)
+        return Engine(model, Tokenizer(source.tokenizer), context)
+    except BaseException:
+        master.close("the master failed to start")
+        raise
+
+
+def close_session(engine: Engine | None) -> None:
+    """Say bye to a cluster's workers; nothing for a model alone."""
+    master = getattr(engine.model, "master", None) if engine is not None else None
+    if master is not None:
+        master.close()

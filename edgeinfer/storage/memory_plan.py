@@ -1,0 +1,107 @@
+"""The memory plan: before any weight is read, what running a model at a context needs (weights,
+KV cache, scratch, runtime) and how it fits a limit: fully resident, or streaming its layers through
+a window of slots (layer_stream.py). Also the process's memory readings it plans with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import EdgeInferError
+from .source import WeightSource
+from .units import file_units
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '1.5GB', '40m', '123456' -> bytes (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise EdgeInferError(f"--mem-limit takes a size such as 2G or 512M, got {text!r}") from None
+    if value <= 0:
+        raise EdgeInferError(f"--mem-limit must be positive, got {text!r}")
+    return int(value * units[unit])
+
+
+def process_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+# What the compiled kernels and their first calls add to the process (measured: SmolLM2 warm-up adds
+# ~110 MB of RSS over the imports), with room to spare.
+KERNELS_ALLOWANCE = 160 << 20
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int  # every tensor, as the file stores it
+    slot: int  # the largest unit (a layer, or the head)
+    units: int
+    kv_cache: int
+    scratch: int
+    runtime: int  # this process before loading, plus the kernels' allowance
+    limit: int | None
+    window: int | None  # None: fully resident
+
+    @property
+    def resident_need(self) -> int:
+        return self.runtime + self.weights + self.kv_cache + self.scratch
+
+    @property
+    def need(self) -> int:
+        if self.window is None:
+            return self.resident_need
+        return self.runtime + self.kv_cache + self.scratch + self.window * self.slot
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
+        head = (f"memory: weights {mb(self.weights)} (largest layer {mb(self.slot)}), KV cache {mb(self.kv_cache)}, "
+                f"scratch {mb(self.scratch)}, runtime {mb(self.runtime)}")
+        if self.window is None:
+            plan = f"fully resident, {mb(self.need)}"
+        else:
+            plan = (f"streaming, window of {self.window} of {self.units} layer slots ({mb(self.window * self.slot)}), "
+                    f"{mb(self.need)}")
+        return f"{head}; plan: {plan}" + (f" within --mem-limit {mb(self.limit)}" if self.limit else "")
+
+
+def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512) -> MemoryPlan:
+    """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
+    limit, the memory available now), else the widest window that does. kv_cache: its bytes at
+    `context` (kv_cache.cache_bytes). A layers-only source (a cluster worker's share) has no
+    embedding or head to hold."""
+    c = source.config
+    units = file_units(source, c.layers_only) if source.can_stream else None
+    weights = sum(u.size for u in units) if units and c.layers_only else source.file_size()
+    tokens = min(batch, context)
+    scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
+    runtime = process_rss() + KERNELS_ALLOWANCE
+    slot = max(u.size for u in units) if units else weights
+    plan = MemoryPlan(weights, slot, c.num_layers + (not c.layers_only), kv_cache, scratch, runtime, limit, None)
+    budget = limit if limit is not None else available_memory()
+    if plan.resident_need <= budget:
+        return plan
+    if units is None:
+        raise EdgeInferError(f"{source.path} needs {plan.resident_need / 2**20:.0f} MB resident but "
+                             f"{'--mem-limit' if limit else 'this machine'} allows {budget / 2**20:.0f} MB; "
+                             "streaming needs edgeinfer's single file: edgeinfer convert MODEL -o FILE --bits 4")
+    window = min(plan.units, (budget - runtime - kv_cache - scratch) // slot)
+    if window < 1:
+        least = runtime + kv_cache + scratch + slot
+        raise EdgeInferError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
+                             f"the least this model runs in at --ctx {context} is {least / 2**20:.0f} MB (runtime "
+                             f"{runtime / 2**20:.0f} + KV cache {kv_cache / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
+                             f"one layer slot {slot / 2**20:.0f})")
+    return MemoryPlan(weights, slot, plan.units, kv_cache, scratch, runtime, limit, int(window))

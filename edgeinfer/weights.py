@@ -1,0 +1,89 @@
+"""A model's weights as the forward pass takes them, on the path chosen for it (run_path.py): every
+layer resident, or layers read into a sliding window of slots as the pass reaches them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layers import Linear, QuantLinear, load_linear
+from .run_path import RunPath
+from .storage.layer_stream import LayerStream, StreamedRows
+from .storage.single import SingleFileSource
+from .storage.source import WeightSource
+from .storage.tensor_names import (ATTN_NORM, EMBEDDING_WEIGHT, HEAD, MLP_NORM, layer_prefix, output_weight)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    mlp_norm: np.ndarray
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    @classmethod
+    def load(cls, source: WeightSource, i: int, quantized: bool) -> "LayerWeights":
+        p = layer_prefix(i)
+        lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized)  # noqa: E731
+        return cls(attn_norm=source.float32(p + ATTN_NORM), q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"),
+                   v=lin("self_attn.v_proj"), o=lin("self_attn.o_proj"), mlp_norm=source.float32(p + MLP_NORM),
+                   gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"))
+
+    def decode_args(self) -> tuple | None:
+        """The layer as the fused decode kernel takes it (kernels/decode_layer.py), or None when a
+        projection runs in float32."""
+        projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        if not all(isinstance(p, QuantLinear) for p in projections):
+            return None
+        bias = lambda p: p.bias if p.bias is not None else np.zeros(0, np.float32)  # noqa: E731
+        return (self.attn_norm, self.mlp_norm, *(p.matrix.kernel_args() for p in projections),
+                bias(self.q), bias(self.k), bias(self.v))
+
+
+class ResidentWeights:
+    """Every layer in memory, loaded once; without embedding and head for a layers-only source (a
+    cluster worker's share: the master keeps them)."""
+
+    def __init__(self, source: WeightSource, path: RunPath):
+        c = source.config
+        self.embedding = None if c.layers_only else load_linear(source, EMBEDDING_WEIGHT, path.quantized)
+        self.layers = [LayerWeights.load(source, i, path.quantized) for i in range(c.num_layers)]
+        self._head = None if c.layers_only else self.embedding if c.tie_embeddings else \
+            load_linear(source, output_weight(c), path.quantized)
+        self._decode_args = [layer.decode_args() for layer in self.layers]
+
+    def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
+        return self.layers[i], self._decode_args[i]
+
+    def head(self) -> Linear:
+        return self._head
+
+    def done(self, key: int | str) -> None:
+        pass
+
+
+class StreamedWeights:
+    """Layers and head read into a sliding window of slots as the forward pass reaches them
+    (storage/layer_stream.py); embedding rows read on demand."""
+
+    def __init__(self, source: SingleFileSource, path: RunPath, window: int):
+        c = source.config
+        self.quantized, self.stream = path.quantized, LayerStream(source, window, c.layers_only)
+        self.embedding = None if c.layers_only else StreamedRows(source, EMBEDDING_WEIGHT)
+        self._head_name = output_weight(c)
+
+    def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
+        layer = LayerWeights.load(self.stream.acquire(i), i, self.quantized)
+        return layer, layer.decode_args()
+
+    def head(self) -> Linear:
+        return load_linear(self.stream.acquire(HEAD), self._head_name, self.quantized)
+
+    def done(self, key: int | str) -> None:
+        self.stream.release(key)
