@@ -51,13 +51,15 @@ def run(path: str, tokens: int, ctx: int, limit: str | None) -> dict:
         raise SystemExit(f"run failed: {r.stderr.strip().splitlines()[-3:]}")
     err = r.stderr
     decode = float(re.search(r"decode: \d+ tok, ([\d.]+) tok/s", err).group(1))
-    stream = re.search(r"stream: (\d+) MB read per forward pass at (\d+) MB/s; the compute waited for reads (\d+)%", err)
+    stream = re.search(r"stream: (\d+) MB read per forward pass at (\d+) MB/s \((\d+) MB pinned\); the compute waited "
+                       r"for reads (\d+)%", err)
     plan = re.search(r"plan: ([^\n]*)", err)
     return {"mem_limit": limit, "decode_tok_s": decode, "s_per_token": 1 / decode if decode else None,
             "peak_rss_mb": int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) / 1024,
             "mb_per_pass": int(stream.group(1)) if stream else None,
             "stream_read_mb_s": int(stream.group(2)) if stream else None,
-            "waited_for_io": int(stream.group(3)) / 100 if stream else None,
+            "pinned_mb": int(stream.group(3)) if stream else None,
+            "waited_for_io": int(stream.group(4)) / 100 if stream else None,
             "plan": plan.group(1) if plan else "fully resident"}
 
 

@@ -33,9 +33,10 @@ AllReduce = Callable[[np.ndarray], np.ndarray]
 
 class Model:
     def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None,
-                 attention: str = "exact"):
+                 attention: str = "exact", pinned: tuple[int | str, ...] = ()):
         """quantized: run the weights the file stores in 4/8 bits with the kernels (run_path.py).
-        window: stream layers through that many slots instead of holding them all (single file only).
+        window: stream layers through that many slots instead of holding them all (single file only),
+        but for the `pinned` units (layer indices, or "head"), held across passes.
         A layers-only source (a cluster worker's share) has no embedding or head."""
         self.config = c = source.config
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
@@ -45,7 +46,7 @@ class Model:
             raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
         self.path = choose_path(source, quantized, attention)
         self.weights = ResidentWeights(source, self.path) if window is None else \
-            StreamedWeights(source, self.path, window)
+            StreamedWeights(source, self.path, window, pinned)
         self.embedding, self.precision = self.weights.embedding, self.path.precision
         self.codebooks = source.key_codebooks().layers if self.path.lut else None
         self.norm = np.array(source.float32(FINAL_NORM_WEIGHT))

@@ -84,7 +84,7 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     plan = plan_memory(source, context, mem_limit, cache_bytes(source, context, run_path))
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
-    engine = Engine(Model(source, not float32, plan.window, attention), Tokenizer(source.tokenizer), context)
+    engine = Engine(Model(source, not float32, plan.window, attention, plan.pinned), Tokenizer(source.tokenizer), context)
     engine.memory_plan = plan
     return engine
 

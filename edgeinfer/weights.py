@@ -69,12 +69,12 @@ class ResidentWeights:
 
 
 class StreamedWeights:
-    """Layers and head read into a sliding window of slots as the forward pass reaches them
-    (storage/layer_stream.py); embedding rows read on demand."""
+    """Layers and head read into a sliding window of slots as the forward pass reaches them, but for
+    the pinned ones, read once (storage/layer_stream.py); embedding rows read on demand."""
 
-    def __init__(self, source: SingleFileSource, path: RunPath, window: int):
+    def __init__(self, source: SingleFileSource, path: RunPath, window: int, pinned: tuple[int | str, ...] = ()):
         c = source.config
-        self.quantized, self.stream = path.quantized, LayerStream(source, window, c.layers_only)
+        self.quantized, self.stream = path.quantized, LayerStream(source, window, c.layers_only, pinned)
         self.embedding = None if c.layers_only else StreamedRows(source, EMBEDDING_WEIGHT)
         self._head_name = output_weight(c)
 

@@ -45,19 +45,21 @@ def greedy(model: Model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("window", [1, 2])
-def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window):
+@pytest.mark.parametrize("window,pinned", [(1, ()), (2, ()), (2, (0, 1, 2, 17, "head"))])
+def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window, pinned):
     source = open_model(str(smollm2_single))
-    resident, streamed = Model(source, quantized=True), Model(open_model(str(smollm2_single)), True, window)
+    resident = Model(source, quantized=True)
+    streamed = Model(open_model(str(smollm2_single)), True, window, pinned=pinned)
     ids = Engine(resident, Tokenizer(source.tokenizer)).chat_ids([{"role": "user", "content": "Give me a recipe for pancakes."}])
     assert greedy(streamed, ids, 24) == greedy(resident, ids, 24)
-    stats = streamed.weights.stream.stats
-    # Each forward pass read every layer and the head once, through `window` slots only; the slots
-    # already hold the next pass's first units.
-    units = streamed.weights.stream.units
+    stream = streamed.weights.stream
+    # Each forward pass read every streamed unit once, through `window` slots only; the slots already
+    # hold the next pass's first units. The pinned ones were read once.
+    units, stats = stream.streamed, stream.stats
+    assert len(units) == len(stream.units) - len(pinned) and stream.window == window
     assert stats.passes == 25 and stats.units == 25 * len(units) + window
     assert stats.bytes_read == 25 * sum(u.size for u in units) + sum(u.size for u in units[:window])
-    assert streamed.weights.stream.window == window
+    assert stats.pinned_bytes == sum(u.size for u in stream.units if u.key in pinned)
 
 
 def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
@@ -75,6 +77,26 @@ def test_the_preflight_picks_a_window_within_the_limit(tiny_q4):
     assert runs[0].token_ids == runs[1].token_ids
     with pytest.raises(EdgeInferError, match="too small"):
         plan_memory(source, 64, free.runtime, free.kv_cache)
+
+
+def test_the_plan_pins_what_fits_and_streams_the_rest(tiny_q4):
+    source = open_model(str(tiny_q4))
+    free = plan_memory(source, 64, None, cache_bytes(source, 64, choose_path(source, True)))
+    units = file_units(source)
+    # room for the units but not the whole file (the embedding, too, streams: rows on demand)
+    limit = free.runtime + free.kv_cache + free.scratch + sum(u.size for u in units)
+    plan = plan_memory(source, 64, limit, free.kv_cache)
+    assert plan.window == 2 and plan.need <= limit < free.need
+    assert plan.pinned_bytes + plan.streamed_bytes == sum(u.size for u in units)
+    # the head pinned, the two layers (each larger than the head) through the two slots
+    assert plan.pinned == ("head",) and plan.streamed_bytes == units[0].size + units[1].size
+    assert f"{len(plan.pinned)} of {len(units)} units pinned" in plan.describe()
+    streamed = Model(open_model(str(tiny_q4)), True, plan.window, pinned=plan.pinned)
+    ids = list(range(3, 10))
+    assert greedy(streamed, ids, 12) == greedy(Model(source, True), ids, 12)
+    stats = streamed.weights.stream.stats
+    assert stats.pinned_bytes == plan.pinned_bytes and stats.passes == 13
+    assert stats.bytes_read == 13 * plan.streamed_bytes + 2 * plan.slot  # and the slots refilled ahead
 
 
 def test_units_are_whole_pages_of_the_file(tiny_q4):

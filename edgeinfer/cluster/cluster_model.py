@@ -128,7 +128,8 @@ class ClusterModel:
         run_path = choose_path(source, self.quantized, self.attention)
         plan = plan_memory(source, self.context, self.mem_limit, cache_bytes(source, self.context, run_path))
         log(plan.describe())
-        return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention)
+        return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention,
+                     pinned=plan.pinned)
 
     def new_cache(self, capacity: int) -> ClusterCache:
         if capacity > self.context:  # the workers' caches are made at load: reload with this size

@@ -150,13 +150,13 @@ class Worker:
             if self.mem_limit is not None:  # stream from a file of the share alone
                 shard = open_model(str(shard_file(shard, path.parent, path.stem,
                                                   lambda done, total: self.send("progress", done=done, total=total))))
-        window = None
+        window, pinned = None, ()
         if self.mem_limit is not None:
             run_path = choose_path(shard, not f["exact"], f["attention"])
             plan = plan_memory(shard, f["context"], self.mem_limit, cache_bytes(shard, f["context"], run_path))
             log(plan.describe())
-            window = plan.window
-        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window)
+            window, pinned = plan.window, plan.pinned
+        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, pinned=pinned)
         self.model.allreduce = partial_to_float  # compile both halves now, not at the first step
         self.model.warm_up()
         self.cache = self.model.new_cache(f["context"])

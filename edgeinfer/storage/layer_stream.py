@@ -1,9 +1,10 @@
-"""The sliding-window layer stream (TPI-LLM): a model larger than memory runs with W units resident.
+"""The sliding-window layer stream (TPI-LLM): a model larger than memory runs with the units that fit
+pinned in memory and the others read, every forward pass, through a window of W slots.
 
 A unit is what the single file stores contiguously and page-aligned: one layer, or the output head.
-W slots are allocated once; a reader thread fills them with the next units in the order the
-forward pass uses them (layer 0, 1, ..., head, then layer 0 again for the next token) while the
-current unit computes. Reads are explicit `preadv` calls into the slots (they release the GIL) and
+Pinned units are read once ("LLM in a flash" keeps what fits resident). W slots are allocated once; a
+reader thread fills them with the next streamed units in the order the forward pass uses them
+(layer 0, 1, ..., head, then layer 0 again for the next token) while the current unit computes. Reads are explicit `preadv` calls into the slots (they release the GIL) and
 each unit's pages are dropped from the page cache after the read, so resident memory is what the
 stream decides, not what the kernel happens to cache.
 
@@ -38,8 +39,9 @@ class StreamStats:
     read_seconds: float = 0.0  # the reader thread's time in preadv
     wait_seconds: float = 0.0  # the compute's time blocked on a unit not yet read
     units: int = 0
-    passes: int = 0  # forward passes (each reads every unit once)
+    passes: int = 0  # forward passes (each reads every streamed unit once)
     busy_seconds: float = 0.0  # from each pass's first acquire to its head's release
+    pinned_bytes: int = 0  # read once, held across passes
 
     @property
     def read_mb_s(self) -> float:
@@ -48,47 +50,57 @@ class StreamStats:
     def describe(self) -> str:
         per_pass = self.bytes_read / max(self.passes, 1) / 1e6
         waited = self.wait_seconds / self.busy_seconds if self.busy_seconds else 0.0
-        return (f"stream: {per_pass:.0f} MB read per forward pass at {self.read_mb_s:.0f} MB/s; the compute "
-                f"waited for reads {waited:.0%} of the time")
+        return (f"stream: {per_pass:.0f} MB read per forward pass at {self.read_mb_s:.0f} MB/s "
+                f"({self.pinned_bytes / 1e6:.0f} MB pinned); the compute waited for reads {waited:.0%} of the time")
 
 
 @dataclass
 class _Load:
-    unit: int  # index into the units list
+    unit: int  # index into the streamed units
     slot: np.ndarray
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
 
 
 class LayerStream:
-    """W slots cycling over the units; acquire(i) returns unit i's view once it is read."""
+    """The pinned units, and W slots cycling over the others; acquire(key) returns the unit's view
+    once it is read."""
 
-    def __init__(self, source: SingleFileSource, window: int, layers_only: bool = False):
+    def __init__(self, source: SingleFileSource, window: int, layers_only: bool = False,
+                 pinned: tuple[int | str, ...] = ()):
+        """pinned: the keys of the units held across passes (memory_plan.py chooses them)."""
         self.source, self.units = source, file_units(source, layers_only)
         if window < 1:
             raise EdgeInferError("the streaming window needs at least one unit slot")
-        self.window = min(window, len(self.units))
-        slot_bytes = max(u.size for u in self.units)
+        self.streamed = [u for u in self.units if u.key not in pinned]
+        self.window = min(window, len(self.streamed))
+        slot_bytes = max((u.size for u in self.streamed), default=0)
         self._free = [aligned_buffer(slot_bytes) for _ in range(self.window)]
         self._fd, self.direct = open_direct(source.path)
+        self.stats = StreamStats()
+        self._pinned = {u.key: self._read_pinned(u) for u in self.units if u.key in pinned}
         self._pending: deque[_Load] = deque()
         self._requests: deque[_Load] = deque()
         self._wake = threading.Condition()
         self._next = 0
-        self.stats = StreamStats()
         self._pass_started = time.perf_counter()
         # A daemon: it lives as long as the model, waiting for requests, and ends with the process.
         self._reader = threading.Thread(target=self._read_loop, name="edgeinfer-prefetch", daemon=True)
         self._reader.start()
         self._fill()
 
-    def index(self, key: int | str) -> int:
-        return next(i for i, u in enumerate(self.units) if u.key == key)
+    def _read_pinned(self, unit: Unit) -> UnitView:
+        buffer = aligned_buffer(unit.size)
+        self._read(unit, buffer)
+        self.stats.pinned_bytes += unit.size
+        return UnitView(self.source, unit, buffer)
 
     def acquire(self, key: int | str) -> UnitView:
-        i = self.index(key)
-        if i == 0:
+        if key == self.units[0].key:
             self._pass_started = time.perf_counter()
+        if key in self._pinned:
+            return self._pinned[key]
+        i = next(i for i, u in enumerate(self.streamed) if u.key == key)
         if not self._pending or self._pending[0].unit != i:
             self._realign(i)
         load = self._pending[0]
@@ -98,22 +110,24 @@ class LayerStream:
             self.stats.wait_seconds += time.perf_counter() - t
         if load.error is not None:
             raise load.error
-        return UnitView(self.source, self.units[i], load.slot)
+        return UnitView(self.source, self.streamed[i], load.slot)
 
     def release(self, key: int | str) -> None:
-        if self.index(key) == len(self.units) - 1:  # the end of a forward pass
+        if key == self.units[-1].key:  # the end of a forward pass
             self.stats.passes += 1
             self.stats.busy_seconds += time.perf_counter() - self._pass_started
+        if key in self._pinned:
+            return
         load = self._pending.popleft()
         self._free.append(load.slot)
         self._fill()
 
     def _fill(self) -> None:
-        """Queue the next units, in forward order, into the free slots."""
+        """Queue the next streamed units, in forward order, into the free slots."""
         with self._wake:
             while self._free:
                 load = _Load(self._next, self._free.pop())
-                self._next = (self._next + 1) % len(self.units)
+                self._next = (self._next + 1) % len(self.streamed)
                 self._pending.append(load)
                 self._requests.append(load)
             self._wake.notify()
@@ -132,7 +146,7 @@ class LayerStream:
                 while not self._requests:
                     self._wake.wait()
                 load = self._requests.popleft()
-            unit = self.units[load.unit]
+            unit = self.streamed[load.unit]
             t = time.perf_counter()
             try:
                 self._read(unit, load.slot)

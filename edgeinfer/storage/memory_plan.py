@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import EdgeInferError
 from .source import WeightSource
-from .units import file_units
+from .units import Unit, file_units
 
 
 def parse_size(text: str) -> int:
@@ -44,16 +44,22 @@ def available_memory() -> int:
 KERNELS_ALLOWANCE = 160 << 20
 
 
+STREAM_SLOTS = 2  # a streamed unit computes in one slot while the next is read into the other
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     weights: int  # every tensor, as the file stores it
-    slot: int  # the largest unit (a layer, or the head)
+    slot: int  # the largest streamed unit (a layer, or the head)
     units: int
     kv_cache: int
     scratch: int
     runtime: int  # this process before loading, plus the kernels' allowance
     limit: int | None
-    window: int | None  # None: fully resident
+    window: int | None  # slots for the streamed units; None: fully resident
+    pinned: tuple[int | str, ...] = ()  # the keys of the units held across passes while the others stream
+    pinned_bytes: int = 0
+    streamed_bytes: int = 0  # read per forward pass
 
     @property
     def resident_need(self) -> int:
@@ -63,7 +69,7 @@ class MemoryPlan:
     def need(self) -> int:
         if self.window is None:
             return self.resident_need
-        return self.runtime + self.kv_cache + self.scratch + self.window * self.slot
+        return self.runtime + self.kv_cache + self.scratch + self.pinned_bytes + self.window * self.slot
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
@@ -72,16 +78,34 @@ class MemoryPlan:
         if self.window is None:
             plan = f"fully resident, {mb(self.need)}"
         else:
-            plan = (f"streaming, window of {self.window} of {self.units} layer slots ({mb(self.window * self.slot)}), "
-                    f"{mb(self.need)}")
+            plan = (f"streaming: {len(self.pinned)} of {self.units} units pinned ({mb(self.pinned_bytes)}), the other "
+                    f"{self.units - len(self.pinned)} read through a window of {self.window} slots "
+                    f"({mb(self.window * self.slot)}), {mb(self.streamed_bytes)} read per token, {mb(self.need)}")
         return f"{head}; plan: {plan}" + (f" within --mem-limit {mb(self.limit)}" if self.limit else "")
+
+
+def pin_units(units: list[Unit], room: int, slots: int) -> tuple[list[Unit], list[Unit]] | None:
+    """(pinned, streamed): the units to hold across passes, largest first (the slots are as large as
+    the largest streamed unit), so that they and `slots` slots for the others fit in `room` bytes;
+    None when not even the slots fit. At least one unit streams."""
+    pinned: list[Unit] = []
+    streamed = sorted(units, key=lambda u: -u.size)  # stable: equal units stay in file order
+    for unit in list(streamed):
+        rest = [u for u in streamed if u is not unit]
+        if rest and sum(p.size for p in pinned) + unit.size + slots * max(u.size for u in rest) <= room:
+            pinned, streamed = pinned + [unit], rest
+    if sum(p.size for p in pinned) + slots * max(u.size for u in streamed) > room:
+        return None
+    order = {u.key: i for i, u in enumerate(units)}
+    return sorted(pinned, key=lambda u: order[u.key]), sorted(streamed, key=lambda u: order[u.key])
 
 
 def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512) -> MemoryPlan:
     """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
-    limit, the memory available now), else the widest window that does. kv_cache: its bytes at
-    `context` (kv_cache.cache_bytes). A layers-only source (a cluster worker's share) has no
-    embedding or head to hold."""
+    limit, the memory available now), else the units that fit pinned and the others streamed through
+    STREAM_SLOTS slots (one if two do not fit). kv_cache: its bytes at `context`
+    (kv_cache.cache_bytes). A layers-only source (a cluster worker's share) has no embedding or head
+    to hold."""
     c = source.config
     units = file_units(source, c.layers_only) if source.can_stream else None
     weights = sum(u.size for u in units) if units and c.layers_only else source.file_size()
@@ -97,11 +121,15 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
         raise EdgeInferError(f"{source.path} needs {plan.resident_need / 2**20:.0f} MB resident but "
                              f"{'--mem-limit' if limit else 'this machine'} allows {budget / 2**20:.0f} MB; "
                              "streaming needs edgeinfer's single file: edgeinfer convert MODEL -o FILE --bits 4")
-    window = min(plan.units, (budget - runtime - kv_cache - scratch) // slot)
-    if window < 1:
-        least = runtime + kv_cache + scratch + slot
-        raise EdgeInferError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
-                             f"the least this model runs in at --ctx {context} is {least / 2**20:.0f} MB (runtime "
-                             f"{runtime / 2**20:.0f} + KV cache {kv_cache / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
-                             f"one layer slot {slot / 2**20:.0f})")
-    return MemoryPlan(weights, slot, plan.units, kv_cache, scratch, runtime, limit, int(window))
+    for slots in (STREAM_SLOTS, 1):
+        split = pin_units(units, budget - runtime - kv_cache - scratch, slots)
+        if split is not None:
+            pinned, streamed = split
+            return MemoryPlan(weights, max(u.size for u in streamed), plan.units, kv_cache, scratch, runtime, limit,
+                              slots, tuple(u.key for u in pinned), sum(u.size for u in pinned),
+                              sum(u.size for u in streamed))
+    least = runtime + kv_cache + scratch + slot
+    raise EdgeInferError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
+                         f"the least this model runs in at --ctx {context} is {least / 2**20:.0f} MB (runtime "
+                         f"{runtime / 2**20:.0f} + KV cache {kv_cache / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
+                         f"one layer slot {slot / 2**20:.0f})")
