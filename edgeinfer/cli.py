@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     worker.add_argument("--cache-dir", help="where model files pulled from the master are kept "
                         "(default: ~/.cache/edgeinfer/cluster)")
-    worker.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master (60)")
+    worker.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the master to answer (60; with --stay, "
+                        "forever); a line says so every 5 s")
     worker.add_argument("--stay", action="store_true", help="after a session, or when the master is lost, join "
                         "it again (a restarted master too) until stopped")
     worker.add_argument("--mem-limit", metavar="SIZE", help="keep within SIZE: this node's shard is written once "

@@ -23,7 +23,7 @@ import zmq
 from conftest import edgeinfer_cli
 
 from edgeinfer.cluster.plan import Share, plan_shares, split
-from edgeinfer.cluster.protocol import (MAX_HEADER, ProtocolError, decode, encode, encode_array)
+from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode, encode_array
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
 from edgeinfer.kernels.q4 import Q4Matrix
@@ -362,6 +362,62 @@ def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     assert (first + rest).decode() == alone.stdout, err
     assert "dropped worker" in err and "plan 2 over 2 nodes" in err, err
     finish(procs[0], 60)
+
+
+@pytest.mark.real_model
+def test_a_worker_started_before_its_master_says_so_and_waits(smollm2_single, alone, tmp_path):
+    """A worker says at once where it connects and keeps trying, a line every few seconds, until
+    its master starts; with nobody there, --timeout ends it with one error line and status 2."""
+    import time
+
+    port = free_port()
+    w = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
+    lines, deadline = [], time.monotonic() + 60
+    while not any("still trying" in line for line in lines):
+        ready, _, _ = select.select([w.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, lines  # a line within the deadline
+        lines.append(w.stderr.readline())
+        assert lines[-1], lines  # not the end of its output: the worker is still there
+    assert f"connecting to the master at tcp://127.0.0.1:{port}" in lines[0], lines
+    master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                   "--workers", "1", "--wait", "120")
+    code, out, err = finish(master)
+    assert code == 0 and out == alone(*PROMPT) and "plan 1 over 2 nodes" in err, err
+    code, _, err = finish(w, 60)
+    assert code == 0 and "the master ended the session" in err, err
+
+    lone = spawn("worker", "--join", f"127.0.0.1:{free_port()}", "--token", TOKEN, "--cache-dir",
+                 str(tmp_path / "lone"), "--timeout", "6", "-t", "1")
+    code, _, err = finish(lone, 60)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "still trying" in err and last.startswith("edgeinfer: error: no answer from the master"), err
+
+
+@pytest.mark.real_model
+def test_shard_files_of_an_earlier_plan_are_removed(smollm2_single, alone, tmp_path):
+    """A new plan replaces the shares: the worker removes the shard it pulled for the old one, and
+    the master the share files it wrote for it."""
+    home = {"EDGEINFER_HOME": str(tmp_path / "master")}  # the master's own cluster dir
+    pulled = tmp_path / "pulled"
+
+    def session(*caches: Path) -> None:
+        port = free_port()
+        master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                       "--workers", str(len(caches)), "--wait", "120", env=home)
+        procs = [worker(port, c) for c in caches]
+        code, out, err = finish(master)
+        assert code == 0 and out == alone(*PROMPT) and f"plan 1 over {len(caches) + 1} nodes" in err, err
+        for p in procs:
+            finish(p, 60)
+
+    session(pulled)
+    first = {p.name for p in pulled.glob("*.safetensors")}
+    written = {p.name for p in (tmp_path / "master" / "cluster").glob("*.safetensors")}
+    assert len(first) == 1 and len(written) == 1, (first, written)
+    session(pulled, held_model_dir(tmp_path, smollm2_single, "held"))  # a second worker: new shares
+    second = {p.name for p in pulled.glob("*.safetensors")}
+    assert len(second) == 1 and second != first, (first, second)
+    assert not written & {p.name for p in (tmp_path / "master" / "cluster").glob("*.safetensors")}
 
 
 @pytest.mark.real_model

@@ -27,7 +27,7 @@ from .allreduce import NodeLost
 from .master import Master, WorkerInfo
 from .node import fingerprint, gemv_speed, log
 from .plan import Share, node_weight, plan_around, plan_shares
-from .shard import ShardSource, shard_file, written_shards
+from .shard import ShardSource, remove_stale_shards, shard_file, shard_name, written_shards
 
 
 class ClusterCache:
@@ -94,6 +94,9 @@ class ClusterModel:
                 self.master.drop(e.identity, str(e))
                 continue
             self.local.allreduce = self.master.hub.allreduce if workers else None
+            if workers:  # alone after losing them all, keep their shards: they may rejoin
+                remove_stale_shards(cluster_dir(), self.fingerprint, {shard_name(self.fingerprint, shares[0], False)}
+                                    | {shard_name(self.fingerprint, s, True) for s in shares[1:]})
             self.plan_id += 1
             self._planned = [w.identity for w in workers]
             parts = [f"master KV heads {shares[0].kv_start}-{shares[0].kv_end} columns "

@@ -102,14 +102,27 @@ def shard_file(shard: ShardSource, folder: Path, stem: str,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """The share as a model file of its own (so that streaming reads only its slices), written once
     into `folder` (to a temporary name, then renamed) and reused while the plan gives the same share."""
-    s = shard.share
-    kind = ".layers" if shard.config.layers_only else ""
-    out = folder / f"{stem}.kv{s.kv_start}-{s.kv_end}.cols{s.col_start}-{s.col_end}{kind}.safetensors"
+    out = folder / shard_name(stem, shard.share, shard.config.layers_only)
     if not out.exists():
         folder.mkdir(parents=True, exist_ok=True)
         log(f"writing the share's own model file {out.name}")
         convert(shard, str(out), progress=progress)
     return out
+
+
+def shard_name(stem: str, share: Share, layers_only: bool) -> str:
+    kind = ".layers" if layers_only else ""
+    return f"{stem}.kv{share.kv_start}-{share.kv_end}.cols{share.col_start}-{share.col_end}{kind}.safetensors"
+
+
+def remove_stale_shards(folder: Path, stem: str, keep: set[str]) -> None:
+    """Remove the share files shard_file wrote into `folder` for `stem` but those named in `keep`:
+    a new plan replaced the plans that used them."""
+    for p in folder.glob(f"{glob.escape(stem)}.kv*.cols*.safetensors"):
+        if p.name not in keep and re.fullmatch(rf"{re.escape(stem)}\.kv\d+-\d+\.cols\d+-\d+(\.layers)?\.safetensors",
+                                               p.name):
+            p.unlink(missing_ok=True)
+            log(f"removed {p.name}, the share of an earlier plan")
 
 
 def written_shards(folder: Path, stem: str) -> dict[str, Share]:

@@ -11,6 +11,7 @@ goes through the master's star all-reduce (allreduce.py).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import time
@@ -26,14 +27,17 @@ from ..model import Model
 from ..paths import cluster_dir
 from ..run_path import choose_path
 from ..storage import open_model
+from ..storage.source import WeightSource
 from ..storage.memory_plan import available_memory, plan_memory, process_rss
 from .allreduce import StarMember
 from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
-from .protocol import (DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode)
+from .protocol import DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode
 from .shard import ShardSource, shard_file
 from .sockets import curve_client, endpoint
 
+SHARE_INDEX = "shares.json"  # the share files a worker pulled or wrote, and the model of each
+RETRY_NOTE = 5.0  # seconds between the lines that say a worker is still waiting for its master
 WRONG_KEY_FAILURES = 3  # ZeroMQ retries every 0.1 s: a wrong key fails each time, a passing glitch once
 
 
@@ -79,15 +83,24 @@ class Worker:
     def send(self, kind: str, payload=None, **fields) -> None:
         self.sock.send_multipart(encode(kind, payload, **fields))
 
-    def join(self) -> int:
+    def join(self, forever: bool = False) -> int:
+        """Say hello until the master answers (ZeroMQ reconnects meanwhile, so a master started
+        later, or restarted, is found): a line every RETRY_NOTE s, up to the timeout unless `forever`."""
+        log(f"connecting to the master at {self.address}")
         self.send("hello", token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
                   free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
                   models=self._held_models())
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        note, deadline = start + RETRY_NOTE, None if forever else start + self.timeout
         while True:
-            m = self.recv(max(0.0, deadline - time.monotonic()))
+            m = self.recv(max(0.0, (note if deadline is None else min(note, deadline)) - time.monotonic()))
             if m is None:
-                raise EdgeInferError(f"no answer from the master at {self.address} within {self.timeout:g} s")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise EdgeInferError(f"no answer from the master at {self.address} within {self.timeout:g} s")
+                log(f"no answer from the master at {self.address} after {note - start:.0f} s; still trying "
+                    "(is it started, and is this its address?)")
+                note += RETRY_NOTE
+                continue
             if m.kind == "refused":
                 raise Refused(f"the master refused this worker: {m.fields['reason']}")
             if m.kind == "welcome":
@@ -137,19 +150,8 @@ class Worker:
 
     def _load(self, m: Message) -> None:
         f = m.fields
-        if f["shard_fingerprint"] and not self._holds(f["fingerprint"], f["size"]):
-            shard = open_model(str(self._model_file(f["shard_fingerprint"], f["shard_size"])))
-            share = Share.parse(f["share"])
-            if (shard.config.num_kv_heads, shard.config.intermediate_size) != (share.kv_heads, share.columns):
-                raise EdgeInferError(f"the shard file does not hold the share {f['share']}")
-        else:
-            path = self._model_file(f["fingerprint"], f["size"])
-            source = open_model(str(path))
-            share = Share.from_dict(f["share"], source.config)
-            shard = ShardSource(source, share, layers_only=True)  # the master keeps embedding and head
-            if self.mem_limit is not None:  # stream from a file of the share alone
-                shard = open_model(str(shard_file(shard, path.parent, path.stem,
-                                                  lambda done, total: self.send("progress", done=done, total=total))))
+        shard, share, share_file = self._open_share(f)
+        self._keep_only(f["fingerprint"], share_file)
         window, pinned = None, ()
         if self.mem_limit is not None:
             run_path = choose_path(shard, not f["exact"], f["attention"])
@@ -166,6 +168,46 @@ class Worker:
         self.model.allreduce = self.member.allreduce
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
         self.send("ready", rss=process_rss())
+
+    def _open_share(self, f: dict) -> tuple[WeightSource, Share, Path | None]:
+        """The share to load as a source, and the file of it this worker pulled or wrote (None when
+        it slices the model file it holds)."""
+        if f["shard_fingerprint"] and not self._holds(f["fingerprint"], f["size"]):
+            share_file = self._model_file(f["shard_fingerprint"], f["shard_size"])
+            shard, share = open_model(str(share_file)), Share.parse(f["share"])
+            if (shard.config.num_kv_heads, shard.config.intermediate_size) != (share.kv_heads, share.columns):
+                raise EdgeInferError(f"the shard file does not hold the share {f['share']}")
+            return shard, share, share_file
+        path = self._model_file(f["fingerprint"], f["size"])
+        source = open_model(str(path))
+        share = Share.from_dict(f["share"], source.config)
+        shard = ShardSource(source, share, layers_only=True)  # the master keeps embedding and head
+        if self.mem_limit is None:
+            return shard, share, None
+        # stream from a file of the share alone
+        share_file = shard_file(shard, path.parent, path.stem,
+                                lambda done, total: self.send("progress", done=done, total=total))
+        return open_model(str(share_file)), share, share_file
+
+    def _keep_only(self, model_fp: str, share_file: Path | None) -> None:
+        """Remove the files of this model's earlier shares that this worker pulled or wrote (listed
+        in its cache dir's SHARE_INDEX): the plans that used them are gone."""
+        index_path = self.cache_dir / SHARE_INDEX
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        for name, model in list(index.items() if isinstance(index, dict) else []):
+            if model == model_fp and (share_file is None or name != share_file.name):
+                (self.cache_dir / name).unlink(missing_ok=True)
+                del index[name]
+                log(f"removed {name}, the share of an earlier plan")
+        if share_file is not None:
+            index[share_file.name] = model_fp
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
 
     def _holds(self, fp: str, size: int) -> bool:
         path = self.cache_dir / f"{fp}.safetensors"
@@ -239,7 +281,7 @@ def run_worker(join: str, token: str, cache_dir: str | None = None, timeout: flo
     while True:
         worker = Worker(join, token, cache_dir, timeout, mem_limit)
         try:
-            worker.join()
+            worker.join(forever=stay)
             worker.serve()
         except Refused:
             raise
