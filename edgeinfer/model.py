@@ -15,10 +15,10 @@ import numpy as np
 
 from .config import rope_inv_freq
 from .errors import EdgeInferError, UnsupportedModelError
-from .kernels.decode_layer import (DecodeScratch, decode_attention, decode_layer, decode_mlp, decode_scratch)
+from .kernels.decode_layer import DecodeScratch, decode_attention, decode_layer, decode_mlp, decode_scratch
 from .kernels.lut_attention import attend_causal_lut
 from .kernels.ops import LANES, attend_causal, rope_rows
-from .kernels.reference import (apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul)
+from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache
 from .run_path import choose_path

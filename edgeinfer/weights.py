@@ -12,7 +12,7 @@ from .run_path import RunPath
 from .storage.layer_stream import LayerStream, StreamedRows
 from .storage.single import SingleFileSource
 from .storage.source import WeightSource
-from .storage.tensor_names import (ATTN_NORM, EMBEDDING_WEIGHT, HEAD, MLP_NORM, layer_prefix, output_weight)
+from .storage.tensor_names import ATTN_NORM, EMBEDDING_WEIGHT, HEAD, MLP_NORM, layer_prefix, output_weight
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import (hf_logits, make_hf_model, permute_rope_rows, varied_lines, write_gguf)
+from conftest import hf_logits, make_hf_model, permute_rope_rows, varied_lines, write_gguf
 
 from edgeinfer.model import Model
 from edgeinfer.session import open_engine

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import (Footer, Input, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea)
+from textual.widgets import Footer, Input, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
 from edgeinfer.engine import Engine, Generation
 from edgeinfer.session import SessionOptions, close_session, open_session

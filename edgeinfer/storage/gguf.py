@@ -21,7 +21,7 @@ from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .source import WeightSource
-from .tensor_names import (EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix)
+from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
