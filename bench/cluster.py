@@ -115,19 +115,21 @@ def cli(*args: str) -> list[str]:
 
 
 def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, exact: bool,
-               worker_limit: str | None = None, ctx: int | None = None) -> dict:
+               worker_limit: str | None = None, ctx: int | None = None, threads: int = 1) -> dict:
     port = free_port()
-    common = ["-t", "1"] + (["--exact"] if exact else []) + (["-c", str(ctx)] if ctx else [])
+    common = ["-t", str(threads)] + (["--exact"] if exact else []) + (["-c", str(ctx)] if ctx else [])
     master = subprocess.Popen(cli("run", model, "-p", PROMPT, "-n", str(tokens), "--temp", "0", *common,
                                   "--listen", str(port), "--token", TOKEN, "--workers", str(nodes - 1),
                                   "--wait", "300", "--timeout", "120"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    proxies = [DelayProxy(port, rtt_ms, mbit) for _ in range(nodes - 1)]
-    workers = [subprocess.Popen(cli("worker", "--join", f"127.0.0.1:{p.port}", "--token", TOKEN, "-t", "1",
+    # plain loopback when the link has no delay and no cap, else through a delay relay each
+    ports = [port] * (nodes - 1) if not rtt_ms and not mbit else \
+        [DelayProxy(port, rtt_ms, mbit).port for _ in range(nodes - 1)]
+    workers = [subprocess.Popen(cli("worker", "--join", f"127.0.0.1:{p}", "--token", TOKEN, "-t", "1",
                                     "--timeout", "300", "--cache-dir", held_model_dir(model),
                                     *(["--mem-limit", worker_limit] if worker_limit else [])),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for p in proxies]
+               for p in ports]
     out, err = master.communicate(timeout=1800)
     werrs = [w.communicate(timeout=120)[1] for w in workers]
     if master.returncode != 0:
@@ -135,8 +137,12 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
     decode = re.search(r"decode: (\d+) tok, ([\d.]+) tok/s", err)
     n_decode, tok_s = int(decode.group(1)), float(decode.group(2))
     reduces = re.search(r"decode: (\d+) all-reduces: ([\d.]+) s waiting in them \(([\d.]+) ms each\), (\d+) KB", err)
-    row = {"nodes": nodes, "rtt_ms": rtt_ms, "mbit": mbit or None, "decode_tok_s": tok_s, "text": out,
+    row = {"nodes": nodes, "threads": threads, "rtt_ms": rtt_ms, "mbit": mbit or None, "decode_tok_s": tok_s, "text": out,
            "ms_per_token": 1e3 / tok_s if tok_s else None}
+    floors = [float(x) for x in re.findall(r"floor: a \d+-byte round trip to worker \d+ on the same sockets takes "
+                                           r"([\d.]+) ms", err)]
+    if floors:  # measured after the generation, between the same processes' sockets
+        row["floor_ms"] = min(floors)
     if reduces:
         row["allreduce_ms"] = float(reduces.group(3))
         row["master_wait_ms_per_token"] = row["allreduce_ms"] * 2 * _layers(model)  # two per layer
@@ -275,6 +281,7 @@ def main() -> None:
     ap.add_argument("--worker-mem-limit", metavar="SIZE", help="workers stream their shard within SIZE")
     ap.add_argument("--min-nodes", type=int, default=1)
     ap.add_argument("-c", "--ctx", type=int, help="context (KV cache) size; a small one lets a limit hold layers")
+    ap.add_argument("--alone-threads", type=int, default=0, help="also run one node with this many threads")
     args = ap.parse_args()
     if args.model is None:
         from edgeinfer.storage.fetch import pull
@@ -283,6 +290,9 @@ def main() -> None:
     rtts = [float(r) for r in args.rtt.split(",")]
     rows, latency = [], []
     if not args.skip_generation:
+        if args.alone_threads:
+            rows.append(generation(args.model, 1, 0.0, args.mbit, args.tokens, args.exact, None, args.ctx,
+                                   args.alone_threads))
         for rtt in rtts:
             for n in range(args.min_nodes, args.nodes + 1):
                 row = generation(args.model, n, rtt, args.mbit, args.tokens, args.exact, args.worker_mem_limit,
@@ -305,8 +315,10 @@ def main() -> None:
         w = "; ".join(f"worker compute {x['compute_ms_per_step']:.1f} ms/token, wait {x['wait_ms_per_step']:.1f}"
                       for x in r["workers"])
         split = f"master compute {r['master_compute_ms_per_token']:.1f} ms/token, waiting in all-reduces " \
-            f"{r['master_wait_ms_per_token']:.1f} ({r['allreduce_ms']:.2f} ms each); " if "allreduce_ms" in r else ""
-        print(f"summary: {r['nodes']} nodes RTT {r['rtt_ms']:g} ms: {r['decode_tok_s']:.2f} tok/s, "
+            f"{r['master_wait_ms_per_token']:.1f} ({r['allreduce_ms']:.3f} ms each, a plain round trip on the same " \
+            f"sockets {r.get('floor_ms', float('nan')):.3f}); " if "allreduce_ms" in r else ""
+        print(f"summary: {r['nodes']} nodes x {r['threads']} threads, RTT {r['rtt_ms']:g} ms: "
+              f"{r['decode_tok_s']:.2f} tok/s, "
               f"same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"
               + (f", workers {r['worker_rss_mb']} MB" if r["worker_rss_mb"] else "")
               + (f" ({split}{w})" if split or w else "") + (f" DROPPED: {r['dropped']}" if r["dropped"] else ""))

@@ -22,7 +22,7 @@ import pytest
 import zmq
 from conftest import edgeinfer_cli
 
-from edgeinfer.cluster.plan import Share, plan_shares, split
+from edgeinfer.cluster.plan import Share, plan_shares, split, with_head
 from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode, encode_array
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
@@ -54,6 +54,19 @@ def test_plan_covers_every_head_and_column_once():
     uneven = plan_shares(c, [3.0, 1.0])
     assert uneven[0].columns == 3 * uneven[1].columns  # shares follow the weights
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_the_master_takes_less_of_the_layers_for_running_the_head():
+    """Shares that even out the time per token: node i's layers take s_i / w_i, the master's plus
+    the head's cost (as a fraction of all layers) / w_0."""
+    for weights, head in (([1.0, 1.0], 0.47), ([2.0, 1.0, 1.0], 0.1), ([1.0, 3.0], 0.04)):
+        shares = with_head(weights, head)
+        times = [s / w for s, w in zip(shares, weights)]
+        times[0] += head / weights[0]
+        assert sum(shares) == pytest.approx(1.0) and max(times) == pytest.approx(min(times))
+    assert with_head([1.0, 1.0], 3.0)[0] > 0  # a head costlier than an even share: the master keeps a little
+    small = plan_shares(smol_config(), with_head([1.0, 1.0], 0.47))
+    assert small[0].kv_heads < small[1].kv_heads and small[0].columns < small[1].columns
 
 
 def test_a_plan_around_held_shards_gives_the_master_the_rest():
@@ -328,8 +341,8 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
         embedding = full.vocab_size * full.hidden_size * 5 // 8  # at least what its 4-bit rows take
         assert len(pulled) == 1 and pulled[0].stat().st_size < smollm2_single.stat().st_size - embedding
         assert "model.embed_tokens.weight" not in open_model(str(pulled[0])).names()
-        assert c.num_layers == full.num_layers and c.num_kv_heads < full.num_kv_heads  # a share, not the model
-        assert c.intermediate_size < full.intermediate_size
+        # a share, not the model (the master may hold no KV heads: it runs the head too, plan.with_head)
+        assert c.num_layers == full.num_layers and c.layers_only and c.intermediate_size < full.intermediate_size
     for p in procs:
         wcode, _, werr = finish(p, 60)
         assert wcode == 0 and "the master ended the session" in werr, werr
@@ -396,28 +409,38 @@ def test_a_worker_started_before_its_master_says_so_and_waits(smollm2_single, al
 @pytest.mark.real_model
 def test_shard_files_of_an_earlier_plan_are_removed(smollm2_single, alone, tmp_path):
     """A new plan replaces the shares: the worker removes the shard it pulled for the old one, and
-    the master the share files it wrote for it."""
+    the master the share files it wrote for shares no longer planned."""
+    import re
+
     home = {"EDGEINFER_HOME": str(tmp_path / "master")}  # the master's own cluster dir
     pulled = tmp_path / "pulled"
 
-    def session(*caches: Path) -> None:
+    def session(*caches: Path) -> tuple[set[tuple[int, ...]], tuple[int, ...]]:
+        """The plan's shares, and the share of the worker that pulls."""
         port = free_port()
         master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
                        "--workers", str(len(caches)), "--wait", "120", env=home)
         procs = [worker(port, c) for c in caches]
         code, out, err = finish(master)
         assert code == 0 and out == alone(*PROMPT) and f"plan 1 over {len(caches) + 1} nodes" in err, err
-        for p in procs:
+        werr = finish(procs[0], 60)[2]
+        for p in procs[1:]:
             finish(p, 60)
+        plan = {tuple(map(int, m)) for m in re.findall(r"KV heads (\d+)-(\d+) columns (\d+)-(\d+)", err)}
+        return plan, tuple(map(int, re.search(r"loaded its share: KV heads (\d+)-(\d+), MLP columns (\d+)-(\d+)",
+                                              werr).groups()))
 
-    session(pulled)
+    def written() -> set[tuple[int, ...]]:
+        names = [p.name for p in (tmp_path / "master" / "cluster").glob("*.safetensors")]
+        return {tuple(map(int, re.search(r"kv(\d+)-(\d+)\.cols(\d+)-(\d+)", n).groups())) for n in names}
+
+    _, first_share = session(pulled)
     first = {p.name for p in pulled.glob("*.safetensors")}
-    written = {p.name for p in (tmp_path / "master" / "cluster").glob("*.safetensors")}
-    assert len(first) == 1 and len(written) == 1, (first, written)
-    session(pulled, held_model_dir(tmp_path, smollm2_single, "held"))  # a second worker: new shares
+    assert len(first) == 1 and written() == {first_share}, (first, written())
+    plan, second_share = session(pulled, held_model_dir(tmp_path, smollm2_single, "held"))  # new shares
     second = {p.name for p in pulled.glob("*.safetensors")}
-    assert len(second) == 1 and second != first, (first, second)
-    assert not written & {p.name for p in (tmp_path / "master" / "cluster").glob("*.safetensors")}
+    assert len(plan) == 3 and written() <= plan and second_share in written(), (plan, written())
+    assert len(second) == 1 and (second != first) == (second_share != first_share), (first, second)
 
 
 @pytest.mark.real_model
@@ -573,12 +596,16 @@ def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path)
     port = free_port()
     w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir",
               str(held_model_dir(tmp_path, smollm2_single, "w")), "-t", "1", "--stay")
-    for session in range(2):
-        master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
-                       "--workers", "1", "--wait", "120")
-        code, out, err = finish(master)
-        assert code == 0 and out == alone(*PROMPT), err
-        assert "plan 1 over 2 nodes" in err, (session, err)
+    try:
+        for session in range(2):
+            master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                           "--workers", "1", "--wait", "120")
+            code, out, err = finish(master)
+            assert code == 0 and out == alone(*PROMPT), err
+            assert "plan 1 over 2 nodes" in err, (session, err)
+    except BaseException as e:
+        w.kill()  # a staying worker outlives a failed test otherwise
+        raise AssertionError(f"the worker said: {finish(w, 60)[2]}") from e
     w.send_signal(signal.SIGINT)
     code, _, err = finish(w, 60)
     assert err.count("joined tcp://") == 2 and err.count("the master ended the session") == 2, err

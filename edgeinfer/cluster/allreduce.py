@@ -58,7 +58,8 @@ class StarHub:
     def __init__(self, master: Hub, sync: str = "f4"):
         self.master, self.sync = master, sync
         self.seq = 0
-        self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0}  # decode all-reduces (one vector each)
+        # decode all-reduces (one vector each), and the last one's partial payload
+        self.stats = {"calls": 0, "wait_s": 0.0, "bytes": 0, "payload": 0}
 
     def allreduce(self, partial: np.ndarray) -> np.ndarray:
         seq, self.seq = self.seq, self.seq + 1
@@ -85,6 +86,7 @@ class StarHub:
             parts[identity] = a
             if partial.ndim == 1:
                 self.stats["bytes"] += len(m.payload)
+                self.stats["payload"] = len(m.payload)
         if wire == FIXED:
             total = partial_to_float(partial + sum(parts.values()))  # integers: any order gives the same sum
         else:

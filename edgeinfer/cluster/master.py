@@ -21,9 +21,9 @@ from ..storage import open_model
 from .allreduce import NodeLost, StarHub
 from .node import fingerprint, log
 from .plan import Share
-from .protocol import (FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array)
+from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array
 from .shard import ShardSource, shard_file
-from .sockets import curve_server, endpoint
+from .sockets import curve_server, endpoint, wait_readable
 
 PING_TIMEOUT = 5.0
 # A worker building its share and loading (or compiling) its kernels sends nothing for a while, all
@@ -73,7 +73,7 @@ class Master:
         Hellos are handled here; malformed messages are logged and dropped."""
         while True:
             wait = 1000 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            ready = self.sock.poll(min(wait, 1000))  # at least once a second: handshake failures
+            ready = wait_readable(self.sock, min(wait, 1000))  # at least once a second: handshake failures
             if self.monitor.handshake_failed():
                 log("a peer failed the encrypted handshake (a wrong join token?)")
             if not ready:
@@ -94,7 +94,11 @@ class Master:
                 log(f"dropped {m.kind} from a peer that has not joined")
 
     def _hello(self, identity: bytes, m: Message) -> None:
-        if any(w.identity == identity for w in self.workers + self.waiting):
+        waiting = next((w for w in self.waiting if w.identity == identity), None)
+        if waiting is not None:  # it said hello again: the welcome may not have reached it yet
+            self.send(identity, "welcome", node=waiting.node)
+            return
+        if any(w.identity == identity for w in self.workers):
             log(f"dropped a second hello from {self.name_of(identity)}")
             return
         reason = check_hello(m, self.token)
@@ -208,11 +212,34 @@ class Master:
         for w in self.workers:
             self.send_frames(w.identity, frames)
 
+    def round_trip(self, w: WorkerInfo, nbytes: int, rounds: int = 50) -> float:
+        """Median seconds for `nbytes` to go to a worker and come back on the sockets the
+        all-reduces use (the worker echoes it at once): their floor."""
+        times = []
+        for seq in range(rounds):
+            t = time.perf_counter()
+            self.send(w.identity, "echo", bytes(nbytes), seq=seq)
+            while True:
+                got = self.recv(time.monotonic() + PING_TIMEOUT)
+                if got is None:
+                    raise NodeLost(w.identity, f"{w.name} did not echo within {PING_TIMEOUT:g} s")
+                if got[0] == w.identity and got[1].kind == "echo" and got[1].fields["seq"] == seq:
+                    break
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
     def close(self, reason: str = "the master stopped") -> None:
         st = self.hub.stats
         if st["calls"]:
             log(f"decode: {st['calls']} all-reduces: {st['wait_s']:.3f} s waiting in them "
                 f"({st['wait_s'] / st['calls'] * 1e3:.3f} ms each), {st['bytes'] >> 10} KB sent and received")
+            for w in self.workers:
+                try:
+                    floor = self.round_trip(w, st["payload"])
+                except NodeLost:
+                    continue
+                log(f"floor: a {st['payload']}-byte round trip to {w.name} on the same sockets takes "
+                    f"{floor * 1e3:.3f} ms (median of 50)")
         for w in self.workers + self.waiting:
             try:
                 self.sock.send_multipart([w.identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)

@@ -46,6 +46,7 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "partial": {"seq": _INT, "dtype": _STR, "shape": _LIST},
     "failed": {"message": _STR},
     "pong": {},
+    "echo": {"seq": _INT},  # both ways: the worker sends back what the master sent (the sockets' floor)
     # master -> worker
     "welcome": {"node": _INT},
     "refused": {"reason": _STR},
@@ -59,7 +60,7 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "bye": {"reason": _STR},
 }
 ARRAY_KINDS = {"partial", "step", "sum"}
-DATA_KINDS = {"chunk"}
+DATA_KINDS = {"chunk", "echo"}
 
 
 class ProtocolError(EdgeInferError):

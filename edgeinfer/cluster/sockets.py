@@ -9,6 +9,7 @@ sees: both sides read it there, so both can say so.
 from __future__ import annotations
 
 import os
+import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -42,6 +43,28 @@ class Monitor:
         self.update()
         failed, self.failed = self.failed, 0
         return failed
+
+
+# A decode step's all-reduce mostly answers within this on loopback: wait for it awake, polling and
+# yielding the core (to ZeroMQ's I/O thread, and to the other nodes on one machine), rather than
+# sleeping in the kernel: waking a sleeping thread, on a VM's vCPU above all, costs about as much
+# as the round trip itself. Longer spins (2 ms) took cores from computing nodes when several share a
+# machine (measured in bench/RESULTS.md).
+SPIN_SECONDS = 0.0003
+
+
+def wait_readable(sock: zmq.Socket, timeout_ms: int) -> bool:
+    """Whether a message is ready within timeout_ms: polled awake for up to SPIN_SECONDS, then
+    waited for asleep."""
+    start = time.perf_counter()
+    spin_until = start + min(SPIN_SECONDS, timeout_ms / 1000)
+    while not sock.poll(0):
+        now = time.perf_counter()
+        if now >= spin_until:
+            rest = timeout_ms - int((now - start) * 1000)
+            return rest > 0 and bool(sock.poll(rest))
+        os.sched_yield()
+    return True
 
 
 def endpoint(address: str, default_host: str = "127.0.0.1") -> str:

@@ -34,10 +34,11 @@ from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
 from .protocol import DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode
 from .shard import ShardSource, shard_file
-from .sockets import curve_client, endpoint
+from .sockets import curve_client, endpoint, wait_readable
 
 SHARE_INDEX = "shares.json"  # the share files a worker pulled or wrote, and the model of each
 RETRY_NOTE = 5.0  # seconds between the lines that say a worker is still waiting for its master
+FRESH_SOCKET = 15  # seconds after which a worker waiting for its master starts over on a new socket
 WRONG_KEY_FAILURES = 3  # ZeroMQ retries every 0.1 s: a wrong key fails each time, a passing glitch once
 
 
@@ -65,7 +66,7 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 500 if deadline is None else max(0, min(500, int((deadline - time.monotonic()) * 1000)))
-            if not self.sock.poll(wait):
+            if not wait_readable(self.sock, wait):
                 self.failed_handshakes += self.monitor.handshake_failed()
                 if self.failed_handshakes >= WRONG_KEY_FAILURES and not self.joined:
                     raise Refused("the master refused the encrypted handshake: wrong join token")
@@ -85,11 +86,15 @@ class Worker:
 
     def join(self, forever: bool = False) -> int:
         """Say hello until the master answers (ZeroMQ reconnects meanwhile, so a master started
-        later, or restarted, is found): a line every RETRY_NOTE s, up to the timeout unless `forever`."""
+        later, or restarted, is found): a line every RETRY_NOTE s, up to the timeout unless `forever`.
+        The hello is said again with each line, and every FRESH_SOCKET s on a new socket: the first
+        may have gone to a master on its way out (one restarted on the same address), and seen
+        here, a socket could stay on a connection that never reached the new one."""
         log(f"connecting to the master at {self.address}")
-        self.send("hello", token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
-                  free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
-                  models=self._held_models())
+        hello = dict(token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
+                     free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
+                     models=self._held_models())
+        self.send("hello", **hello)
         start = time.monotonic()
         note, deadline = start + RETRY_NOTE, None if forever else start + self.timeout
         while True:
@@ -99,7 +104,11 @@ class Worker:
                     raise EdgeInferError(f"no answer from the master at {self.address} within {self.timeout:g} s")
                 log(f"no answer from the master at {self.address} after {note - start:.0f} s; still trying "
                     "(is it started, and is this its address?)")
+                if round(note - start) % FRESH_SOCKET == 0:
+                    self.close()
+                    self.sock, self.monitor = curve_client(zmq.Context.instance(), self.token, self.address)
                 note += RETRY_NOTE
+                self.send("hello", **hello)
                 continue
             if m.kind == "refused":
                 raise Refused(f"the master refused this worker: {m.fields['reason']}")
@@ -130,6 +139,8 @@ class Worker:
                     self._step(m)
                 elif m.kind == "ping":
                     self.send("pong")
+                elif m.kind == "echo":
+                    self.send("echo", m.payload, seq=m.fields["seq"])
                 else:
                     log(f"dropped an unexpected {m.kind}")
             except Interrupted as e:
