@@ -356,6 +356,21 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
         finish(again, 60)
 
 
+def test_a_cluster_cache_keeps_the_calls_that_filled_it():
+    """The calls a rebuild replays: a prompt as a batch, decoded tokens one by one, cut where the
+    engine truncates."""
+    from types import SimpleNamespace
+
+    from edgeinfer.cluster.cluster_model import ClusterCache
+
+    cache = ClusterCache(SimpleNamespace(local=SimpleNamespace(new_cache=lambda capacity: None), plan_id=0), 64)
+    cache.tokens, cache.calls = list(range(12)), [8, 1, 1, 1, 1]
+    cache.truncate(10)
+    assert cache.calls == [8, 1, 1] and cache.length == 10
+    cache.truncate(5)
+    assert cache.calls == [5] and cache.length == 5
+
+
 @pytest.mark.real_model
 def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     prompt = ["-p", "Write a short story about a robot.", "-n", "48", "--temp", "0", "-t", "1"]
@@ -365,9 +380,13 @@ def test_a_worker_killed_mid_generation(smollm2_single, tmp_path):
     master = spawn("run", str(smollm2_single), *prompt, "--listen", str(port), "--token", TOKEN,
                    "--workers", "2", "--wait", "120", "--timeout", "3", text=False)
     procs = [worker(port, held_model_dir(tmp_path, smollm2_single, f"w{i}")) for i in range(2)]
-    ready, _, _ = select.select([master.stdout], [], [], 300)
-    assert ready, "the master printed nothing"
-    first = os.read(master.stdout.fileno(), 8)  # the first text: generation has started
+    first = b""
+    while len(first) < 120:  # well into the reply (211 bytes): the rebuilt caches hold many decoded tokens
+        ready, _, _ = select.select([master.stdout], [], [], 300)
+        assert ready, "the master printed nothing"
+        piece = os.read(master.stdout.fileno(), 120 - len(first))
+        assert piece, first  # not the end of the reply yet
+        first += piece
     procs[1].send_signal(signal.SIGKILL)
     code, rest, err = finish(master)
     err = err.decode()

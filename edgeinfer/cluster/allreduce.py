@@ -29,7 +29,7 @@ class Hub(Protocol):
     workers: list
     timeout: float
 
-    def recv(self, deadline: float | None) -> tuple[bytes, Message] | None: ...
+    def recv(self, deadline: float | None, awaiting: list[bytes] = ()) -> tuple[bytes, Message] | None: ...
     def send_frames(self, identity: bytes, frames: list[bytes]) -> None: ...
     def name_of(self, identity: bytes) -> str: ...
 
@@ -69,7 +69,7 @@ class StarHub:
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.master.timeout
         while len(parts) < len(workers):
-            got = self.master.recv(deadline)
+            got = self.master.recv(deadline, [w.identity for w in workers if w.identity not in parts])
             if got is None:
                 late = next(w for w in workers if w.identity not in parts)
                 raise NodeLost(late.identity, f"{late.name} sent nothing for {self.master.timeout:g} s")

@@ -33,12 +33,15 @@ from .shard import ShardSource, remove_stale_shards, shard_file, shard_name, wri
 
 
 class ClusterCache:
-    """The engine's KV cache on a cluster: the tokens it holds and the master's own shard of it.
-    When the plan changes, the shards are rebuilt from the tokens."""
+    """The engine's KV cache on a cluster: the tokens it holds, the forward calls that put them in,
+    and the master's own shard of it. When the plan changes, the shards are rebuilt by the same
+    calls again: a prompt as a batch, generated tokens one at a time (the batched and the fused
+    decode paths round differently, and a rebuilt cache must be the very one a node alone holds)."""
 
     def __init__(self, model: "ClusterModel", capacity: int):
         self.capacity = capacity
         self.tokens: list[int] = []
+        self.calls: list[int] = []  # tokens per forward call, in order
         self.local = model.local.new_cache(capacity)
         self.plan = model.plan_id
 
@@ -48,6 +51,13 @@ class ClusterCache:
 
     def truncate(self, length: int) -> None:
         del self.tokens[length:]
+        kept, total = [], 0
+        for n in self.calls:
+            if total >= length:
+                break
+            kept.append(min(n, length - total))
+            total += kept[-1]
+        self.calls = kept
 
 
 class ClusterModel:
@@ -158,12 +168,15 @@ class ClusterModel:
                 self._replan()
         while True:
             try:
-                if cache.plan != self.plan_id:  # the shards moved: rebuild them from the tokens
+                if cache.plan != self.plan_id:  # the shards moved: rebuild them by the same calls
                     cache.local, cache.plan = self.local.new_cache(cache.capacity), self.plan_id
-                    if start:
-                        self._run(cache.tokens[:start], 0, cache.local, False)
+                    done = 0
+                    for n in cache.calls:
+                        self._run(cache.tokens[done:done + n], done, cache.local, False)
+                        done += n
                 logits = self._run(tokens, start, cache.local, all_logits)
                 cache.tokens[start:] = tokens
+                cache.calls.append(len(tokens))
                 return logits
             except NodeLost as e:
                 self.master.drop(e.identity, str(e))

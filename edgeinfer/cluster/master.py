@@ -68,9 +68,11 @@ class Master:
     def send(self, identity: bytes, kind: str, payload=None, **fields) -> None:
         self.send_frames(identity, encode(kind, payload, **fields))
 
-    def recv(self, deadline: float | None) -> tuple[bytes, Message] | None:
+    def recv(self, deadline: float | None, awaiting: list[bytes] = ()) -> tuple[bytes, Message] | None:
         """The next valid message from a known worker, or None at the deadline (monotonic seconds).
-        Hellos are handled here; malformed messages are logged and dropped."""
+        Hellos are handled here; malformed messages are logged and dropped. Every second without a
+        message, the `awaiting` workers are pinged: a worker whose connection is gone (a process
+        that died) raises NodeLost at once, not at the deadline."""
         while True:
             wait = 1000 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             ready = wait_readable(self.sock, min(wait, 1000))  # at least once a second: handshake failures
@@ -79,6 +81,8 @@ class Master:
             if not ready:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
+                for identity in awaiting:
+                    self.send(identity, "ping")  # router_mandatory: fails if its connection is gone
                 continue
             identity, *frames = self.sock.recv_multipart()
             try:
@@ -181,7 +185,7 @@ class Master:
         deadline = time.monotonic() + patience
         try:
             while len(ready) < len(self.workers):
-                got = self.recv(deadline)
+                got = self.recv(deadline, [w.identity for w in self.workers if w.identity not in ready])
                 if got is None:
                     late = next(w for w in self.workers if w.identity not in ready)
                     raise NodeLost(late.identity, f"{late.name} did not load its share within {patience:g} s")

@@ -251,6 +251,9 @@ class Worker:
         while offset < size:
             self.send("need", fingerprint=fp, offset=offset)
             m = self.recv(self.timeout)
+            while m is not None and m.kind == "ping":  # the master checks on a worker that keeps it waiting
+                self.send("pong")
+                m = self.recv(self.timeout)
             if m is None:
                 raise EdgeInferError(f"the master sent no model data within {self.timeout:g} s")
             if m.kind != "chunk" or m.fields["offset"] != offset or m.fields["fingerprint"] != fp:
