@@ -22,7 +22,8 @@ from .config import ModelConfig
 from .errors import ContextOverflowError
 from .kernels.kv_store import append_kv
 from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, lut_buffers
-from .run_path import RunPath
+from .run_path import RunPath, choose_path
+from .storage.memory_plan import MemoryPlan, plan_memory
 from .storage.source import WeightSource
 
 
@@ -98,3 +99,10 @@ def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
     before any weight is read (the memory plan's)."""
     books = source.key_codebooks() if path.lut else None
     return KVCache.size(source.config, capacity, books is not None, books.d_sub if books else None)
+
+
+def model_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
+                      attention: str = "exact") -> MemoryPlan:
+    """What a model of `source` needs at `context` and how it fits `limit` (storage/memory_plan.py),
+    its KV cache sized for the path it will run."""
+    return plan_memory(source, context, limit, cache_bytes(source, context, choose_path(source, quantized, attention)))

@@ -13,13 +13,11 @@ from .engine import Engine, default_context
 from .errors import EdgeInferError
 from .jit_cache import first_run
 from .kernels.simd import has_kernels
-from .kv_cache import cache_bytes
+from .kv_cache import model_memory_plan
 from .model import Model
 from .progress import StageProgress
-from .run_path import choose_path
 from .storage import open_model
 from .storage.fetch import ProgressFn, resolve_model
-from .storage.memory_plan import plan_memory
 from .tokenizer import Tokenizer
 
 Report = Callable[[str], None]
@@ -80,8 +78,7 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
     context = default_context(source.config, context)
-    run_path = choose_path(source, not float32, attention)
-    plan = plan_memory(source, context, mem_limit, cache_bytes(source, context, run_path))
+    plan = model_memory_plan(source, context, mem_limit, not float32, attention)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
     engine = Engine(Model(source, not float32, plan.window, attention, plan.pinned), Tokenizer(source.tokenizer), context)

@@ -17,12 +17,11 @@ import numpy as np
 
 from ..errors import ContextOverflowError
 from ..kernels.simd import partial_to_float
-from ..kv_cache import cache_bytes
+from ..kv_cache import model_memory_plan
 from ..model import Model
 from ..paths import cluster_dir
-from ..run_path import choose_path
 from ..storage import open_model
-from ..storage.memory_plan import available_memory, plan_memory
+from ..storage.memory_plan import available_memory
 from ..storage.source import WeightSource
 from ..storage.units import file_units
 from .allreduce import NodeLost
@@ -141,8 +140,7 @@ class ClusterModel:
                          attention=self.attention)
         if not alone:
             source = open_model(str(shard_file(ShardSource(source, share), cluster_dir(), self.fingerprint)))
-        run_path = choose_path(source, self.quantized, self.attention)
-        plan = plan_memory(source, self.context, self.mem_limit, cache_bytes(source, self.context, run_path))
+        plan = model_memory_plan(source, self.context, self.mem_limit, self.quantized, self.attention)
         log(plan.describe())
         return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention,
                      pinned=plan.pinned)

@@ -22,13 +22,12 @@ import zmq
 from .. import __version__
 from ..errors import EdgeInferError
 from ..kernels.simd import partial_to_float
-from ..kv_cache import cache_bytes
+from ..kv_cache import model_memory_plan
 from ..model import Model
 from ..paths import cluster_dir
-from ..run_path import choose_path
 from ..storage import open_model
 from ..storage.source import WeightSource
-from ..storage.memory_plan import available_memory, plan_memory, process_rss
+from ..storage.memory_plan import available_memory, process_rss
 from .allreduce import StarMember
 from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
@@ -165,8 +164,7 @@ class Worker:
         self._keep_only(f["fingerprint"], share_file)
         window, pinned = None, ()
         if self.mem_limit is not None:
-            run_path = choose_path(shard, not f["exact"], f["attention"])
-            plan = plan_memory(shard, f["context"], self.mem_limit, cache_bytes(shard, f["context"], run_path))
+            plan = model_memory_plan(shard, f["context"], self.mem_limit, not f["exact"], f["attention"])
             log(plan.describe())
             window, pinned = plan.window, plan.pinned
         self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, pinned=pinned)
