@@ -75,9 +75,9 @@ class KVCache:
 
     def append(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Keys (after RoPE) and values (kv_heads, count, head_dim) float32 of positions start.."""
-        keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
-        if self.kernels:
-            append_kv(self.k[layer], self.v[layer], self.lut[layer], keys, values, start)
+        if self.kernels:  # the kernel reads them as flat arrays
+            append_kv(self.k[layer], self.v[layer], self.lut[layer], np.ascontiguousarray(keys),
+                      np.ascontiguousarray(values), start)
         else:
             self.k[layer, :, start:start + keys.shape[1]] = keys
             self.v[layer, :, start:start + values.shape[1]] = values
