@@ -4,7 +4,7 @@ As llama-bench measures them: tg128 = 128 single-token evaluations after an empt
 pp512 = one 512-token batch; no sampling. llama.cpp is llama-cpp-python built natively in its own
 venv (bench/peer.py). Prints JSON and a one-line summary with the ratios edgeinfer / llama.cpp.
 
-    python bench/peer_llamacpp.py [--model smollm2-135m] [--threads 2] [--rounds 3]
+    python bench/peer_llamacpp.py [--model smollm2-135m | FILE.gguf] [--threads 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -46,25 +46,25 @@ def edgeinfer_round(path: str, threads: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="a catalog name or any GGUF file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     from edgeinfer.storage.fetch import fetch_gguf
 
-    path = str(fetch_gguf(args.model))
+    path = args.model if os.path.exists(args.model) else str(fetch_gguf(args.model))
     runs: dict[str, list[dict[str, float]]] = {"edgeinfer": [], "llama.cpp": []}
     for _ in range(args.rounds):  # alternate, so drift hits both alike
         runs["llama.cpp"].append(json.loads(run_in_peer(PEER_SCRIPT, path, str(args.threads))))
         runs["edgeinfer"].append(edgeinfer_round(path, args.threads))
-    result = {"model": args.model, "threads": args.threads, "rounds": args.rounds}
+    result = {"model": os.path.basename(args.model), "threads": args.threads, "rounds": args.rounds}
     for test in ("tg128", "pp512"):
         ours = statistics.median(r[test] for r in runs["edgeinfer"])
         peer = statistics.median(r[test] for r in runs["llama.cpp"])
         result[test] = {"edgeinfer_tok_s": round(ours, 1), "llamacpp_tok_s": round(peer, 1), "ratio": round(ours / peer, 3)}
     print(json.dumps(result, indent=1))
-    print(f"{args.model}, {args.threads} threads, median of {args.rounds} alternating rounds: "
+    print(f"{result['model']}, {args.threads} threads, median of {args.rounds} alternating rounds: "
           + "; ".join(f"{t} edgeinfer {result[t]['edgeinfer_tok_s']} vs llama.cpp {result[t]['llamacpp_tok_s']} tok/s "
                       f"(x{result[t]['ratio']})" for t in ("tg128", "pp512")))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import EdgeInferError
 from .kernels.simd import has_kernels
-from .storage.quantize import TYPES as QUANTIZED_TYPES
+from .storage.quantize import is_quantized_type, layout_of
 from .storage.source import WeightSource
 from .storage.tensor_names import PROJECTIONS, layer_prefix
 
@@ -30,14 +30,15 @@ def projection_types(source: WeightSource) -> set[str]:
 
 
 def choose_path(source: WeightSource, quantized: bool, attention: str = "exact") -> RunPath:
-    """quantized: run what the file stores as Q4_0/Q4_1/Q8_0 with the 4/8-bit kernels (on CPUs that
-    have their instructions); otherwise (--exact) everything is float32."""
+    """quantized: run what the file stores in a quantised type with the 4/8-bit kernels (on CPUs
+    that have their instructions); otherwise (--exact) everything is float32."""
     if attention not in ATTENTION_KINDS:
         raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
     quantized = quantized and has_kernels()
     types = projection_types(source)
-    fused = quantized and types <= set(QUANTIZED_TYPES)
-    precision = "f32" if not quantized else "q4" if types & {"Q4_0", "Q4_1"} else "q8" if "Q8_0" in types else "f32"
+    fused = quantized and all(map(is_quantized_type, types))
+    bits = {layout_of(t).bits for t in types if is_quantized_type(t)}
+    precision = "f32" if not quantized else "q4" if 4 in bits else "q8" if 8 in bits else "f32"
     if attention == "lut":
         if source.key_codebooks() is None:
             raise EdgeInferError(f"{source.path} has no LUT codebooks: run edgeinfer calibrate MODEL -f TEXT -o OUT "

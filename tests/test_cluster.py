@@ -95,9 +95,10 @@ def test_matrix_shards_are_bit_exact():
                             rng.standard_normal((rows, cols // 32)).astype(np.float32))
     q4_0 = Q4Matrix.from_rows(rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
                               rng.random((rows, cols // 32)).astype(np.float32))
-    q8 = Q8Matrix.from_parts(rng.integers(0, 256, (rows, cols), dtype=np.uint8),
-                             rng.random((rows, cols // 32)).astype(np.float16).view(np.uint16))
-    for m in (q4, q4_0, q8):
+    q8 = Q8Matrix.from_values(rng.integers(-128, 128, (rows, cols)), rng.random((rows, cols // 32)).astype(np.float16))
+    q8_16 = Q8Matrix.from_values(rng.integers(0, 256, (rows, cols)), rng.random((rows, cols // 16)).astype(np.float32),
+                                 rng.standard_normal((rows, cols // 16)).astype(np.float32))
+    for m in (q4, q4_0, q8, q8_16):
         full = m.dequantize()
         for r, c in ((slice(4, 20), slice(None)), (slice(None), slice(64, 256)), (slice(8, 12), slice(288, 320))):
             np.testing.assert_array_equal(m.select(r, c).dequantize(), full[r, c])

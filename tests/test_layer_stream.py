@@ -53,6 +53,7 @@ def test_smollm2_streamed_gives_the_resident_tokens(smollm2_single, window, pinn
     ids = Engine(resident, Tokenizer(source.tokenizer)).chat_ids([{"role": "user", "content": "Give me a recipe for pancakes."}])
     assert greedy(streamed, ids, 24) == greedy(resident, ids, 24)
     stream = streamed.weights.stream
+    stream.settle()
     # Each forward pass read every streamed unit once, through `window` slots only; the slots already
     # hold the next pass's first units. The pinned ones were read once.
     units, stats = stream.streamed, stream.stats
@@ -94,6 +95,7 @@ def test_the_plan_pins_what_fits_and_streams_the_rest(tiny_q4):
     streamed = Model(open_model(str(tiny_q4)), True, plan.window, pinned=plan.pinned)
     ids = list(range(3, 10))
     assert greedy(streamed, ids, 12) == greedy(Model(source, True), ids, 12)
+    streamed.weights.stream.settle()
     stats = streamed.weights.stream.stats
     assert stats.pinned_bytes == plan.pinned_bytes and stats.passes == 13
     assert stats.bytes_read == 13 * plan.streamed_bytes + 2 * plan.slot  # and the slots refilled ahead

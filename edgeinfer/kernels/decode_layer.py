@@ -8,7 +8,7 @@ themselves on a small model. Here the layer reads like model.py's forward pass:
     h += Wo attend(q, cache);  x = rmsnorm(h);  h += Wdown (silu(Wgate x) * Wup x)
 
 A matrix is passed as (bits, packed, scales, offsets, offset_factor): 4-bit (q4.py) or 8-bit
-(q8.py, which ignores the last two), so one compiled function serves any mix of the two.
+(q8.py), so one compiled function serves any mix of the two.
 
 Every product runs on all threads, even the small ones: between the parallel regions of one call
 the OpenMP threads spin rather than sleep, so a region costs about a microsecond (measured), not the
@@ -62,7 +62,7 @@ def matvec(m, xq, out):
     if bits == 4:
         q4_gemv(packed, scales, offsets, factor, lo, hi, xscales, xsums, out)
     else:
-        q8_gemv(packed, scales, flat, xscales, xsums, out)
+        q8_gemv(packed, scales, offsets, factor, flat, xscales, out)
 
 
 @njit(cache=True)

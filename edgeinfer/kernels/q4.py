@@ -2,8 +2,9 @@
 
 Group: 32 weights in 16 bytes, low nibbles weights 0..15, high nibbles 16..31 (GGUF's own order, so
 importing Q4_0 and Q4_1 only moves bytes). w = scale * nibble + offset, where the offset is
--8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1. Scales and minima are fp16,
-kept as their uint16 bits (the kernels widen them with vcvtph2ps): 5 bits per weight for Q4_1.
+-8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1 and Q4_K (-dmin * m). Scales
+and minima are fp16, kept as their uint16 bits (the kernels widen them with vcvtph2ps): 5 bits per
+weight for Q4_1; or float32 where fp16 cannot hold them exactly (Q4_K's d * sc): 6 bits.
 
 Rows go in blocks of 4 (padded with zero rows); within a block, for each chunk of 128 weights, the 4
 rows' 64 bytes lie next to each other, and so do their 4 x 4 scales (and minima). A 4-row step thus
@@ -56,23 +57,25 @@ def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.n
     return picked.reshape(len(ids), -1)[:, :width]
 
 
-def half_bits(a: np.ndarray) -> np.ndarray:
-    """Values as fp16, kept as uint16 bits (what the kernels load)."""
-    halves = np.asarray(a).astype(np.float16)
-    if not np.isfinite(halves).all():
-        raise EdgeInferError("a quantisation scale is too large for fp16")
-    return halves.view(np.uint16)
+def stored_scales(a: np.ndarray) -> np.ndarray:
+    """Scales (or minima) as the kernels load them: fp16 bits (uint16) when every value is an fp16
+    exactly (Q4_0, Q4_1, Q8_0), else float32 (a K-quant's sub-block scale d * sc needs up to 17
+    significant bits). Lossless either way; the kernels widen fp16 with vcvtph2ps."""
+    a = np.asarray(a, np.float32)
+    halves = a.astype(np.float16)
+    return halves.view(np.uint16) if np.array_equal(halves.astype(np.float32), a) else np.ascontiguousarray(a)
 
 
-def from_half_bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.float16).astype(np.float32)
+def scale_values(a: np.ndarray) -> np.ndarray:
+    """Stored scales (fp16 bits or float32) as float32."""
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else np.array(a, np.float32)
 
 
 @dataclass(frozen=True)
 class Q4Matrix:
     packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8
-    scales: np.ndarray  # (blocks, chunks * ROWS * 4) fp16 bits (uint16)
-    offsets: np.ndarray  # Q4_1: minima, laid out as scales; Q4_0: the scales array itself
+    scales: np.ndarray  # (blocks, chunks * ROWS * 4) fp16 bits (uint16) or float32
+    offsets: np.ndarray  # Q4_1, Q4_K: minima, laid out as scales; Q4_0: the scales array itself
     offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
     rows: int
     cols: int
@@ -98,9 +101,16 @@ class Q4Matrix:
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
         chunks, rows_padded = -(-cols // CHUNK), -(-rows // ROWS) * ROWS
-        sc = interleave(half_bits(scales), 4, rows_padded, chunks)
-        offsets = sc if minima is None else interleave(half_bits(minima), 4, rows_padded, chunks)
+        sc = interleave(stored_scales(scales), 4, rows_padded, chunks)
+        offsets = sc if minima is None else interleave(stored_scales(minima), 4, rows_padded, chunks)
         return cls(interleave(qs, 64, rows_padded, chunks), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+
+    @classmethod
+    def from_values(cls, q: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
+        """From nibble values 0..15 (rows, cols), per 32: w = scale * (q - 8), or scale * q + minimum."""
+        rows, cols = q.shape
+        g = q.astype(np.uint8).reshape(rows, cols // GROUP, GROUP)
+        return cls.from_rows((g[..., :16] | (g[..., 16:] << 4)).reshape(rows, cols // 2), scales, minima)
 
     @classmethod
     def from_gguf(cls, blocks: np.ndarray, cols: int, kind: str) -> "Q4Matrix":
@@ -111,13 +121,13 @@ class Q4Matrix:
         qs = np.ascontiguousarray(b[:, :, size - 16:]).reshape(b.shape[0], -1)
         return cls.from_rows(qs, halves[..., 0], halves[..., 1] if kind == "Q4_1" else None)
 
-    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(nibbles (rows, cols/2), scales and offsets (rows, cols/32)) of all rows or of `ids`,
-        undoing the interleave. The offsets are what is added to scale * nibble (-8 * scale for Q4_0)."""
+    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32) of all rows or of
+        `ids`, undoing the interleave; minima None for Q4_0, whose offset is -8 * scale."""
         groups = self.cols // GROUP
-        scales = from_half_bits(deinterleave(self.scales, 4, self.rows, groups, ids))
-        offsets = from_half_bits(deinterleave(self.offsets, 4, self.rows, groups, ids)) * np.float32(self.offset_factor)
-        return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, offsets
+        scales = scale_values(deinterleave(self.scales, 4, self.rows, groups, ids))
+        minima = None if self.offsets is self.scales else scale_values(deinterleave(self.offsets, 4, self.rows, groups, ids))
+        return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, minima
 
     def select(self, rows: slice, cols: slice) -> "Q4Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit: a tensor-parallel shard.
@@ -125,13 +135,13 @@ class Q4Matrix:
         c0, c1, _ = cols.indices(self.cols)
         if c0 % GROUP or c1 % GROUP:
             raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
-        groups = self.cols // GROUP
-        qs = deinterleave(self.packed, 64, self.rows, self.cols // 2)[rows, c0 // 2:c1 // 2]
-        scales = from_half_bits(deinterleave(self.scales, 4, self.rows, groups))[rows, c0 // GROUP:c1 // GROUP]
-        minima = None
-        if self.offset_factor == 1.0:
-            minima = from_half_bits(deinterleave(self.offsets, 4, self.rows, groups))[rows, c0 // GROUP:c1 // GROUP]
-        return Q4Matrix.from_rows(qs, scales, minima)
+        qs, scales, minima = self.row_major()
+        g = slice(c0 // GROUP, c1 // GROUP)
+        return Q4Matrix.from_rows(qs[rows, c0 // 2:c1 // 2], scales[rows, g], None if minima is None else minima[rows, g])
+
+    def offsets_of(self, scales: np.ndarray, minima: np.ndarray | None) -> np.ndarray:
+        """What is added to scale * nibble, per group: the minimum, or -8 * scale for Q4_0."""
+        return np.float32(self.offset_factor) * (scales if minima is None else minima)
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
@@ -142,11 +152,16 @@ class Q4Matrix:
         return 4, self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
-        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
-        qs, scales, offsets = self.row_major(ids)
+        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own
+        dequantisation computes them: d * (q - 8) for Q4_0, scale * q + minimum otherwise."""
+        qs, scales, minima = self.row_major(ids)
         b = qs.reshape(qs.shape[0], self.cols // GROUP, 16)
         q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
-        return (q * scales[:, :, None] + offsets[:, :, None]).reshape(qs.shape[0], self.cols)
+        if minima is None:
+            w = (q + np.float32(self.offset_factor)) * scales[:, :, None]
+        else:
+            w = q * scales[:, :, None] + minima[:, :, None] * np.float32(self.offset_factor)
+        return w.reshape(qs.shape[0], self.cols)
 
 
 @njit(inline="always")
@@ -257,7 +272,8 @@ def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
 def gemv_reference(m: Q4Matrix, x: Q8Activations) -> np.ndarray:
     """The same computation in numpy: integer dot of nibbles and int8 per group, then the scales and
     the offset term with the group's activation sum."""
-    qs, scales, offsets = m.row_major()
+    qs, scales, minima = m.row_major()
+    offsets = m.offsets_of(scales, minima)
     groups = m.cols // GROUP
     b = qs.reshape(m.rows, groups, 16)
     q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.int64)

@@ -1,9 +1,18 @@
-"""8-bit weights (GGUF Q8_0 groups, rows interleaved by 4) and their GEMV, AVX-512 VNNI.
+"""8-bit weights (GGUF Q8_0, and the 5/6/3/2-bit and IQ4 types laid out losslessly as bytes), rows
+interleaved by 4, and their GEMV with int8 activations (AVX-512 VNNI, or AVX2).
 
-Group: 32 int8 weights and an fp16 scale (uint16 bits, as in q4.py). They are stored offset by +128 as unsigned bytes, since
-vpdpbusd multiplies unsigned by signed bytes; w = scale * (byte - 128), so the -128 * scale term is
-the same per-group offset term the 4-bit kernel has, with factor -128. A 64-byte load is 2 groups of
-one row (8 lanes each); rows are interleaved by 4 as in q4.py. Used for the output head.
+A weight is a byte b (0..255) in a group of 32 or 16 weights with a scale and an offset:
+w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127; Q5_0, Q6_K,
+Q3_K, IQ4_NL, IQ4_XS) store them + 128, the offset is the scale itself and the factor -128, so
+w = scale * (b - 128) and no offset is stored; types with a minimum (Q5_1, Q5_K, Q2_K) store the
+unsigned integer, the minimum as the offset and factor 1. Scales and minima are fp16 bits when fp16
+holds them exactly, else float32 (q4.stored_scales). A 64-byte load is one row's 64 weights (2
+groups of 32 or 4 of 16); rows are interleaved by 4 as in q4.py.
+
+vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; the offset term needs the
+activations' sum over each group, also taken per lane (against a vector of ones, once per chunk for
+the 4 rows), so 16-weight groups cost what 32-weight groups do:
+    lane term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
 """
 
 from __future__ import annotations
@@ -15,26 +24,36 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import PREFETCH_STEPS, deinterleave, from_half_bits, interleave
-from .simd import (begin, dpbusd, expand2, finish2, fma, has_kernels, load_i8, mul, prefetch, row_accumulator, splat,
-                   to_f32, total, zeros_i32)
+from .q4 import PREFETCH_STEPS, deinterleave, interleave, scale_values, stored_scales
+from .simd import (begin, dpbusd, dpbusd_nibbles, expand2, expand4, finish2, fma, has_kernels, load_i8, mul, ones_i8,
+                   prefetch, row_accumulator, splat, to_f32, total, zeros_i32)
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
+SIGNED_FACTOR = -128.0  # bytes holding int8 + 128
 
 
 @dataclass(frozen=True)
 class Q8Matrix:
-    packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8, weight + 128
-    scales: np.ndarray  # (blocks, chunks * ROWS * 2) fp16 bits (uint16)
+    packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8
+    scales: np.ndarray  # (blocks, chunks * ROWS * groups per load) fp16 bits (uint16) or float32
+    offsets: np.ndarray  # minima laid out as scales, or the scales array itself (signed bytes)
+    offset_factor: float  # -128 (signed bytes) or 1 (minima)
     rows: int
     cols: int
     bits = 8
 
     @property
+    def group(self) -> int:
+        """Weights per scale: 32 or 16."""
+        loads = self.packed.shape[1] // 64
+        return WEIGHTS_PER_LOAD * loads // self.scales.shape[1] if loads else GROUP
+
+    @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes
+        extra = 0 if self.offsets is self.scales else self.offsets.nbytes
+        return self.packed.nbytes + self.scales.nbytes + extra
 
     @classmethod
     def from_gguf(cls, blocks: np.ndarray, cols: int) -> "Q8Matrix":
@@ -42,73 +61,99 @@ class Q8Matrix:
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 8-bit rows need a multiple of {GROUP}")
         b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, 34)
-        rows = b.shape[0]
-        scales = b[:, :, :2].copy().view(np.uint16)[..., 0]
-        weights = (b[:, :, 2:].reshape(rows, cols) ^ 0x80).astype(np.uint8)  # int8 + 128 as unsigned
-        return cls.from_parts(weights, scales)
+        scales = b[:, :, :2].copy().view(np.float16)[..., 0]
+        return cls.from_values(b[:, :, 2:].reshape(b.shape[0], cols).view(np.int8), scales)
 
     @classmethod
-    def from_parts(cls, weights: np.ndarray, scales: np.ndarray) -> "Q8Matrix":
-        """From row-major weights + 128 (rows, cols) uint8 and fp16 scale bits (rows, cols/32)."""
-        (rows, cols) = weights.shape
-        chunks, rows_padded = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS
-        return cls(interleave(weights, 64, rows_padded, chunks), interleave(scales, 2, rows_padded, chunks),
-                   rows, cols)
+    def from_values(cls, values: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q8Matrix":
+        """From integers (rows, cols) and per-group scales (rows, cols/group, group 32 or 16): signed
+        integers (-128..127) without minima, w = scale * value; unsigned (0..255) with them,
+        w = scale * value + minimum."""
+        rows, cols = values.shape
+        group = cols // scales.shape[1] if scales.shape[1] else GROUP
+        if cols % GROUP or group not in (16, 32):
+            raise ValueError(f"{cols} columns in groups of {group}: 8-bit rows need whole groups of 32 or 16")
+        bytes_ = (values.astype(np.int16) + 128 if minima is None else values).astype(np.uint8)
+        chunks, rows_padded, per = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS, WEIGHTS_PER_LOAD // group
+        sc = interleave(stored_scales(scales), per, rows_padded, chunks)
+        offsets = sc if minima is None else interleave(stored_scales(minima), per, rows_padded, chunks)
+        return cls(interleave(bytes_, 64, rows_padded, chunks), sc, offsets,
+                   SIGNED_FACTOR if minima is None else 1.0, rows, cols)
+
+    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32) of all
+        rows or of `ids`, undoing the interleave; minima None for signed integers."""
+        per, groups = WEIGHTS_PER_LOAD // self.group, self.cols // self.group
+        values = deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16)
+        scales = scale_values(deinterleave(self.scales, per, self.rows, groups, ids))
+        if self.offsets is self.scales:
+            return values - 128, scales, None
+        return values, scales, scale_values(deinterleave(self.offsets, per, self.rows, groups, ids))
 
     def select(self, rows: slice, cols: slice) -> "Q8Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
         c0, c1, _ = cols.indices(self.cols)
         if c0 % GROUP or c1 % GROUP:
             raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
-        weights = deinterleave(self.packed, 64, self.rows, self.cols)[rows, c0:c1]
-        scales = deinterleave(self.scales, 2, self.rows, self.cols // GROUP)[rows, c0 // GROUP:c1 // GROUP]
-        return Q8Matrix.from_parts(weights, scales)
+        values, scales, minima = self.row_major()
+        g = slice(c0 // self.group, c1 // self.group)
+        return Q8Matrix.from_values(values[rows, c0:c1], scales[rows, g], None if minima is None else minima[rows, g])
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
         return gemm8(self, x, out) if x.flat.ndim == 2 else gemv8(self, x, out)
 
     def kernel_args(self) -> tuple:
-        """The matrix as the fused decode layer takes it (decode_layer.py): no offsets of its own."""
-        return 8, self.packed, self.scales, self.scales, 0.0
-
-    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(int8 weights as int16, scales (rows, cols/32)) of all rows or of `ids`, undoing the interleave."""
-        w = deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16) - 128
-        return w, from_half_bits(deinterleave(self.scales, 2, self.rows, self.cols // GROUP, ids))
+        """The matrix as the fused decode layer takes it (decode_layer.py)."""
+        return 8, self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
-        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup)."""
-        w, scales = self.row_major(ids)
-        return (w.reshape(w.shape[0], -1, GROUP) * scales[:, :, None]).reshape(w.shape[0], self.cols).astype(np.float32)
+        """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own
+        dequantisation computes them: scale * value (+ minimum)."""
+        values, scales, minima = self.row_major(ids)
+        n, g = values.shape[0], self.group
+        w = values.reshape(n, -1, g).astype(np.float32) * scales[:, :, None]
+        if minima is not None:
+            w = w + minima[:, :, None]
+        return w.reshape(n, self.cols)
 
 
 @njit(inline="always")
-def _chunk(packed, scales, w, s, x, dx, osum, acc):
+def _per_lane(arr, s, per_load):
+    """A load's group values, each over the lanes of its group: 2 groups (32) or 4 (16)."""
+    if per_load == 2:
+        return expand2(arr, s)
+    return expand4(arr, s)
+
+
+@njit(inline="always")
+def _chunk(packed, scales, offsets, w, s, per_load, x, dx, xsum, acc):
     sums = dpbusd(zeros_i32(), load_i8(packed, w), x)
-    scale = expand2(scales, s)
-    return finish2(acc, fma(scale, osum, fma(to_f32(sums), mul(scale, dx), begin(acc))))
+    scale = _per_lane(scales, s, per_load)
+    return finish2(acc, fma(_per_lane(offsets, s, per_load), xsum, fma(to_f32(sums), mul(scale, dx), begin(acc))))
 
 
 @njit(inline="always")
-def _block(packed, scales, eighth, xflat, xscales, xsums, out, block):
-    chunks = packed.shape[1] // (ROWS * 64)
+def _block(packed, scales, offsets, factor, xflat, xscales, out, block):
+    loads = packed.shape[1] // 64
+    chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
     a0 = a1 = a2 = a3 = row_accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
         ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
         for line in range(ROWS):
             prefetch(packed, ahead + line * 64)
-        prefetch(scales, s + PREFETCH_STEPS * ROWS * 2)
+        prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
+        prefetch(offsets, s + PREFETCH_STEPS * ROWS * per_load)
         x = load_i8(xflat, c * 64)
         dx = expand2(xscales, c * 2)
-        osum = mul(expand2(xsums, c * 2), eighth)
-        a0 = _chunk(packed, scales, w, s, x, dx, osum, a0)
-        a1 = _chunk(packed, scales, w + 64, s + 2, x, dx, osum, a1)
-        a2 = _chunk(packed, scales, w + 128, s + 4, x, dx, osum, a2)
-        a3 = _chunk(packed, scales, w + 192, s + 6, x, dx, osum, a3)
+        xsum = mul(mul(to_f32(dpbusd_nibbles(zeros_i32(), ones_i8(), x)), dx), factor)
+        a0 = _chunk(packed, scales, offsets, w, s, per_load, x, dx, xsum, a0)
+        a1 = _chunk(packed, scales, offsets, w + 64, s + per_load, per_load, x, dx, xsum, a1)
+        a2 = _chunk(packed, scales, offsets, w + 128, s + 2 * per_load, per_load, x, dx, xsum, a2)
+        a3 = _chunk(packed, scales, offsets, w + 192, s + 3 * per_load, per_load, x, dx, xsum, a3)
         w += 256
-        s += 8
+        s += 4 * per_load
     store_block(out, block, a0, a1, a2, a3)
 
 
@@ -126,26 +171,26 @@ def store_block(out, block, a0, a1, a2, a3):
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, xflat, xscales, xsums, out):
-    eighth = splat(np.float32(-128 / 8))  # the -128 * scale offset, spread over a group's 8 lanes
+def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, out):
+    f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
-        _block(packed, scales, eighth, xflat, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, xflat, xscales, out, block)
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, xflat, xscales, xsums, out):
-    eighth = splat(np.float32(-128 / 8))
+def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, out):
+    f = splat(np.float32(factor))
     for block in range(packed.shape[0]):
-        _block(packed, scales, eighth, xflat, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, xflat, xscales, out, block)
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, xflat, xscales, xsums, out):
+def _gemm(packed, scales, offsets, factor, xflat, xscales, out):
     """out[t] = W x[t] for every token of a batch, each 4-row block read once (as in q4.py)."""
-    eighth = splat(np.float32(-128 / 8))
+    f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
         for t in range(xflat.shape[0]):
-            _block(packed, scales, eighth, xflat[t], xscales[t], xsums[t], out[t], block)
+            _block(packed, scales, offsets, f, xflat[t], xscales[t], out[t], block)
 
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:
@@ -159,20 +204,25 @@ def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
     _check(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
-    kernel(m.packed, m.scales, x.flat, x.scales, x.sums, out)
+    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, out)
     return out
 
 
 def gemm8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     _check(m, x)
-    _gemm(m.packed, m.scales, x.flat, x.scales, x.sums, out)
+    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, out)
     return out
 
 
 def gemv8_reference(m: Q8Matrix, x: Q8Activations) -> np.ndarray:
-    """The same computation in numpy: integer dot per group, then both scales."""
-    w, scales = m.row_major()
-    groups = m.cols // GROUP
-    dots = (w.reshape(m.rows, groups, GROUP).astype(np.int64) * x.int8()[None, :groups].astype(np.int64)).sum(axis=2)
-    return (dots * scales.astype(np.float64) * x.scales[None, :groups]).sum(axis=1)
+    """The same computation in numpy: integer dot per group, then both scales, plus the minima's term."""
+    values, scales, minima = m.row_major()
+    g, groups = m.group, m.cols // m.group
+    xs = x.int8()[:m.cols // GROUP].reshape(-1, g).astype(np.int64)  # (groups, g)
+    x_scales = np.repeat(x.scales[:m.cols // GROUP], GROUP // g).astype(np.float64)
+    dots = (values.reshape(m.rows, groups, g).astype(np.int64) * xs[None]).sum(axis=2)
+    out = dots * scales.astype(np.float64) * x_scales
+    if minima is not None:
+        out += minima.astype(np.float64) * xs.sum(axis=1)[None] * x_scales
+    return out.sum(axis=1)

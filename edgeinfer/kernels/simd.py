@@ -75,6 +75,14 @@ def _storer(vtype):
     return store
 
 
+@intrinsic
+def ones_i8(typingctx):
+    """64 bytes of 1: dpbusd against them sums 4 signed bytes per lane."""
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.VectorType(ir.IntType(8), 64), [1] * 64)
+    return V64I8(), codegen
+
+
 def _zeros(vtype):
     @intrinsic
     def zeros(typingctx):
@@ -182,7 +190,8 @@ def _expander(count: int, tiled: bool = False):
     return expand
 
 
-expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups
+expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups of 32
+expand4 = _expander(4)  # one float per 4 lanes: 4 groups of 16
 load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
 tile4 = _expander(4, tiled=True)  # 4 floats repeated 4 times: a chunk's 4 groups for each of 4 rows
 

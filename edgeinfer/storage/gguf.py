@@ -1,6 +1,7 @@
 """GGUF importer: llama.cpp's file format, read with the `gguf` package.
 
-Tensors are renamed to Hugging Face's names and dequantised to float32 on request. llama.cpp's
+Tensors are renamed to Hugging Face's names; quantised ones come in as the kernels' matrices
+(gguf_quants.py), and any dequantises to float32 on request. llama.cpp's
 converter permutes the Q and K rows of `llama` models for its RoPE layout; that is undone here so
 the forward pass has one RoPE convention (rotate-half, as transformers).
 """
@@ -20,13 +21,14 @@ from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
+from .gguf_quants import DECODERS, gguf_matrix
+from .quantize import GGUF_LAYOUTS
 from .source import WeightSource
 from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                   "Q6_K"}
+SUPPORTED_TYPES = {"F32", "F16", "BF16", *GGUF_LAYOUTS}
 _GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
                  "output.weight": LM_HEAD_WEIGHT, "rope_freqs.weight": ROPE_FREQS}
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -245,10 +247,12 @@ class GGUFSource(WeightSource):
     def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
         t = self._tensors[name]
         kind = t.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1", "Q8_0"):
+        if kind not in GGUF_LAYOUTS or len(t.shape) != 2:
             return None
         rows, cols = self.stored_shape(name)
         blocks = self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1))
+        if kind in DECODERS:
+            return gguf_matrix(kind, blocks, cols)
         return Q8Matrix.from_gguf(blocks, cols) if kind == "Q8_0" else Q4Matrix.from_gguf(blocks, cols, kind)
 
     def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:

@@ -122,6 +122,11 @@ class LayerStream:
         self._free.append(load.slot)
         self._fill()
 
+    def settle(self) -> None:
+        """Wait for the reads already queued ahead (the slots refilled for the next pass)."""
+        for load in list(self._pending):
+            load.done.wait()
+
     def _fill(self) -> None:
         """Queue the next streamed units, in forward order, into the free slots."""
         with self._wake:

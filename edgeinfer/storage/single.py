@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import EdgeInferError, ModelFormatError
 from ..kernels.activations import GROUP
 from ..tokenizer import TokenizerSpec
-from .quantize import (TYPES, Matrix, kind_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
+from .quantize import (Matrix, fits, layout_of, matrix_from_parts, matrix_parts, part_entries, quantize_q4_1,
                        quantize_q8_0, read_index)
 from .safetensors import PAD_PREFIX, SafetensorsFile, TensorEntry, write_safetensors
 from .source import KeyCodebooks, SafetensorsSource, WeightSource
@@ -111,25 +111,26 @@ class SingleFileSource(SafetensorsSource):
 
 
 def target_type(source: WeightSource, name: str, bits: int | None) -> str | None:
-    """The quantised type `name` gets in the file, or None for float. bits None keeps what the source
-    stores (its Q4_0/Q4_1/Q8_0 matrices stay as they are); 4 puts projections in 4 bits (keeping a
-    source's own 4-bit type, else Q4_1) and the embedding and head in 8; 8 puts all in 8; 16, none."""
-    shape, stored = source.stored_shape(name), source.stored_type(name)
+    """The quantised layout `name` gets in the file, or None for float. bits None keeps what the
+    source stores (its quantised matrices come in losslessly, gguf_quants.py); 4 puts projections
+    in 4 bits (keeping a source's own 4-bit layout, else Q4_1) and the embedding and head in 8; 8
+    puts all in 8 (keeping a source's own 8-bit layout, else Q8_0); 16, none."""
+    shape, stored = source.stored_shape(name), layout_of(source.stored_type(name))
     if len(shape) != 2 or name == ROPE_FREQS or shape[1] % GROUP:
         return None
     if bits is None:
-        return stored if stored in TYPES else None
+        return stored.name if stored else None
     if bits == 16:
         return None
     if bits == 8 or name in ENDS:  # embedding and head: 8 bits when the rest is 4
-        return "Q8_0"
-    return stored if stored in ("Q4_0", "Q4_1") else "Q4_1"
+        return stored.name if stored and stored.bits == 8 else "Q8_0"
+    return stored.name if stored and stored.bits == 4 else "Q4_1"
 
 
 def quantized_as(source: WeightSource, name: str, kind: str) -> Matrix:
-    """The matrix in `kind`: the source's own when it already is (lossless), else rounded to nearest."""
+    """The matrix in layout `kind`: the source's own when it fits (lossless), else rounded to nearest."""
     matrix = source.quantized(name)
-    if matrix is not None and kind_of(matrix) == kind:
+    if matrix is not None and fits(matrix, kind):
         return matrix
     w = source.float32(name)
     return quantize_q8_0(w) if kind == "Q8_0" else quantize_q4_1(w)
@@ -168,7 +169,7 @@ def convert(source: WeightSource, out_path: str, progress: Callable[[int, int], 
     def arrays() -> Iterator[np.ndarray]:
         for n in names:
             if kinds[n] is not None:
-                yield from matrix_parts(quantized_as(source, n, kinds[n]))
+                yield from matrix_parts(quantized_as(source, n, kinds[n]), kinds[n])
             elif float_type(source, n, bits) == "F16" and source.storable_type(n) == "F32":
                 yield source.storable(n).astype(np.float16)
             else:

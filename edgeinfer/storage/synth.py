@@ -102,7 +102,7 @@ class SynthSource(WeightSource):
         scale = (0.5 if kind == "Q4_0" else 0.06) / np.sqrt(cols)
         scales = (rng.random((blocks, groups), np.float32) * scale + scale / 2).astype(np.float16).view(np.uint16)
         if kind == "Q8_0":
-            return Q8Matrix(packed, scales, rows, cols)
+            return Q8Matrix(packed, scales, scales, -128.0, rows, cols)
         return Q4Matrix(packed, scales, scales, -8.0, rows, cols)
 
 

@@ -1,0 +1,167 @@
+"""GGUF's quantised blocks as the kernels' matrices, losslessly: every weight keeps the very value
+gguf's own dequantisation gives it (tests/test_gguf_quants.py checks each type).
+
+Every type in scope is, per group of 32 or 16 weights, an integer times a scale plus a minimum:
+    Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: float32 d * sc, -dmin * m)
+    Q8_0, Q5_0, IQ4_NL                    signed bytes, fp16 scale per 32 -> q8.Q8Matrix, as Q8_0
+    Q5_1, Q5_K, IQ4_XS                    bytes per 32, with minima (Q5_1, Q5_K) or float32 scales
+    Q6_K, Q3_K, Q2_K                      bytes per 16, float32 scales (and minima for Q2_K)
+The super-block structure of the K-quants (a 256-weight block's fp16 d times 6- or 8-bit sub-block
+scales) is folded into one float32 scale per group; the integers go to whole bytes or nibbles, so a
+5/6-bit type takes 8 bits here (bench/RESULTS.md, issue 15, says what that costs and why).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..kernels.q4 import Q4Matrix, scale_values
+from ..kernels.q8 import Q8Matrix
+
+QK = 256  # weights per K-quant super-block
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+
+# A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), scales and
+# minima (n, groups per block) float32; minima None when the integers are signed).
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _half(b: np.ndarray) -> np.ndarray:
+    """fp16 values from pairs of bytes (n, 2 * k) -> (n, k) float32."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles_in_halves(qs: np.ndarray, width: int) -> np.ndarray:
+    """(n, k * width / 2) bytes -> (n, k * width): per run of width/2 bytes, the low nibbles are
+    weights 0..width/2-1 of a run of `width`, the high nibbles the rest (GGUF's usual order)."""
+    runs = qs.reshape(qs.shape[0], -1, width // 2)
+    return np.concatenate([runs & 15, runs >> 4], axis=2).reshape(qs.shape[0], -1)
+
+
+def _bits(b: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Fields of `width` bits, `count` per byte, lowest first, each run of bytes spread over
+    `count` runs: (n, k) -> (n, count * k), as the K-quants pack their low and high bits."""
+    shifts = (np.arange(count, dtype=np.uint8) * width)[None, None, :, None]
+    runs = b.reshape(b.shape[0], -1, 1, 32)
+    return ((runs >> shifts) & ((1 << width) - 1)).reshape(b.shape[0], -1)
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 8 six-bit scales and minima packed in 12 bytes."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([d & 63, (md & 15) | ((d >> 2) & 48)], axis=1)
+    mn = np.concatenate([m & 63, (md >> 4) | ((m >> 2) & 48)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _q5_high(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 32 high bits (a little-endian uint32) -> (n, 32) of 0 or 16."""
+    bits = np.ascontiguousarray(qh).view(np.uint32)
+    return (((bits >> np.arange(32, dtype=np.uint32)[None, :]) & 1) << 4).astype(np.int16)
+
+
+def _q5_0(b: np.ndarray) -> Decoded:
+    q = _nibbles_in_halves(b[:, 6:], 32).astype(np.int16) | _q5_high(b[:, 2:6])
+    return q - 16, _half(b[:, :2]), None
+
+
+def _q5_1(b: np.ndarray) -> Decoded:
+    q = _nibbles_in_halves(b[:, 8:], 32).astype(np.int16) | _q5_high(b[:, 4:8])
+    return q, _half(b[:, :2]), _half(b[:, 2:4])
+
+
+def _iq4_nl(b: np.ndarray) -> Decoded:
+    return IQ4_VALUES[_nibbles_in_halves(b[:, 2:], 32)], _half(b[:, :2]), None
+
+
+def _iq4_xs(b: np.ndarray) -> Decoded:
+    d, high = _half(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view(np.uint16)
+    low = _nibbles_in_halves(b[:, 4:8], 2)  # sub-block j's low 4 bits: byte j // 2, nibble j % 2
+    ls = low.astype(np.int16) | (((high >> (2 * np.arange(8, dtype=np.uint16))[None, :]) & 3) << 4).astype(np.int16)
+    return IQ4_VALUES[_nibbles_in_halves(b[:, 8:], 32)], d * (ls - 32).astype(np.float32), None
+
+
+def _q4_k(b: np.ndarray) -> Decoded:
+    d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    return _nibbles_in_halves(b[:, 16:], 64).astype(np.int16), d * sc, -(dmin * mn)
+
+
+def _q5_k(b: np.ndarray) -> Decoded:
+    d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    high = _bits(b[:, 16:48], 1, 8).astype(np.int16) << 4
+    return _nibbles_in_halves(b[:, 48:], 64).astype(np.int16) | high, d * sc, -(dmin * mn)
+
+
+def _q6_k(b: np.ndarray) -> Decoded:
+    low = _nibbles_in_halves(b[:, :128], 128).astype(np.int16)
+    high = _bits(b[:, 128:192], 2, 4).astype(np.int16) << 4
+    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+    return (low | high) - 32, _half(b[:, 208:210]) * scales, None
+
+
+def _q3_k(b: np.ndarray) -> Decoded:
+    low_bits, missing_high = _bits(b[:, 32:96], 2, 4).astype(np.int16), 1 - _bits(b[:, :32], 1, 8).astype(np.int16)
+    s = b[:, 96:108]
+    low = _nibbles_in_halves(s[:, :8], 16).astype(np.int16)  # scale j's low 4 bits: byte j % 8, nibble j // 8
+    high = ((s[:, None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3).reshape(-1, 16)  # byte j % 4
+    scales = (low | (high.astype(np.int16) << 4)) - 32
+    return low_bits - 4 * missing_high, _half(b[:, 108:110]) * scales.astype(np.float32), None
+
+
+def _q2_k(b: np.ndarray) -> Decoded:
+    s, d, dmin = b[:, :16], _half(b[:, 80:82]), _half(b[:, 82:84])
+    q = _bits(b[:, 16:80], 2, 4).astype(np.int16)
+    return q, d * (s & 15).astype(np.float32), -(dmin * (s >> 4).astype(np.float32))
+
+
+# type -> (weights per block, bytes per block, bits of the matrix it becomes, decoder)
+DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
+    "Q5_0": (32, 22, 8, _q5_0), "Q5_1": (32, 24, 8, _q5_1), "IQ4_NL": (32, 18, 8, _iq4_nl),
+    "IQ4_XS": (QK, 136, 8, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 8, _q5_k),
+    "Q6_K": (QK, 210, 8, _q6_k), "Q3_K": (QK, 110, 8, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),
+}
+SLAB_ROWS = 2048  # rows decoded at a time: the integers' temporaries stay a few tens of MB
+
+
+def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
+    """Rows of GGUF blocks (rows, bytes per row) -> (integers (rows, cols), scales, minima (rows, groups))."""
+    per_block, size, _, decoder = DECODERS[kind]
+    rows = data.shape[0]
+    values, scales, minima = decoder(np.asarray(data, np.uint8).reshape(-1, size))
+    groups = scales.shape[1] * (cols // per_block)
+    return (values.reshape(rows, cols), scales.reshape(rows, groups),
+            None if minima is None else minima.reshape(rows, groups))
+
+
+def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q8Matrix:
+    """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
+    (whole 4-row blocks, so the slabs' interleaved arrays simply follow each other)."""
+    bits = DECODERS[kind][2]
+    slabs = []
+    for r in range(0, data.shape[0], SLAB_ROWS):
+        values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
+        if bits == 4:
+            slabs.append(Q4Matrix.from_values(values, scales, minima))
+        else:
+            slabs.append(Q8Matrix.from_values(values, scales, minima))
+    return _join(slabs, data.shape[0], cols)
+
+
+def _join(slabs: list, rows: int, cols: int) -> Q4Matrix | Q8Matrix:
+    if len(slabs) == 1:
+        return slabs[0]
+    first = slabs[0]
+    scales = _one_dtype([s.scales for s in slabs])
+    offsets = scales if first.offsets is first.scales else _one_dtype([s.offsets for s in slabs])
+    return type(first)(np.concatenate([s.packed for s in slabs]), scales, offsets, first.offset_factor, rows, cols)
+
+
+def _one_dtype(parts: list[np.ndarray]) -> np.ndarray:
+    """The slabs' scales joined: float32 for all when any needs it (fp16 widens exactly)."""
+    if any(p.dtype == np.float32 for p in parts):
+        parts = [scale_values(p) for p in parts]
+    return np.concatenate(parts)

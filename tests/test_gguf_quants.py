@@ -1,0 +1,158 @@
+"""Every GGUF type in scope comes in losslessly (against gguf's own dequantisation) and runs on the
+4/8-bit kernels: GEMV and GEMM against the numpy reference, shards that add up bit for bit, the
+single file's layouts, and a model mixing the types whose fast path agrees with its float32 path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeinfer.kernels.activations import quantize_activations
+from edgeinfer.kernels.q4 import Q4Matrix, gemv_reference
+from edgeinfer.kernels.q8 import Q8Matrix, gemv8_reference
+from edgeinfer.storage.gguf_quants import DECODERS, gguf_matrix
+from edgeinfer.storage.quantize import GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries
+
+# Where each type keeps its fp16 fields (d, and dmin or m): random bytes anywhere else are a valid block.
+HALVES = {"Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+          "Q3_K": [108], "Q2_K": [80, 82]}
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """(rows, bytes per row) of valid random blocks, scales small enough for unit-sized products."""
+    per, size, _, _ = DECODERS[kind]
+    rng = np.random.default_rng([seed, sum(map(ord, kind))])
+    b = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
+    for at in HALVES[kind]:
+        b[:, at:at + 2] = (rng.random(len(b)) * 0.02 / np.sqrt(cols)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_every_type_dequantises_to_ggufs_values(kind):
+    import gguf
+
+    data = random_blocks(kind, 9, 512)
+    expected = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).reshape(9, 512)
+    m = gguf_matrix(kind, data, 512)
+    np.testing.assert_array_equal(m.dequantize(), expected)
+    np.testing.assert_array_equal(m.dequantize(np.array([8, 0, 3])), expected[[8, 0, 3]])
+    assert fits(m, GGUF_LAYOUTS[kind]) and m.bits == layout_of(GGUF_LAYOUTS[kind]).bits
+
+
+def test_slabs_join_into_the_same_matrix(monkeypatch):
+    from edgeinfer.storage import gguf_quants
+
+    data = random_blocks("Q6_K", 37, 256, seed=1)
+    whole = gguf_matrix("Q6_K", data, 256)
+    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 8)
+    slabbed = gguf_matrix("Q6_K", data, 256)
+    for a, b in ((whole.packed, slabbed.packed), (whole.scales, slabbed.scales)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_kernels_equal_the_reference_for_every_type(kind):
+    rows, cols = 37, 768
+    m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=2), cols)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    one = quantize_activations(x[0])
+    ref = (gemv_reference if m.bits == 4 else gemv8_reference)(m, one)
+    out = m.matmul(one, np.empty(rows, np.float32))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=np.abs(ref).max() * 2e-5)
+    batch = m.matmul(quantize_activations(x), np.empty((3, rows), np.float32))
+    np.testing.assert_array_equal(batch[0], out)  # the GEMM runs the GEMV's block per token
+    exact = m.dequantize() @ x[0]  # int8 activations: within a percent of the float product
+    assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("kind", ["Q6_K", "Q2_K", "Q4_K", "Q5_1"])
+def test_column_shards_add_up_bit_for_bit(kind):
+    """A cluster splits o_proj/down_proj by columns: the nodes' fixed-point partials add up to one
+    node's sums exactly, whatever the groups (16 or 32) and scale types."""
+    rows, cols = 12, 768
+    m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=4), cols)
+    x = np.random.default_rng(5).standard_normal(cols).astype(np.float32)
+    whole = m.matmul(quantize_activations(x), np.empty(rows, np.int64))
+    parts = [m.select(slice(0, rows), slice(a, b)) for a, b in ((0, 288), (288, 768))]
+    sums = sum(p.matmul(quantize_activations(x[a:b]), np.empty(rows, np.int64))
+               for p, (a, b) in zip(parts, ((0, 288), (288, 768))))
+    np.testing.assert_array_equal(sums, whole)
+    np.testing.assert_array_equal(np.concatenate([p.dequantize() for p in parts], axis=1), m.dequantize())
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_the_single_files_layout_round_trips(kind):
+    rows, cols = 6, 512
+    m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=6), cols)
+    layout = GGUF_LAYOUTS[kind]
+    parts = matrix_parts(m, layout)
+    entries = part_entries("w", layout, rows, cols)
+    assert [(p.shape, p.dtype.name) for p in parts] == [(e.shape, {"U8": "uint8", "F16": "float16", "F32": "float32"}[e.dtype])
+                                                         for e in entries]
+    back = matrix_from_parts(layout, rows, cols, parts)
+    assert isinstance(back, Q4Matrix if m.bits == 4 else Q8Matrix)
+    np.testing.assert_array_equal(back.dequantize(), m.dequantize())
+
+
+def test_unknown_layouts_are_not_quantised():
+    assert layout_of("IQ2_XXS") is None and layout_of("q4g16-s32") is None and layout_of("q8g16-s32-m16")
+
+
+# One type per projection (and the embedding, tied head), as llama.cpp's Q4_K_M mixes them.
+MIX = {"attn_q.weight": "Q4_K", "attn_k.weight": "Q5_0", "attn_v.weight": "Q6_K", "attn_output.weight": "Q5_K",
+       "ffn_gate.weight": "Q3_K", "ffn_up.weight": "IQ4_XS", "ffn_down.weight": "Q2_K", "token_embd.weight": "Q6_K"}
+
+
+@pytest.fixture(scope="module")
+def kquant_gguf(tmp_path_factory, tokenizer_json):
+    """A 256-wide model (K-quants need rows of 256) whose projections are random blocks of the MIX types."""
+    from conftest import make_hf_model, write_gguf
+    from safetensors.numpy import load_file
+
+    folder = make_hf_model(tmp_path_factory.mktemp("kquant_hf"), tokenizer_json, hidden_size=256,
+                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    shapes = {k: v.shape for k, v in load_file(folder / "model.safetensors").items()}
+    raw = {}
+    for i in range(2):
+        for suffix, hf in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                           ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                           ("ffn_down", "mlp.down_proj")):
+            rows, cols = shapes[f"model.layers.{i}.{hf}.weight"]
+            raw[f"blk.{i}.{suffix}.weight"] = (random_blocks(MIX[suffix + ".weight"], rows, cols, seed=i),
+                                               MIX[suffix + ".weight"])
+    rows, cols = shapes["model.embed_tokens.weight"]
+    raw["token_embd.weight"] = (random_blocks("Q6_K", rows, cols, seed=9), "Q6_K")
+    return write_gguf(tmp_path_factory.mktemp("kquant") / "mix.gguf", folder, tokenizer_json, raw=raw)
+
+
+def test_a_model_mixing_the_types_runs_fused_and_tracks_float32(kquant_gguf):
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+
+    source = open_model(str(kquant_gguf))
+    exact, quant = Model(source), Model(source, quantized=True)
+    assert quant.path.fused and quant.precision == "q4" and exact.precision == "f32"
+    ids = np.arange(5, 37)
+    lf = exact.forward(ids, exact.new_cache(40), all_logits=True)
+    lq = quant.forward(ids, quant.new_cache(40), all_logits=True)
+    assert np.abs(lq - lf).max() < 0.05 * np.abs(lf).max()
+    assert (lq.argmax(-1) == lf.argmax(-1)).mean() >= 0.8
+    cache = quant.new_cache(40)  # the fused decode step: token by token, as the prefill's last rows
+    quant.forward(ids[:-1], cache)
+    np.testing.assert_allclose(quant.forward(ids[-1:], cache), lq[-1], rtol=0, atol=1e-3 * np.abs(lq).max())
+
+
+def test_convert_keeps_every_type_losslessly(kquant_gguf, tmp_path):
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    source = open_model(str(kquant_gguf))
+    out = tmp_path / "mix.safetensors"
+    convert(source, str(out))
+    back = open_model(str(out))
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"):
+        assert back.stored_type(name) == GGUF_LAYOUTS[source.stored_type(name)]
+        np.testing.assert_array_equal(back.float32(name), source.float32(name))
