@@ -54,8 +54,8 @@ def measure(shape: str, length: int, d_sub: int, rng: np.random.Generator) -> di
     out, scores = np.empty_like(q), np.zeros((heads, length), np.float32)
     tables, sums = np.zeros((heads, hd // d_sub, 64), np.uint8), np.zeros((heads, codes.shape[1] * 64), np.uint16)
     exact_us, exact_f16_us, lut_us = alternate(
-        [lambda: attend_one(q, keys, values, length, scores, out),
-         lambda: attend_one(q, keys, half, length, scores, out),
+        [lambda: attend_one(q, keys, values, 0, length, 1 / np.sqrt(hd), scores, out),
+         lambda: attend_one(q, keys, half, 0, length, 1 / np.sqrt(hd), scores, out),
          lambda: attend_one_lut(q, books, codes, exact_keys, half, length, tables, sums, scores, out)],
         max(7, 100_000 // length))
     return {"shape": shape, "context": length, "d_sub": d_sub, "bands": bands, "exact_us": round(exact_us, 1),

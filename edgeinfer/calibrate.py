@@ -71,7 +71,7 @@ def calibrate(model: Model, ids: list[int], d_sub: int, ctx: int = 512, max_toke
                             len(positions)) for b in range(bands)]
     layers = []
     for i, layer_keys in enumerate(keys):
-        per_band = [spread_keys(layer_keys, positions, t, model.inv_freq) for t in targets]  # (kv_heads, n, hd) each
+        per_band = [spread_keys(layer_keys, positions, t, model.inv_freqs[i]) for t in targets]  # (kv_heads, n, hd) each
         layers.append(np.stack([np.stack([fit_codebooks(band_keys[kh], d_sub, seed=i) for band_keys in per_band])
                                 for kh in range(len(layer_keys))]))  # (kv_heads, bands, S, 16, d_sub)
         if progress:

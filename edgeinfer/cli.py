@@ -350,7 +350,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     text = _read_text(args.file)
     engine = open_session(_session_options(args))
     ids = engine.tokenizer.encode(text, add_bos=False)
-    result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"))
+    bos = engine.tokenizer.bos_id if engine.tokenizer.spec.add_bos else None
+    result = perplexity(engine.model, ids, args.ctx, args.kl_base, Progress("scoring", " windows"), bos)
     if args.output == "json":
         print(json.dumps(result.to_dict()))
         return 0

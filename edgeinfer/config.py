@@ -1,4 +1,10 @@
-"""ModelConfig: the shape of a Llama-family model, from HF config.json or GGUF metadata."""
+"""ModelConfig: the shape of a model and its family's options, from HF config.json or GGUF metadata.
+
+The families differ by options the forward pass and kernels take, not by code paths of their own:
+Llama/Mistral/Qwen2 are the plain case; Qwen3 adds RMSNorm of each query and key head; Gemma 3 adds
+that, norms of the attention and MLP outputs ("sandwich"), a GELU(tanh) gate, embeddings scaled by
+sqrt(hidden), and local layers that attend over a sliding window with their own RoPE base.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,10 @@ import numpy as np
 from .errors import ModelFormatError, UnsupportedModelError
 
 # HF model_type values we run, and whether q/k/v carry biases by default.
-ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
+ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma3": False}
+ACTIVATIONS = ("silu", "gelu_tanh")
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+GEMMA3_LOCAL_PATTERN = 6  # Gemma 3: five local (sliding-window) layers, then one global, repeated
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,19 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     layers_only: bool = False  # a cluster worker's share: no embedding or head in the file
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm of the attention's and the MLP's outputs too (Gemma 3)
+    hidden_act: str = "silu"  # the MLP gate's activation: silu or gelu_tanh
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden))
+    query_scale: float = 0.0  # attention scores' scale; 0 means 1/sqrt(head_dim)
+    sliding_window: int = 0  # a local layer attends over this many positions, its own included
+    local_layers: tuple[int, ...] = ()  # the layers that attend over the sliding window
+    rope_local_theta: float = 0.0  # RoPE base of the local layers (0: rope_theta, and their scaling)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "local_layers", tuple(int(i) for i in self.local_layers))  # JSON gives a list
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
         if self.architecture not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported architecture {self.architecture!r} (supported: {', '.join(ARCHITECTURES)})"
@@ -50,6 +70,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale or 1.0 / float(np.sqrt(self.head_dim))
+
+    def window(self, layer: int) -> int:
+        """How many positions layer `layer` attends over: the sliding window, or 0 for all."""
+        return self.sliding_window if layer in self.local_layers else 0
 
     @property
     def q_size(self) -> int:
@@ -74,7 +102,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """From a Hugging Face config.json (transformers 4 or 5 spelling of RoPE)."""
-        arch = cfg.get("model_type", "")
+        arch = {"gemma3_text": "gemma3"}.get(cfg.get("model_type", ""), cfg.get("model_type", ""))
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported architecture {arch!r} in config.json (supported: {', '.join(ARCHITECTURES)})"
@@ -82,16 +110,22 @@ class ModelConfig:
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            layers = int(cfg["num_hidden_layers"])
             rope = dict(cfg.get("rope_parameters") or {})
+            local_rope = dict(rope.pop("sliding_attention", None) or {})
+            rope = dict(rope.pop("full_attention", None) or rope)  # transformers 5: one set per layer type
             scaling = cfg.get("rope_scaling") or None
-            theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+            theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if arch == "gemma3" else 10000.0))
             if scaling is None and rope.get("rope_type", "default") != "default":
                 scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
+                raise UnsupportedModelError("logit soft-capping (Gemma 2) is not supported")
+            family = _family_options(arch, cfg, hidden, layers, local_rope)
             return cls(
                 architecture=arch,
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -100,14 +134,35 @@ class ModelConfig:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta),
                 rope_scaling=_normalise_rope_scaling(scaling),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
                 attention_bias=bool(cfg.get("attention_bias", ARCHITECTURES[arch])),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
+                **family,
             )
         except KeyError as exc:
             raise ModelFormatError(f"config.json lacks {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"config.json has a bad value: {exc}") from None
+
+
+def _family_options(arch: str, cfg: dict[str, Any], hidden: int, layers: int,
+                    local_rope: dict[str, Any]) -> dict[str, Any]:
+    """The options of a HF config that are not the Llama case."""
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in _HF_ACTIVATIONS:
+        raise UnsupportedModelError(f"unsupported activation {act!r} (supported: {', '.join(_HF_ACTIVATIONS)})")
+    options: dict[str, Any] = {"hidden_act": _HF_ACTIVATIONS[act], "qk_norm": arch in ("qwen3", "gemma3")}
+    window = int(cfg.get("sliding_window") or 0)
+    if arch == "gemma3":
+        types = cfg.get("layer_types") or ["full_attention" if (i + 1) % GEMMA3_LOCAL_PATTERN == 0 else
+                                           "sliding_attention" for i in range(layers)]
+        options.update(sandwich_norms=True, embed_scale=float(np.float32(hidden ** 0.5)),
+                       query_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5, sliding_window=window,
+                       local_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+                       rope_local_theta=float(local_rope.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))))
+    elif window and arch == "mistral" and cfg.get("use_sliding_window", True):
+        options.update(sliding_window=window, local_layers=tuple(range(layers)))
+    return options
 
 
 def _normalise_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -121,11 +176,14 @@ def _normalise_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     return {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
 
 
-def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
-    """Inverse frequencies per rotary pair, with the model's scaling applied (float64)."""
+def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None, local: bool = False) -> np.ndarray:
+    """Inverse frequencies per rotary pair, with the model's scaling applied (float64); of the
+    local layers when `local` and they have a base of their own (unscaled, as Gemma 3's)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = config.rope_scaling or {}
+    own = local and config.rope_local_theta
+    theta = config.rope_local_theta if own else config.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = {} if own else config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif scaling.get("rope_type") == "llama3":

@@ -1,10 +1,12 @@
-"""The Llama-family forward pass (Llama 2/3, Mistral, SmolLM, Qwen2):
+"""The forward pass of every family we run (Llama 2/3, Mistral, SmolLM, Qwen2/3, Gemma 3):
 
-    h = embed(tokens)
-    for each layer:  h += attn(rmsnorm(h));  h += mlp(rmsnorm(h))
+    h = embed(tokens) * embed_scale
+    for each layer:  h += [norm] attn(rmsnorm(h));  h += [norm] mlp(rmsnorm(h))
     logits = head(rmsnorm(h))
 
-on the path chosen once for the model (run_path.py): the fused 4/8-bit kernels, or float32 in numpy.
+with the family's options from its config (config.py): the bracketed output norms, query/key norms,
+the gate's activation, sliding-window layers with their own RoPE base; on the path chosen once for
+the model (run_path.py): the fused 4/8-bit kernels, or float32 in numpy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import DecodeScratch, decode_attention, decode_layer, decode_mlp, decode_scratch
 from .kernels.lut_attention import attend_causal_lut
 from .kernels.ops import LANES, attend_causal, rope_rows
-from .kernels.reference import apply_rope, causal_attention, rmsnorm, rope_tables, silu_mul
+from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache
 from .run_path import choose_path
@@ -50,7 +52,9 @@ class Model:
         self.embedding, self.precision = self.weights.embedding, self.path.precision
         self.codebooks = source.key_codebooks().layers if self.path.lut else None
         self.norm = np.array(source.float32(FINAL_NORM_WEIGHT))
-        self.inv_freq = rope_inv_freq(c, source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None)
+        factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
+        inv_freq = {local: rope_inv_freq(c, factors, local) for local in (False, True)}
+        self.inv_freqs = [inv_freq[i in c.local_layers] for i in range(c.num_layers)]  # a local layer's own base
         self.attend = self._attend_kernels if self.path.fused else self._attend_float
         self.scratch: DecodeScratch | None = None
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
@@ -80,7 +84,8 @@ class Model:
         return self.logits(self.run_layers(self.embed(tokens), cache), all_logits)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self.embedding.rows(np.asarray(tokens)), dtype=np.float32)
+        rows = np.ascontiguousarray(self.embedding.rows(np.asarray(tokens)), dtype=np.float32)
+        return rows * np.float32(self.config.embed_scale) if self.config.embed_scale != 1.0 else rows
 
     def logits(self, h: np.ndarray, all_logits: bool = False) -> np.ndarray:
         h = h if all_logits else h[-1:]
@@ -96,18 +101,24 @@ class Model:
         if count == 1 and self.path.fused:
             h = self._decode(h, cache)
         else:
-            eps = self.config.rms_norm_eps
-            cos, sin = rope_tables(self.inv_freq, np.arange(start, start + count))
+            eps, positions = self.config.rms_norm_eps, np.arange(start, start + count)
+            tables = {id(f): rope_tables(f, positions) for f in self.inv_freqs}
             for i in range(self.config.num_layers):
                 layer, _ = self.weights.layer(i)
-                h = h + self._sum(self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin))
-                h = h + self._sum(self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps)))
+                cos, sin = tables[id(self.inv_freqs[i])]
+                attn = self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
+                h = h + self._output(self._sum(attn), layer.post_attn_norm)
+                h = h + self._output(self._sum(self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))), layer.post_mlp_norm)
                 self.weights.done(i)
         cache.commit(count)
         return h
 
     def _sum(self, partial: np.ndarray) -> np.ndarray:
         return partial_to_float(partial) if self.allreduce is None else self.allreduce(partial)
+
+    def _output(self, y: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
+        """A half-layer's summed output as it is added to h: through its norm, for families with one."""
+        return y if post_norm is None else rmsnorm(y, post_norm, self.config.rms_norm_eps)
 
     def _decode(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token (h of shape (1, hidden)) through the fused layers: one Numba call per layer,
@@ -118,15 +129,16 @@ class Model:
             _, args = self.weights.layer(i)
             kv = cache.layer(i)
             if self.allreduce is None:
-                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freq, eps, s)
+                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
             else:
+                layer = self.weights.layer(i)[0]
                 if self.config.num_kv_heads:
-                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freq, eps, s)
+                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
                 else:  # a cluster node holding MLP columns only
                     s.fixed[:] = 0
-                h += self.allreduce(s.fixed)
+                h += self._output(self.allreduce(s.fixed), layer.post_attn_norm)
                 decode_mlp(h, args, eps, s)
-                h += self.allreduce(s.fixed)
+                h += self._output(self.allreduce(s.fixed), layer.post_mlp_norm)
             self.weights.done(i)
         return h[None]
 
@@ -136,10 +148,13 @@ class Model:
         in; o_proj's output as this node's partial sum."""
         if not self.config.num_kv_heads:  # a cluster node holding MLP columns only
             return w.o.zero_partial(x.shape[0])
-        return w.o.partial(self.attend(w.q(x), w.k(x), w.v(x), cache, layer, cos, sin))
+        q, k = w.q(x), w.k(x)
+        if w.q_norm is not None:
+            q, k = rmsnorm_heads(q, w.q_norm, self.config.rms_norm_eps), rmsnorm_heads(k, w.k_norm, self.config.rms_norm_eps)
+        return w.o.partial(self.attend(q, k, w.v(x), cache, layer, cos, sin))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return w.down.partial(silu_mul(w.gate(x), w.up(x)))
+        return w.down.partial(GATED_ACTIVATIONS[self.config.hidden_act](w.gate(x), w.up(x)))
 
     def _per_head(self, y: np.ndarray, heads: int) -> np.ndarray:
         """(count, heads * head_dim) -> (heads, count, head_dim)."""
@@ -159,7 +174,7 @@ class Model:
             attend_causal_lut(q, new_keys, books, codes, keys, values, start, tables, sums,
                               self._scratch_for(cache).scores, out)
         else:
-            attend_causal(q, keys, values, start, out)
+            attend_causal(q, keys, values, start, self.config.window(layer), self.config.attention_scale, out)
         return out
 
     def _attend_float(self, q, k, v, cache: KVCache, layer: int, cos, sin) -> np.ndarray:
@@ -169,5 +184,5 @@ class Model:
         cache.append(layer, start, apply_rope(self._per_head(k, c.num_kv_heads), cos, sin),
                      self._per_head(v, c.num_kv_heads))
         out = causal_attention(apply_rope(self._per_head(q, c.num_heads), cos, sin), *cache.fetch(layer, start + count),
-                               start)
+                               start, c.window(layer), c.attention_scale)
         return out.transpose(1, 0, 2).reshape(count, c.q_size)

@@ -1,7 +1,9 @@
 """Perplexity over a text, as llama-perplexity computes it, and KL divergence against a base run.
 
-The whole text is tokenized without BOS and cut into non-overlapping windows of `ctx` tokens (the
-remainder dropped); each window runs from an empty cache and every token but its first is scored.
+The whole text is tokenized without BOS and cut into non-overlapping windows (the remainder
+dropped), each run from an empty cache. For a model without BOS (SmolLM2) a window is `ctx` text
+tokens, every one but the first scored; for a model that adds BOS (Gemma), BOS and `ctx` - 1 text
+tokens, every text token scored. Either way a window scores ctx - 1 tokens.
 PPL = exp(mean NLL), its ± the standard error propagated from the NLLs' (as llama.cpp reports it).
 
 A KL base file holds the log-probabilities of every scored token (float16, one row per token) of a
@@ -20,6 +22,9 @@ import numpy as np
 
 from .errors import EdgeInferError
 from .model import Model
+
+
+SCORE_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,11 @@ def windows_of(ids: list[int], ctx: int) -> list[np.ndarray]:
 
 
 def perplexity(model: Model, ids: list[int], ctx: int, kl_base: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    windows = windows_of(ids, ctx)
+               progress: Callable[[int, int], None] | None = None, bos: int | None = None) -> PerplexityResult:
+    if bos is None:
+        windows = windows_of(ids, ctx)
+    else:
+        windows = [np.concatenate([[bos], w]) for w in windows_of(ids, ctx - 1)]
     scored = len(windows) * (ctx - 1)
     base = _KLBase(kl_base, scored, model.config.vocab_size) if kl_base else None
     nll = np.empty(scored)
@@ -59,11 +67,14 @@ def perplexity(model: Model, ids: list[int], ctx: int, kl_base: str | None = Non
     try:
         for w, tokens in enumerate(windows):
             cache.truncate(0)
-            logprobs = log_softmax(model.forward(tokens, cache, all_logits=True)[:-1].astype(np.float64))
-            rows = slice(w * (ctx - 1), (w + 1) * (ctx - 1))
-            nll[rows] = -logprobs[np.arange(ctx - 1), tokens[1:]]
-            if base:
-                base.add(rows, logprobs)
+            logits = model.forward(tokens, cache, all_logits=True)
+            for r in range(0, ctx - 1, SCORE_ROWS):  # float64 a block at a time: a 262k vocabulary is large
+                n = min(SCORE_ROWS, ctx - 1 - r)
+                logprobs = log_softmax(logits[r:r + n].astype(np.float64))
+                rows = slice(w * (ctx - 1) + r, w * (ctx - 1) + r + n)
+                nll[rows] = -logprobs[np.arange(n), tokens[r + 1:r + 1 + n]]
+                if base:
+                    base.add(rows, logprobs)
             if progress:
                 progress(w + 1, len(windows))
     except BaseException:

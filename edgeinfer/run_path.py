@@ -45,4 +45,6 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact")
                                  "and use OUT")
         if not fused:
             raise EdgeInferError("LUT attention runs on the 4/8-bit path (not with --exact or float weights)")
+        if source.config.local_layers:
+            raise EdgeInferError("LUT attention does not run sliding-window layers yet (Gemma 3, Mistral's window)")
     return RunPath(quantized, fused, attention == "lut", precision)

@@ -12,7 +12,9 @@ from .run_path import RunPath
 from .storage.layer_stream import LayerStream, StreamedRows
 from .storage.single import SingleFileSource
 from .storage.source import WeightSource
-from .storage.tensor_names import ATTN_NORM, EMBEDDING_WEIGHT, HEAD, MLP_NORM, layer_prefix, output_weight
+from .storage.tensor_names import EMBEDDING_WEIGHT, HEAD, layer_norm_names, layer_prefix, output_weight
+
+_NONE = np.zeros(0, np.float32)  # what the fused kernel takes for a norm or bias the layer lacks
 
 
 @dataclass
@@ -26,24 +28,37 @@ class LayerWeights:
     gate: Linear
     up: Linear
     down: Linear
+    q_norm: np.ndarray | None = None  # of each query head (Qwen3, Gemma 3)
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # of the attention's output (Gemma 3)
+    post_mlp_norm: np.ndarray | None = None
+    window: int = 0  # a local layer's sliding window; 0 for all positions
+    gelu: bool = False  # the MLP's gate activation: GELU (tanh) or SiLU
+    attention_scale: float = 0.0
 
     @classmethod
     def load(cls, source: WeightSource, i: int, quantized: bool) -> "LayerWeights":
-        p = layer_prefix(i)
+        c, p = source.config, layer_prefix(i)
         lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized)  # noqa: E731
-        return cls(attn_norm=source.float32(p + ATTN_NORM), q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"),
-                   v=lin("self_attn.v_proj"), o=lin("self_attn.o_proj"), mlp_norm=source.float32(p + MLP_NORM),
-                   gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"))
+        norm = lambda role: source.float32(p + n) if (n := layer_norm_names(c)[role]) else None  # noqa: E731
+        return cls(attn_norm=norm("attn"), q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"),
+                   v=lin("self_attn.v_proj"), o=lin("self_attn.o_proj"), mlp_norm=norm("mlp"),
+                   gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"), q_norm=norm("q"),
+                   k_norm=norm("k"), post_attn_norm=norm("post_attn"), post_mlp_norm=norm("post_mlp"),
+                   window=c.window(i), gelu=c.hidden_act == "gelu_tanh", attention_scale=c.attention_scale)
 
     def decode_args(self) -> tuple | None:
-        """The layer as the fused decode kernel takes it (kernels/decode_layer.py), or None when a
-        projection runs in float32."""
+        """The layer as the fused decode kernel takes it (kernels/decode_layer.py): norms, matrices,
+        biases, options; or None when a projection runs in float32."""
         projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
         if not all(isinstance(p, QuantLinear) for p in projections):
             return None
-        bias = lambda p: p.bias if p.bias is not None else np.zeros(0, np.float32)  # noqa: E731
-        return (self.attn_norm, self.mlp_norm, *(p.matrix.kernel_args() for p in projections),
-                bias(self.q), bias(self.k), bias(self.v))
+        given = lambda a: _NONE if a is None else a  # noqa: E731
+        norms = (self.attn_norm, self.mlp_norm, given(self.q_norm), given(self.k_norm), given(self.post_attn_norm),
+                 given(self.post_mlp_norm))
+        biases = tuple(given(p.bias) for p in (self.q, self.k, self.v))
+        return (norms, tuple(p.matrix.kernel_args() for p in projections), biases,
+                (self.window, self.gelu, float(self.attention_scale)))
 
 
 class ResidentWeights:

@@ -73,7 +73,8 @@ def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config}[arch]
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "gemma3": transformers.Gemma3TextConfig}[arch]
     vocab = json.loads(tokenizer_json)
     vocab_size = len(vocab["model"]["vocab"]) + len([t for t in vocab["added_tokens"]
                                                      if t["content"] not in vocab["model"]["vocab"]])
@@ -81,6 +82,10 @@ def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards
     torch.manual_seed(0)
     model = config_cls(**kwargs)
     model = transformers.AutoModelForCausalLM.from_config(model).eval()
+    with torch.no_grad():  # Gemma's (1 + w) norms start at w = 0: random ones, so a missed + 1 shows
+        for name, p in model.named_parameters():
+            if arch == "gemma3" and name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) - 0.5)
     folder.mkdir(parents=True, exist_ok=True)
     size = None if shards == 1 else f"{sum(p.numel() for p in model.parameters()) * 4 // shards // 1000 + 1}KB"
     model.save_pretrained(folder, **({"max_shard_size": size} if size else {}))

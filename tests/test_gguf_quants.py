@@ -14,7 +14,7 @@ from edgeinfer.storage.gguf_quants import DECODERS, gguf_matrix
 from edgeinfer.storage.quantize import GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries
 
 # Where each type keeps its fp16 fields (d, and dmin or m): random bytes anywhere else are a valid block.
-HALVES = {"Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
           "Q3_K": [108], "Q2_K": [80, 82]}
 
 

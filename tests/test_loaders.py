@@ -37,13 +37,23 @@ def prompt_ids(tokenizer_json: str) -> list[int]:
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0}),
     ("mistral", {}),
     ("qwen2", {}),
-], ids=["llama", "llama-tied", "llama3-rope", "linear-rope", "mistral", "qwen2-bias"])
+    ("mistral", {"sliding_window": 24}),
+    ("qwen3", {"head_dim": 32}),
+    ("gemma3", {"sliding_window": 24, "layer_types": ["sliding_attention", "full_attention"],
+                "query_pre_attn_scalar": 24, "head_dim": 32, "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}}),
+], ids=["llama", "llama-tied", "llama3-rope", "linear-rope", "mistral", "qwen2-bias", "mistral-window", "qwen3",
+        "gemma3"])
 def test_hf_folder_matches_transformers(tmp_path, tokenizer_json, arch, overrides):
+    """Every family on the float32 path, against transformers: a sliding window of 24 over 100 tokens."""
     folder = make_hf_model(tmp_path / arch, tokenizer_json, arch, **overrides)
     ids = prompt_ids(tokenizer_json)
     source = open_model(str(folder))
     assert source.config.architecture == arch
     assert source.config.attention_bias == (arch == "qwen2")
+    if "sliding_window" in overrides:
+        assert source.config.sliding_window == 24 and source.config.local_layers
     np.testing.assert_allclose(our_logits(folder, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
 
 

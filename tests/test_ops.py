@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edgeinfer.kernels import reference as ref
-from edgeinfer.kernels.ops import attend_causal, attend_one, rmsnorm_into, rope_in_place, rope_rows, silu_mul_into
+from edgeinfer.kernels.ops import (attend_causal, attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into,
+                                  rope_in_place, rope_rows)
 
 rng = np.random.default_rng(7)
 
@@ -28,33 +29,49 @@ def test_rope(position):
     np.testing.assert_allclose(rotated, ref.apply_rope(q.reshape(9, 1, 64), cos, sin).reshape(-1), atol=1e-6)
 
 
-def test_silu_mul():
-    g, u = rng.standard_normal(1536).astype(np.float32) * 4, rng.standard_normal(1536).astype(np.float32)
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gated_activations(kind):
+    import torch
+
+    g, u = rng.standard_normal(1539).astype(np.float32) * 4, rng.standard_normal(1539).astype(np.float32)
     out = np.empty_like(g)
-    silu_mul_into(g, u, out)
-    np.testing.assert_allclose(out, ref.silu_mul(g, u), rtol=1e-5, atol=1e-6)
+    gated_activation_into(g, u, kind == "gelu_tanh", out)
+    np.testing.assert_allclose(out, ref.GATED_ACTIVATIONS[kind](g, u), rtol=1e-5, atol=1e-6)
+    act = torch.nn.functional.silu if kind == "silu" else lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    np.testing.assert_allclose(ref.GATED_ACTIVATIONS[kind](g, u), (act(torch.from_numpy(g)) * torch.from_numpy(u)).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 1), (9, 3, 40), (4, 4, 300), (8, 1, 17)])
-def test_attention_of_one_token(heads, kv_heads, length):
+def test_rmsnorm_of_each_head():
+    x, w = rng.standard_normal(4 * 64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    expected = ref.rmsnorm_heads(x[None], w, 1e-6)[0]
+    rmsnorm_heads_in_place(x, 4, w, 1e-6)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,window", [(9, 3, 1, 0), (9, 3, 40, 0), (4, 4, 300, 0), (8, 1, 17, 0),
+                                                          (4, 2, 300, 64), (4, 2, 30, 64)])
+def test_attention_of_one_token(heads, kv_heads, length, window):
     hd, capacity = 64, 320
     q = rng.standard_normal(heads * hd).astype(np.float32)
     keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
     out, scores = np.empty_like(q), np.empty((heads, capacity), np.float32)
-    attend_one(q, keys, values, length, scores, out)
-    expected = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1)
+    attend_one(q, keys, values, max(0, length - window) if window else 0, length, 0.1, scores, out)
+    expected = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1,
+                                    window, 0.1)
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,tokens,start", [(9, 3, 37, 20), (4, 4, 1, 0), (8, 1, 16, 0), (4, 2, 70, 3)])
-def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start):
+@pytest.mark.parametrize("heads,kv_heads,tokens,start,window", [(9, 3, 37, 20, 0), (4, 4, 1, 0, 0), (8, 1, 16, 0, 0),
+                                                                (4, 2, 70, 3, 0), (4, 2, 70, 30, 17), (2, 1, 9, 0, 4)])
+def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start, window):
     hd, capacity = 32, 128
     q = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
     keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
     out = np.empty_like(q)
-    attend_causal(q, keys, values, start, out)
+    attend_causal(q, keys, values, start, window, 1 / np.sqrt(hd), out)
     per_head = q.reshape(tokens, heads, hd).transpose(1, 0, 2)
-    expected = ref.causal_attention(per_head, keys[:, :start + tokens], values[:, :start + tokens], start)
+    expected = ref.causal_attention(per_head, keys[:, :start + tokens], values[:, :start + tokens], start, window)
     np.testing.assert_allclose(out, expected.transpose(1, 0, 2).reshape(tokens, -1), rtol=1e-5, atol=1e-5)
 
 

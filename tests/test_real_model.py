@@ -191,10 +191,79 @@ def test_gemma_sentencepiece_vocabulary_matches_transformers(gemma_gguf):
     assert json.loads(spec.to_metadata()["tokenizer"])["kind"] == "spm"
 
 
-def test_gemma_architecture_is_refused_clearly(gemma_gguf):
-    r = edgeinfer_cli("run", str(gemma_gguf), "-p", "hi")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "unsupported GGUF architecture 'gemma3'" in r.stderr
+def test_gemma3_quantised_tensors_import_losslessly(gemma_gguf):
+    """Every Q8_0, Q5_0, Q4_K and Q6_K tensor of the real file: the kernels' matrix dequantises to
+    exactly gguf's values."""
+    import gguf
+
+    from edgeinfer.storage.gguf import GGUFSource
+
+    source = GGUFSource(str(gemma_gguf))
+    kinds = set()
+    for name in source.names():
+        t = source._tensors[name]
+        if t.tensor_type.name in ("F32", "F16") or name == "model.embed_tokens.weight":
+            continue  # the 262k-row embedding is checked by rows below
+        kinds.add(t.tensor_type.name)
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(source.stored_shape(name))
+        np.testing.assert_array_equal(source.quantized(name).dequantize(), expected, err_msg=name)
+    assert kinds == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    t, rows = source._tensors["model.embed_tokens.weight"], np.array([0, 2, 818, 262143])
+    expected = gguf.quants.dequantize(np.asarray(t.data)[rows], t.tensor_type)
+    np.testing.assert_array_equal(source.quantized("model.embed_tokens.weight").dequantize(rows), expected)
+
+
+def test_gemma3_float32_path_matches_transformers_on_the_same_file(gemma_gguf):
+    """600 tokens of real text, past the local layers' 512-token window: transformers reads the same
+    GGUF (dequantised to float32); the exact path's logits are within 1e-3 of its logits."""
+    import torch
+    import transformers
+
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+
+    source = open_model(str(gemma_gguf))
+    ids = Tokenizer(source.tokenizer).encode(open("/usr/share/common-licenses/GPL-3").read()[:3000])[:600]
+    assert len(ids) == 600
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gemma_gguf.parent), gguf_file=gemma_gguf.name,
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+    del hf
+    model = Model(source)
+    logits = model.forward(np.asarray(ids), model.new_cache(len(ids)), all_logits=True)
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=0)
+
+
+def test_gemma3_fast_path_tracks_float32_on_real_text(gemma_gguf):
+    """Gemma 3 270M over GPL-3 text (past its 512-token window): the 4/8-bit path's next tokens
+    agree with the float32 path's, and the fused decode step continues the prefill."""
+    from edgeinfer.model import Model
+    from edgeinfer.storage import open_model
+
+    source = open_model(str(gemma_gguf))
+    ids = np.asarray(Tokenizer(source.tokenizer).encode(open("/usr/share/common-licenses/GPL-3").read()[:3500]))
+    assert len(ids) > 600 and source.config.sliding_window == 512
+    exact, quant = Model(source), Model(source, quantized=True)
+    assert quant.path.fused and quant.precision == "q4"
+    lf = exact.forward(ids, exact.new_cache(len(ids)), all_logits=True)
+    lq = quant.forward(ids[:-1], cache := quant.new_cache(len(ids)), all_logits=True)
+    agreement = float((lf[:-1].argmax(-1) == lq.argmax(-1)).mean())
+    print(f"gemma3-270m: top-1 agreement of the fast path with float32 {agreement:.3f} over {len(ids) - 1} tokens")
+    assert agreement >= 0.9
+    step = quant.forward(ids[-1:], cache)  # the fused decode layer at position > window
+    assert np.abs(step - lf[-1]).max() < 0.05 * np.abs(lf[-1]).max()  # int8 activations' noise, no more
+    assert step.argmax() in np.argsort(lf[-1])[-5:]
+
+
+def test_gemma3_runs_from_the_catalog_as_from_its_gguf(gemma_gguf):
+    """The catalog converts the GGUF losslessly: the same greedy text from either."""
+    args = ("-p", "The capital of France is", "-n", "12", "--raw", "--temp", "0", "-v")
+    runs = [edgeinfer_cli("run", model, *args) for model in ("gemma3-270m", str(gemma_gguf))]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        assert "weights: q4" in r.stderr and "decode: 12 tok" in r.stderr
+    assert runs[0].stdout == runs[1].stdout and "France" in runs[0].stdout
 
 
 def test_engine_load_of_gguf_and_single_file_agree(smollm2_gguf, smollm2_single):

@@ -39,38 +39,53 @@ def rope_in_place(x, heads, inv_freq, position):
 
 
 @njit(cache=True)
-def silu_mul_into(gate, up, out):
+def rmsnorm_heads_in_place(x, heads, weight, eps):
+    """RMSNorm of each of x's heads (heads * hd,), one weight (hd,) for all: Qwen3's and Gemma 3's
+    query and key norms."""
+    hd = weight.shape[0]
+    for h in range(heads):
+        head = x[h * hd:(h + 1) * hd]
+        rmsnorm_into(head, weight, eps, head)
+
+
+@njit(cache=True)
+def gated_activation_into(gate, up, gelu, out):
+    """out = act(gate) * up, act SiLU or (gelu) GELU's tanh approximation. Both are x * sigmoid(z):
+    z = x for SiLU, z = 2 sqrt(2/pi) (x + 0.044715 x^3) for GELU (0.5 (1 + tanh(u)) = sigmoid(2u))."""
     n = gate.shape[0] - gate.shape[0] % LANES
-    one = splat(np.float32(1))
+    one, c, cube = splat(np.float32(1)), splat(np.float32(2 * np.sqrt(2 / np.pi))), splat(np.float32(0.044715))
     for i in range(0, n, LANES):
         g = load_f32(gate, i)
-        store_f32(out, i, div(mul(g, load_f32(up, i)), add(one, exp_f32(neg(g)))))
+        z = mul(c, fma(mul(cube, g), mul(g, g), g)) if gelu else g
+        store_f32(out, i, div(mul(g, load_f32(up, i)), add(one, exp_f32(neg(z)))))
     for i in range(n, gate.shape[0]):
-        out[i] = gate[i] / (np.float32(1) + np.exp(-gate[i])) * up[i]
+        g = gate[i]
+        z = np.float32(2 * np.sqrt(2 / np.pi)) * (g + np.float32(0.044715) * g * g * g) if gelu else g
+        out[i] = g / (np.float32(1) + np.exp(-z)) * up[i]
 
 
 @njit(parallel=True, cache=True)
-def attend_one(q, keys, values, length, scores, out):
-    """Grouped-query attention of one token's queries q (heads * hd,) over the first `length`
-    positions of keys/values (kv_heads, capacity, hd), C-contiguous, hd a multiple of 16 (values
-    float32 or fp16 bits); scores is scratch (heads, >= length). Heads run on all threads: at long
-    contexts this is the step's largest read after the weights."""
+def attend_one(q, keys, values, first, length, scale, scores, out):
+    """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
+    of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
+    hd a multiple of 16 (values float32 or fp16 bits); scores is scratch (heads, >= length). Heads
+    run on all threads: at long contexts this is the step's largest read after the weights."""
     kv_heads, capacity, hd = keys.shape
     heads = q.shape[0] // hd
     group = heads // kv_heads
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale, span = np.float32(scale), length - first
     for h in prange(heads):
-        qo, base = h * hd, (h // group) * capacity * hd  # keys and values have the same capacity here
+        qo, base = h * hd, (h // group) * capacity * hd + first * hd  # keys and values: the same capacity
         scores_h = scores[h]
         top = np.float32(-np.inf)
-        for t in range(length):
+        for t in range(span):
             acc = zeros_f32()
             for d in range(0, hd, LANES):
                 acc = fma(load_f32(q, qo + d), load_f32(keys, base + t * hd + d), acc)
             scores_h[t] = hsum(acc) * scale
             top = max(top, scores_h[t])
-        total = exp_in_place(scores_h, length, top)
-        weighted_values(scores_h, values, base, length, hd, np.float32(1) / total, out, qo)
+        total = exp_in_place(scores_h, span, top)
+        weighted_values(scores_h, values, base, span, hd, np.float32(1) / total, out, qo)
 
 
 @njit(cache=True)
@@ -119,21 +134,23 @@ def rope_rows(x, cos, sin):
 
 
 @njit(cache=True)
-def _attend_query(q, keys, values, start, t, out):
-    """Token t (position start + t) over keys 0..start+t, online softmax in blocks of 16 keys: no
-    score row as long as the context, one rescale of the running sum per block."""
+def _attend_query(q, keys, values, start, t, window, scale, out):
+    """Token t (position start + t) over keys 0..start+t (the last `window` of them when window >
+    0), online softmax in blocks of 16 keys: no score row as long as the context, one rescale of
+    the running sum per block."""
     kv_heads, capacity, hd = keys.shape
     width = q.shape[1]
     group = width // hd // kv_heads
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale = np.float32(scale)
     length = start + t + 1
+    first = max(0, length - window) if window > 0 else 0
     block = np.empty(LANES, np.float32)
     for h in range(width // hd):
         qo, base = t * width + h * hd, (h // group) * capacity * hd
         for d in range(0, hd, LANES):
             store_f32(out, qo + d, zeros_f32())
         top, total = np.float32(-np.inf), np.float32(0)
-        for k0 in range(0, length, LANES):
+        for k0 in range(first, length, LANES):
             n = min(LANES, length - k0)
             block_top = np.float32(-np.inf)
             for j in range(LANES):
@@ -162,12 +179,13 @@ def _attend_query(q, keys, values, start, t, out):
 
 
 @njit(parallel=True, cache=True)
-def attend_causal(q, keys, values, start, out):
+def attend_causal(q, keys, values, start, window, scale, out):
     """Causal grouped-query attention of tokens at positions start.. (q, out: (tokens, heads * hd),
-    C-contiguous) over keys/values (kv_heads, capacity, hd) that already hold them. Threads take
-    queries in pairs from both ends, so each gets as many keys to read."""
+    C-contiguous) over keys/values (kv_heads, capacity, hd) that already hold them, each over the
+    last `window` positions when window > 0. Threads take queries in pairs from both ends, so each
+    gets as many keys to read."""
     tokens = q.shape[0]
     for i in prange((tokens + 1) // 2):
-        _attend_query(q, keys, values, start, i, out)
+        _attend_query(q, keys, values, start, i, window, scale, out)
         if tokens - 1 - i != i:
-            _attend_query(q, keys, values, start, tokens - 1 - i, out)
+            _attend_query(q, keys, values, start, tokens - 1 - i, window, scale, out)

@@ -22,6 +22,23 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return gate / (1.0 + np.exp(-gate)) * up
 
 
+GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (PyTorch's approximate="tanh"), of the gate, times up."""
+    return (np.float32(0.5) * gate * (1 + np.tanh(GELU_C * (gate + np.float32(0.044715) * gate ** 3)))) * up
+
+
+GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
+def rmsnorm_heads(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of each head of x (tokens, heads * hd) with one weight (hd,) for all heads."""
+    hd = weight.shape[0]
+    return rmsnorm(x.reshape(x.shape[0], -1, hd), weight, eps).reshape(x.shape)
+
+
 def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of shape (T, head_dim), halves repeated (rotate-half convention)."""
     angles = np.outer(positions.astype(np.float64), inv_freq)
@@ -41,8 +58,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
-def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
-    """Grouped-query causal attention.
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, window: int = 0,
+                     scale: float | None = None) -> np.ndarray:
+    """Grouped-query causal attention, over the last `window` positions (the query's own included)
+    when window > 0.
 
     q: (heads, T, hd) for positions start..start+T-1; keys, values: (kv_heads, start+T, hd).
     Returns (heads, T, hd).
@@ -50,7 +69,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start:
     heads, T, hd = q.shape
     kv_heads = keys.shape[0]
     group = heads // kv_heads
-    scale = np.float32(1.0 / np.sqrt(hd))
+    scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
     out = np.empty_like(q)
     qg = q.reshape(kv_heads, group, T, hd)
     og = out.reshape(kv_heads, group, T, hd)
@@ -59,6 +78,8 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start:
         visible = start + t1  # the last query of the block sees keys [0, start + t1)
         scores = np.matmul(qg[:, :, t0:t1], keys[:, None, :visible].swapaxes(-1, -2)) * scale
         query_pos = start + np.arange(t0, t1)[:, None]
-        scores = np.where(np.arange(visible)[None, :] <= query_pos, scores, -np.inf)
+        key_pos = np.arange(visible)[None, :]
+        seen = (key_pos <= query_pos) & ((key_pos > query_pos - window) if window else True)
+        scores = np.where(seen, scores, -np.inf)
         og[:, :, t0:t1] = np.matmul(softmax(scores).astype(np.float32), values[:, None, :visible])
     return out

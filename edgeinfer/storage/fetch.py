@@ -33,11 +33,9 @@ def catalog_entry(name: str):
     return entries[name]
 
 
-CATALOG_BITS = 4  # catalog models run from 4-bit single files
-
-
 def converted_path(name: str) -> Path:
-    return home() / "models" / f"{name}-q{CATALOG_BITS}.safetensors"
+    """Catalog files are 4-bit GGUFs, converted as they are stored (the name predates other layouts)."""
+    return home() / "models" / f"{name}-q4.safetensors"
 
 
 def resolve_model(arg: str | None, progress: ProgressFn | None = None) -> str:
@@ -96,8 +94,7 @@ def pull(name: str, progress: ProgressFn | None = None) -> Path:
     source = open_model(str(gguf))
     stage = f"converting {name} (first run only)"
     try:
-        convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None,
-                bits=CATALOG_BITS)
+        convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None)
     finally:
         source.close()
     return out

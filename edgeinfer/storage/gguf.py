@@ -15,35 +15,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import GEMMA3_LOCAL_PATTERN, ModelConfig
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
-from .quantize import GGUF_LAYOUTS
 from .source import WeightSource
 from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
-GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-SUPPORTED_TYPES = {"F32", "F16", "BF16", *GGUF_LAYOUTS}
+GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+                      "gemma3": ("gemma3", False)}
+GEMMA3_LOCAL_THETA = 10000.0  # not in gemma3 GGUF metadata: llama.cpp fixes it too
+SUPPORTED_TYPES = {"F32", "F16", "BF16", *DECODERS}
 _GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
                  "output.weight": LM_HEAD_WEIGHT, "rope_freqs.weight": ROPE_FREQS}
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
+                "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_SANDWICH_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"}  # Gemma: the MLP's input norm
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, sandwich: bool = False) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"{layer_prefix(int(m.group(1)))}{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    names = _SANDWICH_NAMES if sandwich else _LAYER_NAMES
+    if m and m.group(2) in names:
+        return f"{layer_prefix(int(m.group(1)))}{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -174,7 +178,7 @@ class GGUFSource(WeightSource):
         self._hf_arch, self._permuted = GGUF_ARCHITECTURES[arch]
         self._tensors = {}
         for t in self._reader.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, sandwich=arch == "gemma3")
             if name is None:
                 continue
             if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -194,6 +198,7 @@ class GGUFSource(WeightSource):
 
         heads = int(need("attention.head_count"))
         hidden = int(need("embedding_length"))
+        layers = int(need("block_count"))
         embed = self._tensors.get(EMBEDDING_WEIGHT)
         if embed is None:
             raise ModelFormatError(f"{self.path}: GGUF file has no token_embd.weight")
@@ -201,7 +206,7 @@ class GGUFSource(WeightSource):
             architecture=self._hf_arch,
             hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
-            num_layers=int(need("block_count")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(value("attention.head_count_kv", heads)),
             head_dim=int(value("attention.key_length", hidden // heads)),
@@ -212,7 +217,18 @@ class GGUFSource(WeightSource):
             rope_scaling=self._rope_scaling(arch),
             tie_embeddings=LM_HEAD_WEIGHT not in self._tensors,
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in self._tensors,
+            **self._family_options(arch, hidden, layers),
         )
+
+    def _family_options(self, arch: str, hidden: int, layers: int) -> dict:
+        """Gemma 3's options; its GGUF stores norm weights with the + 1 already added."""
+        if arch != "gemma3":
+            return {}
+        window = int(self._reader.value(f"{arch}.attention.sliding_window", 0) or 0)
+        return dict(sandwich_norms=True, hidden_act="gelu_tanh", embed_scale=float(np.float32(hidden ** 0.5)),
+                    sliding_window=window, rope_local_theta=GEMMA3_LOCAL_THETA,
+                    local_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_LOCAL_PATTERN))
 
     def _rope_scaling(self, arch: str) -> dict | None:
         kind = self._reader.value(f"{arch}.rope.scaling.type")
@@ -247,13 +263,11 @@ class GGUFSource(WeightSource):
     def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
         t = self._tensors[name]
         kind = t.tensor_type.name
-        if kind not in GGUF_LAYOUTS or len(t.shape) != 2:
+        if kind not in DECODERS or len(t.shape) != 2:
             return None
         rows, cols = self.stored_shape(name)
         blocks = self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1))
-        if kind in DECODERS:
-            return gguf_matrix(kind, blocks, cols)
-        return Q8Matrix.from_gguf(blocks, cols) if kind == "Q8_0" else Q4Matrix.from_gguf(blocks, cols, kind)
+        return gguf_matrix(kind, blocks, cols)
 
     def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:
         """Undo llama.cpp's Q/K row permutation (of values, or of whole rows of blocks)."""

@@ -62,6 +62,18 @@ def _q5_high(qh: np.ndarray) -> np.ndarray:
     return (((bits >> np.arange(32, dtype=np.uint32)[None, :]) & 1) << 4).astype(np.int16)
 
 
+def _q4_0(b: np.ndarray) -> Decoded:
+    return _nibbles_in_halves(b[:, 2:], 32).astype(np.int16), _half(b[:, :2]), None
+
+
+def _q4_1(b: np.ndarray) -> Decoded:
+    return _nibbles_in_halves(b[:, 4:], 32).astype(np.int16), _half(b[:, :2]), _half(b[:, 2:4])
+
+
+def _q8_0(b: np.ndarray) -> Decoded:
+    return np.ascontiguousarray(b[:, 2:]).view(np.int8), _half(b[:, :2]), None
+
+
 def _q5_0(b: np.ndarray) -> Decoded:
     q = _nibbles_in_halves(b[:, 6:], 32).astype(np.int16) | _q5_high(b[:, 2:6])
     return q - 16, _half(b[:, :2]), None
@@ -120,6 +132,7 @@ def _q2_k(b: np.ndarray) -> Decoded:
 
 # type -> (weights per block, bytes per block, bits of the matrix it becomes, decoder)
 DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
+    "Q4_0": (32, 18, 4, _q4_0), "Q4_1": (32, 20, 4, _q4_1), "Q8_0": (32, 34, 8, _q8_0),
     "Q5_0": (32, 22, 8, _q5_0), "Q5_1": (32, 24, 8, _q5_1), "IQ4_NL": (32, 18, 8, _iq4_nl),
     "IQ4_XS": (QK, 136, 8, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 8, _q5_k),
     "Q6_K": (QK, 210, 8, _q6_k), "Q3_K": (QK, 110, 8, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),

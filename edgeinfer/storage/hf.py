@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from ..config import ModelConfig
 from ..errors import ModelFormatError, TokenizerError
 from ..tokenizer import TokenizerSpec
@@ -18,7 +20,23 @@ INDEX = "model.safetensors.index.json"
 def open_hf_folder(folder: str) -> SafetensorsSource:
     config = ModelConfig.from_hf(_read_json(folder, "config.json"))
     files = [SafetensorsFile(os.path.join(folder, name)) for name in _shard_names(folder)]
-    return SafetensorsSource(folder, "hf", files, config, _tokenizer_spec(folder))
+    source_type = ShiftedNormsSource if config.architecture == "gemma3" else SafetensorsSource
+    return source_type(folder, "hf", files, config, _tokenizer_spec(folder))
+
+
+class ShiftedNormsSource(SafetensorsSource):
+    """Gemma's RMSNorm multiplies by (1 + w): its norm weights are read with the 1 added, so the
+    forward pass has one RMSNorm (llama.cpp's GGUF files store them so already)."""
+
+    def float32(self, name: str):
+        w = super().float32(name)
+        return w + np.float32(1) if name.endswith("norm.weight") else w
+
+    def storable_type(self, name: str) -> str:
+        return "F32" if name.endswith("norm.weight") else super().storable_type(name)
+
+    def storable(self, name: str):
+        return self.float32(name) if name.endswith("norm.weight") else super().storable(name)
 
 
 def _read_json(folder: str, name: str, required: bool = True) -> dict[str, Any]:

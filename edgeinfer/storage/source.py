@@ -13,7 +13,7 @@ from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from .safetensors import PAD_PREFIX, SafetensorsFile
-from .tensor_names import ROPE_FREQS, llama_tensor_shapes
+from .tensor_names import ROPE_FREQS, model_tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class WeightSource:
         """The tensors the model uses, in file order, after checking each is present with its shape."""
         names = set(self.names())
         order = []
-        for name, shape in llama_tensor_shapes(self.config):
+        for name, shape in model_tensor_shapes(self.config):
             if name not in names:
                 raise ModelFormatError(f"{self.path}: tensor {name} is missing")
             if tuple(self.stored_shape(name)) != shape:

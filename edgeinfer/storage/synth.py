@@ -19,7 +19,7 @@ from ..kernels.q4 import ROWS, Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from .source import WeightSource
-from .tensor_names import ENDS, llama_tensor_shapes
+from .tensor_names import ENDS, model_tensor_shapes
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, rope theta
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0),
@@ -66,7 +66,7 @@ class SynthSource(WeightSource):
             raise EdgeInferError(f"synth writes 4- or 8-bit models, got --bits {bits}")
         self.config, self.tokenizer = synth_config(shape), byte_tokenizer()
         self.path, self.format, self.bits, self.seed = f"synth:{shape}", "synth", bits, seed
-        self._shapes = dict(llama_tensor_shapes(self.config))
+        self._shapes = dict(model_tensor_shapes(self.config))
 
     def names(self) -> list[str]:
         return list(self._shapes)

@@ -13,8 +13,12 @@ FINAL_NORM_WEIGHT = "model.norm.weight"
 ROPE_FREQS = "rope_freqs.weight"  # optional per-pair RoPE divisors (GGUF's Llama-3 scaling)
 ENDS = (EMBEDDING_WEIGHT, LM_HEAD_WEIGHT)  # what a layers-only file (a cluster worker's share) leaves out
 
-# A layer's tensors, after its prefix
-ATTN_NORM, MLP_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
+# A layer's tensors, after its prefix. The norm named post_attention_layernorm is the MLP's input
+# norm in Llama, and the attention output's norm in Gemma 3 (whose MLP norm is pre_feedforward_).
+ATTN_NORM, LLAMA_MLP_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
+Q_NORM, K_NORM = "self_attn.q_norm.weight", "self_attn.k_norm.weight"
+POST_ATTN_NORM, PRE_MLP_NORM, POST_MLP_NORM = ("post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+                                               "post_feedforward_layernorm.weight")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 
@@ -44,20 +48,35 @@ def unit_of(name: str) -> int | str:
     return EMBEDDING if name == EMBEDDING_WEIGHT else HEAD
 
 
-def llama_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor a Llama-family model needs, in file order: layer by layer, each layer contiguous."""
+def layer_norm_names(c: ModelConfig) -> dict[str, str | None]:
+    """A layer's norms by role (None where the family has none): before attention and MLP, of
+    each query and key head, and of the attention's and MLP's outputs."""
+    sandwich, qk = c.sandwich_norms, c.qk_norm
+    return {"attn": ATTN_NORM, "mlp": PRE_MLP_NORM if sandwich else LLAMA_MLP_NORM,
+            "q": Q_NORM if qk else None, "k": K_NORM if qk else None,
+            "post_attn": POST_ATTN_NORM if sandwich else None, "post_mlp": POST_MLP_NORM if sandwich else None}
+
+
+def model_tensor_shapes(c: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor a model needs, in file order: layer by layer, each layer contiguous."""
     d, f = c.hidden_size, c.intermediate_size
     if not c.layers_only:
         yield EMBEDDING_WEIGHT, (c.vocab_size, d)
     for i in range(c.num_layers):
         p = layer_prefix(i)
+        norms = layer_norm_names(c)
         yield p + ATTN_NORM, (d,)
+        for role in ("q", "k"):
+            if norms[role]:
+                yield p + norms[role], (c.head_dim,)
         for proj, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
             yield p + f"self_attn.{proj}.weight", (rows, d)
             if c.attention_bias:
                 yield p + f"self_attn.{proj}.bias", (rows,)
         yield p + "self_attn.o_proj.weight", (d, c.q_size)
-        yield p + MLP_NORM, (d,)
+        for role in ("post_attn", "mlp", "post_mlp"):
+            if norms[role]:
+                yield p + norms[role], (d,)
         yield p + "mlp.gate_proj.weight", (f, d)
         yield p + "mlp.up_proj.weight", (f, d)
         yield p + "mlp.down_proj.weight", (d, f)
