@@ -45,7 +45,7 @@ for ctx, windows in job["windows"].items():
         nll += list(-logp[np.arange(len(tokens) - 1), tokens[1:]])
     out["ppl"][ctx] = math.exp(float(np.mean(nll)))
     del m
-m = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+m = Llama(model_path=path, n_ctx=512, n_threads=2, logits_all=True, verbose=False)
 for ids in job["prompts"]:
     m.reset()
     m.eval(ids)
@@ -67,12 +67,12 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gemma3-270m", help="a catalog name or any GGUF file")
-    p.add_argument("--ctx", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--ctx", type=int, nargs="*", default=[512, 2048], help="none: greedy completions only")
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     p.add_argument("-n", type=int, default=32)
     args = p.parse_args()
     path = args.model if os.path.exists(args.model) else str(fetch_gguf(args.model))
-    fast, exact = open_engine(path, max(args.ctx)), open_engine(path, 512, float32=True)
+    fast, exact = open_engine(path, max(args.ctx, default=512)), open_engine(path, 512, float32=True)
     tok = fast.tokenizer
     ids = tok.encode(open(args.text).read(), add_bos=False)
     bos = tok.bos_id if tok.spec.add_bos else None
@@ -103,8 +103,8 @@ def main() -> None:
                                  "float32_top2_margin_where_they_part": margin,
                                  "edgeinfer": tok.decode(ours), "llamacpp": tok.decode(theirs)})
     print(json.dumps(result, indent=1))
-    print(f"{result['model']}: PPL " + "; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} "
-                                                  f"({v['difference']})" for c, v in result["ppl"].items())
+    print(f"{result['model']}: PPL " + ("; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} "
+                                                  f"({v['difference']})" for c, v in result["ppl"].items()) or "-")
           + "; greedy tokens equal: " + ", ".join(f"{g['tokens_equal']}/{args.n}" for g in result["greedy"]))
 
 

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-s", "--system", help="system prompt for chat models")
     run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     run.add_argument("--exact", action="store_true", help="the exact float32 reference path (default: 4-bit weights run in 4 bits)")
+    run.add_argument("--bits", type=int, choices=(4, 8), default=8,
+                     help="a float model (F16/BF16/F32 GGUF, HF folder) is quantized to this at load (default 8)")
     run.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
     run.add_argument("-c", "--ctx", type=int, help="context size in tokens (default: the model's, at most 4096)")
     run.add_argument("--mem-limit", metavar="SIZE", help="keep memory within SIZE (e.g. 2G, 512M): layers beyond it "
@@ -200,8 +202,8 @@ def _session_options(args: argparse.Namespace, context: int | None = None):
     if getattr(args, "listen", None) is not None:
         cluster = ClusterOptions(args.listen, args.token, args.workers, args.wait, args.timeout, args.sync)
     return SessionOptions(args.model, context or getattr(args, "ctx", None), getattr(args, "exact", False),
-                          _mem_limit(args), getattr(args, "attention", "exact"), getattr(args, "verbose", False),
-                          cluster)
+                          getattr(args, "bits", 8), _mem_limit(args), getattr(args, "attention", "exact"),
+                          getattr(args, "verbose", False), cluster)
 
 
 def _log_cluster_to_stderr() -> None:

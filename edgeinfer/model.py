@@ -35,8 +35,9 @@ AllReduce = Callable[[np.ndarray], np.ndarray]
 
 class Model:
     def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None,
-                 attention: str = "exact", pinned: tuple[int | str, ...] = ()):
-        """quantized: run the weights the file stores in 4/8 bits with the kernels (run_path.py).
+                 attention: str = "exact", pinned: tuple[int | str, ...] = (), load_bits: int | None = 8):
+        """quantized: run the weights the file stores in 4/8 bits with the kernels (run_path.py), and
+        those it stores as floats too, quantized at load to `load_bits` (resident models only).
         window: stream layers through that many slots instead of holding them all (single file only),
         but for the `pinned` units (layer indices, or "head"), held across passes.
         A layers-only source (a cluster worker's share) has no embedding or head."""
@@ -46,7 +47,7 @@ class Model:
         source.model_tensor_names()  # every tensor present, with its shape
         if window is not None and not source.can_stream:
             raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
-        self.path = choose_path(source, quantized, attention)
+        self.path = choose_path(source, quantized, attention, load_bits if window is None else None)
         self.weights = ResidentWeights(source, self.path) if window is None else \
             StreamedWeights(source, self.path, window, pinned)
         self.embedding, self.precision = self.weights.embedding, self.path.precision

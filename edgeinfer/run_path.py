@@ -15,12 +15,16 @@ from .storage.tensor_names import PROJECTIONS, layer_prefix
 ATTENTION_KINDS = ("exact", "lut")
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
 @dataclass(frozen=True)
 class RunPath:
     quantized: bool  # matrices stored in 4/8 bits run in 4/8 bits (int8 activations); others in float32
     fused: bool  # every projection runs in 4/8 bits: one Numba call per decoded layer, Numba attention
     lut: bool  # LUT attention over the file's key codebooks (fused only)
-    precision: str  # "q4", "q8" or "f32", shown to the user
+    precision: str  # "q4", "q8" or "f32" (and whether quantized on load), shown to the user
+    load_bits: int | None = None  # float matrices are quantized to this many bits at load; None: float32
 
 
 def projection_types(source: WeightSource) -> set[str]:
@@ -29,16 +33,21 @@ def projection_types(source: WeightSource) -> set[str]:
             for i in range(source.config.num_layers) for p in PROJECTIONS}
 
 
-def choose_path(source: WeightSource, quantized: bool, attention: str = "exact") -> RunPath:
+def choose_path(source: WeightSource, quantized: bool, attention: str = "exact", load_bits: int | None = None) -> RunPath:
     """quantized: run what the file stores in a quantised type with the 4/8-bit kernels (on CPUs
-    that have their instructions); otherwise (--exact) everything is float32."""
+    that have their instructions), and with `load_bits` (4 or 8) quantize what it stores as floats
+    (F32/F16/BF16) at load, to run alike; otherwise (--exact) everything is float32."""
     if attention not in ATTENTION_KINDS:
         raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
     quantized = quantized and has_kernels()
+    load_bits = load_bits if quantized else None
     types = projection_types(source)
-    fused = quantized and all(map(is_quantized_type, types))
-    bits = {layout_of(t).bits for t in types if is_quantized_type(t)}
+    floats = {t for t in types if t in FLOAT_TYPES} if load_bits else set()
+    fused = quantized and all(is_quantized_type(t) or t in floats for t in types)
+    bits = {layout_of(t).bits for t in types if is_quantized_type(t)} | ({load_bits} if floats else set())
     precision = "f32" if not quantized else "q4" if 4 in bits else "q8" if 8 in bits else "f32"
+    if floats:
+        precision += ", quantized on load"
     if attention == "lut":
         if source.key_codebooks() is None:
             raise EdgeInferError(f"{source.path} has no LUT codebooks: run edgeinfer calibrate MODEL -f TEXT -o OUT "
@@ -47,4 +56,4 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact")
             raise EdgeInferError("LUT attention runs on the 4/8-bit path (not with --exact or float weights)")
         if source.config.local_layers:
             raise EdgeInferError("LUT attention does not run sliding-window layers yet (Gemma 3, Mistral's window)")
-    return RunPath(quantized, fused, attention == "lut", precision)
+    return RunPath(quantized, fused, attention == "lut", precision, load_bits if floats else None)

@@ -45,6 +45,7 @@ class SessionOptions:
     model: str | None = None  # a path or a catalog name; None: the catalog's default model
     context: int | None = None  # None: the model's, at most engine.DEFAULT_CONTEXT
     float32: bool = False  # the exact float32 path (--exact), not 4/8-bit kernels
+    load_bits: int = 8  # what a float model (F16/BF16/F32) is quantized to at load: 8, or 4 (--bits)
     mem_limit: int | None = None  # bytes
     attention: str = "exact"  # or "lut"
     verbose: bool = False  # report the memory plan even when it is plainly resident
@@ -59,7 +60,8 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
     path = resolve_model(options.model, progress or StageProgress())
     if options.cluster is not None:
         return _open_cluster(path, options, report)
-    engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report)
+    engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report,
+                         options.load_bits)
     if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
         report(engine.memory_plan.describe())
     if engine.model.path.fused and first_run():  # the float32 path compiles nothing
@@ -69,7 +71,7 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
 
 
 def open_engine(path: str, context: int | None = None, float32: bool = False, mem_limit: int | None = None,
-                attention: str = "exact", report: Report | None = None) -> Engine:
+                attention: str = "exact", report: Report | None = None, load_bits: int = 8) -> Engine:
     """The engine of the model file at `path` (kernels not yet warm). The memory preflight
     (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
     streamed through a window of layers, within `mem_limit` when given, else within the memory
@@ -81,7 +83,8 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     plan = model_memory_plan(source, context, mem_limit, not float32, attention)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
-    engine = Engine(Model(source, not float32, plan.window, attention, plan.pinned), Tokenizer(source.tokenizer), context)
+    model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits)
+    engine = Engine(model, Tokenizer(source.tokenizer), context)
     engine.memory_plan = plan
     return engine
 

@@ -12,6 +12,20 @@ from .chat_template import render_chat_template
 from .errors import TokenizerError
 
 
+# A family's chat format, for files that carry no template (llama.cpp falls back the same way).
+# Gemma: turns of user and model; a system message goes before the first user turn's text.
+FAMILY_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}{% set ns = namespace(system='') %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim + '\n\n' %}"
+        "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+        "{{ (ns.system if m['role'] == 'user' else '') + m['content'] | trim }}<end_of_turn>\n"
+        "{% if m['role'] == 'user' %}{% set ns.system = '' %}{% endif %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+}
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """Everything needed to rebuild a tokenizer; travels inside edgeinfer's single-file models."""

@@ -37,9 +37,9 @@ class LayerWeights:
     attention_scale: float = 0.0
 
     @classmethod
-    def load(cls, source: WeightSource, i: int, quantized: bool) -> "LayerWeights":
+    def load(cls, source: WeightSource, i: int, quantized: bool, load_bits: int | None = None) -> "LayerWeights":
         c, p = source.config, layer_prefix(i)
-        lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized)  # noqa: E731
+        lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized, load_bits)  # noqa: E731
         norm = lambda role: source.float32(p + n) if (n := layer_norm_names(c)[role]) else None  # noqa: E731
         return cls(attn_norm=norm("attn"), q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"),
                    v=lin("self_attn.v_proj"), o=lin("self_attn.o_proj"), mlp_norm=norm("mlp"),
@@ -66,11 +66,11 @@ class ResidentWeights:
     cluster worker's share: the master keeps them)."""
 
     def __init__(self, source: WeightSource, path: RunPath):
-        c = source.config
-        self.embedding = None if c.layers_only else load_linear(source, EMBEDDING_WEIGHT, path.quantized)
-        self.layers = [LayerWeights.load(source, i, path.quantized) for i in range(c.num_layers)]
+        c, q, bits = source.config, path.quantized, path.load_bits
+        self.embedding = None if c.layers_only else load_linear(source, EMBEDDING_WEIGHT, q, bits)
+        self.layers = [LayerWeights.load(source, i, q, bits) for i in range(c.num_layers)]
         self._head = None if c.layers_only else self.embedding if c.tie_embeddings else \
-            load_linear(source, output_weight(c), path.quantized)
+            load_linear(source, output_weight(c), q, bits)
         self._decode_args = [layer.decode_args() for layer in self.layers]
 
     def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:

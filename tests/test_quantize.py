@@ -71,7 +71,7 @@ def test_float_models_convert_to_each_width(tiny_hf, tokenizer_json, tmp_path, b
     # The weights' rounding is bounded above; here the kernels against the float32 path over the
     # same dequantised weights (only the int8 activations differ).
     ids = np.arange(3, 40)
-    exact, model = Model(single), Model(single, quantized=True)
+    exact, model = Model(single), Model(single, quantized=True, load_bits=None)  # F16 stays float: not rounded
     assert model.precision == {4: "q4", 8: "q8", 16: "f32"}[bits]
     reference = exact.forward(ids, exact.new_cache(48), all_logits=True)
     ours = model.forward(ids, model.new_cache(48), all_logits=True)

@@ -80,3 +80,22 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_js
         # int8 activations: the two paths' float rounding can flip a value by one step
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
     np.testing.assert_allclose(fused.k, by_op.k, rtol=0, atol=2e-3 * np.abs(by_op.k).max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float_models_are_quantized_at_load_as_convert_would(tiny_hf, tmp_path, bits):
+    """A HF folder (float32) runs on the fused path, its matrices quantized at load exactly as
+    `convert --bits` quantizes them: the same logits, bit for bit, as the converted file's."""
+    from edgeinfer.storage.single import convert
+
+    source = open_model(str(tiny_hf))
+    loaded = Model(source, quantized=True, load_bits=bits)
+    assert loaded.path.fused and loaded.precision == f"q{bits}, quantized on load"
+    assert isinstance(loaded.weights.head(), QuantLinear) and loaded.weights.head().bits == 8
+    convert(source, str(tmp_path / "c.safetensors"), bits=bits)
+    converted = Model(open_model(str(tmp_path / "c.safetensors")), quantized=True)
+    ids = np.arange(3, 40)
+    np.testing.assert_array_equal(loaded.forward(ids, loaded.new_cache(48), all_logits=True),
+                                  converted.forward(ids, converted.new_cache(48), all_logits=True))
+    exact = edgeinfer_cli("run", str(tiny_hf), "-p", "x", "-n", "2", "--temp", "0", "-v", "--bits", str(bits))
+    assert exact.returncode == 0 and f"weights: q{bits}, quantized on load" in exact.stderr, exact.stderr

@@ -256,6 +256,21 @@ def test_gemma3_fast_path_tracks_float32_on_real_text(gemma_gguf):
     assert step.argmax() in np.argsort(lf[-1])[-5:]
 
 
+def test_gemma3_gets_its_family_chat_format(gemma_gguf):
+    """The GGUF carries no chat template: Gemma's turn format is used, a system message before the
+    first user text, and <end_of_turn> ends a reply."""
+    from edgeinfer.storage import open_model
+
+    tok = Tokenizer(open_model(str(gemma_gguf)).tokenizer)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A color?"}])
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+                    "<start_of_turn>user\nA color?<end_of_turn>\n<start_of_turn>model\n")
+    ids = tok.encode(text, add_bos=False)
+    assert ids[:2] == [tok.bos_id, tok._backend.encode("<start_of_turn>")[0]] and ids.count(tok.bos_id) == 1
+    assert tok._backend.encode("<end_of_turn>")[0] in tok.eos_ids
+
+
 def test_gemma3_runs_from_the_catalog_as_from_its_gguf(gemma_gguf):
     """The catalog converts the GGUF losslessly: the same greedy text from either."""
     args = ("-p", "The capital of France is", "-n", "12", "--raw", "--temp", "0", "-v")

@@ -8,6 +8,7 @@ the forward pass has one RoPE convention (rotate-half, as transformers).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -19,7 +20,7 @@ from ..config import GEMMA3_LOCAL_PATTERN, ModelConfig
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
-from ..tokenizer import TokenizerSpec
+from ..tokenizer import FAMILY_TEMPLATES, TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
 from .source import WeightSource
@@ -187,6 +188,8 @@ class GGUFSource(WeightSource):
             self._tensors[name] = t
         self.config = self._config(arch)
         self.tokenizer = spec_from_gguf_vocab(self._reader.vocab())
+        if self.tokenizer.chat_template is None and arch in FAMILY_TEMPLATES:
+            self.tokenizer = dataclasses.replace(self.tokenizer, chat_template=FAMILY_TEMPLATES[arch])
 
     def _config(self, arch: str) -> ModelConfig:
         value = lambda key, default=None: self._reader.value(f"{arch}.{key}", default)  # noqa: E731
