@@ -19,7 +19,7 @@ from .config import rope_inv_freq
 from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import DecodeScratch, decode_attention, decode_layer, decode_mlp, decode_scratch
 from .kernels.lut_attention import attend_causal_lut
-from .kernels.ops import LANES, attend_causal, rope_rows
+from .kernels.ops import LANES, attend_causal, gated_activation_into, rope_rows
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache
@@ -155,7 +155,13 @@ class Model:
         return w.o.partial(self.attend(q, k, w.v(x), cache, layer, cos, sin))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
-        return w.down.partial(GATED_ACTIVATIONS[self.config.hidden_act](w.gate(x), w.up(x)))
+        gate, up = w.gate(x), w.up(x)
+        if self.path.quantized:  # the kernel's activation (one pass, vectorised) where the path is not exact
+            act = np.empty_like(gate)
+            gated_activation_into(gate.reshape(-1), up.reshape(-1), self.config.hidden_act == "gelu_tanh", act.reshape(-1))
+        else:
+            act = GATED_ACTIVATIONS[self.config.hidden_act](gate, up)
+        return w.down.partial(act)
 
     def _per_head(self, y: np.ndarray, heads: int) -> np.ndarray:
         """(count, heads * head_dim) -> (heads, count, head_dim)."""

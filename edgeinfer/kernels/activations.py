@@ -21,6 +21,7 @@ class Q8Activations:
     flat: np.ndarray  # int8 in natural order (for 8-bit weights)
     scales: np.ndarray  # (groups,) float32
     sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
+    halves: np.ndarray  # (2 * groups,) float32: the same per 16 values (8-bit weights' groups of 16)
 
     @classmethod
     def empty(cls, cols: int, tokens: int | None = None) -> "Q8Activations":
@@ -29,7 +30,7 @@ class Q8Activations:
         lead = () if tokens is None else (tokens,)
         return cls(np.zeros(lead + (groups * 16,), np.int8), np.zeros(lead + (groups * 16,), np.int8),
                    np.zeros(lead + (groups * 32,), np.int8), np.zeros(lead + (groups,), np.float32),
-                   np.zeros(lead + (groups,), np.float32))
+                   np.zeros(lead + (groups,), np.float32), np.zeros(lead + (2 * groups,), np.float32))
 
     def int8(self) -> np.ndarray:
         """(groups, 32) int8 values of one vector, for the reference."""
@@ -37,7 +38,7 @@ class Q8Activations:
 
 
 @njit(cache=True)
-def _quantize(x, lo, hi, flat, scales, sums):
+def _quantize(x, lo, hi, flat, scales, sums, halves):
     for g in range(scales.shape[0]):
         amax = np.float32(0)
         for j in range(GROUP):
@@ -45,7 +46,7 @@ def _quantize(x, lo, hi, flat, scales, sums):
             if i < x.shape[0]:
                 amax = max(amax, abs(x[i]))
         d = amax / np.float32(127) if amax > 0 else np.float32(1)
-        total = 0
+        first = total = 0
         for j in range(GROUP):
             i = g * GROUP + j
             q = int(np.round(x[i] / d)) if i < x.shape[0] else 0
@@ -53,21 +54,24 @@ def _quantize(x, lo, hi, flat, scales, sums):
             flat[i] = q
             if j < 16:
                 lo[g * 16 + j] = q
+                first += q
             else:
                 hi[g * 16 + j - 16] = q
         scales[g] = d
         sums[g] = d * total
+        halves[2 * g] = d * first
+        halves[2 * g + 1] = d * (total - first)
 
 
 @njit(cache=True)
-def _quantize_batch(x, lo, hi, flat, scales, sums):
+def _quantize_batch(x, lo, hi, flat, scales, sums, halves):
     for t in range(x.shape[0]):
-        _quantize(x[t], lo[t], hi[t], flat[t], scales[t], sums[t])
+        _quantize(x[t], lo[t], hi[t], flat[t], scales[t], sums[t], halves[t])
 
 
 def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
     """One vector (cols,) or a batch (tokens, cols), into `out` when given."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = out or Q8Activations.empty(x.shape[-1], x.shape[0] if x.ndim == 2 else None)
-    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.lo, out.hi, out.flat, out.scales, out.sums)
+    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.lo, out.hi, out.flat, out.scales, out.sums, out.halves)
     return out

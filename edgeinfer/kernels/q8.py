@@ -25,8 +25,8 @@ from numba import njit, prange
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
 from .q4 import PREFETCH_STEPS, deinterleave, interleave, scale_values, stored_scales
-from .simd import (begin, dpbusd, dpbusd_nibbles, expand2, expand4, finish2, fma, has_kernels, load_i8, mul, ones_i8,
-                   prefetch, row_accumulator, splat, to_f32, total, zeros_i32)
+from .simd import (accumulate, accumulator, dpbusd, expand8, fma, group_sums4, has_kernels, load_floats, load_i8, mul,
+                   pairs_tiled, prefetch, quad_total, splat, tile4, to_f32, zeros_i32)
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
@@ -119,25 +119,29 @@ class Q8Matrix:
 
 
 @njit(inline="always")
-def _per_lane(arr, s, per_load):
-    """A load's group values, each over the lanes of its group: 2 groups (32) or 4 (16)."""
+def _group_values(arr, s, per_load):
+    """A chunk's scales (or minima) over lanes 4 * row + j, j its 4 groups of 16 weights: per 16,
+    or per 32 (each over two lanes)."""
     if per_load == 2:
-        return expand2(arr, s)
-    return expand4(arr, s)
+        return expand8(arr, s)
+    return load_floats(arr, s)
 
 
 @njit(inline="always")
-def _chunk(packed, scales, offsets, w, s, per_load, x, dx, xsum, acc):
-    sums = dpbusd(zeros_i32(), load_i8(packed, w), x)
-    scale = _per_lane(scales, s, per_load)
-    return finish2(acc, fma(_per_lane(offsets, s, per_load), xsum, fma(to_f32(sums), mul(scale, dx), begin(acc))))
+def _terms(packed, scales, offsets, w, s, per_load, x, dx, xsum):
+    """The 4 rows x 4 groups of 16 of one 64-column chunk, lane 4 * row + group: the integer dots
+    summed per group first (as q4.py does), so the float work is one vector per 4 rows."""
+    dots = group_sums4(dpbusd(zeros_i32(), load_i8(packed, w), x), dpbusd(zeros_i32(), load_i8(packed, w + 64), x),
+                       dpbusd(zeros_i32(), load_i8(packed, w + 128), x), dpbusd(zeros_i32(), load_i8(packed, w + 192), x))
+    return fma(to_f32(dots), mul(_group_values(scales, s, per_load), dx), mul(_group_values(offsets, s, per_load), xsum))
 
 
 @njit(inline="always")
-def _block(packed, scales, offsets, factor, xflat, xscales, out, block):
+def _block(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block):
+    """Rows 4*block .. 4*block+3, float32 or fixed-point accumulator (simd.py) as in q4.py."""
     loads = packed.shape[1] // 64
     chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
-    a0 = a1 = a2 = a3 = row_accumulator(out)
+    acc = accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
         ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
@@ -146,51 +150,37 @@ def _block(packed, scales, offsets, factor, xflat, xscales, out, block):
         prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
         prefetch(offsets, s + PREFETCH_STEPS * ROWS * per_load)
         x = load_i8(xflat, c * 64)
-        dx = expand2(xscales, c * 2)
-        xsum = mul(mul(to_f32(dpbusd_nibbles(zeros_i32(), ones_i8(), x)), dx), factor)
-        a0 = _chunk(packed, scales, offsets, w, s, per_load, x, dx, xsum, a0)
-        a1 = _chunk(packed, scales, offsets, w + 64, s + per_load, per_load, x, dx, xsum, a1)
-        a2 = _chunk(packed, scales, offsets, w + 128, s + 2 * per_load, per_load, x, dx, xsum, a2)
-        a3 = _chunk(packed, scales, offsets, w + 192, s + 3 * per_load, per_load, x, dx, xsum, a3)
+        dx = pairs_tiled(xscales, c * 2)  # each group of 16's activation scale (its group of 32's)
+        xsum = mul(tile4(xhalves, c * 4), factor)
+        acc = accumulate(acc, _terms(packed, scales, offsets, w, s, per_load, x, dx, xsum))
         w += 256
         s += 4 * per_load
-    store_block(out, block, a0, a1, a2, a3)
-
-
-@njit(inline="always")
-def store_block(out, block, a0, a1, a2, a3):
-    """The block's 4 row sums into `out`, leaving out the padding rows past its end."""
     r = block * ROWS
-    out[r] = total(a0)
-    if r + 1 < out.shape[0]:
-        out[r + 1] = total(a1)
-    if r + 2 < out.shape[0]:
-        out[r + 2] = total(a2)
-    if r + 3 < out.shape[0]:
-        out[r + 3] = total(a3)
+    for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
+        out[r + i] = quad_total(acc, i)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, out):
+def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
-        _block(packed, scales, offsets, f, xflat, xscales, out, block)
+        _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, out):
+def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = splat(np.float32(factor))
     for block in range(packed.shape[0]):
-        _block(packed, scales, offsets, f, xflat, xscales, out, block)
+        _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, offsets, factor, xflat, xscales, out):
+def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     """out[t] = W x[t] for every token of a batch, each 4-row block read once (as in q4.py)."""
     f = splat(np.float32(factor))
     for block in prange(packed.shape[0]):
         for t in range(xflat.shape[0]):
-            _block(packed, scales, offsets, f, xflat[t], xscales[t], out[t], block)
+            _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block)
 
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:
@@ -204,14 +194,14 @@ def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
     _check(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
-    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, out)
+    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 
 
 def gemm8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     _check(m, x)
-    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, out)
+    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 
 

@@ -27,7 +27,7 @@ GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 
 def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (PyTorch's approximate="tanh"), of the gate, times up."""
-    return (np.float32(0.5) * gate * (1 + np.tanh(GELU_C * (gate + np.float32(0.044715) * gate ** 3)))) * up
+    return (np.float32(0.5) * gate * (1 + np.tanh(GELU_C * (gate + np.float32(0.044715) * gate * gate * gate)))) * up
 
 
 GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}

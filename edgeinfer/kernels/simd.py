@@ -75,14 +75,6 @@ def _storer(vtype):
     return store
 
 
-@intrinsic
-def ones_i8(typingctx):
-    """64 bytes of 1: dpbusd against them sums 4 signed bytes per lane."""
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.VectorType(ir.IntType(8), 64), [1] * 64)
-    return V64I8(), codegen
-
-
 def _zeros(vtype):
     @intrinsic
     def zeros(typingctx):
@@ -168,9 +160,10 @@ def fma(typingctx, a, b, c):
     return V16F32(V16F32, V16F32, V16F32), codegen
 
 
-def _expander(count: int, tiled: bool = False):
+def _expander(count: int, tiled: bool = False, lanes: list[int] | None = None):
     """`count` consecutive scales, each repeated over 16/count lanes (or, tiled, all `count` of them
-    repeated 16/count times): float32 values, or fp16 bits stored as uint16 (widened with vcvtph2ps)."""
+    repeated 16/count times; or lane i taking value lanes[i]): float32 values, or fp16 bits stored
+    as uint16 (widened with vcvtph2ps)."""
     @intrinsic
     def expand(typingctx, arr, offset):
         half = arr.dtype == types.uint16
@@ -183,15 +176,15 @@ def _expander(count: int, tiled: bool = False):
             if half:
                 values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), count)),
                                        ir.VectorType(ir.FloatType(), count))
-            lanes = [i % count for i in range(16)] if tiled else [i * count // 16 for i in range(16)]
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), lanes)
+            picks = lanes or ([i % count for i in range(16)] if tiled else [i * count // 16 for i in range(16)])
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), picks)
             return builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), mask)
         return V16F32(arr, offset), codegen
     return expand
 
 
-expand2 = _expander(2)  # one float per 8 lanes: a Q8 chunk holds 2 groups of 32
-expand4 = _expander(4)  # one float per 4 lanes: 4 groups of 16
+expand8 = _expander(8)  # one float per 2 lanes: 4 rows' 2 groups of 32, over q8's lanes 4 * row + group of 16
+pairs_tiled = _expander(2, lanes=[(i % 4) // 2 for i in range(16)])  # 2 groups of 32 over lanes 4 * row + group of 16
 load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
 tile4 = _expander(4, tiled=True)  # 4 floats repeated 4 times: a chunk's 4 groups for each of 4 rows
 
@@ -384,8 +377,8 @@ FIXED_SCALE = 2.0 ** -FIXED_BITS
 _MAGIC = 1.5 * 2.0 ** 52  # x + _MAGIC holds round(x) in its low mantissa bits, for |x| < 2**51
 _MAGIC_BITS = 0x4338000000000000
 
-V16I64, V4I64 = Vec("i64", 16), Vec("i64", 4)
-zeros_i64, zeros_i64x4 = _zeros(V16I64), _zeros(V4I64)
+V16I64 = Vec("i64", 16)
+zeros_i64 = _zeros(V16I64)
 
 
 def _round_fixed(builder, x):
@@ -424,26 +417,6 @@ def to_fixed(typingctx, v):
 
 
 @intrinsic
-def fixed_groups2(typingctx, v):
-    """16 float32 lanes holding 2 groups of 8 lanes (q8's layout) -> each group's sum (added
-    pairwise, in one fixed order) in fixed point, in int64 lanes 0 and 1 of 4."""
-    def codegen(context, builder, signature, args):
-        x = args[0]
-        while x.type.count > 2:
-            x = _pair_sums(builder, *_halves(builder, x))
-        x = builder.shuffle_vector(x, ir.Constant(x.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 4), [0, 1, 2, 2]))
-        return _round_fixed(builder, x)
-    return V4I64(V16F32), codegen
-
-
-def _halves(builder, x):
-    n, i32 = x.type.count, ir.IntType(32)
-    undefined = ir.Constant(x.type, ir.Undefined)
-    return [builder.shuffle_vector(x, undefined, ir.Constant(ir.VectorType(i32, n // 2), list(range(h * n // 2, (h + 1) * n // 2))))
-            for h in range(2)]
-
-
-@intrinsic
 def add_i64(typingctx, a, b):
     def codegen(context, builder, signature, args):
         return builder.add(args[0], args[1])
@@ -465,16 +438,6 @@ def quad_total(typingctx, v, r):
     return (types.float32 if v.kind == "f32" else types.int64)(v, r), codegen
 
 
-@intrinsic
-def hsum_i64(typingctx, v):
-    def codegen(context, builder, signature, args):
-        v4 = ir.VectorType(ir.IntType(64), 4)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), [v4]),
-                                            "llvm.vector.reduce.add.v4i64")
-        return builder.call(fn, [args[0]])
-    return types.int64(V4I64), codegen
-
-
 # A kernel's accumulators follow its output array: float32 out -> float lanes; int64 out -> fixed point.
 
 
@@ -490,12 +453,11 @@ def _zero_accumulator(fixed_zero):
     return zero
 
 
-accumulator = _zero_accumulator(zeros_i64)  # q4: 4 rows x 4 groups
-row_accumulator = _zero_accumulator(zeros_i64x4)  # q8: one row (its 2 groups in lanes 0, 1)
+accumulator = _zero_accumulator(zeros_i64)  # q4, q8: 4 rows x 4 groups
 
 
 def accumulate(acc, terms):
-    """q4: acc + the 16 group terms of a chunk (float32, or each rounded to fixed point)."""
+    """q4, q8: acc + the 16 group terms of a chunk (float32, or each rounded to fixed point)."""
 
 
 @overload(accumulate)
@@ -503,39 +465,6 @@ def _accumulate(acc, terms):
     if acc == V16I64:
         return lambda acc, terms: add_i64(acc, to_fixed(terms))
     return lambda acc, terms: add(acc, terms)
-
-
-def begin(acc):
-    """q8: what a chunk's FMAs start from: the float accumulator itself, or zero (fixed point)."""
-
-
-def finish2(acc, part):
-    """q8: the accumulator after a chunk whose FMAs (started from begin(acc)) gave `part`."""
-
-
-def total(acc):
-    """q8: the accumulator's sum: float32, or int64 in units of 2**-FIXED_BITS."""
-
-
-@overload(begin)
-def _begin(acc):
-    if acc == V4I64:
-        return lambda acc: zeros_f32()
-    return lambda acc: acc
-
-
-@overload(finish2)
-def _finish2(acc, part):
-    if acc == V4I64:
-        return lambda acc, part: add_i64(acc, fixed_groups2(part))
-    return lambda acc, part: part
-
-
-@overload(total)
-def _total(acc):
-    if acc == V4I64:
-        return lambda acc: hsum_i64(acc)
-    return lambda acc: hsum(acc)
 
 
 def from_fixed(a: np.ndarray) -> np.ndarray:
