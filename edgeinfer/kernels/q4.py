@@ -165,20 +165,29 @@ class Q4Matrix:
 
 
 @njit(inline="always")
-def _dots(packed, w, xl, xh):
-    """One row's chunk against the activations: int32 dot products, group g's in lanes 4g..4g+3."""
-    nib = load_i8(packed, w)
-    return dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo_nibbles(nib), xl), hi_nibbles(nib), xh)
+def _dots(lo, hi, xl, xh):
+    """One row's chunk (its low and high nibbles) against the activations: int32 dot products,
+    group g's in lanes 4g..4g+3."""
+    return dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo, xl), hi, xh)
 
 
 @njit(inline="always")
-def _terms(packed, scales, offsets, w, s, xl, xh, dx, xo):
-    """The 4 rows x 4 groups of one chunk step, lane 4 * row + group: the group's term
-    scale * x_scale * (nibbles . x) + offset * factor * x_sum. The integer dots are summed per group
-    first, so the float work is one vector per 4 rows."""
-    dots = group_sums4(_dots(packed, w, xl, xh), _dots(packed, w + 64, xl, xh), _dots(packed, w + 128, xl, xh),
-                       _dots(packed, w + 192, xl, xh))
-    return fma(to_f32(dots), mul(load_floats(scales, s), dx), mul(load_floats(offsets, s), xo))
+def _terms(rows, scale, offset, xlo, xhi, xscales, xsums, c, factor):
+    """The 4 rows (their nibbles of chunk c, split low and high) x 4 groups against one token, lane
+    4 * row + group: the group's term scale * x_scale * (nibbles . x) + offset * factor * x_sum. The
+    integer dots are summed per group first, so the float work is one vector per 4 rows."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = rows
+    xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
+    dots = group_sums4(_dots(l0, h0, xl, xh), _dots(l1, h1, xl, xh), _dots(l2, h2, xl, xh), _dots(l3, h3, xl, xh))
+    return fma(to_f32(dots), mul(scale, tile4(xscales, c * 4)), mul(offset, mul(tile4(xsums, c * 4), factor)))
+
+
+@njit(inline="always")
+def _nibbles(packed, w):
+    """The chunk's 4 rows as (low, high) nibbles each."""
+    n0, n1, n2, n3 = load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128), load_i8(packed, w + 192)
+    return (lo_nibbles(n0), hi_nibbles(n0), lo_nibbles(n1), hi_nibbles(n1), lo_nibbles(n2), hi_nibbles(n2),
+            lo_nibbles(n3), hi_nibbles(n3))
 
 
 # Software prefetch this many 4-row chunk steps ahead: the matrices of a small model are short
@@ -197,19 +206,43 @@ def _prefetch_ahead(packed, scales, offsets, w, s):
 
 
 @njit(inline="always")
-def _block(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block):
+def _block(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block, fetch=True):
     """Rows 4*block .. 4*block+3: one pass over the block's interleaved streams. The accumulator is
     float32, or fixed point when `out` is int64 (simd.py: the partial sums a cluster adds exactly)."""
     chunks = packed.shape[1] // (4 * 64)
     acc = accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
-        _prefetch_ahead(packed, scales, offsets, w, s)
-        xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
-        xo = mul(tile4(xsums, c * 4), factor)
-        acc = accumulate(acc, _terms(packed, scales, offsets, w, s, xl, xh, tile4(xscales, c * 4), xo))
+        if fetch:
+            _prefetch_ahead(packed, scales, offsets, w, s)
+        rows, scale, offset = _nibbles(packed, w), load_floats(scales, s), load_floats(offsets, s)
+        acc = accumulate(acc, _terms(rows, scale, offset, xlo, xhi, xscales, xsums, c, factor))
         w += 256
         s += 16
+    _store(out, block, acc)
+
+
+@njit(inline="always")
+def _block_pair(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block, t, fetch):
+    """_block for tokens t and t + 1 at once: each chunk's nibbles and scales loaded once for both."""
+    chunks = packed.shape[1] // (4 * 64)
+    acc0, acc1 = accumulator(out[t]), accumulator(out[t + 1])
+    w, s = block * packed.shape[1], block * scales.shape[1]
+    for c in range(chunks):
+        if fetch:
+            _prefetch_ahead(packed, scales, offsets, w, s)
+        rows, scale, offset = _nibbles(packed, w), load_floats(scales, s), load_floats(offsets, s)
+        acc0 = accumulate(acc0, _terms(rows, scale, offset, xlo[t], xhi[t], xscales[t], xsums[t], c, factor))
+        acc1 = accumulate(acc1, _terms(rows, scale, offset, xlo[t + 1], xhi[t + 1], xscales[t + 1], xsums[t + 1], c,
+                                       factor))
+        w += 256
+        s += 16
+    _store(out[t], block, acc0)
+    _store(out[t + 1], block, acc1)
+
+
+@njit(inline="always")
+def _store(out, block, acc):
     r = block * ROWS
     for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
         out[r + i] = quad_total(acc, i)
@@ -238,11 +271,16 @@ PARALLEL_MIN_BYTES = 4 << 20
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 4-row block, whose weights
-    come from memory once and stay in L1 while the tokens pass."""
+    come from memory once (prefetched for the first token only) and stay in L1 while the tokens pass,
+    two at a time."""
     f = splat(np.float32(factor))
+    tokens = xlo.shape[0]
     for block in prange(packed.shape[0]):
-        for t in range(xlo.shape[0]):
-            _block(packed, scales, offsets, f, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block)
+        for t in range(0, tokens - 1, 2):
+            _block_pair(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block, t, t == 0)
+        if tokens % 2:
+            t = tokens - 1
+            _block(packed, scales, offsets, f, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block, tokens == 1)
 
 
 def _check(m: Q4Matrix, x: Q8Activations) -> None:

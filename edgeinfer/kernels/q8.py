@@ -128,33 +128,67 @@ def _group_values(arr, s, per_load):
 
 
 @njit(inline="always")
-def _terms(packed, scales, offsets, w, s, per_load, x, dx, xsum):
-    """The 4 rows x 4 groups of 16 of one 64-column chunk, lane 4 * row + group: the integer dots
-    summed per group first (as q4.py does), so the float work is one vector per 4 rows."""
-    dots = group_sums4(dpbusd(zeros_i32(), load_i8(packed, w), x), dpbusd(zeros_i32(), load_i8(packed, w + 64), x),
-                       dpbusd(zeros_i32(), load_i8(packed, w + 128), x), dpbusd(zeros_i32(), load_i8(packed, w + 192), x))
-    return fma(to_f32(dots), mul(_group_values(scales, s, per_load), dx), mul(_group_values(offsets, s, per_load), xsum))
+def _terms(w0, w1, w2, w3, scale, offset, xflat, xscales, xhalves, c, factor):
+    """The 4 rows (w0..w3: their 64 bytes of chunk c) x 4 groups of 16 against one token, lane
+    4 * row + group: the integer dots summed per group first (as q4.py does), so the float work is
+    one vector per 4 rows."""
+    x = load_i8(xflat, c * 64)
+    dx = pairs_tiled(xscales, c * 2)  # each group of 16's activation scale (its group of 32's)
+    dots = group_sums4(dpbusd(zeros_i32(), w0, x), dpbusd(zeros_i32(), w1, x), dpbusd(zeros_i32(), w2, x),
+                       dpbusd(zeros_i32(), w3, x))
+    return fma(to_f32(dots), mul(scale, dx), mul(offset, mul(tile4(xhalves, c * 4), factor)))
 
 
 @njit(inline="always")
-def _block(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block):
-    """Rows 4*block .. 4*block+3, float32 or fixed-point accumulator (simd.py) as in q4.py."""
+def _prefetch_ahead(packed, scales, offsets, w, s, per_load):
+    ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
+    for line in range(ROWS):
+        prefetch(packed, ahead + line * 64)
+    prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
+    prefetch(offsets, s + PREFETCH_STEPS * ROWS * per_load)
+
+
+@njit(inline="always")
+def _block(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block, fetch=True):
+    """Rows 4*block .. 4*block+3 for one token, float32 or fixed-point accumulator (simd.py) as in q4.py."""
     loads = packed.shape[1] // 64
     chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
     acc = accumulator(out)
     w, s = block * packed.shape[1], block * scales.shape[1]
     for c in range(chunks):
-        ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
-        for line in range(ROWS):
-            prefetch(packed, ahead + line * 64)
-        prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
-        prefetch(offsets, s + PREFETCH_STEPS * ROWS * per_load)
-        x = load_i8(xflat, c * 64)
-        dx = pairs_tiled(xscales, c * 2)  # each group of 16's activation scale (its group of 32's)
-        xsum = mul(tile4(xhalves, c * 4), factor)
-        acc = accumulate(acc, _terms(packed, scales, offsets, w, s, per_load, x, dx, xsum))
+        if fetch:
+            _prefetch_ahead(packed, scales, offsets, w, s, per_load)
+        scale, offset = _group_values(scales, s, per_load), _group_values(offsets, s, per_load)
+        acc = accumulate(acc, _terms(load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128),
+                                     load_i8(packed, w + 192), scale, offset, xflat, xscales, xhalves, c, factor))
         w += 256
         s += 4 * per_load
+    _store(out, block, acc)
+
+
+@njit(inline="always")
+def _block_pair(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block, t, fetch):
+    """_block for tokens t and t + 1 at once: each chunk's weights and scales loaded once for both."""
+    loads = packed.shape[1] // 64
+    chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
+    acc0, acc1 = accumulator(out[t]), accumulator(out[t + 1])
+    w, s = block * packed.shape[1], block * scales.shape[1]
+    for c in range(chunks):
+        if fetch:
+            _prefetch_ahead(packed, scales, offsets, w, s, per_load)
+        scale, offset = _group_values(scales, s, per_load), _group_values(offsets, s, per_load)
+        w0, w1, w2, w3 = load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128), load_i8(packed, w + 192)
+        acc0 = accumulate(acc0, _terms(w0, w1, w2, w3, scale, offset, xflat[t], xscales[t], xhalves[t], c, factor))
+        acc1 = accumulate(acc1, _terms(w0, w1, w2, w3, scale, offset, xflat[t + 1], xscales[t + 1], xhalves[t + 1],
+                                       c, factor))
+        w += 256
+        s += 4 * per_load
+    _store(out[t], block, acc0)
+    _store(out[t + 1], block, acc1)
+
+
+@njit(inline="always")
+def _store(out, block, acc):
     r = block * ROWS
     for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
         out[r + i] = quad_total(acc, i)
@@ -176,11 +210,16 @@ def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
 
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
-    """out[t] = W x[t] for every token of a batch, each 4-row block read once (as in q4.py)."""
+    """out[t] = W x[t] for every token of a batch, each 4-row block read once (as in q4.py), two
+    tokens per pass over it."""
     f = splat(np.float32(factor))
+    tokens = xflat.shape[0]
     for block in prange(packed.shape[0]):
-        for t in range(xflat.shape[0]):
-            _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block)
+        for t in range(0, tokens - 1, 2):
+            _block_pair(packed, scales, offsets, f, xflat, xscales, xhalves, out, block, t, t == 0)
+        if tokens % 2:
+            _block(packed, scales, offsets, f, xflat[tokens - 1], xscales[tokens - 1], xhalves[tokens - 1],
+                   out[tokens - 1], block, tokens == 1)
 
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:
