@@ -9,6 +9,7 @@ the forward pass has one RoPE convention (rotate-half, as transformers).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import re
 import struct
@@ -64,6 +65,7 @@ class GGUFTensor:
     tensor_type: "gguf.GGMLQuantizationType"  # noqa: F821
     shape: tuple[int, ...]  # GGUF order: ne0 (the row length) first
     data: np.ndarray  # uint8 (rows, bytes per row), a view into the file's mapping
+    offset: int = 0  # of the data in the file
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -113,7 +115,13 @@ class GGUFFile:
             if begin + rows * row_bytes > len(self._map):
                 raise ModelFormatError(f"{path}: tensor {name} lies past the end of the file: truncated")
             data = self._map[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
-            self.tensors.append(GGUFTensor(name, qtype, shape, data))
+            self.tensors.append(GGUFTensor(name, qtype, shape, data, begin))
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop the mapping's pages of a tensor already copied out: they would count in the process's
+        resident memory beside the copy (the file stays mapped; they read in again if touched)."""
+        first = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map._mmap.madvise(mmap.MADV_DONTNEED, first, t.offset + t.data.nbytes - first)
 
     def value(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -269,8 +277,9 @@ class GGUFSource(WeightSource):
         if kind not in DECODERS or len(t.shape) != 2:
             return None
         rows, cols = self.stored_shape(name)
-        blocks = self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1))
-        return gguf_matrix(kind, blocks, cols)
+        matrix = gguf_matrix(kind, self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1)), cols)
+        self._reader.release(t)
+        return matrix
 
     def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:
         """Undo llama.cpp's Q/K row permutation (of values, or of whole rows of blocks)."""
