@@ -156,3 +156,13 @@ def test_convert_keeps_every_type_losslessly(kquant_gguf, tmp_path):
                  "model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"):
         assert back.stored_type(name) == GGUF_LAYOUTS[source.stored_type(name)]
         np.testing.assert_array_equal(back.float32(name), source.float32(name))
+
+
+def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
+    """A 5/6/3/2-bit tensor is held as bytes: the preflight counts the matrices as loaded, not the file."""
+    from edgeinfer.storage import open_model
+
+    source = open_model(str(kquant_gguf))
+    held = sum(m.nbytes if (m := source.quantized(n)) is not None else source.float32(n).nbytes
+               for n in source.names())
+    assert source.resident_bytes() == held > source.file_size()

@@ -24,6 +24,7 @@ from ..kernels.q8 import Q8Matrix
 from ..tokenizer import FAMILY_TEMPLATES, TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
+from .quantize import GGUF_LAYOUTS, part_entries
 from .source import WeightSource
 from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix
 
@@ -298,3 +299,14 @@ class GGUFSource(WeightSource):
 
     def file_size(self) -> int:
         return os.path.getsize(self.path)
+
+    def resident_bytes(self) -> int:
+        """Quantised tensors in their kernels' layouts (a 5-bit type takes bytes), the rest as stored."""
+        total = 0
+        for name, t in self._tensors.items():
+            if t.tensor_type.name in GGUF_LAYOUTS and len(t.shape) == 2:
+                rows, cols = self.stored_shape(name)
+                total += sum(e.nbytes for e in part_entries(name, GGUF_LAYOUTS[t.tensor_type.name], rows, cols))
+            else:
+                total += t.data.nbytes
+        return total

@@ -49,7 +49,7 @@ STREAM_SLOTS = 2  # a streamed unit computes in one slot while the next is read 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    weights: int  # every tensor, as the file stores it
+    weights: int  # every tensor, as it is held once loaded (source.resident_bytes)
     slot: int  # the largest streamed unit (a layer, or the head)
     units: int
     kv_cache: int
@@ -108,7 +108,7 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
     to hold."""
     c = source.config
     units = file_units(source, c.layers_only) if source.can_stream else None
-    weights = sum(u.size for u in units) if units and c.layers_only else source.file_size()
+    weights = sum(u.size for u in units) if units and c.layers_only else source.resident_bytes()
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
     runtime = process_rss() + KERNELS_ALLOWANCE

@@ -69,6 +69,11 @@ class WeightSource:
     def file_size(self) -> int:
         raise NotImplementedError
 
+    def resident_bytes(self) -> int:
+        """What the weights take once loaded (the memory plan's figure): the file's bytes, unless a
+        format's tensors change size on the way in."""
+        return self.file_size()
+
     def model_tensor_names(self) -> list[str]:
         """The tensors the model uses, in file order, after checking each is present with its shape."""
         names = set(self.names())
