@@ -18,7 +18,7 @@ import numpy as np
 from .errors import ModelFormatError, UnsupportedModelError
 
 # HF model_type values we run, and whether q/k/v carry biases by default.
-ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma3": False}
+ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma3": False, "phi3": False}
 ACTIVATIONS = ("silu", "gelu_tanh")
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 GEMMA3_LOCAL_PATTERN = 6  # Gemma 3: five local (sliding-window) layers, then one global, repeated
@@ -160,8 +160,11 @@ def _family_options(arch: str, cfg: dict[str, Any], hidden: int, layers: int,
                        query_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5, sliding_window=window,
                        local_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
                        rope_local_theta=float(local_rope.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))))
-    elif window and arch == "mistral" and cfg.get("use_sliding_window", True):
+    elif window and arch in ("mistral", "phi3") and cfg.get("use_sliding_window", True):
         options.update(sliding_window=window, local_layers=tuple(range(layers)))
+    rotary = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    if rotary != 1.0:
+        raise UnsupportedModelError(f"partial rotary embeddings (factor {rotary}, Phi-4-mini) are not supported yet")
     return options
 
 
@@ -172,7 +175,8 @@ def _normalise_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     if kind == "default":
         return None
     if kind not in ("linear", "llama3"):
-        raise UnsupportedModelError(f"unsupported RoPE scaling {kind!r} (supported: linear, llama3)")
+        raise UnsupportedModelError(f"unsupported RoPE scaling {kind!r} (supported: linear, llama3; Phi-3.5's "
+                                    "longrope is not yet)")
     return {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
 
 

@@ -74,7 +74,7 @@ def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards
 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                  "gemma3": transformers.Gemma3TextConfig}[arch]
+                  "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config}[arch]
     vocab = json.loads(tokenizer_json)
     vocab_size = len(vocab["model"]["vocab"]) + len([t for t in vocab["added_tokens"]
                                                      if t["content"] not in vocab["model"]["vocab"]])
@@ -105,7 +105,8 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight"}
+              "mlp.down_proj.weight": "ffn_down.weight",
+              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}  # Phi-3's
 
 
 def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str, str] | None = None,
@@ -132,6 +133,8 @@ def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    if cfg.get("sliding_window") and arch == "phi3":
+        w.add_sliding_window(cfg["sliding_window"])
     tj = json.loads(tokenizer_json)
     vocab = dict(tj["model"]["vocab"])
     for t in tj["added_tokens"]:
@@ -167,6 +170,8 @@ def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str
     add("token_embd.weight", weights["model.embed_tokens.weight"])
     for i in range(cfg["num_hidden_layers"]):
         for hf, short in GGUF_NAMES.items():
+            if f"model.layers.{i}.{hf}" not in weights:  # a family's fused or separate projections
+                continue
             t = weights[f"model.layers.{i}.{hf}"]
             if hf.startswith("self_attn.q_proj") and arch == "llama":
                 t = permute_rope_rows(t, heads)

@@ -43,8 +43,9 @@ def prompt_ids(tokenizer_json: str) -> list[int]:
                 "query_pre_attn_scalar": 24, "head_dim": 32, "rope_parameters": {
                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}}),
+    ("phi3", {"pad_token_id": 0, "sliding_window": 24}),
 ], ids=["llama", "llama-tied", "llama3-rope", "linear-rope", "mistral", "qwen2-bias", "mistral-window", "qwen3",
-        "gemma3"])
+        "gemma3", "phi3"])
 def test_hf_folder_matches_transformers(tmp_path, tokenizer_json, arch, overrides):
     """Every family on the float32 path, against transformers: a sliding window of 24 over 100 tokens."""
     folder = make_hf_model(tmp_path / arch, tokenizer_json, arch, **overrides)
@@ -284,3 +285,21 @@ def test_families_fast_path_tracks_the_exact_path(tmp_path, tokenizer_json, arch
     fast.forward(ids[:60], cache)
     steps = np.stack([fast.forward(ids[t:t + 1], cache) for t in range(60, len(ids))])  # past the window
     assert np.abs(steps - lq[60:]).max() < 0.02 * np.abs(lq).max()
+
+
+@pytest.mark.oracle
+def test_phi3_gguf_splits_its_fused_projections(tmp_path, tokenizer_json):
+    """Phi-3 as llama.cpp writes it (attn_qkv, and ffn_up holding gate and up), F32 and Q8_0:
+    read as separate projections, the float32 path gives transformers' logits; each part keeps its
+    blocks losslessly."""
+    folder = make_hf_model(tmp_path / "phi3", tokenizer_json, "phi3", pad_token_id=0, sliding_window=24)
+    ids = prompt_ids(tokenizer_json)
+    path = write_gguf(tmp_path / "phi3.gguf", folder, tokenizer_json, arch="phi3")
+    np.testing.assert_allclose(our_logits(path, ids), hf_logits(folder, ids), atol=TOL, rtol=0)
+    q8 = open_model(str(write_gguf(tmp_path / "phi3-q8.gguf", folder, tokenizer_json, arch="phi3",
+                                   types={"attn_qkv.weight": "Q8_0", "ffn_up.weight": "Q8_0"})))
+    assert q8.config.sliding_window == 24 and q8.stored_type("model.layers.1.mlp.up_proj.weight") == "Q8_0"
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        np.testing.assert_array_equal(q8.quantized(name).dequantize(), q8.float32(name))
+    fast = Model(q8, quantized=True)
+    assert fast.path.fused

@@ -26,11 +26,14 @@ from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
 from .quantize import GGUF_LAYOUTS, part_entries
 from .source import WeightSource
-from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix
+from .tensor_names import (EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, FUSED, LM_HEAD_WEIGHT, ROPE_FREQS, fused_parts,
+                           layer_prefix)
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
-                      "gemma3": ("gemma3", False)}
+                      "gemma3": ("gemma3", False), "phi3": ("phi3", False)}
+ROPE_FACTORS_LONG = "rope_factors_long.weight"
+_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(%s)\.weight$" % "|".join(re.escape(f) for f in FUSED))
 GEMMA3_LOCAL_THETA = 10000.0  # not in gemma3 GGUF metadata: llama.cpp fixes it too
 SUPPORTED_TYPES = {"F32", "F16", "BF16", *DECODERS}
 _GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
@@ -39,16 +42,18 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                "attn_qkv": "self_attn.qkv_proj"}
 _SANDWICH_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"}  # Gemma: the MLP's input norm
+_FUSED_UP_NAMES = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}  # Phi-3: ffn_up holds gate and up
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str, sandwich: bool = False) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    names = _SANDWICH_NAMES if sandwich else _LAYER_NAMES
+    names = {"gemma3": _SANDWICH_NAMES, "phi3": _FUSED_UP_NAMES}.get(arch, _LAYER_NAMES)
     if m and m.group(2) in names:
         return f"{layer_prefix(int(m.group(1)))}{names[m.group(2)]}.{m.group(3)}"
     return None
@@ -188,7 +193,7 @@ class GGUFSource(WeightSource):
         self._hf_arch, self._permuted = GGUF_ARCHITECTURES[arch]
         self._tensors = {}
         for t in self._reader.tensors:
-            name = hf_name(t.name, sandwich=arch == "gemma3")
+            name = hf_name(t.name, arch)
             if name is None:
                 continue
             if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -196,6 +201,7 @@ class GGUFSource(WeightSource):
                                             f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
             self._tensors[name] = t
         self.config = self._config(arch)
+        self._split_fused()
         self.tokenizer = spec_from_gguf_vocab(self._reader.vocab())
         if self.tokenizer.chat_template is None and arch in FAMILY_TEMPLATES:
             self.tokenizer = dataclasses.replace(self.tokenizer, chat_template=FAMILY_TEMPLATES[arch])
@@ -233,8 +239,25 @@ class GGUFSource(WeightSource):
             **self._family_options(arch, hidden, layers),
         )
 
+    def _split_fused(self) -> None:
+        """Phi-3's fused projections (tensor_names.FUSED) as their parts: rows of the blocks, which
+        are whole per row, so each part is a tensor of its own type."""
+        for name in [n for n in self._tensors if _FUSED_RE.match(n)]:
+            t, m = self._tensors.pop(name), _FUSED_RE.match(name)
+            for part, r0, r1 in fused_parts(m.group(2), self.config):
+                self._tensors[f"{m.group(1)}{part}.weight"] = GGUFTensor(
+                    t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data[r0:r1], t.offset + r0 * t.data.shape[1])
+
     def _family_options(self, arch: str, hidden: int, layers: int) -> dict:
-        """Gemma 3's options; its GGUF stores norm weights with the + 1 already added."""
+        """Gemma 3's and Phi-3's options; Gemma's GGUF stores norm weights with the + 1 already added."""
+        if arch == "phi3":
+            if ROPE_FACTORS_LONG in {t.name for t in self._reader.tensors}:
+                raise UnsupportedModelError(f"{self.path}: Phi-3.5's longrope RoPE scaling is not supported yet")
+            heads = int(self._reader.value(f"{arch}.attention.head_count"))
+            if int(self._reader.value(f"{arch}.rope.dimension_count", hidden // heads)) != hidden // heads:
+                raise UnsupportedModelError(f"{self.path}: partial rotary embeddings (Phi-4-mini) are not supported yet")
+            window = int(self._reader.value(f"{arch}.attention.sliding_window", 0) or 0)
+            return dict(sliding_window=window, local_layers=tuple(range(layers)) if window else ())
         if arch != "gemma3":
             return {}
         window = int(self._reader.value(f"{arch}.attention.sliding_window", 0) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..errors import ModelFormatError, TokenizerError
 from ..tokenizer import TokenizerSpec
 from .safetensors import SafetensorsFile
 from .source import SafetensorsSource
+from .tensor_names import FUSED, fused_parts
 
 INDEX = "model.safetensors.index.json"
 
@@ -20,7 +22,7 @@ INDEX = "model.safetensors.index.json"
 def open_hf_folder(folder: str) -> SafetensorsSource:
     config = ModelConfig.from_hf(_read_json(folder, "config.json"))
     files = [SafetensorsFile(os.path.join(folder, name)) for name in _shard_names(folder)]
-    source_type = ShiftedNormsSource if config.architecture == "gemma3" else SafetensorsSource
+    source_type = {"gemma3": ShiftedNormsSource, "phi3": SplitFusedSource}.get(config.architecture, SafetensorsSource)
     return source_type(folder, "hf", files, config, _tokenizer_spec(folder))
 
 
@@ -37,6 +39,51 @@ class ShiftedNormsSource(SafetensorsSource):
 
     def storable(self, name: str):
         return self.float32(name) if name.endswith("norm.weight") else super().storable(name)
+
+
+class SplitFusedSource(SafetensorsSource):
+    """Phi-3 stores q/k/v and gate/up as one matrix each (tensor_names.FUSED): they are read as
+    their parts, rows of it, so the forward pass sees the projections every family has."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._parts: dict[str, tuple[str, int, int]] = {}  # part -> (fused tensor, first row, end row)
+        for name in super().names():
+            m = _FUSED_RE.match(name)
+            if m:
+                for part, r0, r1 in fused_parts(m.group(2), self.config):
+                    self._parts[f"{m.group(1)}{part}.weight"] = (name, r0, r1)
+        self._fused = {fused for fused, _, _ in self._parts.values()}
+
+    def names(self) -> list[str]:
+        return [n for n in super().names() if n not in self._fused] + list(self._parts)
+
+    def has(self, name: str) -> bool:
+        return name in self._parts or super().has(name)
+
+    def stored_type(self, name: str) -> str:
+        return super().stored_type(self._parts[name][0] if name in self._parts else name)
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._parts:
+            return super().stored_shape(name)
+        fused, r0, r1 = self._parts[name]
+        return (r1 - r0, *super().stored_shape(fused)[1:])
+
+    def float32(self, name: str):
+        if name not in self._parts:
+            return super().float32(name)
+        fused, r0, r1 = self._parts[name]
+        return np.ascontiguousarray(super().float32(fused)[r0:r1])
+
+    def storable(self, name: str):
+        if name not in self._parts:
+            return super().storable(name)
+        fused, r0, r1 = self._parts[name]
+        return np.ascontiguousarray(super().storable(fused)[r0:r1])
+
+
+_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(%s)\.weight$" % "|".join(re.escape(f) for f in FUSED))
 
 
 def _read_json(folder: str, name: str, required: bool = True) -> dict[str, Any]:

@@ -24,6 +24,21 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 EMBEDDING, HEAD, LUT = "embedding", "head", "lut"  # the units besides the layers
 
+# Fused projections some families store (Phi-3): each is its parts' rows one after the other.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_parts(fused: str, c: ModelConfig) -> list[tuple[str, int, int]]:
+    """A fused projection's parts (FUSED's key, after a layer prefix) as (name, first row, end row)."""
+    rows = {"self_attn.q_proj": c.q_size, "self_attn.k_proj": c.kv_size, "self_attn.v_proj": c.kv_size,
+            "mlp.gate_proj": c.intermediate_size, "mlp.up_proj": c.intermediate_size}
+    parts, start = [], 0
+    for part in FUSED[fused]:
+        parts.append((part, start, start + rows[part]))
+        start += rows[part]
+    return parts
+
 
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
