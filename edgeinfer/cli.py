@@ -396,6 +396,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"vocab: {c.vocab_size}  context: {c.max_context}  rope theta: {c.rope_theta:g}  "
           f"rope scaling: {c.rope_scaling or 'none'}  norm eps: {c.rms_norm_eps:g}  tied head: {c.tie_embeddings}  "
           f"qkv bias: {c.attention_bias}")
+    options = [f"activation: {c.hidden_act}"] + (["q/k norms"] if c.qk_norm else []) + \
+        (["output norms"] if c.sandwich_norms else []) + ([f"embed scale {c.embed_scale:g}"] if c.embed_scale != 1 else [])
+    if c.local_layers:
+        base = f", local RoPE base {c.rope_local_theta:g}" if c.rope_local_theta else ""
+        options.append(f"sliding window {c.sliding_window} on {len(c.local_layers)} of {c.num_layers} layers{base}")
+    print("family: " + ", ".join(options))
     print(f"parameters: {params:,} ({params / 1e6:.1f} M)")
     print("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
     print(f"tokenizer: {source.tokenizer.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {list(tok.eos_ids)}, "

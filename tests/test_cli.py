@@ -48,6 +48,7 @@ def test_info_and_convert(tiny_gguf, tmp_path):
     r = edgeinfer_cli("info", str(tiny_gguf))
     assert r.returncode == 0, r.stderr
     assert "architecture: llama" in r.stdout and "parameters:" in r.stdout and "tensor types: F32" in r.stdout
+    assert "family: activation: silu\n" in r.stdout  # no family options beyond the Llama case
     out = tmp_path / "c.safetensors"
     r = edgeinfer_cli("convert", str(tiny_gguf), "-o", str(out))
     assert r.returncode == 0, r.stderr

@@ -357,6 +357,25 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
         finish(again, 60)
 
 
+@pytest.mark.real_model
+def test_gemma3_on_two_nodes_equals_one_node(tmp_path):
+    """Gemma 3 270M (one KV head, q/k and output norms after the all-reduce, local layers' window)
+    split over a master and a worker on loopback: the same greedy text as alone."""
+    from edgeinfer.storage.fetch import pull
+
+    model = str(pull("gemma3-270m"))
+    prompt = ("-p", "The capital of France is", "-n", "12", "--raw", "--temp", "0")
+    alone = edgeinfer_cli("run", model, *prompt)
+    assert alone.returncode == 0, alone.stderr
+    port = free_port()
+    master = spawn("run", model, *prompt, "--listen", str(port), "--token", TOKEN, "--workers", "1", "--wait", "120")
+    helper = worker(port, tmp_path / "pulled")
+    code, out, err = finish(master)
+    assert code == 0 and "plan 1 over 2 nodes" in err, err
+    assert out == alone.stdout and "France" in out
+    assert finish(helper, 60)[0] == 0
+
+
 def test_a_cluster_cache_keeps_the_calls_that_filled_it():
     """The calls a rebuild replays: a prompt as a batch, decoded tokens one by one, cut where the
     engine truncates."""
