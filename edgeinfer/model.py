@@ -127,12 +127,11 @@ class Model:
         position, eps, s = cache.length, self.config.rms_norm_eps, self._scratch_for(cache)
         h = h[0].copy()
         for i in range(self.config.num_layers):
-            _, args = self.weights.layer(i)
+            layer, args = self.weights.layer(i)
             kv = cache.layer(i)
             if self.allreduce is None:
                 decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
             else:
-                layer = self.weights.layer(i)[0]
                 if self.config.num_kv_heads:
                     decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
                 else:  # a cluster node holding MLP columns only

@@ -8,6 +8,7 @@ import pytest
 from edgeinfer.kernels.activations import quantize_activations
 from edgeinfer.kernels.q4 import Q4Matrix, gemm, gemv, gemv_reference
 from edgeinfer.kernels.simd import has_kernels
+from edgeinfer.storage.gguf_quants import gguf_matrix
 
 
 def random_q4(rng, rows: int, cols: int, with_min: bool) -> Q4Matrix:
@@ -50,7 +51,7 @@ def test_gguf_import_is_lossless(kind):
     w = rng.standard_normal((48, 576)).astype(np.float32)
     qt = gguf.GGMLQuantizationType[kind]
     blocks = gguf.quants.quantize(w, qt)
-    m = Q4Matrix.from_gguf(blocks, 576, kind)
+    m = gguf_matrix(kind, blocks, 576)
     np.testing.assert_array_equal(m.dequantize(), gguf.quants.dequantize(blocks, qt).reshape(48, 576))
 
 
@@ -78,7 +79,7 @@ def test_smollm2_q4_1_weights_import_losslessly(smollm2_gguf):
     assert len(tensors) == 210
     for t in tensors:
         rows, cols = int(t.shape[1]), int(t.shape[0])
-        m = Q4Matrix.from_gguf(np.asarray(t.data), cols, "Q4_1")
+        m = gguf_matrix("Q4_1", np.asarray(t.data), cols)
         expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(rows, cols)
         np.testing.assert_array_equal(m.dequantize(), expected, err_msg=t.name)
 

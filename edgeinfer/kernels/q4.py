@@ -19,7 +19,7 @@ rows' integer sums are added per group first (exact), so that one 16-lane vector
 (x_sum = x_scale * sum of the group's int8 activations, factor -8 for Q4_0 whose offset is its
 scale, 1 for Q4_1). The terms add up in float32 lanes, or, when the output array is int64, each
 rounded to fixed point and added as integers (simd.py): the partial sums a cluster adds exactly.
-A GEMM runs the same block over each token while the block's weights stay in L1.
+A GEMM runs the same block for two tokens at a time while the block's weights stay in L1.
 """
 
 from __future__ import annotations
@@ -111,15 +111,6 @@ class Q4Matrix:
         rows, cols = q.shape
         g = q.astype(np.uint8).reshape(rows, cols // GROUP, GROUP)
         return cls.from_rows((g[..., :16] | (g[..., 16:] << 4)).reshape(rows, cols // 2), scales, minima)
-
-    @classmethod
-    def from_gguf(cls, blocks: np.ndarray, cols: int, kind: str) -> "Q4Matrix":
-        """From GGUF Q4_0 (fp16 scale, 16 bytes) or Q4_1 (fp16 scale, fp16 min, 16 bytes) blocks. Lossless."""
-        size = {"Q4_0": 18, "Q4_1": 20}[kind]
-        b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, size)
-        halves = b[:, :, :size - 16].copy().view(np.float16)
-        qs = np.ascontiguousarray(b[:, :, size - 16:]).reshape(b.shape[0], -1)
-        return cls.from_rows(qs, halves[..., 0], halves[..., 1] if kind == "Q4_1" else None)
 
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32) of all rows or of

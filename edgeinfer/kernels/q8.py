@@ -9,10 +9,13 @@ unsigned integer, the minimum as the offset and factor 1. Scales and minima are 
 holds them exactly, else float32 (q4.stored_scales). A 64-byte load is one row's 64 weights (2
 groups of 32 or 4 of 16); rows are interleaved by 4 as in q4.py.
 
-vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; the offset term needs the
-activations' sum over each group, also taken per lane (against a vector of ones, once per chunk for
-the 4 rows), so 16-weight groups cost what 32-weight groups do:
-    lane term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
+vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; as in q4.py, the 4 rows'
+integer dots are summed per group of 16 first, so one 16-lane vector holds 4 rows x 4 groups (lane
+4 * row + group) and the float work is one FMA for the 4 rows (a group of 32 is two such groups with
+the same scale). The offset term takes the activations' sum over each group of 16, which the
+activations carry (activations.py: `halves`):
+    term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
+A GEMM runs the same block for two tokens at a time while the block's weights stay in L1.
 """
 
 from __future__ import annotations
@@ -54,15 +57,6 @@ class Q8Matrix:
     def nbytes(self) -> int:
         extra = 0 if self.offsets is self.scales else self.offsets.nbytes
         return self.packed.nbytes + self.scales.nbytes + extra
-
-    @classmethod
-    def from_gguf(cls, blocks: np.ndarray, cols: int) -> "Q8Matrix":
-        """From GGUF Q8_0 blocks (fp16 scale, 32 int8) of shape (rows, cols/32 * 34). Lossless."""
-        if cols % GROUP:
-            raise ValueError(f"{cols} columns: 8-bit rows need a multiple of {GROUP}")
-        b = np.asarray(blocks, dtype=np.uint8).reshape(-1, cols // GROUP, 34)
-        scales = b[:, :, :2].copy().view(np.float16)[..., 0]
-        return cls.from_values(b[:, :, 2:].reshape(b.shape[0], cols).view(np.int8), scales)
 
     @classmethod
     def from_values(cls, values: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q8Matrix":

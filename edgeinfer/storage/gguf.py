@@ -26,14 +26,12 @@ from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
 from .quantize import GGUF_LAYOUTS, part_entries
 from .source import WeightSource
-from .tensor_names import (EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, FUSED, LM_HEAD_WEIGHT, ROPE_FREQS, fused_parts,
-                           layer_prefix)
+from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix, split_fused
 
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
                       "gemma3": ("gemma3", False), "phi3": ("phi3", False)}
 ROPE_FACTORS_LONG = "rope_factors_long.weight"
-_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(%s)\.weight$" % "|".join(re.escape(f) for f in FUSED))
 GEMMA3_LOCAL_THETA = 10000.0  # not in gemma3 GGUF metadata: llama.cpp fixes it too
 SUPPORTED_TYPES = {"F32", "F16", "BF16", *DECODERS}
 _GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
@@ -242,10 +240,10 @@ class GGUFSource(WeightSource):
     def _split_fused(self) -> None:
         """Phi-3's fused projections (tensor_names.FUSED) as their parts: rows of the blocks, which
         are whole per row, so each part is a tensor of its own type."""
-        for name in [n for n in self._tensors if _FUSED_RE.match(n)]:
-            t, m = self._tensors.pop(name), _FUSED_RE.match(name)
-            for part, r0, r1 in fused_parts(m.group(2), self.config):
-                self._tensors[f"{m.group(1)}{part}.weight"] = GGUFTensor(
+        for name in [n for n in self._tensors if split_fused(n, self.config)]:
+            t = self._tensors.pop(name)
+            for part, r0, r1 in split_fused(name, self.config):
+                self._tensors[part] = GGUFTensor(
                     t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data[r0:r1], t.offset + r0 * t.data.shape[1])
 
     def _family_options(self, arch: str, hidden: int, layers: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from ..errors import ModelFormatError, TokenizerError
 from ..tokenizer import TokenizerSpec
 from .safetensors import SafetensorsFile
 from .source import SafetensorsSource
-from .tensor_names import FUSED, fused_parts
+from .tensor_names import split_fused
 
 INDEX = "model.safetensors.index.json"
 
@@ -49,10 +48,8 @@ class SplitFusedSource(SafetensorsSource):
         super().__init__(*args)
         self._parts: dict[str, tuple[str, int, int]] = {}  # part -> (fused tensor, first row, end row)
         for name in super().names():
-            m = _FUSED_RE.match(name)
-            if m:
-                for part, r0, r1 in fused_parts(m.group(2), self.config):
-                    self._parts[f"{m.group(1)}{part}.weight"] = (name, r0, r1)
+            for part, r0, r1 in split_fused(name, self.config):
+                self._parts[part] = (name, r0, r1)
         self._fused = {fused for fused, _, _ in self._parts.values()}
 
     def names(self) -> list[str]:
@@ -82,8 +79,6 @@ class SplitFusedSource(SafetensorsSource):
         fused, r0, r1 = self._parts[name]
         return np.ascontiguousarray(super().storable(fused)[r0:r1])
 
-
-_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(%s)\.weight$" % "|".join(re.escape(f) for f in FUSED))
 
 
 def _read_json(folder: str, name: str, required: bool = True) -> dict[str, Any]:

@@ -153,5 +153,4 @@ def quantize_q8_0(w: np.ndarray) -> Q8Matrix:
     scales = (np.abs(g).max(axis=2) / 127).astype(np.float16)
     safe = np.where(scales > 0, scales.astype(np.float32), 1)[..., None]
     q = np.clip(np.rint(g / safe), -127, 127).astype(np.int8)
-    blocks = np.concatenate([scales[..., None].view(np.uint8), q.view(np.uint8)], axis=2)
-    return Q8Matrix.from_gguf(blocks.reshape(rows, -1), cols)
+    return Q8Matrix.from_values(q.reshape(rows, cols), scales)

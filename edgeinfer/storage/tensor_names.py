@@ -3,6 +3,7 @@ model file is stored and streamed in: the embedding, each layer, the head, LUT c
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 from ..config import ModelConfig
@@ -29,7 +30,17 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def fused_parts(fused: str, c: ModelConfig) -> list[tuple[str, int, int]]:
+_FUSED_NAME = re.compile(r"(model\.layers\.\d+\.)(%s)\.weight$" % "|".join(re.escape(f) for f in FUSED))
+
+
+def split_fused(name: str, c: ModelConfig) -> list[tuple[str, int, int]]:
+    """A fused projection's stored name -> its parts' names with their rows (first, end); [] for
+    any other tensor."""
+    m = _FUSED_NAME.match(name)
+    return [(f"{m.group(1)}{part}.weight", r0, r1) for part, r0, r1 in _fused_parts(m.group(2), c)] if m else []
+
+
+def _fused_parts(fused: str, c: ModelConfig) -> list[tuple[str, int, int]]:
     """A fused projection's parts (FUSED's key, after a layer prefix) as (name, first row, end row)."""
     rows = {"self_attn.q_proj": c.q_size, "self_attn.k_proj": c.kv_size, "self_attn.v_proj": c.kv_size,
             "mlp.gate_proj": c.intermediate_size, "mlp.up_proj": c.intermediate_size}
