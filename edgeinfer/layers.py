@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels.activations import GROUP, quantize_activations
+from .kernels.activations import quantize_activations
 from .kernels.q4 import Q4Matrix
 from .kernels.q8 import Q8Matrix
 from .kernels.reference import linear
 from .kernels.simd import FIXED_BITS
-from .run_path import FLOAT_TYPES
+from .run_path import quantizable_at_load
 from .storage.quantize import quantize_q4_1, quantize_q8_0
 from .storage.source import WeightSource
 from .storage.tensor_names import ENDS
@@ -71,8 +71,7 @@ def load_linear(source: WeightSource, name: str, quantized: bool, load_bits: int
     bias_name = name[:-len("weight")] + "bias"
     bias = source.float32(bias_name) if source.has(bias_name) else None
     matrix = source.quantized(name) if quantized else None
-    if (matrix is None and quantized and load_bits and source.stored_type(name) in FLOAT_TYPES
-            and source.stored_shape(name)[-1] % GROUP == 0):
+    if matrix is None and quantized and load_bits and quantizable_at_load(source, name):
         w = source.float32(name)
         matrix = quantize_q4_1(w) if load_bits == 4 and name not in ENDS else quantize_q8_0(w)
     return DenseLinear(source.float32(name), bias) if matrix is None else QuantLinear(matrix, bias)

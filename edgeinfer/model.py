@@ -103,7 +103,8 @@ class Model:
             h = self._decode(h, cache)
         else:
             eps, positions = self.config.rms_norm_eps, np.arange(start, start + count)
-            tables = {id(f): rope_tables(f, positions) for f in self.inv_freqs}
+            bases = {id(f): f for f in self.inv_freqs}  # global and, for local layers, their own
+            tables = {key: rope_tables(f, positions) for key, f in bases.items()}
             for i in range(self.config.num_layers):
                 layer, _ = self.weights.layer(i)
                 cos, sin = tables[id(self.inv_freqs[i])]

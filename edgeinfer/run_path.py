@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import EdgeInferError
+from .kernels.activations import GROUP
 from .kernels.simd import has_kernels
 from .storage.quantize import is_quantized_type, layout_of
 from .storage.source import WeightSource
@@ -29,8 +30,16 @@ class RunPath:
 
 def projection_types(source: WeightSource) -> set[str]:
     """The types the file stores the layers' projections in."""
-    return {source.stored_type(f"{layer_prefix(i)}{p}.weight")
-            for i in range(source.config.num_layers) for p in PROJECTIONS}
+    return {source.stored_type(name) for name in _projections(source)}
+
+
+def _projections(source: WeightSource) -> list[str]:
+    return [f"{layer_prefix(i)}{p}.weight" for i in range(source.config.num_layers) for p in PROJECTIONS]
+
+
+def quantizable_at_load(source: WeightSource, name: str) -> bool:
+    """Whether a matrix the file stores as floats can be quantized at load (whole groups of 32)."""
+    return source.stored_type(name) in FLOAT_TYPES and source.stored_shape(name)[-1] % GROUP == 0
 
 
 def choose_path(source: WeightSource, quantized: bool, attention: str = "exact", load_bits: int | None = None) -> RunPath:
@@ -41,9 +50,10 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact",
         raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
     quantized = quantized and has_kernels()
     load_bits = load_bits if quantized else None
-    types = projection_types(source)
-    floats = {t for t in types if t in FLOAT_TYPES} if load_bits else set()
-    fused = quantized and all(is_quantized_type(t) or t in floats for t in types)
+    names = _projections(source)
+    types = {source.stored_type(n) for n in names}
+    floats = {n for n in names if quantizable_at_load(source, n)} if load_bits else set()
+    fused = quantized and all(is_quantized_type(source.stored_type(n)) or n in floats for n in names)
     bits = {layout_of(t).bits for t in types if is_quantized_type(t)} | ({load_bits} if floats else set())
     precision = "f32" if not quantized else "q4" if 4 in bits else "q8" if 8 in bits else "f32"
     if floats:
