@@ -76,6 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_args(chat)
     chat.set_defaults(func=_cmd_chat)
 
+    serve = sub.add_parser("serve", help="serve the OpenAI API (chat and text completions) over HTTP")
+    serve.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for the network)")
+    serve.add_argument("--port", type=int, default=8080, help="(8080)")
+    serve.add_argument("--api-key", default=os.environ.get("EDGEINFER_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: $EDGEINFER_API_KEY; none)")
+    serve.add_argument("--parallel", type=int, default=4, help="sequences decoded together, each with its own "
+                       "KV cache of --ctx tokens (4)")
+    serve.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot; more get 503 (64)")
+    serve.add_argument("--alias", help="the model name /v1/models and responses give (default: the file's name)")
+    serve.add_argument("-c", "--ctx", type=int, help="context of each sequence (default: the model's, at most 4096)")
+    serve.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    serve.add_argument("--mem-limit", metavar="SIZE", help="as for run; the plan counts every sequence's KV cache")
+    serve.add_argument("--exact", action="store_true", help="the exact float32 path")
+    serve.add_argument("--bits", type=int, choices=(4, 8), default=8, help="as for run")
+    _cluster_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
     bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
     bench.add_argument("model", nargs="?", help="as for run (default: the catalog's default model)")
     bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prefill test size (512; 0 skips)")
@@ -214,6 +233,31 @@ def _log_cluster_to_stderr() -> None:
     logger = logging.getLogger("edgeinfer.cluster")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .models import default_model
+    from .server import serve
+    from .session import close_session, open_session
+
+    if args.parallel < 1:
+        raise EdgeInferError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.ctx is not None and args.ctx < 2:
+        raise EdgeInferError(f"--ctx must be at least 2, got {args.ctx}")
+    if not 0 <= args.port <= 65535:
+        raise EdgeInferError(f"--port must be between 0 and 65535, got {args.port}")
+    _log_cluster_to_stderr()
+    path = _model_path(args.model)  # fetched now, with progress bars, before the server listens
+    options = dataclasses.replace(_session_options(args), model=path, sequences=args.parallel)
+    alias = args.alias or (os.path.basename(os.path.normpath(args.model)).removesuffix(".safetensors")
+                           .removesuffix(".gguf") if args.model else default_model())
+    if args.queue < 0:
+        raise EdgeInferError(f"--queue must be at least 0, got {args.queue}")
+    serve(lambda: open_session(options), args.host, args.port, alias, args.api_key, args.parallel, args.queue,
+          lambda line: print(line, file=sys.stderr, flush=True), close_session)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

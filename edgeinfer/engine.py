@@ -99,72 +99,143 @@ class Engine:
     def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), max_tokens: int = -1,
                  stop: Sequence[str] = ()) -> Generation:
         """Start generating after `prompt`; max_tokens < 0 means until end of generation or a full context."""
+        prompt = self.check_prompt(prompt)
+        sampler = Sampler(params)
+        stats = GenerationStats(prompt_tokens=len(prompt), seed=sampler.seed)
+        seq = Decoding(self.tokenizer, prompt, sampler, stats, max_tokens, stop)
+        gen = Generation(iter(()), stats, seq.token_ids)
+        gen._steps = self._run(gen, seq)
+        return gen
+
+    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
         prompt = list(prompt)
         if not prompt:
             raise EdgeInferError("the prompt is empty: there is nothing to generate from")
         if len(prompt) >= self.context:
             raise ContextOverflowError(f"the prompt is {len(prompt)} tokens but the context holds {self.context}; "
                                        "shorten it or raise --ctx")
-        sampler = Sampler(params)
-        stats = GenerationStats(prompt_tokens=len(prompt), seed=sampler.seed)
-        gen = Generation(iter(()), stats)
-        gen._steps = self._run(gen, prompt, sampler, max_tokens, tuple(s for s in stop if s))
-        return gen
+        return prompt
 
     def _prefill(self, prompt: list[int]) -> tuple[np.ndarray, int]:
-        """Logits after the prompt, and how many prompt tokens had to be computed.
-
-        The cached prefix is reused (a chat resends the whole conversation); at least one token runs."""
-        reuse = 0
-        for a, b in zip(self.cached_tokens, prompt[:-1]):
-            if a != b:
-                break
-            reuse += 1
-        self.cache.truncate(reuse)
-        self.cached_tokens = prompt[:reuse]
-        logits = self.model.forward(np.asarray(prompt[reuse:]), self.cache)
+        """Logits after the prompt, and how many prompt tokens had to be computed."""
+        logits, computed = prefill(self.model, self.cache, self.cached_tokens, prompt)
         self.cached_tokens = list(prompt)
-        return logits, len(prompt) - reuse
+        return logits, computed
 
-    def _run(self, gen: Generation, prompt: list[int], sampler: Sampler, max_tokens: int,
-             stop: tuple[str, ...]) -> Iterator[str]:
-        stats, eos = gen.stats, set(self.tokenizer.eos_ids)
+    def _run(self, gen: Generation, seq: "Decoding") -> Iterator[str]:
+        stats = gen.stats
         t0 = time.perf_counter()
-        logits, stats.prefill_tokens = self._prefill(prompt)
+        logits, stats.prefill_tokens = self._prefill(seq.history)
         stats.prefill_seconds = time.perf_counter() - t0
-        history, stream, pending = list(prompt), self.tokenizer.stream(), ""
-        stats.finish_reason = "length"
-        while max_tokens < 0 or stats.generated_tokens < max_tokens:
+        while True:
             if gen._cancel.is_set():
-                stats.finish_reason = "cancelled"
+                seq.finish("cancelled")
                 break
-            token = sampler(logits, history)
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            history.append(token)
-            gen.token_ids.append(token)
-            stats.generated_tokens += 1
-            pending += stream.feed(token)
-            text, pending, hit = _split_stop(pending, stop)
+            text = seq.step(logits, room=self.cache.length < self.context)
             if text:
                 yield text
-            if hit:
-                stats.finish_reason = "stop"
-                return
-            if max_tokens >= 0 and stats.generated_tokens >= max_tokens:
-                break
-            if self.cache.length >= self.context:
-                stats.finish_reason = "context"
+            if stats.finish_reason:
                 break
             t1 = time.perf_counter()
-            logits = self.model.forward(np.asarray([token]), self.cache)
-            self.cached_tokens.append(token)
+            logits = self.model.forward(np.asarray([seq.token_ids[-1]]), self.cache)
+            self.cached_tokens.append(seq.token_ids[-1])
             stats.decode_seconds += time.perf_counter() - t1
             stats.decode_tokens += 1
-        text, _, _ = _split_stop(pending + stream.flush(), stop, final=True)
+        text = seq.flush()
         if text:
             yield text
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward call: bounds the prefill's scratch, and lets a batch step in
+
+
+def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many of the prompt's tokens a cache holding `cached` can keep: their common prefix, but at
+    least one token of the prompt must run (its logits are needed)."""
+    reuse = 0
+    for a, b in zip(cached, prompt[:-1]):
+        if a != b:
+            break
+        reuse += 1
+    return reuse
+
+
+def prefill(model: Model, cache, cached: Sequence[int], prompt: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Logits after `prompt` in `cache`, which holds `cached` (a chat resends the whole conversation:
+    the shared prefix is kept); and how many prompt tokens had to be computed. In chunks of
+    PREFILL_CHUNK tokens, so that a prompt gives the same bits however it is scheduled."""
+    reuse = common_prefix(cached, prompt)
+    cache.truncate(reuse)
+    for start in range(reuse, len(prompt), PREFILL_CHUNK):
+        logits = model.forward(np.asarray(prompt[start:start + PREFILL_CHUNK]), cache)
+    return logits, len(prompt) - reuse
+
+
+class Decoding:
+    """One sequence after its prompt: each step samples a token from the logits, sees whether the
+    sequence ends (end of generation, a stop string, max_tokens, a full context, the constraint's
+    grammar complete) and returns the text that became printable, never showing a stop string.
+    `token_ids[-1]` is what to feed next while `stats.finish_reason` is empty."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], sampler: Sampler, stats: GenerationStats,
+                 max_tokens: int = -1, stop: Sequence[str] = (), constraint=None, top_logprobs: int | None = None):
+        self.history, self.sampler, self.stats, self.max_tokens = list(prompt), sampler, stats, max_tokens
+        self.stop, self.eos, self.stream = tuple(s for s in stop if s), set(tokenizer.eos_ids), tokenizer.stream()
+        self.constraint = constraint  # masks the logits and follows the tokens (constrain.py)
+        self.top_logprobs = top_logprobs  # None: no log-probabilities; else how many alternatives per token
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.token_ids: list[int] = []
+        self.pending, self._cut = "", False
+
+    def finish(self, reason: str) -> None:
+        self.stats.finish_reason = reason
+
+    def step(self, logits: np.ndarray, room: bool) -> str:
+        """The text the next token adds; `room`: whether the cache can take one more token."""
+        if 0 <= self.max_tokens <= self.stats.generated_tokens:
+            self.finish("length")
+            return ""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        token = self.sampler(logits, self.history)
+        if self.top_logprobs is not None:
+            self.logprobs.append(_logprobs(logits, token, self.top_logprobs))
+        if token in self.eos:
+            self.finish("stop")
+            return ""
+        self.history.append(token)
+        self.token_ids.append(token)
+        self.stats.generated_tokens += 1
+        if self.constraint is not None and self.constraint.accept(token):
+            self.finish("stop")  # the grammar is complete
+        self.pending += self.stream.feed(token)
+        text, self.pending, hit = _split_stop(self.pending, self.stop)
+        if hit:
+            self._cut = True
+            self.finish("stop")
+        elif not self.stats.finish_reason:
+            if 0 <= self.max_tokens <= self.stats.generated_tokens:
+                self.finish("length")
+            elif not room:
+                self.finish("context")
+        return text
+
+    def flush(self) -> str:
+        """What is held back once the sequence has ended (nothing after a stop string)."""
+        if self._cut:
+            return ""
+        text, _, _ = _split_stop(self.pending + self.stream.flush(), self.stop, final=True)
+        self.pending = ""
+        return text
+
+
+def _logprobs(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """The token's log-probability under the model's distribution, and the `top` likeliest tokens'."""
+    x = np.asarray(logits, np.float64)
+    finite = x[np.isfinite(x)]
+    logz = finite.max() + np.log(np.exp(finite - finite.max()).sum())
+    best = np.argsort(-x, kind="stable")[:top] if top else []
+    return token, float(x[token] - logz), [(int(i), float(x[i] - logz)) for i in best]
 
 
 def _split_stop(pending: str, stop: tuple[str, ...], final: bool = False) -> tuple[str, str, bool]:

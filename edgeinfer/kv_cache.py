@@ -64,6 +64,14 @@ class KVCache:
         blocks = -(-capacity // KEYS_PER_BLOCK)
         return values + per_position * (EXACT_SLOTS * 4 + blocks * KEYS_PER_BLOCK // (2 * d_sub))
 
+    @classmethod
+    def over(cls, k: np.ndarray, v: np.ndarray, kernels: bool) -> "KVCache":
+        """A cache (exact attention) over given key and value arrays (layers, kv_heads, capacity, hd)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.capacity, cache.length, cache.kernels = k, v, k.shape[2], 0, kernels
+        cache.lut = [lut_buffers(None, 0, 0)] * k.shape[0]
+        return cache
+
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.v[i], self.lut[i])
 
@@ -102,7 +110,27 @@ def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
 
 
 def model_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
-                      attention: str = "exact") -> MemoryPlan:
+                      attention: str = "exact", sequences: int = 1) -> MemoryPlan:
     """What a model of `source` needs at `context` and how it fits `limit` (storage/memory_plan.py),
-    its KV cache sized for the path it will run."""
-    return plan_memory(source, context, limit, cache_bytes(source, context, choose_path(source, quantized, attention)))
+    its KV cache sized for the path it will run, `sequences` times (a server's slots)."""
+    path = choose_path(source, quantized, attention)
+    return plan_memory(source, context, limit, sequences * cache_bytes(source, context, path))
+
+
+class SlotCaches:
+    """The KV caches of sequences decoded together (the server's batch): one key and one value array
+    of shape (layers, slots, kv_heads, capacity, hd), so that a layer's caches of every slot are one
+    array for the batched kernel; `slot(s)` is slot s's cache, a KVCache over its part, with its own
+    length. Exact attention. Pages become resident as they are written."""
+
+    def __init__(self, config: ModelConfig, capacity: int, slots: int, kernels: bool):
+        shape = (config.num_layers, slots, config.num_kv_heads, capacity, config.head_dim)
+        self.k, self.v = lazy_zeros(shape), lazy_zeros(shape)
+        self.caches = [KVCache.over(self.k[:, s], self.v[:, s], kernels) for s in range(slots)]
+        self.capacity = capacity
+
+    def slot(self, s: int) -> KVCache:
+        return self.caches[s]
+
+    def __len__(self) -> int:
+        return len(self.caches)

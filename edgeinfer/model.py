@@ -17,12 +17,13 @@ import numpy as np
 
 from .config import rope_inv_freq
 from .errors import EdgeInferError, UnsupportedModelError
-from .kernels.decode_layer import DecodeScratch, decode_attention, decode_layer, decode_mlp, decode_scratch
+from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
+                                   decode_mlp, decode_scratch)
 from .kernels.lut_attention import attend_causal_lut
 from .kernels.ops import LANES, attend_causal, gated_activation_into, rope_rows
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SlotCaches
 from .run_path import choose_path
 from .storage.source import WeightSource
 from .storage.tensor_names import FINAL_NORM_WEIGHT, HEAD, ROPE_FREQS
@@ -58,6 +59,7 @@ class Model:
         self.inv_freqs = [inv_freq[i in c.local_layers] for i in range(c.num_layers)]  # a local layer's own base
         self.attend = self._attend_kernels if self.path.fused else self._attend_float
         self.scratch: DecodeScratch | None = None
+        self.batch_scratch: dict[tuple[int, int], DecodeScratch] = {}  # by (rows, capacity)
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -70,6 +72,36 @@ class Model:
             self.scratch = decode_scratch(c.hidden_size, c.q_size, c.kv_size, c.intermediate_size, c.num_heads,
                                           cache.capacity)
         return self.scratch
+
+    def new_caches(self, capacity: int, slots: int) -> SlotCaches:
+        """KV caches of `slots` sequences decoded together (decode_batch)."""
+        if self.path.lut:
+            raise EdgeInferError("sequences decoded together need exact attention, not LUT attention")
+        return SlotCaches(self.config, capacity, slots, kernels=self.path.fused)
+
+    def decode_batch(self, tokens: np.ndarray, caches: SlotCaches, slots: list[int]) -> np.ndarray:
+        """Logits (rows, vocab) of one token for each of several sequences: tokens[r] is the next
+        token of the sequence in cache slot slots[r]. On the fused path every weight is read once for
+        all rows, and each row's logits equal, bit for bit, what forward() gives that sequence
+        alone; on the float32 path the sequences run in turn."""
+        if not self.path.fused:
+            return np.stack([self.forward(tokens[r:r + 1], caches.slot(s)) for r, s in enumerate(slots)])
+        c, rows = self.config, len(slots)
+        positions = np.array([caches.slot(s).reserve(1) for s in slots], np.int64)
+        key = (rows, caches.capacity)
+        if key not in self.batch_scratch:
+            self.batch_scratch[key] = batch_scratch(c.hidden_size, c.q_size, c.kv_size, c.intermediate_size,
+                                                    c.num_heads, caches.capacity, rows)
+        b, lut, slot_ids = self.batch_scratch[key], caches.slot(0).lut[0], np.asarray(slots, np.int64)
+        h = np.ascontiguousarray(self.embed(np.asarray(tokens)))
+        for i in range(c.num_layers):
+            _, args = self.weights.layer(i)
+            decode_layer_batch(h, args, caches.k[i], caches.v[i], lut, slot_ids, positions, self.inv_freqs[i],
+                               c.rms_norm_eps, b)
+            self.weights.done(i)
+        for s in slots:
+            caches.slot(s).commit(1)
+        return self.logits(h, all_logits=True)
 
     def warm_up(self) -> None:
         """Run the prefill and decode kernels once, so that Numba compiles them (first run) or loads

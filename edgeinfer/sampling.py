@@ -1,4 +1,4 @@
-"""Sampling, in llama.cpp's default order: repetition penalty, top-k, top-p, min-p, temperature.
+"""Sampling, in llama.cpp's default order: repetition, frequency and presence penalties, top-k, top-p, min-p, temperature.
 
 Defaults are llama.cpp's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition penalty
 (1.0) over the last 64 tokens. Temperature 0 is greedy. The same seed gives the same tokens.
@@ -20,7 +20,9 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0 = off
     min_p: float = 0.05  # 0.0 = off
     repeat_penalty: float = 1.0  # 1.0 = off
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64  # the window of all three penalties
+    presence_penalty: float = 0.0  # subtracted once from a token seen in the window (OpenAI's), 0 = off
+    frequency_penalty: float = 0.0  # subtracted per time it was seen, 0 = off
     seed: int | None = None  # None = a fresh random seed
 
 
@@ -33,11 +35,13 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float64)
-        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+        penalised = p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        if penalised and p.repeat_last_n > 0 and history:
             logits = logits.copy()
-            recent = np.unique(np.asarray(history[-p.repeat_last_n:]))
+            recent, counts = np.unique(np.asarray(history[-p.repeat_last_n:]), return_counts=True)
             vals = logits[recent]
-            logits[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            vals = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+            logits[recent] = vals - counts * p.frequency_penalty - p.presence_penalty
         if p.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.arange(logits.size)

@@ -50,6 +50,7 @@ class SessionOptions:
     attention: str = "exact"  # or "lut"
     verbose: bool = False  # report the memory plan even when it is plainly resident
     cluster: ClusterOptions | None = None
+    sequences: int = 1  # KV caches the memory plan counts (a server's parallel slots)
 
 
 def open_session(options: SessionOptions, report: Report = to_stderr, progress: ProgressFn | None = None) -> Engine:
@@ -61,7 +62,7 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
     if options.cluster is not None:
         return _open_cluster(path, options, report)
     engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report,
-                         options.load_bits)
+                         options.load_bits, options.sequences)
     if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
         report(engine.memory_plan.describe())
     if engine.model.path.fused and first_run():  # the float32 path compiles nothing
@@ -71,16 +72,18 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
 
 
 def open_engine(path: str, context: int | None = None, float32: bool = False, mem_limit: int | None = None,
-                attention: str = "exact", report: Report | None = None, load_bits: int = 8) -> Engine:
+                attention: str = "exact", report: Report | None = None, load_bits: int = 8,
+                sequences: int = 1) -> Engine:
     """The engine of the model file at `path` (kernels not yet warm). The memory preflight
     (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
     streamed through a window of layers, within `mem_limit` when given, else within the memory
-    available; `report` gets its one-line account when it streams or a limit was given."""
+    available, counting `sequences` KV caches; `report` gets its one-line account when it streams or
+    a limit was given."""
     source = open_model(path)
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
     context = default_context(source.config, context)
-    plan = model_memory_plan(source, context, mem_limit, not float32, attention)
+    plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
     model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits)

@@ -100,6 +100,11 @@ class Tokenizer:
     def id_to_token(self, tid: int) -> str:
         return self._backend.id_to_token(tid)
 
+    def pieces(self) -> tuple[list[bytes], list[int]] | None:
+        """Each id's bytes and the control tokens' ids, for a sentencepiece vocabulary (what a grammar
+        library needs to read tokens as text); None for a tokenizer.json, which such libraries read."""
+        return self._backend.pieces() if isinstance(self._backend, _SPMBackend) else None
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         return render_chat_template(self.chat_template or "", messages, add_generation_prompt,
                                     self.spec.template_vars)
@@ -207,3 +212,12 @@ class _SPMBackend(_Backend):
 
     def id_to_token(self, tid: int) -> str:
         return self._sp.IdToPiece(tid)
+
+    def pieces(self) -> tuple[list[bytes], list[int]]:
+        byte = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+        out = []
+        for i in range(self.vocab_size):
+            piece = self._sp.IdToPiece(i)
+            m = byte.fullmatch(piece) if self._sp.IsByte(i) else None
+            out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+        return out, sorted(self._control.values())

@@ -29,7 +29,9 @@ from .activations import Q8Activations, _quantize
 from .kv_store import append_kv
 from .lut_attention import attend_causal_lut
 from .ops import attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place
+from .q4 import _gemm as q4_gemm
 from .q4 import _gemv_parallel as q4_gemv
+from .q8 import _gemm as q8_gemm
 from .q8 import _gemv_parallel as q8_gemv
 from .simd import FIXED_SCALE
 
@@ -39,8 +41,8 @@ from .simd import FIXED_SCALE
 DecodeScratch = namedtuple("DecodeScratch", "x q k v att fixed gate up act xq attq actq scores")
 
 
-def activation_buffers(cols: int) -> tuple:
-    a = Q8Activations.empty(cols)
+def activation_buffers(cols: int, rows: int | None = None) -> tuple:
+    a = Q8Activations.empty(cols, rows)
     return a.lo, a.hi, a.flat, a.scales, a.sums, a.halves
 
 
@@ -100,33 +102,40 @@ def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
 def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """s.fixed = the attention half's output for h, in fixed point (not yet added: on a cluster node
     it is a partial sum, which adds up over the nodes exactly as one node's)."""
-    (attn_norm, _, q_norm, k_norm, _, _), (wq, wk, wv, wo, _, _, _), (bq, bk, bv), (window, _, scale) = weights
-    kv_heads, hd = keys.shape[0], keys.shape[2]
-
+    (attn_norm, _, _, _, _, _), (wq, wk, wv, wo, _, _, _), _, _ = weights
     rmsnorm_into(h, attn_norm, eps, s.x)
     quantize(s.x, s.xq)
     matvec(wq, s.xq, s.q)
     matvec(wk, s.xq, s.k)
     matvec(wv, s.xq, s.v)
-    add_bias(s.q, bq)
-    add_bias(s.k, bk)
-    add_bias(s.v, bv)
-    if q_norm.shape[0]:
-        rmsnorm_heads_in_place(s.q, s.q.shape[0] // hd, q_norm, eps)
-        rmsnorm_heads_in_place(s.k, kv_heads, k_norm, eps)
-    rope_in_place(s.q, s.q.shape[0] // hd, inv_freq, position)
-    rope_in_place(s.k, kv_heads, inv_freq, position)
-    new_key = s.k.reshape((kv_heads, 1, hd))
-    append_kv(keys, values, lut, new_key, s.v.reshape((kv_heads, 1, hd)), position)
-    codebooks, codes, tables, sums = lut
-    if codebooks.shape[0]:
-        attend_causal_lut(s.q.reshape((1, s.q.shape[0])), new_key, codebooks, codes, keys, values, position, tables,
-                          sums, s.scores, s.att.reshape((1, s.att.shape[0])))
-    else:
-        first = max(0, position + 1 - window) if window > 0 else 0
-        attend_one(s.q, keys, values, first, position + 1, scale, s.scores, s.att)
+    attend_token(weights, s.q, s.k, s.v, keys, values, lut, position, inv_freq, eps, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.fixed)
+
+
+@njit(cache=True)
+def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, scores, att):
+    """att = attention of one token's projections q, k, v (biases, query/key norms and RoPE applied
+    here, in place) over its cache, into which its key and value go at `position`."""
+    (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), (window, _, scale) = weights
+    kv_heads, hd = keys.shape[0], keys.shape[2]
+    add_bias(q, bq)
+    add_bias(k, bk)
+    add_bias(v, bv)
+    if q_norm.shape[0]:
+        rmsnorm_heads_in_place(q, q.shape[0] // hd, q_norm, eps)
+        rmsnorm_heads_in_place(k, kv_heads, k_norm, eps)
+    rope_in_place(q, q.shape[0] // hd, inv_freq, position)
+    rope_in_place(k, kv_heads, inv_freq, position)
+    new_key = k.reshape((kv_heads, 1, hd))
+    append_kv(keys, values, lut, new_key, v.reshape((kv_heads, 1, hd)), position)
+    codebooks, codes, tables, sums = lut
+    if codebooks.shape[0]:
+        attend_causal_lut(q.reshape((1, q.shape[0])), new_key, codebooks, codes, keys, values, position, tables,
+                          sums, scores, att.reshape((1, att.shape[0])))
+    else:
+        first = max(0, position + 1 - window) if window > 0 else 0
+        attend_one(q, keys, values, first, position + 1, scale, scores, att)
 
 
 @njit(cache=True)
@@ -140,3 +149,68 @@ def decode_mlp(h, weights, eps, s):
     gated_activation_into(s.gate, s.up, gelu, s.act)
     quantize(s.act, s.actq)
     matvec(wdown, s.actq, s.fixed)
+
+
+# The same layer for a batch of tokens, each of its own sequence (the server's decode step): row r
+# of h is the next token of the sequence in cache slot slots[r], at positions[r]. Every product
+# reads its weights once for all rows (the GEMM); everything else runs row by row through the very
+# functions above, and the GEMM's rows equal the GEMV's bit for bit, so a sequence decodes to the
+# same bits alone or beside others. Exact attention only. `b` holds the buffers of decode_scratch
+# with a leading row axis (batch_scratch), but for the scores, shared by the rows in turn.
+
+
+def batch_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, heads: int, capacity: int,
+                  rows: int) -> DecodeScratch:
+    f = lambda *n: np.zeros((rows,) + n, np.float32)  # noqa: E731
+    act = lambda cols: activation_buffers(cols, rows)  # noqa: E731
+    return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), np.zeros((rows, hidden), np.int64),
+                         f(intermediate), f(intermediate), f(intermediate), act(hidden), act(q_size),
+                         act(intermediate), np.zeros((heads, capacity), np.float32))
+
+
+@njit(cache=True)
+def quantize_row(x, xq, r):
+    lo, hi, flat, scales, sums, halves = xq
+    _quantize(x[r], lo[r], hi[r], flat[r], scales[r], sums[r], halves[r])
+
+
+@njit(cache=True)
+def matmul(m, xq, out):
+    bits, packed, scales, offsets, factor = m
+    lo, hi, flat, xscales, xsums, xhalves = xq
+    if bits == 4:
+        q4_gemm(packed, scales, offsets, factor, lo, hi, xscales, xsums, out)
+    else:
+        q8_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
+
+
+@njit(cache=True)
+def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq, eps, b):
+    """h (rows, hidden) += the layer's output for each row's token; keys and values (slots,
+    kv_heads, capacity, hd) hold every slot's cache of this layer."""
+    (attn_norm, mlp_norm, _, _, post_attn, post_mlp), (wq, wk, wv, wo, wgate, wup, wdown), _, (_, gelu, _) = weights
+    rows = h.shape[0]
+    for r in range(rows):
+        rmsnorm_into(h[r], attn_norm, eps, b.x[r])
+        quantize_row(b.x, b.xq, r)
+    matmul(wq, b.xq, b.q)
+    matmul(wk, b.xq, b.k)
+    matmul(wv, b.xq, b.v)
+    for r in range(rows):
+        slot = slots[r]
+        attend_token(weights, b.q[r], b.k[r], b.v[r], keys[slot], values[slot], lut, positions[r], inv_freq, eps,
+                     b.scores, b.att[r])
+        quantize_row(b.att, b.attq, r)
+    matmul(wo, b.attq, b.fixed)
+    for r in range(rows):
+        add_output(h[r], b.fixed[r], post_attn, eps, b.x[r])
+        rmsnorm_into(h[r], mlp_norm, eps, b.x[r])
+        quantize_row(b.x, b.xq, r)
+    matmul(wgate, b.xq, b.gate)
+    matmul(wup, b.xq, b.up)
+    for r in range(rows):
+        gated_activation_into(b.gate[r], b.up[r], gelu, b.act[r])
+        quantize_row(b.act, b.actq, r)
+    matmul(wdown, b.actq, b.fixed)
+    for r in range(rows):
+        add_output(h[r], b.fixed[r], post_mlp, eps, b.x[r])

@@ -1,0 +1,171 @@
+"""Continuous batching: sequences decoded together give each the bits it gets alone; the batch's
+slots, queue, prefix reuse and cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_hf_model, write_gguf
+from test_quantized_model import PROJECTIONS
+
+from edgeinfer.batching import Batch, QueueFull, Request
+from edgeinfer.engine import Engine
+from edgeinfer.errors import ContextOverflowError
+from edgeinfer.model import Model
+from edgeinfer.sampling import SamplingParams
+from edgeinfer.storage import open_model
+from edgeinfer.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def _model(tmp_path, tokenizer_json, kind: str) -> Model:
+    if kind == "gemma3-q8-at-load":  # local layers, q/k and output norms, GELU; 8-bit matrices
+        return Model(open_model(str(make_hf_model(tmp_path / kind, tokenizer_json, arch="gemma3",
+                                                  sliding_window=4))), quantized=True)
+    arch = kind.split("-")[0]
+    hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch)
+    return Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
+                 quantized=True)
+
+
+@pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load"])
+def test_batched_decode_rows_equal_each_sequence_alone(tmp_path, tokenizer_json, kind):
+    """Model.decode_batch reads each weight once for all rows; every row's logits equal, bit for bit,
+    those of its sequence decoded alone, whichever sequences share the step."""
+    model = _model(tmp_path, tokenizer_json, kind)
+    assert model.path.fused
+    prompts = [np.arange(5, 5 + n) for n in (7, 12, 3)]
+    alone = []
+    for p in prompts:
+        cache = model.new_cache(40)
+        logits = [model.forward(p, cache)]
+        for _ in range(8):
+            logits.append(model.forward(np.array([int(np.argmax(logits[-1]))]), cache))
+        alone.append(logits)
+    caches = model.new_caches(40, 4)
+    slot_of = [3, 0, 2]  # not in order, and slot 1 idle
+    last = [model.forward(p, caches.slot(s)) for p, s in zip(prompts, slot_of)]
+    steps = [[0, 1, 2], [2, 0], [1], [0, 1, 2], [0, 2], [1, 2, 0]]
+    for members in steps:
+        out = model.decode_batch(np.array([int(np.argmax(last[i])) for i in members]), caches,
+                                 [slot_of[i] for i in members])
+        for row, i in enumerate(members):
+            last[i] = out[row]
+            done = caches.slot(slot_of[i]).length - len(prompts[i])
+            np.testing.assert_array_equal(out[row], alone[i][done], err_msg=f"sequence {i}")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_single):
+    source = open_model(str(tiny_single))
+    return Engine(Model(source, quantized=True), Tokenizer(source.tokenizer), context=96)
+
+
+def _run_batch(engine: Engine, requests: list[Request], parallel: int) -> tuple[list[str], list, Batch]:
+    """Submit every request at once to a running batch; their texts and final stats."""
+    batch = Batch(engine, parallel)
+    texts, stats, left = [""] * len(requests), [None] * len(requests), threading.Semaphore(0)
+
+    def events(i):
+        def on_event(kind, a, b):
+            if kind == "text":
+                texts[i] += a
+            else:
+                stats[i] = a
+                left.release()
+        return on_event
+
+    handles = [batch.submit(r, events(i)) for i, r in enumerate(requests)]
+    runner = threading.Thread(target=batch.run)
+    runner.start()
+    try:
+        for _ in requests:
+            assert left.acquire(timeout=120)
+    finally:
+        batch.close()
+        runner.join()
+    assert all(h.stats is s for h, s in zip(handles, stats))
+    return texts, stats, batch
+
+
+def test_requests_give_the_same_text_alone_or_together(engine):
+    """Five requests through three slots (two wait for a slot) give what Engine.generate gives each
+    alone: greedy, seeded sampling, a stop string, max_tokens."""
+    prompts = ["the quick brown fox", "memory flash kernel", "Paris France capital", "cache layer", "token"]
+    params = [GREEDY, SamplingParams(seed=7), GREEDY, SamplingParams(seed=11, temperature=1.2), GREEDY]
+    ids = [engine.prompt_ids(p, raw=True) for p in prompts]
+    gens = [Engine(engine.model, engine.tokenizer, engine.context).generate(i, p, max_tokens=24)
+            for i, p in zip(ids, params)]
+    alone = [g.run() for g in gens]
+    stop = alone[2][5:8]
+    expected = alone[:2] + [alone[2][:alone[2].find(stop)]] + alone[3:]
+    requests = [Request(i, p, 24, [stop] if k == 2 else []) for k, (i, p) in enumerate(zip(ids, params))]
+    texts, stats, batch = _run_batch(engine, requests, parallel=3)
+    assert texts == expected
+    reasons = [g.stats.finish_reason for g in gens]
+    assert [s.finish_reason for s in stats] == reasons[:2] + ["stop"] + reasons[3:] and reasons[2] == "length"
+    assert [s.generated_tokens for k, s in enumerate(stats) if k != 2] == \
+        [g.stats.generated_tokens for k, g in enumerate(gens) if k != 2]
+    assert batch.metrics.decode_tokens > 0 and batch.metrics.requests == 5
+    assert max(n for n, _ in batch.metrics.recent) <= 3
+
+
+def test_a_longer_conversation_reuses_its_slot_s_cache(engine):
+    """A request that extends an earlier one is given the slot holding its prefix and computes only
+    the rest; its text is the same as computed from nothing."""
+    first = engine.prompt_ids("the quick brown fox", raw=True)
+    other = engine.prompt_ids("memory flash kernel", raw=True)
+    batch = Batch(engine, 2)
+    done = threading.Semaphore(0)
+    out: list = []
+    on_event = lambda kind, a, b: (out.append((kind, a)), kind != "text" and done.release())  # noqa: E731
+    runner = threading.Thread(target=batch.run)
+    runner.start()
+    try:
+        for prompt in (first, other):
+            batch.submit(Request(prompt, GREEDY, 6), on_event)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        longer = first + engine.tokenizer.encode(" jumps over the lazy dog")
+        h = batch.submit(Request(longer, GREEDY, 6), on_event)
+        assert done.acquire(timeout=60)
+    finally:
+        batch.close()
+        runner.join()
+    assert h.stats.prefill_tokens == len(longer) - len(first)
+    assert batch.metrics.prompt_tokens_cached == len(first)
+    fresh = Engine(engine.model, engine.tokenizer, engine.context).generate(longer, GREEDY, max_tokens=6)
+    assert fresh.run() == "".join(a for k, a in out[_last_done(out, 2) + 1:] if k == "text")
+
+
+def _last_done(events: list, count: int) -> int:
+    """The index of the count-th "done" event."""
+    return [i for i, (k, _) in enumerate(events) if k == "done"][count - 1]
+
+
+def test_cancel_frees_the_slot_and_the_queue_has_a_limit(engine):
+    batch = Batch(engine, parallel=1, queue_limit=2)
+    ids = engine.prompt_ids("the quick brown fox", raw=True)
+    events: list = []
+    first = batch.submit(Request(ids, GREEDY, -1), lambda kind, a, b: events.append((1, kind, a)))
+    second = batch.submit(Request(ids, GREEDY, 3), lambda kind, a, b: events.append((2, kind, a)))
+    with pytest.raises(QueueFull):
+        batch.submit(Request(ids, GREEDY, 3), lambda *a: None)
+    with pytest.raises(ContextOverflowError):
+        batch.submit(Request(list(range(5, 5 + engine.context)), GREEDY, 3), lambda *a: None)
+    runner = threading.Thread(target=batch.run)
+    runner.start()
+    try:
+        while not any(k == "text" for _, k, _ in events):
+            threading.Event().wait(0.01)
+        first.cancel()
+        while not any(n == 2 and k == "done" for n, k, _ in events):
+            threading.Event().wait(0.01)
+    finally:
+        batch.close()
+        runner.join()
+    assert first.stats.finish_reason == "cancelled" and 0 < first.stats.generated_tokens < engine.context
+    assert second.stats.finish_reason == "length" and second.stats.generated_tokens == 3
+    assert batch.running() == 0 and batch.waiting() == 0
