@@ -163,11 +163,12 @@ def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
 def prefill(model: Model, cache, cached: Sequence[int], prompt: Sequence[int]) -> tuple[np.ndarray, int]:
     """Logits after `prompt` in `cache`, which holds `cached` (a chat resends the whole conversation:
     the shared prefix is kept); and how many prompt tokens had to be computed. In chunks of
-    PREFILL_CHUNK tokens, so that a prompt gives the same bits however it is scheduled."""
+    PREFILL_CHUNK tokens on the op-by-op path, whose rows do not depend on their neighbours: the same
+    bits however much was cached and however the prompt is split."""
     reuse = common_prefix(cached, prompt)
     cache.truncate(reuse)
     for start in range(reuse, len(prompt), PREFILL_CHUNK):
-        logits = model.forward(np.asarray(prompt[start:start + PREFILL_CHUNK]), cache)
+        logits = model.prefill(np.asarray(prompt[start:start + PREFILL_CHUNK]), cache)
     return logits, len(prompt) - reuse
 
 

@@ -116,6 +116,12 @@ class Model:
         """Run `tokens` at the cache's next positions; logits of the last token, or of all of them."""
         return self.logits(self.run_layers(self.embed(tokens), cache), all_logits)
 
+    def prefill(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """forward() for prompt tokens: the op-by-op path even for one token, whose rows do not depend
+        on the tokens beside them, so a prompt's logits are the same bits however much of it was
+        cached already (the fused decode step rounds differently)."""
+        return self.logits(self.run_layers(self.embed(tokens), cache, fused=False))
+
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(self.embedding.rows(np.asarray(tokens)), dtype=np.float32)
         return rows * np.float32(self.config.embed_scale) if self.config.embed_scale != 1.0 else rows
@@ -126,12 +132,13 @@ class Model:
         self.weights.done(HEAD)
         return logits if all_logits else logits[0]
 
-    def run_layers(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
+    def run_layers(self, h: np.ndarray, cache: KVCache, fused: bool = True) -> np.ndarray:
         """The hidden vectors (count, hidden) of tokens at the cache's next positions through every
         layer; their keys and values go in the cache. The whole batch goes through a layer before
-        the next, so streamed weights are read once."""
+        the next, so streamed weights are read once. One token takes the fused decode layer unless
+        `fused` is False."""
         start, count = cache.reserve(h.shape[0]), h.shape[0]
-        if count == 1 and self.path.fused:
+        if count == 1 and fused and self.path.fused:
             h = self._decode(h, cache)
         else:
             eps, positions = self.config.rms_norm_eps, np.arange(start, start + count)

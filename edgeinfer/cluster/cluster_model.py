@@ -154,6 +154,9 @@ class ClusterModel:
     def warm_up(self) -> None:
         pass  # every load warms the local shard up
 
+    def prefill(self, tokens: np.ndarray, cache: ClusterCache) -> np.ndarray:
+        return self.forward(tokens, cache)
+
     def forward(self, tokens: np.ndarray, cache: ClusterCache, all_logits: bool = False) -> np.ndarray:
         tokens = [int(t) for t in tokens]
         start = cache.length
