@@ -34,9 +34,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
+        if p.temperature <= 0 and not self._penalised(history):
+            return int(np.argmax(logits))  # float32 to float64 is exact: the same argmax, without the copy
         logits = np.asarray(logits, dtype=np.float64)
-        penalised = p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-        if penalised and p.repeat_last_n > 0 and history:
+        if self._penalised(history):
             logits = logits.copy()
             recent, counts = np.unique(np.asarray(history[-p.repeat_last_n:]), return_counts=True)
             vals = logits[recent]
@@ -58,6 +59,11 @@ class Sampler:
             ids, cand = ids[keep], cand[keep]
         probs = _softmax(cand / p.temperature)
         return int(ids[self._rng.choice(ids.size, p=probs)])
+
+    def _penalised(self, history: Sequence[int]) -> bool:
+        p = self.params
+        return bool((p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) and p.repeat_last_n > 0
+                    and len(history))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -58,10 +58,12 @@ def test_batched_decode_rows_equal_each_sequence_alone(tmp_path, tokenizer_json,
             np.testing.assert_array_equal(out[row], alone[i][done], err_msg=f"sequence {i}")
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_single):
+@pytest.fixture(scope="module", params=["kernels", "float32"])
+def engine(tiny_single, request):
+    """The tiny model on the fused 4/8-bit path (batched steps), and on the float32 path (whose
+    sequences run in turn within a step)."""
     source = open_model(str(tiny_single))
-    return Engine(Model(source, quantized=True), Tokenizer(source.tokenizer), context=96)
+    return Engine(Model(source, quantized=request.param == "kernels"), Tokenizer(source.tokenizer), context=96)
 
 
 def _run_batch(engine: Engine, requests: list[Request], parallel: int) -> tuple[list[str], list, Batch]:

@@ -275,3 +275,23 @@ def test_a_full_queue_gets_503_with_retry_after():
         assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "queue_full"
     finally:
         assert "Traceback" not in s.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parallel", "0"], "--parallel must be at least 1"),
+    (["--queue", "-1"], "--queue must be at least 0"),
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+])
+def test_bad_serve_options_get_one_line_and_status_2(args, message):
+    out = edgeinfer_cli("serve", "smollm2-135m", *args, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == f"edgeinfer: error: {message}, got {args[1]}"
+
+
+def test_a_port_in_use_gets_one_line_and_status_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = edgeinfer_cli("serve", "smollm2-135m", "--port", str(port), timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith(f"edgeinfer: error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(out.stderr.strip().splitlines()) == 1

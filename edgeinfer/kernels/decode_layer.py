@@ -13,7 +13,8 @@ layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a
 packed, scales, offsets, offset_factor): 4-bit (q4.py) or 8-bit (q8.py), so one compiled function
 serves any mix of the two.
 
-Every product runs on all threads, even the small ones: between the parallel regions of one call
+Both release the GIL: a server's event loop answers while a step computes. Every product runs on
+all threads, even the small ones: between the parallel regions of one call
 the OpenMP threads spin rather than sleep, so a region costs about a microsecond (measured), not the
 hundreds a cold wake-up takes.
 """
@@ -87,7 +88,7 @@ def add_output(h, fixed, post_norm, eps, y):
     h += y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
     """h (hidden,) += the layer's output for the token at `position`; its key and value go into the
     layer's cache arrays (keys, values, lut: kv_cache.LayerKV) at `position`."""
@@ -184,7 +185,7 @@ def matmul(m, xq, out):
         q8_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq, eps, b):
     """h (rows, hidden) += the layer's output for each row's token; keys and values (slots,
     kv_heads, capacity, hd) hold every slot's cache of this layer."""
