@@ -471,13 +471,12 @@ def serve(open_engine: Callable[[], Engine], host: str, port: int, alias: str, a
             batch = Batch(engine, parallel, queue)
             state.engine, state.grammars = engine, Grammars(engine.tokenizer, engine.model.config.vocab_size)
             state.batch = batch
-        except BaseException as exc:  # noqa: BLE001 — said on stderr and by /health; the server stops
+        except BaseException as exc:  # noqa: BLE001 — /health says so; the server stops and serve() raises it
             state.failed = str(exc) if isinstance(exc, EdgeInferError) else f"{type(exc).__name__}: {exc}"
-            report(f"edgeinfer: error: {state.failed}")
             server.should_exit = True
             return
-        report(f"serving {alias} at http://{host}:{port}/v1 ({batch.parallel} sequences at once, "
-               f"context {engine.context} each)")
+        at_once = f"{batch.parallel} sequences at once" if batch.parallel > 1 else "one sequence at a time"
+        report(f"serving {alias} at http://{host}:{port}/v1 ({at_once}, context {engine.context} each)")
         try:
             batch.run()
         finally:

@@ -31,12 +31,15 @@ def free_port() -> int:
 class Server:
     """An `edgeinfer serve` process; `statuses` are the /health codes seen while it started."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, then=None):
+        """`then`: called once the process is started (a cluster's worker joins then)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", "serve", "smollm2-135m", "--port",
                                       str(self.port), "-t", "2", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        if then is not None:
+            then()
         self.statuses: list[int] = []
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -295,3 +298,24 @@ def test_a_port_in_use_gets_one_line_and_status_2():
         out = edgeinfer_cli("serve", "smollm2-135m", "--port", str(port), timeout=120)
     assert out.returncode == 2 and out.stderr.startswith(f"edgeinfer: error: cannot listen on 127.0.0.1:{port}: ")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_served_model_split_over_a_cluster_worker(tmp_path):
+    """serve --listen: the model runs over the master and a worker, one request at a time, and
+    answers as `edgeinfer run` does alone."""
+    from test_cluster import TOKEN, finish, worker
+
+    port = free_port()
+    workers = []
+    s = Server("--listen", str(port), "--token", TOKEN, "--workers", "1", "--wait", "120",
+               then=lambda: workers.append(worker(port, tmp_path / "w")))
+    try:
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 20, "temperature": 0}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).json()
+        assert r["choices"][0]["message"]["content"] == run_text("-n", "20", "--temp", "0")
+        assert s.metric("slots", headers={}) == 1
+    finally:
+        err = s.stop()
+    assert "plan 1 over 2 nodes" in err and "Traceback" not in err, err
+    code, _, werr = finish(workers[0], 60)
+    assert "Traceback" not in werr, werr
