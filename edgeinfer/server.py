@@ -85,6 +85,7 @@ class ServerState:
     engine: Engine | None = None
     grammars: Grammars | None = None
     failed: str | None = None  # why the model could not load
+    failed_grammars: str | None = None  # why this tokenizer cannot constrain output
     mailbox: _Mailbox = field(default_factory=_Mailbox)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -305,6 +306,9 @@ def _batch_request(state: ServerState, body: dict, prompt: list[int], limit: int
         else:
             raise ApiError(400, "'response_format.type' must be text, json_object or json_schema",
                            param="response_format")
+        if state.grammars is None:
+            raise ApiError(400, f"response_format is not available for this model's tokenizer: "
+                                f"{state.failed_grammars}", param="response_format")
         try:
             req.constraint = state.grammars.json(schema)
         except GrammarError as exc:
@@ -469,7 +473,11 @@ def serve(open_engine: Callable[[], Engine], host: str, port: int, alias: str, a
         try:
             engine = open_engine()
             batch = Batch(engine, parallel, queue)
-            state.engine, state.grammars = engine, Grammars(engine.tokenizer, engine.model.config.vocab_size)
+            state.engine = engine
+            try:
+                state.grammars = Grammars(engine.tokenizer, engine.model.config.vocab_size)
+            except Exception as exc:  # noqa: BLE001 — only response_format needs it: those requests say why
+                state.failed_grammars = f"{type(exc).__name__}: {exc}"
             state.batch = batch
         except BaseException as exc:  # noqa: BLE001 — /health says so; the server stops and serve() raises it
             state.failed = str(exc) if isinstance(exc, EdgeInferError) else f"{type(exc).__name__}: {exc}"
