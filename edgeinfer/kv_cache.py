@@ -23,7 +23,7 @@ from .errors import ContextOverflowError
 from .kernels.kv_store import append_kv
 from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, lut_buffers
 from .run_path import RunPath, choose_path
-from .storage.memory_plan import MemoryPlan, plan_memory
+from .storage.memory_plan import MemoryLimitError, MemoryPlan, plan_memory
 from .storage.source import WeightSource
 
 
@@ -134,3 +134,36 @@ class SlotCaches:
 
     def __len__(self) -> int:
         return len(self.caches)
+
+
+SMALLEST_CONTEXT = 256  # below this a model is of little use: the plan refuses rather than shrink further
+CONTEXT_STEP = 256
+
+
+def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
+                        attention: str = "exact", sequences: int = 1) -> tuple[MemoryPlan, int]:
+    """model_memory_plan at `context`, or, when the KV cache at that context leaves no plan that
+    fits, at a smaller context (a multiple of CONTEXT_STEP, at least SMALLEST_CONTEXT): the largest
+    at which the weights stay resident, else the largest at which they stream. (plan, context);
+    MemoryLimitError when not even the smallest context fits."""
+    def plan(n: int) -> MemoryPlan | None:
+        try:
+            return model_memory_plan(source, n, limit, quantized, attention, sequences)
+        except MemoryLimitError:
+            return None
+
+    found = plan(context)
+    if found is not None or context <= SMALLEST_CONTEXT:
+        return found or model_memory_plan(source, context, limit, quantized, attention, sequences), context
+    steps = range(SMALLEST_CONTEXT // CONTEXT_STEP, (context - 1) // CONTEXT_STEP + 1)
+    for resident_only in (True, False):
+        fits = lambda k: (p := plan(k * CONTEXT_STEP)) is not None and (p.window is None or not resident_only)  # noqa: E731
+        if fits(steps[0]):
+            low, high = 0, len(steps) - 1  # the need grows with the context: the last index that fits
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits(steps[mid]) else (low, mid - 1)
+            n = steps[low] * CONTEXT_STEP
+            return plan(n), n
+    # its error says what the smallest context needs
+    return model_memory_plan(source, SMALLEST_CONTEXT, limit, quantized, attention, sequences), SMALLEST_CONTEXT

@@ -13,7 +13,7 @@ from .engine import Engine, default_context
 from .errors import EdgeInferError
 from .jit_cache import first_run
 from .kernels.simd import has_kernels
-from .kv_cache import model_memory_plan
+from .kv_cache import fitting_memory_plan, model_memory_plan
 from .model import Model
 from .progress import StageProgress
 from .storage import open_model
@@ -77,13 +77,22 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     """The engine of the model file at `path` (kernels not yet warm). The memory preflight
     (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
     streamed through a window of layers, within `mem_limit` when given, else within the memory
-    available, counting `sequences` KV caches; `report` gets its one-line account when it streams or
-    a limit was given."""
+    available, counting `sequences` KV caches; at the default context, or at the largest smaller one
+    that fits (said in one line). `report` gets the plan's one-line account when it streams or a
+    limit was given."""
     source = open_model(path)
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
-    context = default_context(source.config, context)
-    plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences)
+    if context is None:  # the default context, or less where its KV cache would not fit
+        wanted = default_context(source.config)
+        plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences)
+        if context < wanted and report:
+            where = f"--mem-limit {mem_limit / 2**20:.0f} MB" if mem_limit else "the memory available"
+            kind = "with every weight resident" if plan.window is None else "that fits"
+            report(f"context: {wanted} tokens do not fit in {where}; running at --ctx {context}, the largest "
+                   f"{kind} (give --ctx to choose)")
+    else:
+        plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
     model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits)

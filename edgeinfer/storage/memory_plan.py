@@ -12,6 +12,10 @@ from .source import WeightSource
 from .units import Unit, file_units
 
 
+class MemoryLimitError(EdgeInferError):
+    """The model does not run within the limit (or the memory available) at the context asked."""
+
+
 def parse_size(text: str) -> int:
     """'2G', '512M', '1.5GB', '40m', '123456' -> bytes (powers of 1024)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -118,7 +122,7 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
     if plan.resident_need <= budget:
         return plan
     if units is None:
-        raise EdgeInferError(f"{source.path} needs {plan.resident_need / 2**20:.0f} MB resident but "
+        raise MemoryLimitError(f"{source.path} needs {plan.resident_need / 2**20:.0f} MB resident but "
                              f"{'--mem-limit' if limit else 'this machine'} allows {budget / 2**20:.0f} MB; "
                              "streaming needs edgeinfer's single file: edgeinfer convert MODEL -o FILE --bits 4")
     for slots in (STREAM_SLOTS, 1):
@@ -129,7 +133,7 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
                               slots, tuple(u.key for u in pinned), sum(u.size for u in pinned),
                               sum(u.size for u in streamed))
     least = runtime + kv_cache + scratch + slot
-    raise EdgeInferError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
+    raise MemoryLimitError(f"{'--mem-limit' if limit else 'available memory'} {budget / 2**20:.0f} MB is too small: "
                          f"the least this model runs in at --ctx {context} is {least / 2**20:.0f} MB (runtime "
                          f"{runtime / 2**20:.0f} + KV cache {kv_cache / 2**20:.0f} + scratch {scratch / 2**20:.0f} + "
                          f"one layer slot {slot / 2**20:.0f})")
