@@ -41,7 +41,7 @@ def collect_keys(model: Model, ids: list[int], ctx: int, max_tokens: int) -> tup
         cache.truncate(0)
         model.forward(window, cache)
         for layer in range(c.num_layers):
-            per_layer[layer].append(cache.k[layer, :, SINK_KEYS:len(window)].copy())
+            per_layer[layer].append(cache.float_keys(layer, SINK_KEYS, len(window)))
         positions.append(np.arange(SINK_KEYS, len(window)))
     return [np.concatenate(keys, axis=1) for keys in per_layer], np.concatenate(positions)
 

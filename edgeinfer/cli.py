@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_args(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print the prompt's token count and the seed")
     _sampling_args(run)
+    _cache_type_arg(run)
     run.set_defaults(func=_cmd_run)
 
     chat = sub.add_parser("chat", help="open the terminal chat app")
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--history", help="history database (default: ~/.local/share/edgeinfer/history.sqlite3)")
     chat.add_argument("--attention", choices=("exact", "lut"), default="exact", help="as for run")
     _cluster_args(chat)
+    _cache_type_arg(chat)
     chat.set_defaults(func=_cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the OpenAI API (chat and text completions) over HTTP")
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--exact", action="store_true", help="the exact float32 path")
     serve.add_argument("--bits", type=int, choices=(4, 8), default=8, help="as for run")
     _cluster_args(serve)
+    _cache_type_arg(serve)
     serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="prefill and decode speed, shaped like llama-bench")
@@ -106,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--exact", action="store_true", help="bench the exact float32 path")
     bench.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     bench.add_argument("--attention", default="exact", help="exact, lut or both (exact,lut): one row each")
+    _cache_type_arg(bench)
     bench.set_defaults(func=_cmd_bench)
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
@@ -119,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--mem-limit", metavar="SIZE", help="as for run")
     ppl.add_argument("--attention", choices=("exact", "lut"), default="exact", help="as for run")
     ppl.add_argument("-t", "--threads", type=int, help="threads (default: all cores)")
+    _cache_type_arg(ppl)
     ppl.set_defaults(func=_cmd_perplexity)
 
     info = sub.add_parser("info", help="print a model's config, parameter count, tensor types and size")
@@ -172,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cache_type_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
+                   help="the KV cache's keys and values on the 4/8-bit path: f16 (default, as llama.cpp's) or f32 "
+                        "(--exact keeps float32)")
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (tensor parallelism over ZeroMQ, with `edgeinfer worker` on other devices)")
     g.add_argument("--listen", metavar="[HOST:]PORT", help="be the master: listen for workers here "
@@ -222,7 +233,7 @@ def _session_options(args: argparse.Namespace, context: int | None = None):
         cluster = ClusterOptions(args.listen, args.token, args.workers, args.wait, args.timeout, args.sync)
     return SessionOptions(args.model, context or getattr(args, "ctx", None), getattr(args, "exact", False),
                           getattr(args, "bits", 8), _mem_limit(args), getattr(args, "attention", "exact"),
-                          getattr(args, "verbose", False), cluster)
+                          getattr(args, "verbose", False), cluster, cache_type=getattr(args, "cache_type", "f16"))
 
 
 def _log_cluster_to_stderr() -> None:

@@ -44,23 +44,25 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
 
 class KVCache:
     def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None,
-                 half_values: bool = False, kernels: bool = False):
-        """codebooks: per layer, for LUT attention. kernels: whether the 4/8-bit path's kernels write
-        it (else numpy does: the float32 path runs on CPUs without them)."""
+                 half: bool = False, kernels: bool = False):
+        """codebooks: per layer, for LUT attention. half: values as fp16 bits, and keys too but with
+        LUT attention (whose exact keys stay float32). kernels: whether the 4/8-bit path's kernels
+        write it (else numpy does: the float32 path runs on CPUs without them)."""
         key_positions = capacity if codebooks is None else EXACT_SLOTS
-        self.k = lazy_zeros((config.num_layers, config.num_kv_heads, key_positions, config.head_dim))
+        key_type = np.uint16 if half and codebooks is None else np.float32
+        self.k = lazy_zeros((config.num_layers, config.num_kv_heads, key_positions, config.head_dim), key_type)
         self.v = lazy_zeros((config.num_layers, config.num_kv_heads, capacity, config.head_dim),
-                            np.uint16 if half_values else np.float32)
+                            np.uint16 if half else np.float32)
         self.lut = [lut_buffers(books, config.num_heads, capacity) for books in codebooks or [None] * config.num_layers]
         self.capacity, self.length, self.kernels = capacity, 0, kernels
 
     @staticmethod
-    def size(config: ModelConfig, capacity: int, half_values: bool, d_sub: int | None) -> int:
+    def size(config: ModelConfig, capacity: int, half: bool, d_sub: int | None) -> int:
         """Bytes of the keys, codes and values of a cache as __init__ makes it (d_sub: LUT attention's)."""
         per_position = config.num_layers * config.num_kv_heads * config.head_dim
-        values = per_position * capacity * (2 if half_values else 4)
+        values = per_position * capacity * (2 if half else 4)
         if d_sub is None:
-            return values + per_position * capacity * 4
+            return 2 * values
         blocks = -(-capacity // KEYS_PER_BLOCK)
         return values + per_position * (EXACT_SLOTS * 4 + blocks * KEYS_PER_BLOCK // (2 * d_sub))
 
@@ -90,6 +92,11 @@ class KVCache:
             self.k[layer, :, start:start + keys.shape[1]] = keys
             self.v[layer, :, start:start + values.shape[1]] = values
 
+    def float_keys(self, layer: int, start: int, end: int) -> np.ndarray:
+        """Keys (kv_heads, end - start, head_dim) of positions start..end-1 as float32 (exact attention)."""
+        keys = self.k[layer, :, start:end]
+        return keys.view(np.float16).astype(np.float32) if keys.dtype == np.uint16 else keys.copy()
+
     def fetch(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values (kv_heads, end, head_dim) float32 of positions 0..end-1 (the float32 path's)."""
         return self.k[layer, :, :end], self.v[layer, :, :end]
@@ -106,14 +113,14 @@ def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
     """Bytes of the KV cache a model of `source` on `path` makes for `capacity` positions, known
     before any weight is read (the memory plan's)."""
     books = source.key_codebooks() if path.lut else None
-    return KVCache.size(source.config, capacity, books is not None, books.d_sub if books else None)
+    return KVCache.size(source.config, capacity, path.cache_type == "f16", books.d_sub if books else None)
 
 
 def model_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
-                      attention: str = "exact", sequences: int = 1) -> MemoryPlan:
+                      attention: str = "exact", sequences: int = 1, cache_type: str = "f16") -> MemoryPlan:
     """What a model of `source` needs at `context` and how it fits `limit` (storage/memory_plan.py),
     its KV cache sized for the path it will run, `sequences` times (a server's slots)."""
-    path = choose_path(source, quantized, attention)
+    path = choose_path(source, quantized, attention, cache_type=cache_type)
     return plan_memory(source, context, limit, sequences * cache_bytes(source, context, path))
 
 
@@ -123,9 +130,10 @@ class SlotCaches:
     array for the batched kernel; `slot(s)` is slot s's cache, a KVCache over its part, with its own
     length. Exact attention. Pages become resident as they are written."""
 
-    def __init__(self, config: ModelConfig, capacity: int, slots: int, kernels: bool):
+    def __init__(self, config: ModelConfig, capacity: int, slots: int, kernels: bool, half: bool = False):
         shape = (config.num_layers, slots, config.num_kv_heads, capacity, config.head_dim)
-        self.k, self.v = lazy_zeros(shape), lazy_zeros(shape)
+        dtype = np.uint16 if half else np.float32
+        self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
         self.caches = [KVCache.over(self.k[:, s], self.v[:, s], kernels) for s in range(slots)]
         self.capacity = capacity
 
@@ -141,20 +149,21 @@ CONTEXT_STEP = 256
 
 
 def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
-                        attention: str = "exact", sequences: int = 1) -> tuple[MemoryPlan, int]:
+                        attention: str = "exact", sequences: int = 1, cache_type: str = "f16"
+                        ) -> tuple[MemoryPlan, int]:
     """model_memory_plan at `context`, or, when the KV cache at that context leaves no plan that
     fits, at a smaller context (a multiple of CONTEXT_STEP, at least SMALLEST_CONTEXT): the largest
     at which the weights stay resident, else the largest at which they stream. (plan, context);
     MemoryLimitError when not even the smallest context fits."""
     def plan(n: int) -> MemoryPlan | None:
         try:
-            return model_memory_plan(source, n, limit, quantized, attention, sequences)
+            return model_memory_plan(source, n, limit, quantized, attention, sequences, cache_type)
         except MemoryLimitError:
             return None
 
     found = plan(context)
     if found is not None or context <= SMALLEST_CONTEXT:
-        return found or model_memory_plan(source, context, limit, quantized, attention, sequences), context
+        return found or model_memory_plan(source, context, limit, quantized, attention, sequences, cache_type), context
     steps = range(SMALLEST_CONTEXT // CONTEXT_STEP, (context - 1) // CONTEXT_STEP + 1)
     for resident_only in (True, False):
         fits = lambda k: (p := plan(k * CONTEXT_STEP)) is not None and (p.window is None or not resident_only)  # noqa: E731
@@ -166,4 +175,5 @@ def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, q
             n = steps[low] * CONTEXT_STEP
             return plan(n), n
     # its error says what the smallest context needs
-    return model_memory_plan(source, SMALLEST_CONTEXT, limit, quantized, attention, sequences), SMALLEST_CONTEXT
+    return (model_memory_plan(source, SMALLEST_CONTEXT, limit, quantized, attention, sequences, cache_type),
+            SMALLEST_CONTEXT)

@@ -36,11 +36,13 @@ AllReduce = Callable[[np.ndarray], np.ndarray]
 
 class Model:
     def __init__(self, source: WeightSource, quantized: bool = False, window: int | None = None,
-                 attention: str = "exact", pinned: tuple[int | str, ...] = (), load_bits: int | None = 8):
+                 attention: str = "exact", pinned: tuple[int | str, ...] = (), load_bits: int | None = 8,
+                 cache_type: str = "f16"):
         """quantized: run the weights the file stores in 4/8 bits with the kernels (run_path.py), and
         those it stores as floats too, quantized at load to `load_bits` (resident models only).
         window: stream layers through that many slots instead of holding them all (single file only),
         but for the `pinned` units (layer indices, or "head"), held across passes.
+        cache_type: the fused path's KV cache, "f16" or "f32" (run_path.py).
         A layers-only source (a cluster worker's share) has no embedding or head."""
         self.config = c = source.config
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
@@ -48,7 +50,7 @@ class Model:
         source.model_tensor_names()  # every tensor present, with its shape
         if window is not None and not source.can_stream:
             raise EdgeInferError("streaming layers needs edgeinfer's single file: convert the model first")
-        self.path = choose_path(source, quantized, attention, load_bits if window is None else None)
+        self.path = choose_path(source, quantized, attention, load_bits if window is None else None, cache_type)
         self.weights = ResidentWeights(source, self.path) if window is None else \
             StreamedWeights(source, self.path, window, pinned)
         self.embedding, self.precision = self.weights.embedding, self.path.precision
@@ -63,7 +65,8 @@ class Model:
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity, self.codebooks, half_values=self.path.lut, kernels=self.path.fused)
+        return KVCache(self.config, capacity, self.codebooks, half=self.path.cache_type == "f16",
+                       kernels=self.path.fused)
 
     def _scratch_for(self, cache: KVCache) -> DecodeScratch:
         """The fused path's buffers, whose attention scores are as long as the longest cache yet."""
@@ -77,7 +80,7 @@ class Model:
         """KV caches of `slots` sequences decoded together (decode_batch)."""
         if self.path.lut:
             raise EdgeInferError("sequences decoded together need exact attention, not LUT attention")
-        return SlotCaches(self.config, capacity, slots, kernels=self.path.fused)
+        return SlotCaches(self.config, capacity, slots, kernels=self.path.fused, half=self.path.cache_type == "f16")
 
     def decode_batch(self, tokens: np.ndarray, caches: SlotCaches, slots: list[int]) -> np.ndarray:
         """Logits (rows, vocab) of one token for each of several sequences: tokens[r] is the next
@@ -220,6 +223,8 @@ class Model:
             attend_causal_lut(q, new_keys, books, codes, keys, values, start, tables, sums,
                               self._scratch_for(cache).scores, out)
         else:
+            if keys.dtype == np.uint16:  # as the fused step rounds them (ops.round_like)
+                q = q.astype(np.float16).astype(np.float32)
             attend_causal(q, keys, values, start, self.config.window(layer), self.config.attention_scale, out)
         return out
 

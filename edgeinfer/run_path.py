@@ -14,6 +14,7 @@ from .storage.source import WeightSource
 from .storage.tensor_names import PROJECTIONS, layer_prefix
 
 ATTENTION_KINDS = ("exact", "lut")
+CACHE_TYPES = ("f16", "f32")
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -26,6 +27,7 @@ class RunPath:
     lut: bool  # LUT attention over the file's key codebooks (fused only)
     precision: str  # "q4", "q8" or "f32" (and whether quantized on load), shown to the user
     load_bits: int | None = None  # float matrices are quantized to this many bits at load; None: float32
+    cache_type: str = "f32"  # the KV cache's keys and values: "f16" (fp16 bits) or "f32"; LUT: fp16 values
 
 
 def projection_types(source: WeightSource) -> set[str]:
@@ -42,12 +44,17 @@ def quantizable_at_load(source: WeightSource, name: str) -> bool:
     return source.stored_type(name) in FLOAT_TYPES and source.stored_shape(name)[-1] % GROUP == 0
 
 
-def choose_path(source: WeightSource, quantized: bool, attention: str = "exact", load_bits: int | None = None) -> RunPath:
+def choose_path(source: WeightSource, quantized: bool, attention: str = "exact", load_bits: int | None = None,
+                cache_type: str = "f16") -> RunPath:
     """quantized: run what the file stores in a quantised type with the 4/8-bit kernels (on CPUs
     that have their instructions), and with `load_bits` (4 or 8) quantize what it stores as floats
-    (F32/F16/BF16) at load, to run alike; otherwise (--exact) everything is float32."""
+    (F32/F16/BF16) at load, to run alike; otherwise (--exact) everything is float32, the KV cache
+    too (the reference path); `cache_type` is the fused path's KV cache (fp16 by default, as
+    llama.cpp's)."""
     if attention not in ATTENTION_KINDS:
         raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
+    if cache_type not in CACHE_TYPES:
+        raise EdgeInferError(f"--cache-type is f16 or f32, got {cache_type!r}")
     quantized = quantized and has_kernels()
     load_bits = load_bits if quantized else None
     names = _projections(source)
@@ -66,4 +73,5 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact",
             raise EdgeInferError("LUT attention runs on the 4/8-bit path (not with --exact or float weights)")
         if source.config.local_layers:
             raise EdgeInferError("LUT attention does not run sliding-window layers yet (Gemma 3, Mistral's window)")
-    return RunPath(quantized, fused, attention == "lut", precision, load_bits if floats else None)
+    cache_type = "f16" if attention == "lut" else cache_type if fused else "f32"
+    return RunPath(quantized, fused, attention == "lut", precision, load_bits if floats else None, cache_type)

@@ -51,6 +51,7 @@ class SessionOptions:
     verbose: bool = False  # report the memory plan even when it is plainly resident
     cluster: ClusterOptions | None = None
     sequences: int = 1  # KV caches the memory plan counts (a server's parallel slots)
+    cache_type: str = "f16"  # the 4/8-bit path's KV cache: f16 or f32 (--exact keeps float32)
 
 
 def open_session(options: SessionOptions, report: Report = to_stderr, progress: ProgressFn | None = None) -> Engine:
@@ -62,7 +63,7 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
     if options.cluster is not None:
         return _open_cluster(path, options, report)
     engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report,
-                         options.load_bits, options.sequences)
+                         options.load_bits, options.sequences, options.cache_type)
     if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
         report(engine.memory_plan.describe())
     if engine.model.path.fused and first_run():  # the float32 path compiles nothing
@@ -73,7 +74,7 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
 
 def open_engine(path: str, context: int | None = None, float32: bool = False, mem_limit: int | None = None,
                 attention: str = "exact", report: Report | None = None, load_bits: int = 8,
-                sequences: int = 1) -> Engine:
+                sequences: int = 1, cache_type: str = "f16") -> Engine:
     """The engine of the model file at `path` (kernels not yet warm). The memory preflight
     (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
     streamed through a window of layers, within `mem_limit` when given, else within the memory
@@ -85,17 +86,18 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
     if context is None:  # the default context, or less where its KV cache would not fit
         wanted = default_context(source.config)
-        plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences)
+        plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences,
+                                            cache_type)
         if context < wanted and report:
             where = f"--mem-limit {mem_limit / 2**20:.0f} MB" if mem_limit else "the memory available"
             kind = "with every weight resident" if plan.window is None else "that fits"
             report(f"context: {wanted} tokens do not fit in {where}; running at --ctx {context}, the largest "
                    f"{kind} (give --ctx to choose)")
     else:
-        plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences)
+        plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences, cache_type)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
-    model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits)
+    model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits, cache_type)
     engine = Engine(model, Tokenizer(source.tokenizer), context)
     engine.memory_plan = plan
     return engine

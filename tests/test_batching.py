@@ -151,7 +151,15 @@ def test_cancel_frees_the_slot_and_the_queue_has_a_limit(engine):
     batch = Batch(engine, parallel=1, queue_limit=2)
     ids = engine.prompt_ids("the quick brown fox", raw=True)
     events: list = []
-    first = batch.submit(Request(ids, GREEDY, -1), lambda kind, a, b: events.append((1, kind, a)))
+    at_cancel: list = []
+
+    def cancel_at_first_text(kind, a, b):  # on the batch's thread: the next step must see it
+        events.append((1, kind, a))
+        if kind == "text" and not first.cancelled.is_set():
+            first.cancel()
+            at_cancel.append(first.stats.generated_tokens)
+
+    first = batch.submit(Request(ids, GREEDY, -1), cancel_at_first_text)
     second = batch.submit(Request(ids, GREEDY, 3), lambda kind, a, b: events.append((2, kind, a)))
     with pytest.raises(QueueFull):
         batch.submit(Request(ids, GREEDY, 3), lambda *a: None)
@@ -160,14 +168,12 @@ def test_cancel_frees_the_slot_and_the_queue_has_a_limit(engine):
     runner = threading.Thread(target=batch.run)
     runner.start()
     try:
-        while not any(k == "text" for _, k, _ in events):
-            threading.Event().wait(0.01)
-        first.cancel()
         while not any(n == 2 and k == "done" for n, k, _ in events):
             threading.Event().wait(0.01)
     finally:
         batch.close()
         runner.join()
     assert first.stats.finish_reason == "cancelled" and 0 < first.stats.generated_tokens < engine.context
+    assert first.stats.generated_tokens == at_cancel[0]  # not one token more after the cancel
     assert second.stats.finish_reason == "length" and second.stats.generated_tokens == 3
     assert batch.running() == 0 and batch.waiting() == 0

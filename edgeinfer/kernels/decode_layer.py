@@ -29,7 +29,8 @@ from numba import njit
 from .activations import Q8Activations, _quantize
 from .kv_store import append_kv
 from .lut_attention import attend_causal_lut
-from .ops import attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place
+from .ops import (attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place,
+                  round_like)
 from .q4 import _gemm as q4_gemm
 from .q4 import _gemv_parallel as q4_gemv
 from .q8 import _gemm as q8_gemm
@@ -136,6 +137,7 @@ def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, s
                           sums, scores, att.reshape((1, att.shape[0])))
     else:
         first = max(0, position + 1 - window) if window > 0 else 0
+        round_like(q, keys)
         attend_one(q, keys, values, first, position + 1, scale, scores, att)
 
 

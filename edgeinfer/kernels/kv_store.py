@@ -27,4 +27,8 @@ def append_kv(keys, values, lut, new_keys, new_values, start):
     if codebooks.shape[0]:
         encode_keys_into(new_keys, codebooks, codes, start)
     else:
-        keys[:, start:start + count, :] = new_keys
+        for kh in range(kv_heads):
+            for j in range(count):
+                for d in range(0, hd, LANES):
+                    store_floats(keys, (kh * keys.shape[1] + start + j) * hd + d,
+                                 load_f32(new_keys, (kh * count + j) * hd + d))

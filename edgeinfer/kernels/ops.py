@@ -6,10 +6,11 @@ Each has its numpy counterpart in reference.py; tests/test_ops.py holds them to 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .simd import (add, div, exp_f32, fma, hsum, load_f32, load_floats, mul, neg, splat, store_f32, sub,
-                   zeros_f32)
+from .simd import (add, div, exp_f32, fma, hsum, load_f32, load_floats, mul, neg, splat, store_f32, store_floats,
+                   sub, zeros_f32)
 
 LANES = 16
 
@@ -64,6 +65,24 @@ def gated_activation_into(gate, up, gelu, out):
         out[i] = g / (np.float32(1) + np.exp(-z)) * up[i]
 
 
+def round_like(q, keys):
+    """q (float32, a multiple of 16 long) rounded in place to fp16 precision when the cache's keys
+    are fp16 bits, as llama.cpp rounds the queries it multiplies an fp16 cache with; else nothing."""
+
+
+@overload(round_like)
+def _round_like(q, keys):
+    if keys.dtype != types.uint16:
+        return lambda q, keys: None
+
+    def round_q(q, keys):
+        half = np.empty(LANES, np.uint16)
+        for i in range(0, q.shape[0], LANES):
+            store_floats(half, 0, load_f32(q, i))
+            store_f32(q, i, load_floats(half, 0))
+    return round_q
+
+
 @njit(parallel=True, cache=True)
 def attend_one(q, keys, values, first, length, scale, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
@@ -81,7 +100,7 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
         for t in range(span):
             acc = zeros_f32()
             for d in range(0, hd, LANES):
-                acc = fma(load_f32(q, qo + d), load_f32(keys, base + t * hd + d), acc)
+                acc = fma(load_f32(q, qo + d), load_floats(keys, base + t * hd + d), acc)
             scores_h[t] = hsum(acc) * scale
             top = max(top, scores_h[t])
         total = exp_in_place(scores_h, span, top)
@@ -158,7 +177,7 @@ def _attend_query(q, keys, values, start, t, window, scale, out):
                 if j < n:
                     acc = zeros_f32()
                     for d in range(0, hd, LANES):
-                        acc = fma(load_f32(q, qo + d), load_f32(keys, base + (k0 + j) * hd + d), acc)
+                        acc = fma(load_f32(q, qo + d), load_floats(keys, base + (k0 + j) * hd + d), acc)
                     s = hsum(acc) * scale
                 block[j] = s
                 block_top = max(block_top, s)
