@@ -49,6 +49,8 @@ def filled_cache(model: Model, codebooks: list[np.ndarray] | None, half_values: 
     values = keys[:, ::-1].astype(np.float16)
     values = values.view(np.uint16) if half_values else values.astype(np.float32)
     kept = min(depth, cache.k.shape[2])  # LUT attention keeps float keys for the first positions only
+    if cache.k.dtype == np.uint16:  # exact attention over an fp16 cache: keys as fp16 bits too
+        keys = keys.astype(np.float16).view(np.uint16)
     for layer in range(model.config.num_layers):
         cache.k[layer, :, :kept] = np.resize(keys, (kv_heads, kept, hd))
         cache.v[layer, :, :depth] = np.resize(values, (kv_heads, depth, hd))
