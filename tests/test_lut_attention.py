@@ -194,7 +194,8 @@ def test_lut_prefill_and_decode_agree_and_track_exact(calibrated):
 
 def test_caches_hold_what_the_memory_plan_counts(calibrated):
     """A LUT cache keeps codes, fp16 values and the exactly scored float keys only; exact attention
-    keeps float32 keys and values."""
+    keeps fp16 keys and values (the default cache type), float32 ones with --cache-type f32 or on the
+    float32 path."""
     from edgeinfer.errors import EdgeInferError
     from edgeinfer.kv_cache import KVCache, cache_bytes
     from edgeinfer.model import Model
@@ -207,9 +208,12 @@ def test_caches_hold_what_the_memory_plan_counts(calibrated):
         model = Model(open_model(str(path)), True, attention=attention)
         cache = model.new_cache(200)
         held = cache.k.nbytes + cache.v.nbytes + sum(lut[1].nbytes for lut in cache.lut)
-        assert cache.v.dtype == (np.uint16 if attention == "lut" else np.float32)
+        assert cache.v.dtype == np.uint16 and cache.k.dtype == (np.float32 if attention == "lut" else np.uint16)
         assert held == cache_bytes(source, 200, choose_path(source, True, attention))
         assert cache.k.shape[2] == (200 if attention == "exact" else EXACT_SLOTS)
+    f32 = Model(open_model(str(path)), True, cache_type="f32").new_cache(200)
+    assert f32.k.dtype == f32.v.dtype == np.float32
+    assert f32.k.nbytes * 2 == cache_bytes(source, 200, choose_path(source, True, cache_type="f32"))
     assert cache_bytes(source, 200, choose_path(source, False)) == KVCache.size(model.config, 200, False, None) == \
         Model(open_model(str(path)), False).new_cache(200).k.nbytes * 2
     with pytest.raises(EdgeInferError, match="4/8-bit path"):  # the float path has no LUT attention

@@ -87,24 +87,42 @@ def _round_like(q, keys):
 def attend_one(q, keys, values, first, length, scale, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
-    hd a multiple of 16 (values float32 or fp16 bits); scores is scratch (heads, >= length). Heads
-    run on all threads: at long contexts this is the step's largest read after the weights."""
+    hd a multiple of 16 (float32 or fp16 bits); scores is scratch (heads, >= length). At long
+    contexts this is the step's largest read after the weights, so each KV head's keys and values
+    are read from memory once for all the query heads that share them (a thread per KV head: the
+    group's heads take each key and value row while it is in L1), and each head's arithmetic is
+    the order a head alone would do."""
     kv_heads, capacity, hd = keys.shape
     heads = q.shape[0] // hd
     group = heads // kv_heads
     scale, span = np.float32(scale), length - first
-    for h in prange(heads):
-        qo, base = h * hd, (h // group) * capacity * hd + first * hd  # keys and values: the same capacity
-        scores_h = scores[h]
-        top = np.float32(-np.inf)
+    for kh in prange(kv_heads):
+        base = kh * capacity * hd + first * hd  # keys and values: the same capacity
+        tops = np.full(group, -np.inf, np.float32)
         for t in range(span):
-            acc = zeros_f32()
+            for g in range(group):
+                qo = (kh * group + g) * hd
+                acc = zeros_f32()
+                for d in range(0, hd, LANES):
+                    acc = fma(load_f32(q, qo + d), load_floats(keys, base + t * hd + d), acc)
+                score = hsum(acc) * scale
+                scores[kh * group + g, t] = score
+                tops[g] = max(tops[g], score)
+        norms = np.empty(group, np.float32)
+        for g in range(group):
+            norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, tops[g])
             for d in range(0, hd, LANES):
-                acc = fma(load_f32(q, qo + d), load_floats(keys, base + t * hd + d), acc)
-            scores_h[t] = hsum(acc) * scale
-            top = max(top, scores_h[t])
-        total = exp_in_place(scores_h, span, top)
-        weighted_values(scores_h, values, base, span, hd, np.float32(1) / total, out, qo)
+                store_f32(out, (kh * group + g) * hd + d, zeros_f32())
+        for t in range(span):
+            row = base + t * hd
+            for g in range(group):
+                weight, qo = splat(scores[kh * group + g, t]), (kh * group + g) * hd
+                for d in range(0, hd, LANES):
+                    store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
+        for g in range(group):
+            scale_g, qo = splat(norms[g]), (kh * group + g) * hd
+            for d in range(0, hd, LANES):
+                store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
 
 
 @njit(cache=True)
