@@ -20,7 +20,7 @@ from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
                                    decode_mlp, decode_scratch)
 from .kernels.lut_attention import attend_causal_lut
-from .kernels.ops import LANES, attend_causal, gated_activation_into, rope_rows
+from .kernels.ops import LANES, attend_causal, gated_activation_into, rmsnorm_into, rope_rows
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache, SlotCaches
@@ -164,6 +164,13 @@ class Model:
         """A half-layer's summed output as it is added to h: through its norm, for families with one."""
         return y if post_norm is None else rmsnorm(y, post_norm, self.config.rms_norm_eps)
 
+    def _decoded_output(self, y: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
+        """_output for a cluster node's decode step, through the norm kernel the one-node step uses
+        (decode_layer.add_output), so a cluster gives one node's bits."""
+        if post_norm is not None:
+            rmsnorm_into(y, post_norm, self.config.rms_norm_eps, y)
+        return y
+
     def _decode(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """One token (h of shape (1, hidden)) through the fused layers: one Numba call per layer,
         or per half-layer on a cluster node, whose halves' sums go through the all-reduce."""
@@ -179,9 +186,9 @@ class Model:
                     decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
                 else:  # a cluster node holding MLP columns only
                     s.fixed[:] = 0
-                h += self._output(self.allreduce(s.fixed), layer.post_attn_norm)
+                h += self._decoded_output(self.allreduce(s.fixed), layer.post_attn_norm)
                 decode_mlp(h, args, eps, s)
-                h += self._output(self.allreduce(s.fixed), layer.post_mlp_norm)
+                h += self._decoded_output(self.allreduce(s.fixed), layer.post_mlp_norm)
             self.weights.done(i)
         return h[None]
 
