@@ -150,17 +150,17 @@ def test_synthetic_shapes_are_the_real_ones(shape, params):
 
 @pytest.mark.real_model
 def test_a_limit_too_small_for_the_default_context_runs_a_smaller_one(smollm2_single):
-    """SmolLM2's KV cache at its default 4096 tokens does not fit in 420 MB beside the runtime: run
+    """SmolLM2's KV cache at its default 4096 tokens does not fit in 360 MB beside the runtime: run
     takes the largest context that does (weights resident if any such fits) and says so; asked for
     --ctx 4096 it refuses in one line."""
     import re
 
-    r = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--temp", "0", "--mem-limit", "420M")
+    r = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--temp", "0", "--mem-limit", "360M")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    said = re.search(r"context: 4096 tokens do not fit in --mem-limit 420 MB; running at --ctx (\d+), the largest "
+    said = re.search(r"context: 4096 tokens do not fit in --mem-limit 360 MB; running at --ctx (\d+), the largest "
                      r"(with every weight resident|that fits) \(give --ctx to choose\)", r.stderr)
     assert said, r.stderr
     assert 256 <= int(said.group(1)) < 4096 and int(said.group(1)) % 256 == 0
-    asked = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--mem-limit", "420M", "--ctx", "4096")
-    assert asked.returncode == 2 and asked.stderr.startswith("edgeinfer: error: --mem-limit 420 MB is too small")
+    asked = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--mem-limit", "360M", "--ctx", "4096")
+    assert asked.returncode == 2 and asked.stderr.startswith("edgeinfer: error: --mem-limit 360 MB is too small")
     assert len(asked.stderr.strip().splitlines()) == 1
