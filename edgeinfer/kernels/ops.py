@@ -9,8 +9,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .simd import (add, div, exp_f32, fma, hsum, load_f32, load_floats, mul, neg, splat, store_f32, store_floats,
-                   sub, zeros_f32)
+from .simd import (add, div, exp_f32, fma, hsum, hsum16, load_f32, load_floats, mul, neg, splat, store_f32,
+                   store_floats, sub, zeros_f32)
 
 LANES = 16
 
@@ -83,6 +83,28 @@ def _round_like(q, keys):
     return round_q
 
 
+@njit(inline="always")
+def _dot(q, qo, keys, row, hd):
+    """q[qo:qo + hd] . keys[row:row + hd], in 16 lanes (not yet summed)."""
+    acc = zeros_f32()
+    for d in range(0, hd, LANES):
+        acc = fma(load_f32(q, qo + d), load_floats(keys, row + d), acc)
+    return acc
+
+
+@njit(inline="always")
+def _scores16(q, qo, keys, row, hd):
+    """The dot products of q with the 16 key rows from `row`, as one vector."""
+    return hsum16(_dot(q, qo, keys, row, hd), _dot(q, qo, keys, row + hd, hd), _dot(q, qo, keys, row + 2 * hd, hd),
+                  _dot(q, qo, keys, row + 3 * hd, hd), _dot(q, qo, keys, row + 4 * hd, hd),
+                  _dot(q, qo, keys, row + 5 * hd, hd), _dot(q, qo, keys, row + 6 * hd, hd),
+                  _dot(q, qo, keys, row + 7 * hd, hd), _dot(q, qo, keys, row + 8 * hd, hd),
+                  _dot(q, qo, keys, row + 9 * hd, hd), _dot(q, qo, keys, row + 10 * hd, hd),
+                  _dot(q, qo, keys, row + 11 * hd, hd), _dot(q, qo, keys, row + 12 * hd, hd),
+                  _dot(q, qo, keys, row + 13 * hd, hd), _dot(q, qo, keys, row + 14 * hd, hd),
+                  _dot(q, qo, keys, row + 15 * hd, hd))
+
+
 @njit(parallel=True, cache=True)
 def attend_one(q, keys, values, first, length, scale, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
@@ -96,21 +118,20 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     heads = q.shape[0] // hd
     group = heads // kv_heads
     scale, span = np.float32(scale), length - first
+    whole = span - span % LANES
     for kh in prange(kv_heads):
         base = kh * capacity * hd + first * hd  # keys and values: the same capacity
-        tops = np.full(group, -np.inf, np.float32)
-        for t in range(span):
+        for t in range(0, whole, LANES):  # 16 keys at a time: their sums in one vector (hsum16)
             for g in range(group):
                 qo = (kh * group + g) * hd
-                acc = zeros_f32()
-                for d in range(0, hd, LANES):
-                    acc = fma(load_f32(q, qo + d), load_floats(keys, base + t * hd + d), acc)
-                score = hsum(acc) * scale
-                scores[kh * group + g, t] = score
-                tops[g] = max(tops[g], score)
+                store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
+        for t in range(whole, span):
+            for g in range(group):
+                scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
         norms = np.empty(group, np.float32)
         for g in range(group):
-            norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, tops[g])
+            top = scores[kh * group + g, :span].max()
+            norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, top)
             for d in range(0, hd, LANES):
                 store_f32(out, (kh * group + g) * hd + d, zeros_f32())
         for t in range(span):

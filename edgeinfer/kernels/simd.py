@@ -401,6 +401,18 @@ def _pair_sums(builder, a, b):
 
 
 @intrinsic
+def hsum16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """Sixteen vectors' horizontal sums as the lanes of one (lane i: the sum of vi), by a tree of
+    pairwise lane sums: 15 shuffle pairs and adds where 16 separate reductions take 64."""
+    def codegen(context, builder, signature, args):
+        level = list(args)
+        while len(level) > 1:
+            level = [_pair_sums(builder, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        return level[0]
+    return V16F32(*[V16F32] * 16), codegen
+
+
+@intrinsic
 def group_sums4(typingctx, a, b, c, d):
     """Four rows' int32 dot products, each row's 4 groups spread over 4 lanes apiece (q4's layout)
     -> lane 4 * row + group: that group's whole dot product."""
