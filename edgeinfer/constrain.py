@@ -53,13 +53,14 @@ class Constraint:
         from llguidance.numpy import allocate_token_bitmask
 
         self.matcher, self._bits = matcher, allocate_token_bitmask(1, vocab_size)
-        self._ids = np.arange(vocab_size)
+        ids = np.arange(vocab_size)
+        self._word, self._bit = ids >> 5, (ids & 31).astype(np.int32)  # where each token's bit is
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         from llguidance.numpy import fill_next_token_bitmask
 
         fill_next_token_bitmask(self.matcher, self._bits)
-        allowed = (self._bits[0][self._ids >> 5] >> (self._ids & 31)) & 1
+        allowed = (self._bits[0][self._word] >> self._bit) & 1
         return np.where(allowed[:logits.shape[0]].astype(bool), logits, -np.inf)
 
     def accept(self, token: int) -> bool:
