@@ -29,7 +29,7 @@ from numba import njit
 from .activations import Q8Activations, _quantize
 from .kv_store import append_kv
 from .lut_attention import attend_causal_lut
-from .ops import (attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place,
+from .ops import (attend_one, attend_rows, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place,
                   round_like)
 from .q4 import _gemm as q4_gemm
 from .q4 import _gemv_parallel as q4_gemv
@@ -117,9 +117,24 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
 
 @njit(cache=True)
 def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, scores, att):
-    """att = attention of one token's projections q, k, v (biases, query/key norms and RoPE applied
-    here, in place) over its cache, into which its key and value go at `position`."""
-    (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), (window, _, scale) = weights
+    """att = attention of one token's projections q, k, v over its cache, into which its key and
+    value go at `position` (store_token)."""
+    window, scale = weights[3][0], weights[3][2]
+    store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps)
+    codebooks, codes, tables, sums = lut
+    if codebooks.shape[0]:
+        kv_heads, hd = keys.shape[0], keys.shape[2]
+        attend_causal_lut(q.reshape((1, q.shape[0])), k.reshape((kv_heads, 1, hd)), codebooks, codes, keys, values,
+                          position, tables, sums, scores, att.reshape((1, att.shape[0])))
+    else:
+        attend_one(q, keys, values, window_start(position, window), position + 1, scale, scores, att)
+
+
+@njit(cache=True)
+def store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps):
+    """A token's projections made ready, in place: biases, query/key norms, RoPE; its key and value
+    into the cache at `position`; the queries rounded as the cache's keys are (ops.round_like)."""
+    (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), _ = weights
     kv_heads, hd = keys.shape[0], keys.shape[2]
     add_bias(q, bq)
     add_bias(k, bk)
@@ -129,16 +144,14 @@ def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, s
         rmsnorm_heads_in_place(k, kv_heads, k_norm, eps)
     rope_in_place(q, q.shape[0] // hd, inv_freq, position)
     rope_in_place(k, kv_heads, inv_freq, position)
-    new_key = k.reshape((kv_heads, 1, hd))
-    append_kv(keys, values, lut, new_key, v.reshape((kv_heads, 1, hd)), position)
-    codebooks, codes, tables, sums = lut
-    if codebooks.shape[0]:
-        attend_causal_lut(q.reshape((1, q.shape[0])), new_key, codebooks, codes, keys, values, position, tables,
-                          sums, scores, att.reshape((1, att.shape[0])))
-    else:
-        first = max(0, position + 1 - window) if window > 0 else 0
-        round_like(q, keys)
-        attend_one(q, keys, values, first, position + 1, scale, scores, att)
+    append_kv(keys, values, lut, k.reshape((kv_heads, 1, hd)), v.reshape((kv_heads, 1, hd)), position)
+    round_like(q, keys)
+
+
+@njit(inline="always")
+def window_start(position, window):
+    """The first position a token at `position` attends to: all, or a local layer's window."""
+    return max(0, position + 1 - window) if window > 0 else 0
 
 
 @njit(cache=True)
@@ -158,8 +171,8 @@ def decode_mlp(h, weights, eps, s):
 # of h is the next token of the sequence in cache slot slots[r], at positions[r]. Every product
 # reads its weights once for all rows (the GEMM); everything else runs row by row through the very
 # functions above, and the GEMM's rows equal the GEMV's bit for bit, so a sequence decodes to the
-# same bits alone or beside others. Exact attention only. `b` holds the buffers of decode_scratch
-# with a leading row axis (batch_scratch), but for the scores, shared by the rows in turn.
+# same bits alone or beside others. Exact attention only, over all rows at once (ops.attend_rows).
+# `b` holds the buffers of decode_scratch with a leading row axis (batch_scratch).
 
 
 def batch_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, heads: int, capacity: int,
@@ -168,7 +181,7 @@ def batch_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, hea
     act = lambda cols: activation_buffers(cols, rows)  # noqa: E731
     return DecodeScratch(f(hidden), f(q_size), f(kv_size), f(kv_size), f(q_size), np.zeros((rows, hidden), np.int64),
                          f(intermediate), f(intermediate), f(intermediate), act(hidden), act(q_size),
-                         act(intermediate), np.zeros((heads, capacity), np.float32))
+                         act(intermediate), np.zeros((rows, heads, capacity), np.float32))
 
 
 @njit(cache=True)
@@ -191,7 +204,8 @@ def matmul(m, xq, out):
 def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq, eps, b):
     """h (rows, hidden) += the layer's output for each row's token; keys and values (slots,
     kv_heads, capacity, hd) hold every slot's cache of this layer."""
-    (attn_norm, mlp_norm, _, _, post_attn, post_mlp), (wq, wk, wv, wo, wgate, wup, wdown), _, (_, gelu, _) = weights
+    (attn_norm, mlp_norm, _, _, post_attn, post_mlp), (wq, wk, wv, wo, wgate, wup, wdown), _, (window, gelu, scale) = \
+        weights
     rows = h.shape[0]
     for r in range(rows):
         rmsnorm_into(h[r], attn_norm, eps, b.x[r])
@@ -199,10 +213,13 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq
     matmul(wq, b.xq, b.q)
     matmul(wk, b.xq, b.k)
     matmul(wv, b.xq, b.v)
+    firsts = np.empty(rows, np.int64)
     for r in range(rows):
         slot = slots[r]
-        attend_token(weights, b.q[r], b.k[r], b.v[r], keys[slot], values[slot], lut, positions[r], inv_freq, eps,
-                     b.scores, b.att[r])
+        store_token(weights, b.q[r], b.k[r], b.v[r], keys[slot], values[slot], lut, positions[r], inv_freq, eps)
+        firsts[r] = window_start(positions[r], window)
+    attend_rows(b.q, keys, values, slots, firsts, positions + 1, scale, b.scores, b.att)
+    for r in range(rows):
         quantize_row(b.att, b.attq, r)
     matmul(wo, b.attq, b.fixed)
     for r in range(rows):

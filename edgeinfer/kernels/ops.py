@@ -111,39 +111,57 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
     hd a multiple of 16 (float32 or fp16 bits); scores is scratch (heads, >= length). At long
     contexts this is the step's largest read after the weights, so each KV head's keys and values
-    are read from memory once for all the query heads that share them (a thread per KV head: the
-    group's heads take each key and value row while it is in L1), and each head's arithmetic is
+    are read from memory once for all the query heads that share them (a thread per KV head,
+    _attend_kv_head)."""
+    for kh in prange(keys.shape[0]):
+        _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
+
+
+@njit(parallel=True, cache=True)
+def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
+    """attend_one for a batch of tokens, each of its own sequence (a server's decode step): row r
+    of q (rows, heads * hd) over positions firsts[r]..lengths[r]-1 of its slot's keys/values
+    (slots, kv_heads, capacity, hd), scores (rows, heads, >= length). The threads take (row, KV
+    head) pairs, so a few KV heads still fill them; each row's result is attend_one's, bit for bit."""
+    kv_heads = keys.shape[1]
+    for task in prange(q.shape[0] * kv_heads):
+        r, kh = task // kv_heads, task % kv_heads
+        _attend_kv_head(q[r], keys[slots[r]], values[slots[r]], firsts[r], lengths[r], scale, scores[r], out[r], kh)
+
+
+@njit(inline="always")
+def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
+    """The query heads of KV head kh (its group): each key and value row is taken by all of them
+    while it is in L1; 16 keys' scores come out of one vector (hsum16); each head's arithmetic is
     the order a head alone would do."""
     kv_heads, capacity, hd = keys.shape
-    heads = q.shape[0] // hd
-    group = heads // kv_heads
+    group = q.shape[0] // hd // kv_heads
     scale, span = np.float32(scale), length - first
     whole = span - span % LANES
-    for kh in prange(kv_heads):
-        base = kh * capacity * hd + first * hd  # keys and values: the same capacity
-        for t in range(0, whole, LANES):  # 16 keys at a time: their sums in one vector (hsum16)
-            for g in range(group):
-                qo = (kh * group + g) * hd
-                store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
-        for t in range(whole, span):
-            for g in range(group):
-                scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
-        norms = np.empty(group, np.float32)
+    base = kh * capacity * hd + first * hd  # keys and values: the same capacity
+    for t in range(0, whole, LANES):
         for g in range(group):
-            top = scores[kh * group + g, :span].max()
-            norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, top)
-            for d in range(0, hd, LANES):
-                store_f32(out, (kh * group + g) * hd + d, zeros_f32())
-        for t in range(span):
-            row = base + t * hd
-            for g in range(group):
-                weight, qo = splat(scores[kh * group + g, t]), (kh * group + g) * hd
-                for d in range(0, hd, LANES):
-                    store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
+            qo = (kh * group + g) * hd
+            store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
+    for t in range(whole, span):
         for g in range(group):
-            scale_g, qo = splat(norms[g]), (kh * group + g) * hd
+            scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
+    norms = np.empty(group, np.float32)
+    for g in range(group):
+        top = scores[kh * group + g, :span].max()
+        norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, top)
+        for d in range(0, hd, LANES):
+            store_f32(out, (kh * group + g) * hd + d, zeros_f32())
+    for t in range(span):
+        row = base + t * hd
+        for g in range(group):
+            weight, qo = splat(scores[kh * group + g, t]), (kh * group + g) * hd
             for d in range(0, hd, LANES):
-                store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
+                store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
+    for g in range(group):
+        scale_g, qo = splat(norms[g]), (kh * group + g) * hd
+        for d in range(0, hd, LANES):
+            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
 
 
 @njit(cache=True)
