@@ -60,6 +60,7 @@ class Handle:
 
 @dataclass
 class _Slot:
+    index: int  # in the model's slot caches
     cache: object  # the model's KV cache of this slot
     cached: list[int] = field(default_factory=list)  # the tokens whose keys and values it holds
     handle: Handle | None = None
@@ -92,9 +93,9 @@ class Batch:
         self.engine, self.model, self.context, self.queue_limit = engine, engine.model, engine.context, queue_limit
         if hasattr(self.model, "decode_batch"):
             self.caches = self.model.new_caches(engine.context, parallel)
-            self.slots = [_Slot(self.caches.slot(s)) for s in range(parallel)]
+            self.slots = [_Slot(s, self.caches.slot(s)) for s in range(parallel)]
         else:
-            self.caches, self.slots = None, [_Slot(engine.cache)]
+            self.caches, self.slots = None, [_Slot(0, engine.cache)]
         self.metrics = Metrics()
         self._waiting: deque[Handle] = deque()
         self._cond = threading.Condition()
@@ -204,7 +205,7 @@ class Batch:
         t0 = time.perf_counter()
         try:
             if self.caches is not None:
-                logits = self.model.decode_batch(tokens, self.caches, [self.slots.index(s) for s in going])
+                logits = self.model.decode_batch(tokens, self.caches, [s.index for s in going])
             else:
                 logits = [self.model.forward(tokens[:1], going[0].cache)]
         except Exception as exc:  # noqa: BLE001

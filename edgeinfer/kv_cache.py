@@ -140,9 +140,6 @@ class SlotCaches:
     def slot(self, s: int) -> KVCache:
         return self.caches[s]
 
-    def __len__(self) -> int:
-        return len(self.caches)
-
 
 SMALLEST_CONTEXT = 256  # below this a model is of little use: the plan refuses rather than shrink further
 CONTEXT_STEP = 256

@@ -15,6 +15,7 @@ import httpx
 import jsonschema
 import pytest
 from conftest import edgeinfer_cli
+from test_cluster import free_port
 
 pytestmark = pytest.mark.real_model
 
@@ -22,14 +23,9 @@ KEY = "test-key-123"
 PROMPT = "What is the capital of France?"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """An `edgeinfer serve` process; `statuses` are the /health codes seen while it started."""
+    """An `edgeinfer serve` process; `statuses` are the /health codes seen while it started, and
+    `loading` the first 503's body."""
 
     def __init__(self, *args: str, then=None):
         """`then`: called once the process is started (a cluster's worker joins then)."""
@@ -41,14 +37,18 @@ class Server:
         if then is not None:
             then()
         self.statuses: list[int] = []
+        self.loading: dict | None = None
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read()
             try:
-                status = httpx.get(self.url + "/health", timeout=5).status_code
+                r = httpx.get(self.url + "/health", timeout=5)
             except httpx.TransportError:
                 time.sleep(0.02)
                 continue
+            status = r.status_code
+            if status == 503 and self.loading is None:
+                self.loading = r.json()
             self.statuses.append(status)
             if status == 200:
                 return
@@ -92,11 +92,7 @@ def run_text(*args: str) -> str:
 
 def test_health_says_503_while_loading_then_200(server):
     assert server.statuses[0] == 503 and server.statuses[-1] == 200
-    loading = Server("--api-key", KEY)  # and again, for its body
-    try:
-        assert loading.statuses[-1] == 200
-    finally:
-        loading.stop()
+    assert server.loading["error"]["code"] == "model_loading" and server.loading["error"]["message"]
     r = httpx.get(server.url + "/health")  # no key needed
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
