@@ -22,6 +22,8 @@ from .tokenizer import Tokenizer
 
 Report = Callable[[str], None]
 COMPILING = "compiling kernels, first run only (about 15 s)"
+NO_KERNELS = ("this CPU has none of the 4/8-bit kernels' instructions (x86: AVX2 with FMA and F16C, or AVX-512 VNNI; "
+              "aarch64: any); running the float32 path")
 
 
 def to_stderr(line: str) -> None:
@@ -60,6 +62,8 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
     accounts: the memory plan when a limit is given, when the model must stream, or when verbose;
     a cluster's join command."""
     path = resolve_model(options.model, progress or StageProgress())
+    if not options.float32 and not has_kernels():
+        report(NO_KERNELS)
     if options.cluster is not None:
         return _open_cluster(path, options, report)
     engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report,

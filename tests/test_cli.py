@@ -37,6 +37,16 @@ def test_same_seed_same_text_from_the_cli(tiny_single):
     assert runs[0].stdout != runs[2].stdout
 
 
+def test_a_cpu_without_the_kernels_instructions_runs_float32_and_says_so(tiny_single):
+    """An x86 CPU older than AVX2 (as Numba is told it is): one notice, the float32 path, same text."""
+    old = edgeinfer_cli("run", str(tiny_single), "-p", "hello", "-n", "6", "--temp", "0",
+                        env={"NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": "+sse2"})
+    assert old.returncode == 0, old.stderr
+    assert "none of the 4/8-bit kernels' instructions" in old.stderr and "float32" in old.stderr
+    exact = edgeinfer_cli("run", str(tiny_single), "-p", "hello", "-n", "6", "--temp", "0", "--exact")
+    assert old.stdout == exact.stdout and old.stdout
+
+
 def test_interactive_chat_keeps_the_conversation(tiny_single):
     r = edgeinfer_cli("run", str(tiny_single), "-n", "5", "--temp", "0", "-v", stdin="hello\nmore\n/exit\n")
     assert r.returncode == 0, r.stderr

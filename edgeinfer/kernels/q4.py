@@ -276,7 +276,7 @@ def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
 
 def _check(m: Q4Matrix, x: Q8Activations) -> None:
     if not has_kernels():  # the instructions would kill the process, not raise
-        raise EdgeInferError("the 4-bit kernels need AVX-512 VNNI, or AVX2 with FMA and F16C")
+        raise EdgeInferError("the 4-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
     if x.lo.shape[-1] * 2 != m.padded_cols:
         raise ValueError(f"activations of {x.lo.shape[-1] * 2} columns for a matrix of {m.padded_cols}")
 

@@ -218,7 +218,7 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:
     if not has_kernels():
-        raise EdgeInferError("the 8-bit kernels need AVX-512 VNNI, or AVX2 with FMA and F16C")
+        raise EdgeInferError("the 8-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
     if x.flat.shape[-1] != -(-m.cols // CHUNK) * CHUNK:  # activations are padded to whole 128-wide chunks
         raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.cols}")
 

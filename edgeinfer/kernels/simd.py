@@ -1,11 +1,15 @@
-"""LLVM vector types and x86 intrinsics usable inside @njit code.
+"""LLVM vector types and CPU intrinsics usable inside @njit code.
 
-Plain Numba loops do not become vpdpbusd or wide FMAs (../shared/notes/KERNELS.md): integer products
-are widened and the loops stay scalar. Here a Numba type wraps an LLVM vector (64 x i8, 16 x i32,
-16 x f32), and small @intrinsic functions emit the loads, nibble splits and intrinsic calls; LLVM
-inlines them, and cache=True keeps working. The target is AVX-512 VNNI; on AVX2 CPUs the two
-x86-only operations (vpdpbusd, 64-byte vpshufb) take fallbacks, chosen when Numba compiles, and
-LLVM splits the 512-bit vectors in two: `has_kernels()` says whether the host runs them at all.
+Plain Numba loops do not become vpdpbusd, sdot or wide FMAs (../shared/notes/KERNELS.md): integer
+products are widened and the loops stay scalar. Here a Numba type wraps an LLVM vector (64 x i8,
+16 x i32, 16 x f32), and small @intrinsic functions emit the loads, nibble splits and intrinsic
+calls; LLVM inlines them, and cache=True keeps working. Almost everything is plain vector IR that
+LLVM lowers for any target; two operations need a CPU's own instruction: the byte dot product
+(`dpbusd`) and the 16-entry byte lookup (`shuffle_bytes`). Each has one path per instruction set,
+chosen when Numba compiles, by target architecture first and CPU features second (`kernel_path()`):
+x86 AVX-512 VNNI (the first target) or AVX2; aarch64 with i8mm (usdot), dotprod (sdot) or plain
+ARMv8.0 NEON (widening multiplies; tbl for lookups). LLVM splits the 512-bit vectors into the
+registers a target has. An x86 intrinsic never reaches an aarch64 compile, nor the reverse.
 """
 
 from functools import lru_cache
@@ -101,33 +105,72 @@ hi_nibbles = _bytewise("lshr", 4)
 
 
 def _dpbusd(small: bool):
-    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane: vpdpbusd on AVX-512 VNNI. On AVX2, when
-    `small` (a <= 15: 4-bit weights), vpmaddubsw (its 16-bit pair sums cannot saturate: 2 * 15 * 128
-    < 2**15) then vpmaddwd against ones, per 32-byte half; otherwise the same sums in plain vector
-    IR (16-bit products, 255 * 128 < 2**15, widened before adding)."""
+    """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane. x86: vpdpbusd on AVX-512 VNNI; on AVX2,
+    when `small` (a <= 15: 4-bit weights), vpmaddubsw (its 16-bit pair sums cannot saturate:
+    2 * 15 * 128 < 2**15) then vpmaddwd against ones, per 32-byte half. aarch64 (per 16-byte
+    quarter, whose 4 lanes sum the same bytes): usdot with i8mm; with dotprod, sdot (when `small`, a
+    is a signed byte already; otherwise sdot(a - 128, b) + 128 * sum(b), the second term as
+    -sdot(-128, b)); on ARMv8.0, 16-bit products of 8 bytes at a time (smull when `small`), saddlp
+    (pairs, widened) and addp (pairs of pairs). Otherwise the same sums in plain vector IR (16-bit
+    products, 255 * 128 < 2**15, widened before adding). Every path gives the exact integer sums."""
     @intrinsic
     def dpbusd(typingctx, acc, a, b):
         def codegen(context, builder, signature, args):
             i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
             v16 = ir.VectorType(i32, 16)
-            if has_avx512_vnni():
+            path = kernel_path()
+            if path == "avx512-vnni":
                 fnty = ir.FunctionType(v16, [v16, v16, v16])
                 fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
                 return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
-            if small:
+            if path == "avx2" and small:
                 v32x8, v16x16, v8x32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
                 maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16x16, [v32x8, v32x8]),
                                                          "llvm.x86.avx2.pmadd.ub.sw")
                 maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8x32, [v16x16, v16x16]),
                                                         "llvm.x86.avx2.pmadd.wd")
                 ones = ir.Constant(v16x16, [1] * 16)
-                halves = []
-                for h in range(2):
-                    mask = ir.Constant(ir.VectorType(i32, 32), [32 * h + i for i in range(32)])
-                    a, b = (builder.shuffle_vector(x, ir.Constant(x.type, ir.Undefined), mask) for x in args[1:])
-                    halves.append(builder.call(maddwd, [builder.call(maddubs, [a, b]), ones]))
-                joined = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
-                return builder.add(args[0], joined)
+                halves = [builder.call(maddwd, [builder.call(maddubs, [_part(builder, x, h, 32) for x in args[1:]]), ones])
+                          for h in range(2)]
+                return builder.add(args[0], _join(builder, halves))
+            if path in ("neon-i8mm", "neon-dotprod"):
+                v4, b16 = ir.VectorType(i32, 4), ir.VectorType(i8, 16)
+                name = "usdot" if path == "neon-i8mm" else "sdot"
+                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v4, [v4, b16, b16]),
+                                                     f"llvm.aarch64.neon.{name}.v4i32.v16i8")
+                a = args[1]
+                if name == "sdot" and not small:  # a - 128 as a signed byte
+                    a = builder.xor(a, ir.Constant(a.type, [0x80] * 64))
+                quarters = []
+                for q in range(4):
+                    part = builder.call(dot, [_part(builder, args[0], q, 4), _part(builder, a, q, 16),
+                                              _part(builder, args[2], q, 16)])
+                    if name == "sdot" and not small:
+                        minus = builder.call(dot, [ir.Constant(v4, None), ir.Constant(b16, [-128] * 16),
+                                                   _part(builder, args[2], q, 16)])
+                        part = builder.sub(part, minus)
+                    quarters.append(part)
+                return _join(builder, quarters)
+            if path == "neon":  # ARMv8.0: 16-bit products of 8 bytes, pair sums widened, then pairs of those
+                v4, v8x16, b8 = ir.VectorType(i32, 4), ir.VectorType(i16, 8), ir.VectorType(i8, 8)
+                smull = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8x16, [b8, b8]),
+                                                       "llvm.aarch64.neon.smull.v8i16")
+                saddlp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v4, [v8x16]),
+                                                        "llvm.aarch64.neon.saddlp.v4i32.v8i16")
+                addp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v4, [v4, v4]),
+                                                      "llvm.aarch64.neon.addp.v4i32")
+                quarters = []
+                for q in range(4):
+                    pairs = []
+                    for e in range(2):  # bytes 16q + 8e .. + 7
+                        a, b = _part(builder, args[1], 2 * q + e, 8), _part(builder, args[2], 2 * q + e, 8)
+                        if small:  # a <= 15 is a signed byte too
+                            products = builder.call(smull, [a, b])
+                        else:
+                            products = builder.mul(builder.zext(a, v8x16), builder.sext(b, v8x16))
+                        pairs.append(builder.call(saddlp, [products]))
+                    quarters.append(builder.add(_part(builder, args[0], q, 4), builder.call(addp, pairs)))
+                return _join(builder, quarters)
             v64x16 = ir.VectorType(i16, 64)
             products = builder.mul(builder.zext(args[1], v64x16), builder.sext(args[2], v64x16))
             acc = args[0]
@@ -138,6 +181,21 @@ def _dpbusd(small: bool):
             return acc
         return V16I32(V16I32, V64I8, V64I8), codegen
     return dpbusd
+
+
+def _part(builder, v, index: int, lanes: int):
+    """Lanes index * lanes .. (index + 1) * lanes - 1 of v, as a vector of their own."""
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [index * lanes + i for i in range(lanes)])
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask)
+
+
+def _join(builder, parts: list):
+    """Equal vectors end to end (2 or 4 of them)."""
+    while len(parts) > 1:
+        n = 2 * parts[0].type.count
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n)))
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], mask) for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 dpbusd = _dpbusd(small=False)  # any unsigned bytes (8-bit weights + 128)
@@ -250,23 +308,52 @@ def hsum(typingctx, v):
     return types.float32(V16F32), codegen
 
 
+# aarch64 CPUs (LLVM's names) whose dot product instructions their name implies; a CPU not listed
+# gets what NUMBA_CPU_FEATURES (e.g. "+dotprod,+i8mm") or LLVM's host detection says.
+_DOTPROD = {"cortex-a55", "cortex-a75", "cortex-a76", "cortex-a76ae", "cortex-a77", "cortex-a78", "cortex-a78c",
+            "cortex-x1", "neoverse-n1", "neoverse-e1", "apple-a13", "apple-a14", "apple-m1", "tsv110"}
+_I8MM = {"cortex-a710", "cortex-a715", "cortex-a720", "cortex-x2", "cortex-x3", "cortex-x4", "neoverse-n2",
+         "neoverse-v1", "neoverse-v2", "neoverse-512tvb", "apple-a15", "apple-a16", "apple-a17", "apple-m2",
+         "apple-m3", "ampere1", "ampere1a"}
+
+
 @lru_cache(maxsize=1)
-def _features() -> dict:
+def _target() -> tuple[str, str, frozenset]:
+    """(architecture, CPU name, features) that Numba compiles for: the process's triple, and the host
+    CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another (under qemu, LLVM sees a "generic"
+    CPU with no features: name one, or only the plain paths are chosen)."""
     from llvmlite import binding
+    from numba.core import config
 
-    return dict(binding.get_host_cpu_features())
+    arch = binding.get_process_triple().split("-")[0]
+    name = config.CPU_NAME if config.CPU_NAME not in (None, "host") else binding.get_host_cpu_name()
+    if config.CPU_FEATURES is not None:
+        features = {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+    else:
+        features = {f for f, on in binding.get_host_cpu_features().items() if on}
+    if arch in ("aarch64", "arm64"):
+        arch = "aarch64"
+        features |= {"dotprod", "i8mm"} if name in _I8MM else {"dotprod"} if name in _DOTPROD else set()
+    return arch, name, frozenset(features)
 
 
-def has_avx512_vnni() -> bool:
-    f = _features()
-    return bool(f.get("avx512f") and f.get("avx512bw") and f.get("avx512vnni"))
+def kernel_path() -> str | None:
+    """Which instructions the 4/8-bit kernels compile to here: "avx512-vnni" or "avx2" (x86),
+    "neon-i8mm", "neon-dotprod" or "neon" (aarch64; NEON is part of every aarch64 CPU), or None
+    (an x86 CPU older than AVX2, or another architecture: the float32 path runs)."""
+    arch, _, f = _target()
+    if arch == "x86_64":
+        if {"avx512f", "avx512bw", "avx512vnni"} <= f:
+            return "avx512-vnni"
+        return "avx2" if {"avx2", "fma", "f16c"} <= f else None
+    if arch == "aarch64":
+        return "neon-i8mm" if "i8mm" in f and "dotprod" in f else "neon-dotprod" if "dotprod" in f else "neon"
+    return None
 
 
 def has_kernels() -> bool:
-    """Whether the 4/8-bit kernels run here: with AVX-512 VNNI (their first target), or with AVX2,
-    FMA and F16C (x86 since 2013), where the two x86-only operations take their fallbacks."""
-    f = _features()
-    return has_avx512_vnni() or bool(f.get("avx2") and f.get("fma") and f.get("f16c"))
+    """Whether the 4/8-bit kernels run here: see kernel_path()."""
+    return kernel_path() is not None
 
 
 @intrinsic
@@ -320,23 +407,25 @@ def exp_f32(typingctx, v):
 
 @intrinsic
 def shuffle_bytes(typingctx, table, index):
-    """table[index] per byte within each 16-byte lane (vpshufb): 64 lookups into a 16-entry table
-    repeated in the 4 lanes; index bytes must be 0..15."""
+    """table[index] per byte within each 16-byte lane: 64 lookups into a 16-entry table repeated in
+    the 4 lanes; index bytes must be 0..15. vpshufb (x86: one 512-bit or two 256-bit), tbl (aarch64,
+    one per 16-byte lane); elsewhere a plain IR gather of bytes."""
     def codegen(context, builder, signature, args):
         v64 = ir.VectorType(ir.IntType(8), 64)
-        if has_avx512_vnni():
+        path = kernel_path()
+        if path == "avx512-vnni":
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64, v64]),
                                                 "llvm.x86.avx512.pshuf.b.512")
             return builder.call(fn, list(args))
-        # AVX2: the same per-16-byte-lane lookup on each 32-byte half
-        v32 = ir.VectorType(ir.IntType(8), 32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]), "llvm.x86.avx2.pshuf.b")
-        undefined = ir.Constant(v64, ir.Undefined)
-        halves = []
-        for h in range(2):
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 32), [32 * h + i for i in range(32)])
-            halves.append(builder.call(fn, [builder.shuffle_vector(a, undefined, mask) for a in args]))
-        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
+        if path == "avx2":
+            v32 = ir.VectorType(ir.IntType(8), 32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]), "llvm.x86.avx2.pshuf.b")
+            return _join(builder, [builder.call(fn, [_part(builder, a, h, 32) for a in args]) for h in range(2)])
+        if path and path.startswith("neon"):
+            v16 = ir.VectorType(ir.IntType(8), 16)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16]), "llvm.aarch64.neon.tbl1.v16i8")
+            return _join(builder, [builder.call(fn, [_part(builder, a, q, 16) for a in args]) for q in range(4)])
+        raise NotImplementedError(f"shuffle_bytes on {path}")
     return V64I8(V64I8, V64I8), codegen
 
 
