@@ -22,6 +22,17 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# Every model a test runs comes from these: tiny ones are built by transformers from the trained
+# tokenizer, the real one is fetched. A test that needs any of them is marked `model`, so the kernel
+# tests alone can run where torch cannot (scripts/aarch64.sh deselects the rest).
+MODEL_FIXTURES = {"tokenizer_json", "smollm2_gguf", "smollm2_single"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
 
 def varied_lines(n: int, seed: int = 0) -> list[str]:
     """Text with words, numbers, code, unicode, punctuation and whitespace runs."""
