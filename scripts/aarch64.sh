@@ -89,32 +89,26 @@ if [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 
-# 5. the checkout and a cache directory inside, /proc for Python and Numba's CPU count
-mkdir -p "$rootfs/opt/proj" "$rootfs/proc" "$base/cache"
-mkdir -p "$rootfs/root/.cache/edgeinfer"
-mounted=()
-cleanup() { for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done; }
-trap cleanup EXIT
-pairs=("/proc:$rootfs/proc" "$project:$rootfs/opt/proj" "$base/cache:$rootfs/root/.cache/edgeinfer")
+# 5. in a mount namespace of its own (its mounts vanish with it, and runs side by side each have
+#    theirs): /proc, the checkout, the compiled kernels' cache, the shared directory
+if [ -z "${EDGEINFER_AARCH64_NS:-}" ]; then
+    EDGEINFER_AARCH64_NS=1 exec unshare --mount --propagation private "$0" "$cpu" "$@"
+fi
+mkdir -p "$rootfs/opt/proj" "$rootfs/proc" "$base/cache" "$rootfs/root/.cache/edgeinfer"
+mount -t proc proc "$rootfs/proc"
+mount --bind "$project" "$rootfs/opt/proj"
+mount --bind "$base/cache" "$rootfs/root/.cache/edgeinfer"
 if [ -n "${EDGEINFER_AARCH64_SHARE:-}" ]; then
     share=$(cd "$EDGEINFER_AARCH64_SHARE" && pwd)
     mkdir -p "$rootfs$share"
-    pairs+=("$share:$rootfs$share")
+    mount --bind "$share" "$rootfs$share"
 fi
-for pair in "${pairs[@]}"; do
-    src=${pair%%:*} dst=${pair#*:}
-    if ! mountpoint -q "$dst"; then
-        if [ "$src" = /proc ]; then mount -t proc proc "$dst"; else mount --bind "$src" "$dst"; fi
-        mounted+=("$dst")
-    fi
-done
 
 # Under qemu, LLVM sees a "generic" CPU with no features: name it, or sdot cannot be compiled.
 # The cache directory is per CPU, so each emulated CPU compiles its own kernels.
 say "running on an emulated $cpu (QEMU_CPU=$qemu_cpu): $*"
-chroot "$rootfs" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 \
+exec chroot "$rootfs" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 \
     PYTHONPATH=/opt/proj:/opt/pylibs PYTHONDONTWRITEBYTECODE=1 \
     QEMU_CPU="$qemu_cpu" NUMBA_CPU_NAME="$cpu" \
     EDGEINFER_HOME="/root/.cache/edgeinfer/$cpu" \
-    ${EDGEINFER_TEST_CI:+CI=$EDGEINFER_TEST_CI} \
     /bin/sh -c 'cd /opt/proj && exec "$@"' sh "$@"

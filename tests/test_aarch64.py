@@ -1,9 +1,10 @@
 """The kernels on aarch64, under qemu user-mode emulation: scripts/aarch64.sh sets everything up from
 nothing (root on Debian: qemu-user-static, an arm64 userland, aarch64 wheels; a few minutes once).
-Three emulated CPUs, one per ARM path: Neoverse N2 (usdot, i8mm), Neoverse N1 (sdot, dotprod) and
-Cortex-A72 (ARMv8.0: plain NEON). On each, the kernel tests pass against the same numpy references
-as on x86, a 4-bit model's greedy tokens equal x86's, and a cluster shard's fixed-point partials
-are x86's bit for bit. Deselect with -m "not aarch64"."""
+One emulated CPU per ARM path: Neoverse N2 (usdot, i8mm), Neoverse N1 (sdot, dotprod) and Cortex-A72
+(ARMv8.0: plain NEON). On each, the kernel tests pass against the same numpy references as on x86
+and a cluster shard's fixed-point partials are x86's bit for bit; on N2 and A72 a 4-bit model's
+greedy tokens equal x86's. Two CPUs are emulated at a time (one per core). Deselect with
+-m "not aarch64"."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,25 +22,29 @@ from aarch64_probe import probe
 pytestmark = pytest.mark.aarch64
 
 ROOT = Path(__file__).resolve().parent.parent
-CPUS = {"neoverse-n2": "neon-i8mm", "neoverse-n1": "neon-dotprod", "cortex-a72": "neon"}
+SCRIPT = str(ROOT / "scripts" / "aarch64.sh")
 KERNEL_TESTS = ["tests/test_ops.py", "tests/test_q4.py", "tests/test_q8.py", "tests/test_lut_attention.py",
                 "tests/test_gguf_quants.py", "tests/test_quantize.py"]
+DOT_TESTS = ["tests/test_q4.py", "tests/test_q8.py", "tests/test_gguf_quants.py"]  # what the byte dot product reaches
+# cpu: (the path it must take, its kernel tests, whether it runs the model too). N1 differs from N2
+# only in the byte dot product (sdot for usdot).
+CPUS = {"neoverse-n2": ("neon-i8mm", KERNEL_TESTS, True), "cortex-a72": ("neon", KERNEL_TESTS, True),
+        "neoverse-n1": ("neon-dotprod", DOT_TESTS, False)}
 
 
-def emulated(cpu: str, *command: str, share: Path | None = None) -> subprocess.CompletedProcess:
-    env = {"EDGEINFER_AARCH64_SHARE": str(share)} if share else {}
-    return subprocess.run([str(ROOT / "scripts" / "aarch64.sh"), cpu, *command], capture_output=True, text=True,
-                          timeout=2400, env={**os.environ, **env})
+def emulated(cpu: str, *command: str, share: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([SCRIPT, cpu, *command], capture_output=True, text=True, timeout=3000,
+                          env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)})
 
 
-@pytest.mark.parametrize("cpu", CPUS)
-def test_kernel_tests_pass_on_aarch64(cpu):
-    r = emulated(cpu, "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "-m", "not model and not oracle and not real_model", *KERNEL_TESTS)
-    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-    print(f"{cpu}: {summary}")
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert re.fullmatch(r"\d+ passed, \d+ deselected in .*", summary), summary
+def run_on(cpu: str, share: Path, model: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The CPU's kernel tests, then the probe (tests/aarch64_probe.py) into share/CPU.json."""
+    _, tests, with_model = CPUS[cpu]
+    kernels = emulated(cpu, "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
+                       "-m", "not model and not oracle and not real_model", *tests, share=share)
+    found = emulated(cpu, "python3", "tests/aarch64_probe.py", str(share / f"{cpu}.json"),
+                     *([str(model)] if with_model else []), share=share)
+    return kernels, found
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +62,41 @@ def tiny_q4(shared, tiny_hf) -> Path:
     return shared / "tiny-q4.safetensors"
 
 
-def probe_on(cpu: str, shared: Path, *model: Path) -> dict:
-    out = shared / f"{cpu}.json"
-    r = emulated(cpu, "python3", "tests/aarch64_probe.py", str(out), *map(str, model), share=shared)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    found = json.loads(out.read_text())
-    assert found["kernel_path"] == CPUS[cpu]
-    return found
+@pytest.fixture(scope="module")
+def arm_runs(shared, tiny_q4) -> dict[str, Future]:
+    setup = emulated("cortex-a72", "true", share=shared)  # the userland and wheels, once, before runs side by side
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {cpu: pool.submit(run_on, cpu, shared, tiny_q4) for cpu in CPUS}
+
+
+def probed(arm_runs, shared, cpu: str) -> dict:
+    _, found = arm_runs[cpu].result()
+    assert found.returncode == 0, found.stdout[-2000:] + found.stderr[-4000:]
+    result = json.loads((shared / f"{cpu}.json").read_text())
+    assert result["kernel_path"] == CPUS[cpu][0]
+    return result
 
 
 @pytest.mark.parametrize("cpu", CPUS)
-def test_shard_partial_sums_equal_x86_bit_for_bit(cpu, shared):
+def test_kernel_tests_pass_on_aarch64(cpu, arm_runs):
+    kernels, _ = arm_runs[cpu].result()
+    summary = kernels.stdout.strip().splitlines()[-1] if kernels.stdout.strip() else ""
+    print(f"{cpu}: {summary}")
+    assert kernels.returncode == 0, kernels.stdout[-4000:] + kernels.stderr[-2000:]
+    assert re.fullmatch(r"=*\s*\d+ passed, \d+ deselected in [^=]*=*", summary), summary
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_shard_partial_sums_equal_x86_bit_for_bit(cpu, arm_runs, shared):
     """What a cluster node adds: the fixed-point partials of a column shard, for q4 (with and without
-    minima, and IQ4_NL's lookup), q8 (Q8_0, Q6_K): an ARM worker and an x86 master agree exactly."""
-    assert probe_on(cpu, shared)["partials"] == probe()["partials"]
+    minima, and IQ4_NL's lookup) and q8 (Q8_0, Q6_K): an ARM worker and an x86 master agree exactly."""
+    assert probed(arm_runs, shared, cpu)["partials"] == probe()["partials"]
 
 
-@pytest.mark.parametrize("cpu", ["neoverse-n2", "cortex-a72"])  # N1 differs from N2 only in the byte dot product
-def test_greedy_tokens_equal_x86(cpu, shared, tiny_q4):
-    on_x86, on_arm = probe(str(tiny_q4)), probe_on(cpu, shared, tiny_q4)
+@pytest.mark.parametrize("cpu", [cpu for cpu, (_, _, with_model) in CPUS.items() if with_model])
+def test_greedy_tokens_equal_x86(cpu, arm_runs, shared, tiny_q4):
+    on_x86, on_arm = probe(str(tiny_q4)), probed(arm_runs, shared, cpu)
     assert on_arm["tokens"] == on_x86["tokens"]
     worst = max(abs(a - b) for a, b in zip(on_arm["top_logits"], on_x86["top_logits"]))
     print(f"{cpu}: {len(on_arm['tokens'])} greedy tokens equal x86's; top logits within {worst:.2e}")
