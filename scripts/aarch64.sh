@@ -9,17 +9,19 @@
 #   neoverse-n2  dotprod + i8mm (qemu's "max" CPU; Graviton 3/4, Neoverse V1/N2 boards)
 #   neoverse-n1  dotprod, no i8mm (Graviton 2, Ampere Altra; the Raspberry Pi 5's Cortex-A76 alike)
 #   cortex-a72   ARMv8.0 NEON only (Raspberry Pi 4)
-# The checkout is mounted at /opt/proj inside the userland; the command runs there, as root.
+#   generic      qemu's "max" CPU with no CPU named to LLVM (what it detects under emulation)
+# The checkout is at /opt/proj inside the userland (laid out as installed); the command runs there,
+# as root.
 # $EDGEINFER_AARCH64_SHARE, if set, is a host directory mounted at the same path inside (files the
 # command reads or writes). Where things go: $EDGEINFER_AARCH64_ROOT (default ~/.cache/edgeinfer/aarch64).
 set -euo pipefail
 
-cpu=${1:?usage: scripts/aarch64.sh neoverse-n2|neoverse-n1|cortex-a72 [COMMAND ...]}
+cpu=${1:?usage: scripts/aarch64.sh neoverse-n2|neoverse-n1|cortex-a72|generic [COMMAND ...]}
 shift
 case "$cpu" in
-    neoverse-n2) qemu_cpu=max ;;
+    neoverse-n2|generic) qemu_cpu=max ;;
     neoverse-n1|cortex-a72|cortex-a76|cortex-a53) qemu_cpu=$cpu ;;
-    *) echo "scripts/aarch64.sh: unknown CPU '$cpu' (neoverse-n2, neoverse-n1, cortex-a72, cortex-a76, cortex-a53)" >&2; exit 2 ;;
+    *) echo "scripts/aarch64.sh: unknown CPU '$cpu' (neoverse-n2, neoverse-n1, cortex-a72, cortex-a76, cortex-a53, generic)" >&2; exit 2 ;;
 esac
 [ $# -gt 0 ] || set -- python3 -m pytest -q tests/test_ops.py
 
@@ -94,9 +96,22 @@ fi
 if [ -z "${EDGEINFER_AARCH64_NS:-}" ]; then
     EDGEINFER_AARCH64_NS=1 exec unshare --mount --propagation private "$0" "$cpu" "$@"
 fi
-mkdir -p "$rootfs/opt/proj" "$rootfs/proc" "$base/cache" "$rootfs/root/.cache/edgeinfer"
+mkdir -p "$rootfs/opt/proj" "$rootfs/opt/src" "$rootfs/proc" "$base/cache" "$rootfs/root/.cache/edgeinfer"
 mount -t proc proc "$rootfs/proc"
-mount --bind "$project" "$rootfs/opt/proj"
+# The checkout as pip installs it: edgeinfer.models and edgeinfer.tui live at its top (pyproject's
+# package-dir). So the checkout is mounted at /opt/src, and /opt/proj is a tmpfs of links into it,
+# edgeinfer/ linked file by file beside models/ and tui/.
+mount --bind "$project" "$rootfs/opt/src"
+mount -t tmpfs tmpfs "$rootfs/opt/proj"
+shopt -s nullglob dotglob
+for entry in "$project"/*; do
+    [ "${entry##*/}" = edgeinfer ] || ln -s "/opt/src/${entry##*/}" "$rootfs/opt/proj/"
+done
+mkdir "$rootfs/opt/proj/edgeinfer"
+for entry in "$project"/edgeinfer/*; do ln -s "/opt/src/edgeinfer/${entry##*/}" "$rootfs/opt/proj/edgeinfer/"; done
+ln -s /opt/src/models "$rootfs/opt/proj/edgeinfer/models"
+ln -s /opt/src/tui "$rootfs/opt/proj/edgeinfer/tui"
+shopt -u nullglob dotglob
 mount --bind "$base/cache" "$rootfs/root/.cache/edgeinfer"
 if [ -n "${EDGEINFER_AARCH64_SHARE:-}" ]; then
     share=$(cd "$EDGEINFER_AARCH64_SHARE" && pwd)
@@ -106,9 +121,11 @@ fi
 
 # Under qemu, LLVM sees a "generic" CPU with no features: name it, or sdot cannot be compiled.
 # The cache directory is per CPU, so each emulated CPU compiles its own kernels.
+llvm_cpu=(NUMBA_CPU_NAME="$cpu")
+[ "$cpu" != generic ] || llvm_cpu=()
 say "running on an emulated $cpu (QEMU_CPU=$qemu_cpu): $*"
 exec chroot "$rootfs" /usr/bin/env -i HOME=/root PATH=/usr/bin:/bin LANG=C.UTF-8 \
     PYTHONPATH=/opt/proj:/opt/pylibs PYTHONDONTWRITEBYTECODE=1 \
-    QEMU_CPU="$qemu_cpu" NUMBA_CPU_NAME="$cpu" \
+    QEMU_CPU="$qemu_cpu" "${llvm_cpu[@]}" \
     EDGEINFER_HOME="/root/.cache/edgeinfer/$cpu" \
     /bin/sh -c 'cd /opt/proj && exec "$@"' sh "$@"
