@@ -106,8 +106,9 @@ hi_nibbles = _bytewise("lshr", 4)
 
 def _dpbusd(small: bool):
     """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane. x86: vpdpbusd on AVX-512 VNNI; on AVX2,
-    when `small` (a <= 15: 4-bit weights), vpmaddubsw (its 16-bit pair sums cannot saturate:
-    2 * 15 * 128 < 2**15) then vpmaddwd against ones, per 32-byte half. aarch64 (per 16-byte
+    vpmaddubsw on bytes a <= 15 (its 16-bit pair sums cannot saturate: 2 * 15 * 128 < 2**15) then
+    vpmaddwd against ones, per 32-byte half: `small` a (4-bit weights) as they are, larger a as
+    16 * high nibble + low nibble (vpmaddwd against 16s and ones). aarch64 (per 16-byte
     quarter, whose 4 lanes sum the same bytes): usdot with i8mm; with dotprod, sdot (when `small`, a
     is a signed byte already; otherwise sdot(a - 128, b) + 128 * sum(b), the second term as
     -sdot(-128, b)); on ARMv8.0, 16-bit products of 8 bytes at a time (smull when `small`), saddlp
@@ -123,15 +124,22 @@ def _dpbusd(small: bool):
                 fnty = ir.FunctionType(v16, [v16, v16, v16])
                 fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
                 return builder.call(fn, [args[0], builder.bitcast(args[1], v16), builder.bitcast(args[2], v16)])
-            if path == "avx2" and small:
+            if path == "avx2":
                 v32x8, v16x16, v8x32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
                 maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16x16, [v32x8, v32x8]),
                                                          "llvm.x86.avx2.pmadd.ub.sw")
                 maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8x32, [v16x16, v16x16]),
                                                         "llvm.x86.avx2.pmadd.wd")
-                ones = ir.Constant(v16x16, [1] * 16)
-                halves = [builder.call(maddwd, [builder.call(maddubs, [_part(builder, x, h, 32) for x in args[1:]]), ones])
-                          for h in range(2)]
+
+                def madd(a, h, weight):  # 32 bytes (half h) of a <= 15 against b, lanes of 4 summed, times weight
+                    return builder.call(maddwd, [builder.call(maddubs, [_part(builder, a, h, 32), _part(builder, args[2], h, 32)]),
+                                                 ir.Constant(v16x16, [weight] * 16)])
+                if small:
+                    halves = [madd(args[1], h, 1) for h in range(2)]
+                else:  # a = 16 * high nibble + low nibble, each small
+                    nibble = ir.Constant(args[1].type, [0x0F] * 64)
+                    lo, hi = builder.and_(args[1], nibble), builder.lshr(args[1], ir.Constant(args[1].type, [4] * 64))
+                    halves = [builder.add(madd(hi, h, 16), madd(lo, h, 1)) for h in range(2)]
                 return builder.add(args[0], _join(builder, halves))
             if path in ("neon-i8mm", "neon-dotprod"):
                 v4, b16 = ir.VectorType(i32, 4), ir.VectorType(i8, 16)
