@@ -62,10 +62,9 @@ if [ ! -x "$rootfs/usr/bin/python3" ]; then
     mv "$rootfs.part" "$rootfs"
 fi
 
-# 4. aarch64 wheels of the project's dependencies and pytest, fetched by the host's pip at the
-#    host's versions (both platform tags: current
-#    numba/llvmlite/numpy wheels are manylinux_2_28 only, and with the old tag alone pip silently
-#    picks old releases)
+# 4. aarch64 wheels of the project's dependencies and pytest, fetched by the host's pip (both
+#    platform tags: current numba/llvmlite/numpy wheels are manylinux_2_28 only, and with the old
+#    tag alone pip silently picks old releases)
 python=$(command -v python3 || command -v python)
 mapfile -t pins < <("$python" - "$project/pyproject.toml" <<'EOF'
 import re, sys, tomllib

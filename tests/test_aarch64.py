@@ -41,8 +41,8 @@ def emulated(cpu: str, *command: str, share: Path) -> subprocess.CompletedProces
 def run_on(cpu: str, share: Path, model: Path) -> tuple[subprocess.CompletedProcess | None, subprocess.CompletedProcess]:
     """The CPU's kernel tests, then the probe (tests/aarch64_probe.py) into share/CPU.json."""
     _, tests, with_model = CPUS[cpu]
-    kernels = tests and emulated(cpu, "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
-                                 "-m", "not model and not oracle and not real_model", *tests, share=share)
+    kernels = emulated(cpu, "python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
+                       "-m", "not model and not oracle and not real_model", *tests, share=share) if tests else None
     found = emulated(cpu, "python3", "tests/aarch64_probe.py", str(share / f"{cpu}.json"),
                      *([str(model)] if with_model else []), share=share)
     return kernels, found
