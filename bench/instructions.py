@@ -82,7 +82,7 @@ LOOKUPS_PER_SHUFFLE = {"vpshufb": 64 if kernel_path() == "avx512-vnni" else 32, 
 
 
 def prefetch_passes(mnemonics: list[str]) -> float:
-    """q4/q8: each pass of the chunk loop prefetches 4 weight lines and 2 scale lines."""
+    """q4/q8: each pass of the group or chunk loop prefetches 4 weight lines and 2 scale lines."""
     return sum(m in ("prefetcht0", "prfm") for m in mnemonics) / 6
 
 
@@ -104,8 +104,8 @@ def main() -> None:
     sums = np.empty(blocks * 64, np.uint16)
     result = {
         "kernel_path": kernel_path(),
-        # one pass of the source loop: q4 4 rows x 128 columns, q8 4 rows x 64 columns, LUT 64 keys x 2 subspaces
-        "q4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.lo, x.hi, x.scales,
+        # one pass of the source loop: q4 16 rows x 32 columns, q8 4 rows x 64 columns, LUT 64 keys x 2 subspaces
+        "q4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.flat, x.scales,
                                           x.sums, out), "512_weights", 512, prefetch_passes),
         "q8_gemv": count(q8._gemv_serial, (m8.packed, m8.scales, m8.offsets, m8.offset_factor, x.flat, x.scales,
                                           x.halves, out), "512_weights", 256, prefetch_passes),

@@ -20,7 +20,7 @@ from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
                                    decode_mlp, decode_scratch)
 from .kernels.lut_attention import attend_causal_lut
-from .kernels.ops import LANES, attend_causal, gated_activation_into, rmsnorm_into, rope_rows
+from .kernels.ops import LANES, attend_causal, gated_activation_rows, rmsnorm_into, rope_rows, round_rows_like
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache, SlotCaches
@@ -207,7 +207,7 @@ class Model:
         gate, up = w.gate(x), w.up(x)
         if self.path.quantized:  # the kernel's activation (one pass, vectorised) where the path is not exact
             act = np.empty_like(gate)
-            gated_activation_into(gate.reshape(-1), up.reshape(-1), self.config.hidden_act == "gelu_tanh", act.reshape(-1))
+            gated_activation_rows(gate, up, self.config.hidden_act == "gelu_tanh", act)
         else:
             act = GATED_ACTIVATIONS[self.config.hidden_act](gate, up)
         return w.down.partial(act)
@@ -230,8 +230,7 @@ class Model:
             attend_causal_lut(q, new_keys, books, codes, keys, values, start, tables, sums,
                               self._scratch_for(cache).scores, out)
         else:
-            if keys.dtype == np.uint16:  # as the fused step rounds them (ops.round_like)
-                q = q.astype(np.float16).astype(np.float32)
+            round_rows_like(q, keys)  # to fp16 precision with an fp16 cache, as the fused step rounds them
             attend_causal(q, keys, values, start, self.config.window(layer), self.config.attention_scale, out)
         return out
 

@@ -635,16 +635,18 @@ def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path)
     port = free_port()
     w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir",
               str(held_model_dir(tmp_path, smollm2_single, "w")), "-t", "1", "--stay")
+    err = ""
     try:
         for session in range(2):
             master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
                            "--workers", "1", "--wait", "120")
             code, out, err = finish(master)
             assert code == 0 and out == alone(*PROMPT), err
-            assert "plan 1 over 2 nodes" in err, (session, err)
+            assert "plan 1 over 2 nodes" in err, session
     except BaseException as e:
         w.kill()  # a staying worker outlives a failed test otherwise
-        raise AssertionError(f"the worker said: {finish(w, 60)[2]}") from e
+        # both logs in full (an assertion's own message is cut short): this test has failed under load
+        raise AssertionError(f"the master said:\n{err}\nthe worker said:\n{finish(w, 60)[2]}") from e
     w.send_signal(signal.SIGINT)
     code, _, err = finish(w, 60)
     assert err.count("joined tcp://") == 2 and err.count("the master ended the session") == 2, err

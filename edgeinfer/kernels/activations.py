@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 GROUP = 32
 CHUNK = 128  # the widest weight chunk (4-bit: 128 weights per 64-byte load); vectors pad to it
@@ -13,12 +13,10 @@ CHUNK = 128  # the widest weight chunk (4-bit: 128 weights per 64-byte load); ve
 
 @dataclass(frozen=True)
 class Q8Activations:
-    """A vector quantised to int8 per group of 32 (zero-padded to whole chunks), split to pair with
-    the low and high nibbles. Preallocated once per width and refilled for every token."""
+    """A vector quantised to int8 per group of 32 (zero-padded to whole chunks). Preallocated once
+    per width and refilled for every token."""
 
-    lo: np.ndarray  # int8, group-major: x[g*32 + 0..15]
-    hi: np.ndarray  # int8: x[g*32 + 16..31]
-    flat: np.ndarray  # int8 in natural order (for 8-bit weights)
+    flat: np.ndarray  # int8 in natural order
     scales: np.ndarray  # (groups,) float32
     sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
     halves: np.ndarray  # (2 * groups,) float32: the same per 16 values (8-bit weights' groups of 16)
@@ -28,17 +26,16 @@ class Q8Activations:
         """For one vector, or (with `tokens`) for a batch: every array gains a leading token axis."""
         groups = -(-cols // CHUNK) * CHUNK // GROUP
         lead = () if tokens is None else (tokens,)
-        return cls(np.zeros(lead + (groups * 16,), np.int8), np.zeros(lead + (groups * 16,), np.int8),
-                   np.zeros(lead + (groups * 32,), np.int8), np.zeros(lead + (groups,), np.float32),
+        return cls(np.zeros(lead + (groups * 32,), np.int8), np.zeros(lead + (groups,), np.float32),
                    np.zeros(lead + (groups,), np.float32), np.zeros(lead + (2 * groups,), np.float32))
 
     def int8(self) -> np.ndarray:
         """(groups, 32) int8 values of one vector, for the reference."""
-        return np.concatenate([self.lo.reshape(-1, 16), self.hi.reshape(-1, 16)], axis=1)
+        return self.flat.reshape(-1, GROUP)
 
 
 @njit(cache=True)
-def _quantize(x, lo, hi, flat, scales, sums, halves):
+def _quantize(x, flat, scales, sums, halves):
     for g in range(scales.shape[0]):
         amax = np.float32(0)
         for j in range(GROUP):
@@ -53,25 +50,22 @@ def _quantize(x, lo, hi, flat, scales, sums, halves):
             total += q
             flat[i] = q
             if j < 16:
-                lo[g * 16 + j] = q
                 first += q
-            else:
-                hi[g * 16 + j - 16] = q
         scales[g] = d
         sums[g] = d * total
         halves[2 * g] = d * first
         halves[2 * g + 1] = d * (total - first)
 
 
-@njit(cache=True)
-def _quantize_batch(x, lo, hi, flat, scales, sums, halves):
-    for t in range(x.shape[0]):
-        _quantize(x[t], lo[t], hi[t], flat[t], scales[t], sums[t], halves[t])
+@njit(parallel=True, cache=True)
+def _quantize_batch(x, flat, scales, sums, halves):
+    for t in prange(x.shape[0]):
+        _quantize(x[t], flat[t], scales[t], sums[t], halves[t])
 
 
 def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
     """One vector (cols,) or a batch (tokens, cols), into `out` when given."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = out or Q8Activations.empty(x.shape[-1], x.shape[0] if x.ndim == 2 else None)
-    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.lo, out.hi, out.flat, out.scales, out.sums, out.halves)
+    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.flat, out.scales, out.sums, out.halves)
     return out

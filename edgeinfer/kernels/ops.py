@@ -83,6 +83,19 @@ def _round_like(q, keys):
     return round_q
 
 
+@njit(parallel=True, cache=True)
+def gated_activation_rows(gate, up, gelu, out):
+    """gated_activation_into for a batch (tokens, intermediate), the rows on all threads."""
+    for r in prange(gate.shape[0]):
+        gated_activation_into(gate[r], up[r], gelu, out[r])
+
+
+@njit(cache=True)
+def round_rows_like(q, keys):
+    """round_like for a contiguous (count, q_size) batch of queries, in place."""
+    round_like(q.reshape(q.size), keys)
+
+
 @njit(inline="always")
 def _dot(q, qo, keys, row, hd):
     """q[qo:qo + hd] . keys[row:row + hd], in 16 lanes (not yet summed)."""

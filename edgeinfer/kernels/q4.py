@@ -1,25 +1,27 @@
-"""4-bit weights (Q4_0 / Q4_1 groups, rows interleaved by 4) and the decode GEMV with int8 activations.
+"""4-bit weights (Q4_0 / Q4_1 / Q4_K groups of 32, rows in blocks of 16) and their GEMV and GEMM
+with int8 activations.
 
-Group: 32 weights in 16 bytes, low nibbles weights 0..15, high nibbles 16..31 (GGUF's own order, so
-importing Q4_0 and Q4_1 only moves bytes). w = scale * nibble + offset, where the offset is
--8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1 and Q4_K (-dmin * m). Scales
-and minima are fp16, kept as their uint16 bits (the kernels widen them with vcvtph2ps): 5 bits per
-weight for Q4_1; or float32 where fp16 cannot hold them exactly (Q4_K's d * sc): 6 bits.
+Group: 32 weights in 16 bytes, byte j holding weight j (low nibble) and weight 16 + j (high
+nibble), GGUF's own order, so importing Q4_0 and Q4_1 only moves bytes. w = scale * nibble +
+offset, where the offset is -8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1
+and Q4_K (-dmin * m). Scales and minima are fp16, kept as their uint16 bits (the kernels widen them
+with vcvtph2ps), or float32 where fp16 cannot hold them exactly (Q4_K's d * sc).
 
-Rows go in blocks of 4 (padded with zero rows); within a block, for each chunk of 128 weights, the 4
-rows' 64 bytes lie next to each other, and so do their 4 x 4 scales (and minima). A 4-row step thus
-reads one sequential stream per array, as llama.cpp's repacking does. Columns are padded to a whole
-number of chunks with zero groups.
+Layout: rows go in blocks of 16 (padded with zero rows), one vector lane per row. For each group of
+32 columns, a block holds 4 loads of 64 bytes; load i has, in lane r (4 bytes), row r's bytes
+4i..4i+3 of the group; then the 16 rows' scales of the group (and minima). A block is one sequential
+stream per array, and no kernel ever sums across lanes.
 
-Kernel (AVX-512 VNNI): one 64-byte load is 4 groups of one row; vpdpbusd sums 4 bytes per i32 lane,
-so lanes 4g..4g+3 hold group g's low nibbles and, after a second vpdpbusd, its high ones. The 4
-rows' integer sums are added per group first (exact), so that one 16-lane vector holds the 4 rows x
-4 groups of a chunk step, lane 4 * row + g, and the float work is one FMA for the 4 rows:
+Kernel: each load splits into low and high nibbles, and a byte dot product (vpdpbusd) multiplies
+every lane's 4 nibbles by the same 4 int8 activations, broadcast: 8 of them give the 16 rows' dot
+products with the group's 32 activations. The float work is one vector per group for 16 rows:
     term = float(dot) * (scale * x_scale) + offset * (factor * x_sum)
-(x_sum = x_scale * sum of the group's int8 activations, factor -8 for Q4_0 whose offset is its
-scale, 1 for Q4_1). The terms add up in float32 lanes, or, when the output array is int64, each
-rounded to fixed point and added as integers (simd.py): the partial sums a cluster adds exactly.
-A GEMM runs the same block for two tokens at a time while the block's weights stay in L1.
+(x_sum = x_scale * sum of the group's int8 activations, factor -8 for Q4_0, whose offset is its
+scale, and 1 otherwise). Each row's terms add up in its lane, in 4 running sums by group index mod 4
+added at the end as ((0 + 1) + (2 + 3)) (the order of the 4-row layout before this one, so float
+outputs kept their bits): float32, or, when the output array is int64, each term rounded to fixed
+point and added as integers (simd.py): the partial sums a cluster adds exactly. The GEMM runs four
+tokens over each group, sharing its loads and splits; its rows are the GEMV's bit for bit.
 """
 
 from __future__ import annotations
@@ -31,29 +33,52 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (accumulate, accumulator, dpbusd_nibbles, fma, group_sums4, has_kernels, hi_nibbles, lo_nibbles,
-                   load_floats, load_i8, mul, prefetch, quad_total, splat, tile4, to_f32, zeros_i32)
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, fixed_unit, dpbusd_nibbles, fma, has_kernels, hi_nibbles, lane,
+                   lo_nibbles, load_floats, load_i8, mul, prefetch, splat, store16, to_f32, total4, zeros_i32, into0,
+                   into1, into2, into3)
 
-ROWS = 4  # rows interleaved per block
+ROWS = 16  # rows per block: one per lane
 
 
-def interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int) -> np.ndarray:
-    """(rows, chunks * per_chunk) -> (blocks, chunks * ROWS * per_chunk), zero rows and chunks padded."""
+def interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int, block_rows: int) -> np.ndarray:
+    """(rows, chunks * per_chunk) -> (blocks, chunks * block_rows * per_chunk): for each chunk, the
+    block's rows' pieces side by side; zero rows and chunks padded."""
     out = np.zeros((rows_padded, chunks * per_chunk), a.dtype)
     out[:a.shape[0], :a.shape[1]] = a
-    blocks = rows_padded // ROWS
-    return np.ascontiguousarray(out.reshape(blocks, ROWS, chunks, per_chunk).transpose(0, 2, 1, 3)
-                                .reshape(blocks, chunks * ROWS * per_chunk))  # also for no rows (a headless shard)
+    blocks = rows_padded // block_rows
+    return np.ascontiguousarray(out.reshape(blocks, block_rows, chunks, per_chunk).transpose(0, 2, 1, 3)
+                                .reshape(blocks, chunks * block_rows * per_chunk))  # also for no rows (a headless shard)
 
 
-def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, block_rows: int,
+                 ids: np.ndarray | None = None) -> np.ndarray:
     """The rows (all, or those in `ids`) back in row-major order, padding dropped."""
-    chunks = a.shape[1] // (ROWS * per_chunk)
+    chunks = a.shape[1] // (block_rows * per_chunk)
     if ids is None:
         blocks = a.shape[0]
-        return a.reshape(blocks, chunks, ROWS, per_chunk).transpose(0, 2, 1, 3).reshape(blocks * ROWS, -1)[:rows, :width]
+        return (a.reshape(blocks, chunks, block_rows, per_chunk).transpose(0, 2, 1, 3)
+                .reshape(blocks * block_rows, -1)[:rows, :width])
     ids = np.asarray(ids)
-    picked = a[ids // ROWS].reshape(len(ids), chunks, ROWS, per_chunk)[np.arange(len(ids)), :, ids % ROWS, :]
+    picked = a[ids // block_rows].reshape(len(ids), chunks, block_rows, per_chunk)[np.arange(len(ids)), :, ids % block_rows, :]
+    return picked.reshape(len(ids), -1)[:, :width]
+
+
+def _to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
+    """Row-major nibbles (rows, cols/2) -> the blocks' loads (blocks, groups * 256)."""
+    out = np.zeros((rows_padded, groups * 16), np.uint8)
+    out[:qs.shape[0], :qs.shape[1]] = qs
+    return np.ascontiguousarray(out.reshape(rows_padded // ROWS, ROWS, groups, 4, 4).transpose(0, 2, 3, 1, 4)
+                                .reshape(rows_padded // ROWS, groups * 256))
+
+
+def _from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """_to_blocks undone: the rows (all, or those in `ids`) as row-major nibbles (n, width)."""
+    groups = packed.shape[1] // 256
+    if ids is None:
+        blocks = packed.shape[0]
+        return packed.reshape(blocks, groups, 4, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(blocks * ROWS, -1)[:rows, :width]
+    ids = np.asarray(ids)
+    picked = packed[ids // ROWS].reshape(len(ids), groups, 4, ROWS, 4)[np.arange(len(ids)), :, :, ids % ROWS, :]
     return picked.reshape(len(ids), -1)[:, :width]
 
 
@@ -73,8 +98,8 @@ def scale_values(a: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Q4Matrix:
-    packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8
-    scales: np.ndarray  # (blocks, chunks * ROWS * 4) fp16 bits (uint16) or float32
+    packed: np.ndarray  # (blocks, groups * 256) uint8, groups padded to whole chunks of 128 columns
+    scales: np.ndarray  # (blocks, groups * ROWS) fp16 bits (uint16) or float32
     offsets: np.ndarray  # Q4_1, Q4_K: minima, laid out as scales; Q4_0: the scales array itself
     offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
     rows: int
@@ -100,10 +125,16 @@ class Q4Matrix:
         rows, cols = qs.shape[0], qs.shape[1] * 2
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
-        chunks, rows_padded = -(-cols // CHUNK), -(-rows // ROWS) * ROWS
-        sc = interleave(stored_scales(scales), 4, rows_padded, chunks)
-        offsets = sc if minima is None else interleave(stored_scales(minima), 4, rows_padded, chunks)
-        return cls(interleave(qs, 64, rows_padded, chunks), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+        groups, rows_padded = -(-cols // CHUNK) * CHUNK // GROUP, -(-rows // ROWS) * ROWS
+        sc = interleave(stored_scales(scales), 1, rows_padded, groups, ROWS)
+        offsets = sc if minima is None else interleave(stored_scales(minima), 1, rows_padded, groups, ROWS)
+        return cls(_to_blocks(qs, rows_padded, groups), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+
+    @staticmethod
+    def array_shapes(rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix."""
+        blocks, groups = -(-rows // ROWS), -(-cols // CHUNK) * CHUNK // GROUP
+        return (blocks, groups * 256), (blocks, groups * ROWS)
 
     @classmethod
     def from_values(cls, q: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
@@ -116,9 +147,10 @@ class Q4Matrix:
         """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32) of all rows or of
         `ids`, undoing the interleave; minima None for Q4_0, whose offset is -8 * scale."""
         groups = self.cols // GROUP
-        scales = scale_values(deinterleave(self.scales, 4, self.rows, groups, ids))
-        minima = None if self.offsets is self.scales else scale_values(deinterleave(self.offsets, 4, self.rows, groups, ids))
-        return deinterleave(self.packed, 64, self.rows, self.cols // 2, ids), scales, minima
+        scales = scale_values(deinterleave(self.scales, 1, self.rows, groups, ROWS, ids))
+        minima = (None if self.offsets is self.scales
+                  else scale_values(deinterleave(self.offsets, 1, self.rows, groups, ROWS, ids)))
+        return _from_blocks(self.packed, self.rows, self.cols // 2, ids), scales, minima
 
     def select(self, rows: slice, cols: slice) -> "Q4Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit: a tensor-parallel shard.
@@ -136,7 +168,7 @@ class Q4Matrix:
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
-        return gemm(self, x, out) if x.lo.ndim == 2 else gemv(self, x, out)
+        return gemm(self, x, out) if x.flat.ndim == 2 else gemv(self, x, out)
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
@@ -156,101 +188,133 @@ class Q4Matrix:
 
 
 @njit(inline="always")
-def _dots(lo, hi, xl, xh):
-    """One row's chunk (its low and high nibbles) against the activations: int32 dot products,
-    group g's in lanes 4g..4g+3."""
-    return dpbusd_nibbles(dpbusd_nibbles(zeros_i32(), lo, xl), hi, xh)
-
-
-@njit(inline="always")
-def _terms(rows, scale, offset, xlo, xhi, xscales, xsums, c, factor):
-    """The 4 rows (their nibbles of chunk c, split low and high) x 4 groups against one token, lane
-    4 * row + group: the group's term scale * x_scale * (nibbles . x) + offset * factor * x_sum. The
-    integer dots are summed per group first, so the float work is one vector per 4 rows."""
-    l0, h0, l1, h1, l2, h2, l3, h3 = rows
-    xl, xh = load_i8(xlo, c * 64), load_i8(xhi, c * 64)
-    dots = group_sums4(_dots(l0, h0, xl, xh), _dots(l1, h1, xl, xh), _dots(l2, h2, xl, xh), _dots(l3, h3, xl, xh))
-    return fma(to_f32(dots), mul(scale, tile4(xscales, c * 4)), mul(offset, mul(tile4(xsums, c * 4), factor)))
-
-
-@njit(inline="always")
 def _nibbles(packed, w):
-    """The chunk's 4 rows as (low, high) nibbles each."""
+    """A group step's 4 loads (16 rows x 4 bytes each), split: low nibbles of load i are columns
+    4i..4i+3 of the group, high nibbles columns 16+4i..16+4i+3."""
     n0, n1, n2, n3 = load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128), load_i8(packed, w + 192)
-    return (lo_nibbles(n0), hi_nibbles(n0), lo_nibbles(n1), hi_nibbles(n1), lo_nibbles(n2), hi_nibbles(n2),
-            lo_nibbles(n3), hi_nibbles(n3))
+    return (lo_nibbles(n0), lo_nibbles(n1), lo_nibbles(n2), lo_nibbles(n3),
+            hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3))
 
 
-# Software prefetch this many 4-row chunk steps ahead: the matrices of a small model are short
-# streams, and the hardware prefetcher ramps up too late on each (measured: a decode step's GEMVs
-# 25% faster on one thread). Prefetches past an array's end are harmless hints.
+@njit(inline="always")
+def _dots(nibbles, x, o):
+    """The 16 rows' integer dot products with the group of 32 activations at x[o:o + 32]: 8 byte
+    dot products, each 4 columns of every row against those 4 activations broadcast."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = nibbles
+    d = dpbusd_nibbles(zeros_i32(), l0, broadcast4(x, o))
+    d = dpbusd_nibbles(d, l1, broadcast4(x, o + 4))
+    d = dpbusd_nibbles(d, l2, broadcast4(x, o + 8))
+    d = dpbusd_nibbles(d, l3, broadcast4(x, o + 12))
+    d = dpbusd_nibbles(d, h0, broadcast4(x, o + 16))
+    d = dpbusd_nibbles(d, h1, broadcast4(x, o + 20))
+    d = dpbusd_nibbles(d, h2, broadcast4(x, o + 24))
+    return dpbusd_nibbles(d, h3, broadcast4(x, o + 28))
+
+
+@njit(inline="always")
+def _term(dots, scale, offset, x_scale, x_sum, factor, unit):
+    """The group's term for 16 rows, in units of 1 / unit (simd.fixed_unit):
+    scale * x_scale * dot + offset * factor * x_sum."""
+    return fma(to_f32(dots), mul(scale, splat(x_scale * unit)), mul(offset, splat(x_sum * factor * unit)))
+
+
+@njit(inline="always")
+def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
+    """acc + group g's term for 16 rows against one token (`into`: simd.into0 .. into3)."""
+    return into(acc, _term(_dots(_nibbles(w, g * 256), x, g * GROUP), load_floats(s, g * ROWS),
+                           load_floats(m, g * ROWS), xscales[g], xsums[g], factor, unit))
+
+
+# Software prefetch this many group steps ahead: the matrices of a small model are short streams,
+# and the hardware prefetcher ramps up too late on each (measured: a decode step's GEMVs 25% faster
+# on one thread). Prefetches past an array's end are harmless hints.
 PREFETCH_STEPS = 4
 
 
 @njit(inline="always")
 def _prefetch_ahead(packed, scales, offsets, w, s):
-    ahead = w + PREFETCH_STEPS * ROWS * 64
-    for line in range(ROWS):
+    ahead = w + PREFETCH_STEPS * 256
+    for line in range(4):
         prefetch(packed, ahead + line * 64)
-    prefetch(scales, s + PREFETCH_STEPS * ROWS * 4)
-    prefetch(offsets, s + PREFETCH_STEPS * ROWS * 4)
-
-
-@njit(inline="always")
-def _block(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block, fetch=True):
-    """Rows 4*block .. 4*block+3: one pass over the block's interleaved streams. The accumulator is
-    float32, or fixed point when `out` is int64 (simd.py: the partial sums a cluster adds exactly)."""
-    chunks = packed.shape[1] // (4 * 64)
-    acc = accumulator(out)
-    w, s = block * packed.shape[1], block * scales.shape[1]
-    for c in range(chunks):
-        if fetch:
-            _prefetch_ahead(packed, scales, offsets, w, s)
-        rows, scale, offset = _nibbles(packed, w), load_floats(scales, s), load_floats(offsets, s)
-        acc = accumulate(acc, _terms(rows, scale, offset, xlo, xhi, xscales, xsums, c, factor))
-        w += 256
-        s += 16
-    _store(out, block, acc)
-
-
-@njit(inline="always")
-def _block_pair(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out, block, t, fetch):
-    """_block for tokens t and t + 1 at once: each chunk's nibbles and scales loaded once for both."""
-    chunks = packed.shape[1] // (4 * 64)
-    acc0, acc1 = accumulator(out[t]), accumulator(out[t + 1])
-    w, s = block * packed.shape[1], block * scales.shape[1]
-    for c in range(chunks):
-        if fetch:
-            _prefetch_ahead(packed, scales, offsets, w, s)
-        rows, scale, offset = _nibbles(packed, w), load_floats(scales, s), load_floats(offsets, s)
-        acc0 = accumulate(acc0, _terms(rows, scale, offset, xlo[t], xhi[t], xscales[t], xsums[t], c, factor))
-        acc1 = accumulate(acc1, _terms(rows, scale, offset, xlo[t + 1], xhi[t + 1], xscales[t + 1], xsums[t + 1], c,
-                                       factor))
-        w += 256
-        s += 16
-    _store(out[t], block, acc0)
-    _store(out[t + 1], block, acc1)
+    prefetch(scales, s + PREFETCH_STEPS * ROWS)
+    prefetch(offsets, s + PREFETCH_STEPS * ROWS)
 
 
 @njit(inline="always")
 def _store(out, block, acc):
     r = block * ROWS
-    for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
-        out[r + i] = quad_total(acc, i)
+    if r + ROWS <= out.shape[0]:
+        store16(out, r, acc)
+    else:
+        for i in range(out.shape[0] - r):  # leaving out the padding rows past the end
+            out[r + i] = lane(acc, i)
+
+
+@njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
+def _block(packed, scales, offsets, factor, x, xscales, xsums, out, block, fetch=True):
+    """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
+    row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum."""
+    w, s = packed[block], scales[block]
+    m = offsets[block]
+    acc, unit = accumulator4(out), fixed_unit(out)
+    for g in range(0, s.shape[0] // ROWS, 4):
+        if fetch:
+            for k in range(4):
+                _prefetch_ahead(w, s, m, (g + k) * 256, (g + k) * ROWS)
+        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
+        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
+        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
+        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
+    _store(out, block, total4(acc))
+
+
+@njit(inline="always")
+def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
+    """Tokens t .. t + 3: the sums of the groups whose index is k mod 4, each group's loads and
+    nibble splits shared by the four tokens."""
+    a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
+    unit = fixed_unit(out)
+    for g in range(k, s.shape[0] // ROWS, 4):
+        n, scale, offset, o = _nibbles(w, g * 256), load_floats(s, g * ROWS), load_floats(m, g * ROWS), g * GROUP
+        a0 = accumulate_units(a0, _term(_dots(n, x[t], o), scale, offset, xscales[t, g], xsums[t, g], factor, unit))
+        a1 = accumulate_units(a1, _term(_dots(n, x[t + 1], o), scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor,
+                                        unit))
+        a2 = accumulate_units(a2, _term(_dots(n, x[t + 2], o), scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor,
+                                        unit))
+        a3 = accumulate_units(a3, _term(_dots(n, x[t + 3], o), scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor,
+                                        unit))
+    return a0, a1, a2, a3
+
+
+@njit
+def _block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
+    """_block for tokens t .. t + 3 at once. The groups go by their index mod 4, one sum per token at
+    a time (the block's weights are in cache after the first pass): 4 accumulators live in the loop
+    rather than 16, and the same sums as _block's, added in the same order."""
+    w, s = packed[block], scales[block]
+    m = offsets[block]
+    p0 = _pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
+    p1 = _pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
+    p2 = _pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
+    p3 = _pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
+    _store(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
+    _store(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
+    _store(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
+    _store(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    f = splat(np.float32(factor))
+def _gemv_parallel(packed, scales, offsets, factor, x, xscales, xsums, out):
+    f = np.float32(factor)
     for block in prange(packed.shape[0]):
-        _block(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, x, xscales, xsums, out, block)
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    f = splat(np.float32(factor))
+def _gemv_serial(packed, scales, offsets, factor, x, xscales, xsums, out):
+    f = np.float32(factor)
     for block in range(packed.shape[0]):
-        _block(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, x, xscales, xsums, out, block)
 
 
 # Below this size a GEMV called on its own from Python runs on one core: the worker threads fall
@@ -260,25 +324,25 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, offsets, factor, xlo, xhi, xscales, xsums, out):
-    """out[t] = W x[t] for every token of a batch: each thread takes a 4-row block, whose weights
-    come from memory once (prefetched for the first token only) and stay in L1 while the tokens pass,
-    two at a time."""
-    f = splat(np.float32(factor))
-    tokens = xlo.shape[0]
+def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
+    """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, whose weights
+    come from memory once and stay in L1 while the tokens pass, four at a time (the rest one by
+    one). Every row's sum is formed as the GEMV forms it, so a token's output has the same bits in
+    a batch as alone."""
+    f = np.float32(factor)
+    tokens = x.shape[0]
     for block in prange(packed.shape[0]):
-        for t in range(0, tokens - 1, 2):
-            _block_pair(packed, scales, offsets, f, xlo, xhi, xscales, xsums, out, block, t, t == 0)
-        if tokens % 2:
-            t = tokens - 1
-            _block(packed, scales, offsets, f, xlo[t], xhi[t], xscales[t], xsums[t], out[t], block, tokens == 1)
+        for t in range(0, tokens - 3, 4):
+            _block4(packed, scales, offsets, f, x, xscales, xsums, out, block, t)
+        for t in range(tokens - tokens % 4, tokens):
+            _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], out[t], block, t == 0)
 
 
 def _check(m: Q4Matrix, x: Q8Activations) -> None:
     if not has_kernels():  # the instructions would kill the process, not raise
         raise EdgeInferError("the 4-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
-    if x.lo.shape[-1] * 2 != m.padded_cols:
-        raise ValueError(f"activations of {x.lo.shape[-1] * 2} columns for a matrix of {m.padded_cols}")
+    if x.flat.shape[-1] != m.padded_cols:
+        raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.padded_cols}")
 
 
 def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None = None) -> np.ndarray:
@@ -287,14 +351,14 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None =
     _check(m, x)
     parallel = m.nbytes >= PARALLEL_MIN_BYTES if parallel is None else parallel
     kernel = _gemv_parallel if parallel else _gemv_serial
-    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
+    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
     return out
 
 
 def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     _check(m, x)
-    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.lo, x.hi, x.scales, x.sums, out)
+    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
     return out
 
 

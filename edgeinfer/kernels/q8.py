@@ -7,9 +7,10 @@ Q3_K, IQ4_NL, IQ4_XS) store them + 128, the offset is the scale itself and the f
 w = scale * (b - 128) and no offset is stored; types with a minimum (Q5_1, Q5_K, Q2_K) store the
 unsigned integer, the minimum as the offset and factor 1. Scales and minima are fp16 bits when fp16
 holds them exactly, else float32 (q4.stored_scales). A 64-byte load is one row's 64 weights (2
-groups of 32 or 4 of 16); rows are interleaved by 4 as in q4.py.
+groups of 32 or 4 of 16); rows are interleaved by 4: each chunk of 64 columns holds the 4 rows'
+64 bytes side by side.
 
-vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; as in q4.py, the 4 rows'
+vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; the 4 rows'
 integer dots are summed per group of 16 first, so one 16-lane vector holds 4 rows x 4 groups (lane
 4 * row + group) and the float work is one FMA for the 4 rows (a group of 32 is two such groups with
 the same scale). The offset term takes the activations' sum over each group of 16, which the
@@ -27,12 +28,13 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import PREFETCH_STEPS, deinterleave, interleave, scale_values, stored_scales
+from .q4 import deinterleave, interleave, scale_values, stored_scales
 from .simd import (accumulate, accumulator, dpbusd, expand8, fma, group_sums4, has_kernels, load_floats, load_i8, mul,
                    pairs_tiled, prefetch, quad_total, splat, tile4, to_f32, zeros_i32)
 
 ROWS = 4
 WEIGHTS_PER_LOAD = 64
+PREFETCH_STEPS = 4  # chunk steps ahead (as q4.py's group steps: a small model's short streams)
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
 SIGNED_FACTOR = -128.0  # bytes holding int8 + 128
 
@@ -69,20 +71,26 @@ class Q8Matrix:
             raise ValueError(f"{cols} columns in groups of {group}: 8-bit rows need whole groups of 32 or 16")
         bytes_ = (values.astype(np.int16) + 128 if minima is None else values).astype(np.uint8)
         chunks, rows_padded, per = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS, WEIGHTS_PER_LOAD // group
-        sc = interleave(stored_scales(scales), per, rows_padded, chunks)
-        offsets = sc if minima is None else interleave(stored_scales(minima), per, rows_padded, chunks)
-        return cls(interleave(bytes_, 64, rows_padded, chunks), sc, offsets,
+        sc = interleave(stored_scales(scales), per, rows_padded, chunks, ROWS)
+        offsets = sc if minima is None else interleave(stored_scales(minima), per, rows_padded, chunks, ROWS)
+        return cls(interleave(bytes_, 64, rows_padded, chunks, ROWS), sc, offsets,
                    SIGNED_FACTOR if minima is None else 1.0, rows, cols)
+
+    @staticmethod
+    def array_shapes(rows: int, cols: int, group: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix in groups of `group`."""
+        blocks, chunks = -(-rows // ROWS), -(-cols // WEIGHTS_PER_LOAD)
+        return (blocks, chunks * ROWS * 64), (blocks, chunks * ROWS * WEIGHTS_PER_LOAD // group)
 
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32) of all
         rows or of `ids`, undoing the interleave; minima None for signed integers."""
         per, groups = WEIGHTS_PER_LOAD // self.group, self.cols // self.group
-        values = deinterleave(self.packed, 64, self.rows, self.cols, ids).astype(np.int16)
-        scales = scale_values(deinterleave(self.scales, per, self.rows, groups, ids))
+        values = deinterleave(self.packed, 64, self.rows, self.cols, ROWS, ids).astype(np.int16)
+        scales = scale_values(deinterleave(self.scales, per, self.rows, groups, ROWS, ids))
         if self.offsets is self.scales:
             return values - 128, scales, None
-        return values, scales, scale_values(deinterleave(self.offsets, per, self.rows, groups, ids))
+        return values, scales, scale_values(deinterleave(self.offsets, per, self.rows, groups, ROWS, ids))
 
     def select(self, rows: slice, cols: slice) -> "Q8Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
@@ -124,7 +132,7 @@ def _group_values(arr, s, per_load):
 @njit(inline="always")
 def _terms(w0, w1, w2, w3, scale, offset, xflat, xscales, xhalves, c, factor):
     """The 4 rows (w0..w3: their 64 bytes of chunk c) x 4 groups of 16 against one token, lane
-    4 * row + group: the integer dots summed per group first (as q4.py does), so the float work is
+    4 * row + group: the integer dots summed per group first, so the float work is
     one vector per 4 rows."""
     x = load_i8(xflat, c * 64)
     dx = pairs_tiled(xscales, c * 2)  # each group of 16's activation scale (its group of 32's)
@@ -135,7 +143,7 @@ def _terms(w0, w1, w2, w3, scale, offset, xflat, xscales, xhalves, c, factor):
 
 @njit(inline="always")
 def _prefetch_ahead(packed, scales, offsets, w, s, per_load):
-    ahead = w + PREFETCH_STEPS * ROWS * 64  # as in q4.py
+    ahead = w + PREFETCH_STEPS * ROWS * 64
     for line in range(ROWS):
         prefetch(packed, ahead + line * 64)
     prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
@@ -144,7 +152,7 @@ def _prefetch_ahead(packed, scales, offsets, w, s, per_load):
 
 @njit(inline="always")
 def _block(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block, fetch=True):
-    """Rows 4*block .. 4*block+3 for one token, float32 or fixed-point accumulator (simd.py) as in q4.py."""
+    """Rows 4*block .. 4*block+3 for one token, float32 or fixed-point accumulator (simd.py)."""
     loads = packed.shape[1] // 64
     chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
     acc = accumulator(out)
@@ -204,7 +212,7 @@ def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
 
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
-    """out[t] = W x[t] for every token of a batch, each 4-row block read once (as in q4.py), two
+    """out[t] = W x[t] for every token of a batch, each 4-row block read once, two
     tokens per pass over it."""
     f = splat(np.float32(factor))
     tokens = xflat.shape[0]

@@ -63,7 +63,7 @@ load_i8 = _loader(V64I8)
 load_f32 = _loader(V16F32)
 
 
-_ALIGN = {"i8": 1, "i16": 2, "i32": 4, "f32": 4}  # an element's size: stores need no more alignment
+_ALIGN = {"i8": 1, "i16": 2, "i32": 4, "i64": 8, "f32": 4}  # an element's size: stores need no more alignment
 
 
 def _storer(vtype):
@@ -98,6 +98,20 @@ def _bytewise(op: str, constant: int):
             return getattr(builder, op)(args[0], ir.Constant(ir.VectorType(ir.IntType(8), 64), [constant] * 64))
         return V64I8(V64I8), codegen
     return bytewise
+
+
+@intrinsic
+def broadcast4(typingctx, arr, offset):
+    """Bytes arr[offset .. offset + 3] repeated in every 4-byte lane of a 64-byte vector (x86: an
+    embedded {1to16} broadcast operand of vpdpbusd): 4 activations against 16 rows' 4 weights."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        v16 = ir.VectorType(i32, 16)
+        word = builder.load(_ptr(context, builder, signature.args[0], args[0], args[1], i32), align=1)
+        one = builder.insert_element(ir.Constant(v16, ir.Undefined), word, i32(0))
+        return builder.bitcast(builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16)),
+                               ir.VectorType(ir.IntType(8), 64))
+    return V64I8(arr, offset), codegen
 
 
 lo_nibbles = _bytewise("and_", 0x0F)
@@ -469,15 +483,31 @@ _MAGIC_BITS = 0x4338000000000000
 
 V16I64 = Vec("i64", 16)
 zeros_i64 = _zeros(V16I64)
+store_i64 = _storer(V16I64)
 
 
-def _round_fixed(builder, x):
-    """float32 lanes -> int64 lanes round(x * 2**FIXED_BITS): widened to double (exact), scaled by a
-    power of two (exact), rounded to nearest by the 1.5 * 2**52 addition (AVX2 has no vcvtpd2qq)."""
+def _round_fixed(builder, x, scaled: bool = False):
+    """float32 lanes -> int64 lanes round(x * 2**FIXED_BITS), to nearest even (`scaled`: x is that
+    product already). With AVX-512 DQ: scaled in float32 (by a power of two: exact) and converted
+    with vcvtps2qq (rounding to nearest even); else widened to double (exact), scaled, and rounded
+    by the 1.5 * 2**52 addition (AVX2 has no vcvtpd2qq). The same integers either way, for
+    |x * 2**FIXED_BITS| < 2**51."""
     n = x.type.count
+    i64 = ir.VectorType(ir.IntType(64), n)
+    if kernel_path() == "avx512-vnni" and "avx512dq" in _target()[2]:
+        if not scaled:
+            x = builder.fmul(x, ir.Constant(x.type, [float(2 ** FIXED_BITS)] * n))
+        v8, q8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.IntType(64), 8)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(q8, [v8, q8, ir.IntType(8), ir.IntType(32)]),
+                                            "llvm.x86.avx512.mask.cvtps2qq.512")
+        halves = [builder.call(fn, [_part(builder, x, h, 8), ir.Constant(q8, None), ir.Constant(ir.IntType(8), -1),
+                                    ir.Constant(ir.IntType(32), 4)])  # 4: the current rounding mode (to nearest even)
+                  for h in range(n // 8)]
+        return _join(builder, halves)
     wide = builder.fpext(x, ir.VectorType(ir.DoubleType(), n))
-    scaled = builder.fmul(wide, ir.Constant(wide.type, [float(2 ** FIXED_BITS)] * n))
-    shifted = builder.bitcast(builder.fadd(scaled, ir.Constant(wide.type, [_MAGIC] * n)), ir.VectorType(ir.IntType(64), n))
+    if not scaled:
+        wide = builder.fmul(wide, ir.Constant(wide.type, [float(2 ** FIXED_BITS)] * n))
+    shifted = builder.bitcast(builder.fadd(wide, ir.Constant(wide.type, [_MAGIC] * n)), i64)
     return builder.sub(shifted, ir.Constant(shifted.type, [_MAGIC_BITS] * n))
 
 
@@ -519,6 +549,14 @@ def to_fixed(typingctx, v):
 
 
 @intrinsic
+def scaled_to_fixed(typingctx, v):
+    """to_fixed of v / 2**FIXED_BITS: for terms formed in units of 2**-FIXED_BITS (fixed_unit)."""
+    def codegen(context, builder, signature, args):
+        return _round_fixed(builder, args[0], scaled=True)
+    return V16I64(V16F32), codegen
+
+
+@intrinsic
 def add_i64(typingctx, a, b):
     def codegen(context, builder, signature, args):
         return builder.add(args[0], args[1])
@@ -540,6 +578,14 @@ def quad_total(typingctx, v, r):
     return (types.float32 if v.kind == "f32" else types.int64)(v, r), codegen
 
 
+@intrinsic
+def lane(typingctx, v, i):
+    """Lane i of a float32 or int64 vector."""
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], builder.trunc(args[1], ir.IntType(32)))
+    return (types.float32 if v.kind == "f32" else types.int64)(v, i), codegen
+
+
 # A kernel's accumulators follow its output array: float32 out -> float lanes; int64 out -> fixed point.
 
 
@@ -555,18 +601,103 @@ def _zero_accumulator(fixed_zero):
     return zero
 
 
-accumulator = _zero_accumulator(zeros_i64)  # q4, q8: 4 rows x 4 groups
+accumulator = _zero_accumulator(zeros_i64)  # q4: 16 rows; q8: 4 rows x 4 groups
 
 
-def accumulate(acc, terms):
-    """q4, q8: acc + the 16 group terms of a chunk (float32, or each rounded to fixed point)."""
+def store16(out, offset, acc):
+    """out[offset:offset + 16] = an accumulator's lanes (float32, or int64 fixed point)."""
 
 
-@overload(accumulate)
-def _accumulate(acc, terms):
+@overload(store16)
+def _store16(out, offset, acc):
     if acc == V16I64:
-        return lambda acc, terms: add_i64(acc, to_fixed(terms))
-    return lambda acc, terms: add(acc, terms)
+        return lambda out, offset, acc: store_i64(out, offset, acc)
+    return lambda out, offset, acc: store_f32(out, offset, acc)
+
+
+def _accumulating(convert):
+    def accumulate(acc, terms):
+        """acc + 16 terms (float32, or each rounded to fixed point by `convert`)."""
+
+    @overload(accumulate)
+    def _accumulate(acc, terms):
+        if acc == V16I64:
+            return lambda acc, terms: add_i64(acc, convert(terms))
+        return lambda acc, terms: add(acc, terms)
+    return accumulate
+
+
+accumulate = _accumulating(to_fixed)  # q8: a chunk's group terms
+accumulate_units = _accumulating(scaled_to_fixed)  # q4: terms formed in fixed_unit's units (below)
+
+
+# q4's accumulators: a row per lane, its groups' terms in 4 running sums by group mod 4, added at
+# the end as ((0 + 1) + (2 + 3)): in float32 the very order of the 4-rows-by-4-groups layout before
+# it (so outputs kept their bits); in fixed point one sum (integers add in any order).
+
+
+def accumulator4(out):
+    """q4: zero accumulators for a kernel writing `out` (into0 .. into3 add to them)."""
+
+
+@overload(accumulator4)
+def _accumulator4(out):
+    if out.dtype == types.int64:
+        return lambda out: zeros_i64()
+    return lambda out: (zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32())
+
+
+def _adder(k: int):
+    def into(acc, term):
+        """q4: acc + the term of a group whose index is k mod 4."""
+
+    @overload(into)
+    def _into(acc, term):
+        if acc == V16I64:
+            return lambda acc, term: accumulate_units(acc, term)
+        return [lambda acc, term: (add(acc[0], term), acc[1], acc[2], acc[3]),
+                lambda acc, term: (acc[0], add(acc[1], term), acc[2], acc[3]),
+                lambda acc, term: (acc[0], acc[1], add(acc[2], term), acc[3]),
+                lambda acc, term: (acc[0], acc[1], acc[2], add(acc[3], term))][k]
+    return into
+
+
+into0, into1, into2, into3 = (_adder(k) for k in range(4))
+
+
+def total4(acc):
+    """q4: the rows' sums (16 lanes) from accumulator4's accumulators."""
+
+
+@overload(total4)
+def _total4(acc):
+    if acc == V16I64:
+        return lambda acc: acc
+    return lambda acc: add(add(acc[0], acc[1]), add(acc[2], acc[3]))
+
+
+def fixed_unit(out):
+    """q4: what a term is formed in units of for a kernel writing `out`: 2**FIXED_BITS for fixed
+    point (a power of two: the products scale exactly, and the rounding to fixed point needs no
+    multiply), 1 for float32 (the very products as before)."""
+
+
+@overload(fixed_unit)
+def _fixed_unit(out):
+    if out.dtype == types.int64:
+        return lambda out: np.float32(2 ** FIXED_BITS)
+    return lambda out: np.float32(1)
+
+
+def combine4(a, b, c, d):
+    """q4: the rows' sums from the 4 sums by group mod 4 (a GEMM's separate passes), as total4 adds them."""
+
+
+@overload(combine4)
+def _combine4(a, b, c, d):
+    if a == V16I64:
+        return lambda a, b, c, d: add_i64(add_i64(a, b), add_i64(c, d))
+    return lambda a, b, c, d: add(add(a, b), add(c, d))
 
 
 def from_fixed(a: np.ndarray) -> np.ndarray:

@@ -34,8 +34,11 @@ def catalog_entry(name: str):
 
 
 def converted_path(name: str) -> Path:
-    """Catalog files are 4-bit GGUFs, converted as they are stored (the name predates other layouts)."""
-    return home() / "models" / f"{name}-q4.safetensors"
+    """Catalog files are GGUFs, converted as they are stored ("q4" predates other layouts); the
+    single file's format version is in the name, so a new layout converts again."""
+    from .single import FORMAT_VERSION
+
+    return home() / "models" / f"{name}-q4-v{FORMAT_VERSION}.safetensors"
 
 
 def resolve_model(arg: str | None, progress: ProgressFn | None = None) -> str:
@@ -97,6 +100,9 @@ def pull(name: str, progress: ProgressFn | None = None) -> Path:
         convert(source, str(out), (lambda done, total: progress(stage, done, total)) if progress else None)
     finally:
         source.close()
+    for stale in out.parent.glob(f"{name}-q4*.safetensors"):  # earlier formats' conversions
+        if stale != out:
+            stale.unlink()
     return out
 
 

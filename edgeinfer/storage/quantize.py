@@ -20,8 +20,8 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
-from ..kernels.q4 import ROWS, Q4Matrix, scale_values
-from ..kernels.q8 import WEIGHTS_PER_LOAD, Q8Matrix
+from ..kernels.q4 import Q4Matrix, scale_values
+from ..kernels.q8 import Q8Matrix
 from .safetensors import TensorEntry
 
 Matrix = Q4Matrix | Q8Matrix
@@ -71,14 +71,11 @@ def is_quantized_type(kind: str) -> bool:
 def part_entries(name: str, kind: str, rows: int, cols: int) -> list[TensorEntry]:
     """The safetensors entries that hold one quantised matrix, in file order."""
     layout = layout_of(kind)
-    blocks = -(-rows // ROWS)
-    per_load = 128 if layout.bits == 4 else WEIGHTS_PER_LOAD  # weights per 64-byte load
-    chunks = -(-cols // per_load)
-    groups = chunks * ROWS * per_load // layout.group
-    parts = [TensorEntry(f"{name}.packed", "U8", (blocks, chunks * ROWS * 64)),
-             TensorEntry(f"{name}.scales", layout.scale_dtype, (blocks, groups))]
+    packed, scales = (Q4Matrix.array_shapes(rows, cols) if layout.bits == 4
+                      else Q8Matrix.array_shapes(rows, cols, layout.group))
+    parts = [TensorEntry(f"{name}.packed", "U8", packed), TensorEntry(f"{name}.scales", layout.scale_dtype, scales)]
     if layout.minima_dtype:
-        parts.append(TensorEntry(f"{name}.minima", layout.minima_dtype, (blocks, groups)))
+        parts.append(TensorEntry(f"{name}.minima", layout.minima_dtype, scales))
     return parts
 
 

@@ -24,7 +24,7 @@ from .source import KeyCodebooks, SafetensorsSource, WeightSource
 from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
-FORMAT_VERSION = "2"  # 2: quantised matrices
+FORMAT_VERSION = "3"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py)
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
@@ -45,6 +45,10 @@ class SingleFileSource(SafetensorsSource):
         super().__init__(f.path, FORMAT, [f], config, TokenizerSpec.from_metadata(f.metadata))
         self._file = f
         self._quantized = read_index(f.metadata, f.path)
+        version = f.metadata.get("format_version")
+        if version != FORMAT_VERSION and any(layout_of(kind).bits == 4 for kind, _, _ in self._quantized.values()):
+            raise ModelFormatError(f"{f.path}: written by an older edgeinfer (format {version}, whose 4-bit layout "
+                                   f"this one no longer reads); convert its source again")
         self._parts: dict[str, list[TensorEntry]] = {}
         for name, (kind, rows, cols) in self._quantized.items():
             expected = part_entries(name, kind, rows, cols)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import EdgeInferError
-from ..kernels.q4 import ROWS, Q4Matrix
+from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
 from .source import WeightSource
@@ -95,9 +95,9 @@ class SynthSource(WeightSource):
             return None
         rows, cols = self._shapes[name]
         rng = np.random.default_rng([self.seed, sum(map(ord, name)), len(name)])
-        blocks, chunks = -(-rows // ROWS), -(-cols // (128 if kind == "Q4_0" else 64))
-        packed = np.frombuffer(rng.bytes(blocks * chunks * ROWS * 64), np.uint8).reshape(blocks, -1)
-        groups = chunks * ROWS * (4 if kind == "Q4_0" else 2)
+        packed_shape, (blocks, groups) = (Q4Matrix.array_shapes(rows, cols) if kind == "Q4_0"
+                                          else Q8Matrix.array_shapes(rows, cols, 32))
+        packed = np.frombuffer(rng.bytes(packed_shape[0] * packed_shape[1]), np.uint8).reshape(packed_shape)
         # Steps such that a row's products stay near unit size whatever its width.
         scale = (0.5 if kind == "Q4_0" else 0.06) / np.sqrt(cols)
         scales = (rng.random((blocks, groups), np.float32) * scale + scale / 2).astype(np.float16).view(np.uint16)
