@@ -45,7 +45,7 @@ def test_slabs_join_into_the_same_matrix(monkeypatch):
 
     data = random_blocks("Q6_K", 37, 256, seed=1)
     whole = gguf_matrix("Q6_K", data, 256)
-    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 8)
+    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)  # one block of rows (kernels/q4.py ROWS)
     slabbed = gguf_matrix("Q6_K", data, 256)
     for a, b in ((whole.packed, slabbed.packed), (whole.scales, slabbed.scales)):
         np.testing.assert_array_equal(a, b)

@@ -61,6 +61,20 @@ def test_reconverting_a_quantised_file_keeps_its_bytes(mixed_gguf, tmp_path):
     assert data(first.read_bytes()) == data(second.read_bytes())
 
 
+def test_a_file_of_another_format_is_refused_in_one_line(mixed_gguf, tmp_path, monkeypatch):
+    # A single file stores the kernels' own arrays: one written with other layouts (an earlier
+    # format) must be refused, not read as garbage, and the message says what to do.
+    from edgeinfer.storage import single
+
+    old = tmp_path / "old.safetensors"
+    monkeypatch.setattr(single, "FORMAT_VERSION", "3")
+    convert(open_model(str(mixed_gguf)), str(old), bits=4)
+    monkeypatch.undo()
+    r = edgeinfer_cli("run", str(old), "-p", "hello", "-n", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "format 3" in r.stderr and "convert its source again" in r.stderr
+
+
 @pytest.mark.parametrize("bits,types", [(4, {"Q4_1", "Q8_0", "F32"}), (8, {"Q8_0", "F32"}), (16, {"F16", "F32"})])
 def test_float_models_convert_to_each_width(tiny_hf, tokenizer_json, tmp_path, bits, types):
     out = tmp_path / f"b{bits}.safetensors"

@@ -63,7 +63,7 @@ def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, block_row
     return picked.reshape(len(ids), -1)[:, :width]
 
 
-def _to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
+def to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
     """Row-major nibbles (rows, cols/2) -> the blocks' loads (blocks, groups * 256)."""
     out = np.zeros((rows_padded, groups * 16), np.uint8)
     out[:qs.shape[0], :qs.shape[1]] = qs
@@ -71,7 +71,7 @@ def _to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
                                 .reshape(rows_padded // ROWS, groups * 256))
 
 
-def _from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+def from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
     """_to_blocks undone: the rows (all, or those in `ids`) as row-major nibbles (n, width)."""
     groups = packed.shape[1] // 256
     if ids is None:
@@ -128,7 +128,7 @@ class Q4Matrix:
         groups, rows_padded = -(-cols // CHUNK) * CHUNK // GROUP, -(-rows // ROWS) * ROWS
         sc = interleave(stored_scales(scales), 1, rows_padded, groups, ROWS)
         offsets = sc if minima is None else interleave(stored_scales(minima), 1, rows_padded, groups, ROWS)
-        return cls(_to_blocks(qs, rows_padded, groups), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+        return cls(to_blocks(qs, rows_padded, groups), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
 
     @staticmethod
     def array_shapes(rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -150,7 +150,7 @@ class Q4Matrix:
         scales = scale_values(deinterleave(self.scales, 1, self.rows, groups, ROWS, ids))
         minima = (None if self.offsets is self.scales
                   else scale_values(deinterleave(self.offsets, 1, self.rows, groups, ROWS, ids)))
-        return _from_blocks(self.packed, self.rows, self.cols // 2, ids), scales, minima
+        return from_blocks(self.packed, self.rows, self.cols // 2, ids), scales, minima
 
     def select(self, rows: slice, cols: slice) -> "Q4Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit: a tensor-parallel shard.
@@ -212,8 +212,8 @@ def _dots(nibbles, x, o):
 
 
 @njit(inline="always")
-def _term(dots, scale, offset, x_scale, x_sum, factor, unit):
-    """The group's term for 16 rows, in units of 1 / unit (simd.fixed_unit):
+def group_term(dots, scale, offset, x_scale, x_sum, factor, unit):
+    """A group's term for 16 rows (q4 and q8), in units of 1 / unit (simd.fixed_unit):
     scale * x_scale * dot + offset * factor * x_sum."""
     return fma(to_f32(dots), mul(scale, splat(x_scale * unit)), mul(offset, splat(x_sum * factor * unit)))
 
@@ -221,7 +221,7 @@ def _term(dots, scale, offset, x_scale, x_sum, factor, unit):
 @njit(inline="always")
 def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
     """acc + group g's term for 16 rows against one token (`into`: simd.into0 .. into3)."""
-    return into(acc, _term(_dots(_nibbles(w, g * 256), x, g * GROUP), load_floats(s, g * ROWS),
+    return into(acc, group_term(_dots(_nibbles(w, g * 256), x, g * GROUP), load_floats(s, g * ROWS),
                            load_floats(m, g * ROWS), xscales[g], xsums[g], factor, unit))
 
 
@@ -232,7 +232,7 @@ PREFETCH_STEPS = 4
 
 
 @njit(inline="always")
-def _prefetch_ahead(packed, scales, offsets, w, s):
+def prefetch_ahead(packed, scales, offsets, w, s):
     ahead = w + PREFETCH_STEPS * 256
     for line in range(4):
         prefetch(packed, ahead + line * 64)
@@ -241,7 +241,7 @@ def _prefetch_ahead(packed, scales, offsets, w, s):
 
 
 @njit(inline="always")
-def _store(out, block, acc):
+def store_rows(out, block, acc):
     r = block * ROWS
     if r + ROWS <= out.shape[0]:
         store16(out, r, acc)
@@ -260,12 +260,12 @@ def _block(packed, scales, offsets, factor, x, xscales, xsums, out, block, fetch
     for g in range(0, s.shape[0] // ROWS, 4):
         if fetch:
             for k in range(4):
-                _prefetch_ahead(w, s, m, (g + k) * 256, (g + k) * ROWS)
+                prefetch_ahead(w, s, m, (g + k) * 256, (g + k) * ROWS)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
-    _store(out, block, total4(acc))
+    store_rows(out, block, total4(acc))
 
 
 @njit(inline="always")
@@ -276,12 +276,12 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     unit = fixed_unit(out)
     for g in range(k, s.shape[0] // ROWS, 4):
         n, scale, offset, o = _nibbles(w, g * 256), load_floats(s, g * ROWS), load_floats(m, g * ROWS), g * GROUP
-        a0 = accumulate_units(a0, _term(_dots(n, x[t], o), scale, offset, xscales[t, g], xsums[t, g], factor, unit))
-        a1 = accumulate_units(a1, _term(_dots(n, x[t + 1], o), scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor,
+        a0 = accumulate_units(a0, group_term(_dots(n, x[t], o), scale, offset, xscales[t, g], xsums[t, g], factor, unit))
+        a1 = accumulate_units(a1, group_term(_dots(n, x[t + 1], o), scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor,
                                         unit))
-        a2 = accumulate_units(a2, _term(_dots(n, x[t + 2], o), scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor,
+        a2 = accumulate_units(a2, group_term(_dots(n, x[t + 2], o), scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor,
                                         unit))
-        a3 = accumulate_units(a3, _term(_dots(n, x[t + 3], o), scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor,
+        a3 = accumulate_units(a3, group_term(_dots(n, x[t + 3], o), scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor,
                                         unit))
     return a0, a1, a2, a3
 
@@ -297,10 +297,10 @@ def _block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
     p1 = _pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
     p2 = _pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
     p3 = _pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
-    _store(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
-    _store(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
-    _store(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
-    _store(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
+    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
+    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
+    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
+    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
 
 
 @njit(parallel=True, cache=True)

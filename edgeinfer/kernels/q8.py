@@ -1,22 +1,24 @@
-"""8-bit weights (GGUF Q8_0, and the 5/6/3/2-bit and IQ4 types laid out losslessly as bytes), rows
-interleaved by 4, and their GEMV with int8 activations (AVX-512 VNNI, or AVX2).
+"""8-bit weights (GGUF Q8_0, and the 5/6/3/2-bit and IQ4 types laid out losslessly as bytes), rows in
+blocks of 16 as in q4.py, and their GEMV and GEMM with int8 activations.
 
 A weight is a byte b (0..255) in a group of 32 or 16 weights with a scale and an offset:
 w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127; Q5_0, Q6_K,
 Q3_K, IQ4_NL, IQ4_XS) store them + 128, the offset is the scale itself and the factor -128, so
 w = scale * (b - 128) and no offset is stored; types with a minimum (Q5_1, Q5_K, Q2_K) store the
 unsigned integer, the minimum as the offset and factor 1. Scales and minima are fp16 bits when fp16
-holds them exactly, else float32 (q4.stored_scales). A 64-byte load is one row's 64 weights (2
-groups of 32 or 4 of 16); rows are interleaved by 4: each chunk of 64 columns holds the 4 rows'
-64 bytes side by side.
+holds them exactly, else float32 (q4.stored_scales).
 
-vpdpbusd multiplies unsigned by signed bytes and sums 4 per i32 lane; the 4 rows'
-integer dots are summed per group of 16 first, so one 16-lane vector holds 4 rows x 4 groups (lane
-4 * row + group) and the float work is one FMA for the 4 rows (a group of 32 is two such groups with
-the same scale). The offset term takes the activations' sum over each group of 16, which the
-activations carry (activations.py: `halves`):
+Layout (q4.py's, with bytes for nibbles): rows in blocks of 16, one lane per row; for each 16
+columns (a unit), 4 loads of 64 bytes, load i holding in lane r row r's bytes 4i..4i+3 of the unit;
+then each group's 16 scales (and minima). Columns are padded to whole 64s (4 units).
+
+Kernel: 4 byte dot products (vpdpbusd: the unsigned weights against 4 int8 activations broadcast)
+give the 16 rows' dots over a unit; its term is
     term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
-A GEMM runs the same block for two tokens at a time while the block's weights stay in L1.
+with (1 . x) over the unit's 16 activations (activations.py: `halves`). As in q4.py, each row's
+terms go into 4 running sums by unit index mod 4, added at the end as ((0 + 1) + (2 + 3)): the
+order of the 4-row layout before this one (its lanes were the 4 units of a 64-column chunk), so
+outputs kept their bits. The GEMM runs four tokens over each unit, sharing its loads.
 """
 
 from __future__ import annotations
@@ -28,21 +30,21 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import deinterleave, interleave, scale_values, stored_scales
-from .simd import (accumulate, accumulator, dpbusd, expand8, fma, group_sums4, has_kernels, load_floats, load_i8, mul,
-                   pairs_tiled, prefetch, quad_total, splat, tile4, to_f32, zeros_i32)
+from .q4 import (ROWS, deinterleave, from_blocks, group_term, interleave, prefetch_ahead, scale_values, store_rows,
+                 stored_scales, to_blocks)
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, dpbusd, fixed_unit, has_kernels,
+                   into0, into1, into2, into3, load_floats, load_i8, total4, zeros_i32)
 
-ROWS = 4
-WEIGHTS_PER_LOAD = 64
-PREFETCH_STEPS = 4  # chunk steps ahead (as q4.py's group steps: a small model's short streams)
+UNIT = 16  # columns per unit: 16 rows x 16 bytes, 4 loads
+WEIGHTS_PER_LOAD = 64  # columns are padded to whole 64s
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
 SIGNED_FACTOR = -128.0  # bytes holding int8 + 128
 
 
 @dataclass(frozen=True)
 class Q8Matrix:
-    packed: np.ndarray  # (blocks, chunks * ROWS * 64) uint8
-    scales: np.ndarray  # (blocks, chunks * ROWS * groups per load) fp16 bits (uint16) or float32
+    packed: np.ndarray  # (blocks, units * 256) uint8
+    scales: np.ndarray  # (blocks, groups * ROWS) fp16 bits (uint16) or float32
     offsets: np.ndarray  # minima laid out as scales, or the scales array itself (signed bytes)
     offset_factor: float  # -128 (signed bytes) or 1 (minima)
     rows: int
@@ -52,8 +54,8 @@ class Q8Matrix:
     @property
     def group(self) -> int:
         """Weights per scale: 32 or 16."""
-        loads = self.packed.shape[1] // 64
-        return WEIGHTS_PER_LOAD * loads // self.scales.shape[1] if loads else GROUP
+        units, groups = self.packed.shape[1] // 256, self.scales.shape[1] // ROWS
+        return UNIT * units // groups if groups else GROUP
 
     @property
     def nbytes(self) -> int:
@@ -70,27 +72,28 @@ class Q8Matrix:
         if cols % GROUP or group not in (16, 32):
             raise ValueError(f"{cols} columns in groups of {group}: 8-bit rows need whole groups of 32 or 16")
         bytes_ = (values.astype(np.int16) + 128 if minima is None else values).astype(np.uint8)
-        chunks, rows_padded, per = -(-cols // WEIGHTS_PER_LOAD), -(-rows // ROWS) * ROWS, WEIGHTS_PER_LOAD // group
-        sc = interleave(stored_scales(scales), per, rows_padded, chunks, ROWS)
-        offsets = sc if minima is None else interleave(stored_scales(minima), per, rows_padded, chunks, ROWS)
-        return cls(interleave(bytes_, 64, rows_padded, chunks, ROWS), sc, offsets,
+        padded, rows_padded = -(-cols // WEIGHTS_PER_LOAD) * WEIGHTS_PER_LOAD, -(-rows // ROWS) * ROWS
+        groups = padded // group
+        sc = interleave(stored_scales(scales), 1, rows_padded, groups, ROWS)
+        offsets = sc if minima is None else interleave(stored_scales(minima), 1, rows_padded, groups, ROWS)
+        return cls(to_blocks(bytes_, rows_padded, padded // UNIT), sc, offsets,
                    SIGNED_FACTOR if minima is None else 1.0, rows, cols)
 
     @staticmethod
     def array_shapes(rows: int, cols: int, group: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix in groups of `group`."""
-        blocks, chunks = -(-rows // ROWS), -(-cols // WEIGHTS_PER_LOAD)
-        return (blocks, chunks * ROWS * 64), (blocks, chunks * ROWS * WEIGHTS_PER_LOAD // group)
+        blocks, padded = -(-rows // ROWS), -(-cols // WEIGHTS_PER_LOAD) * WEIGHTS_PER_LOAD
+        return (blocks, padded // UNIT * 256), (blocks, padded // group * ROWS)
 
     def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32) of all
-        rows or of `ids`, undoing the interleave; minima None for signed integers."""
-        per, groups = WEIGHTS_PER_LOAD // self.group, self.cols // self.group
-        values = deinterleave(self.packed, 64, self.rows, self.cols, ROWS, ids).astype(np.int16)
-        scales = scale_values(deinterleave(self.scales, per, self.rows, groups, ROWS, ids))
+        rows or of `ids`, undoing the blocks; minima None for signed integers."""
+        groups = self.cols // self.group
+        values = from_blocks(self.packed, self.rows, self.cols, ids).astype(np.int16)
+        scales = scale_values(deinterleave(self.scales, 1, self.rows, groups, ROWS, ids))
         if self.offsets is self.scales:
             return values - 128, scales, None
-        return values, scales, scale_values(deinterleave(self.offsets, per, self.rows, groups, ROWS, ids))
+        return values, scales, scale_values(deinterleave(self.offsets, 1, self.rows, groups, ROWS, ids))
 
     def select(self, rows: slice, cols: slice) -> "Q8Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
@@ -121,107 +124,118 @@ class Q8Matrix:
 
 
 @njit(inline="always")
-def _group_values(arr, s, per_load):
-    """A chunk's scales (or minima) over lanes 4 * row + j, j its 4 groups of 16 weights: per 16,
-    or per 32 (each over two lanes)."""
-    if per_load == 2:
-        return expand8(arr, s)
-    return load_floats(arr, s)
+def _dots(w, at, x, o):
+    """The 16 rows' integer dot products over the unit at w[at:at + 256] with x[o:o + 16]."""
+    d = dpbusd(zeros_i32(), load_i8(w, at), broadcast4(x, o))
+    d = dpbusd(d, load_i8(w, at + 64), broadcast4(x, o + 4))
+    d = dpbusd(d, load_i8(w, at + 128), broadcast4(x, o + 8))
+    return dpbusd(d, load_i8(w, at + 192), broadcast4(x, o + 12))
 
 
 @njit(inline="always")
-def _terms(w0, w1, w2, w3, scale, offset, xflat, xscales, xhalves, c, factor):
-    """The 4 rows (w0..w3: their 64 bytes of chunk c) x 4 groups of 16 against one token, lane
-    4 * row + group: the integer dots summed per group first, so the float work is
-    one vector per 4 rows."""
-    x = load_i8(xflat, c * 64)
-    dx = pairs_tiled(xscales, c * 2)  # each group of 16's activation scale (its group of 32's)
-    dots = group_sums4(dpbusd(zeros_i32(), w0, x), dpbusd(zeros_i32(), w1, x), dpbusd(zeros_i32(), w2, x),
-                       dpbusd(zeros_i32(), w3, x))
-    return fma(to_f32(dots), mul(scale, dx), mul(offset, mul(tile4(xhalves, c * 4), factor)))
+def _units(w, s):
+    """A block's units, and log2 of the units per group (0: groups of 16, 1: of 32)."""
+    units = w.shape[0] // 256
+    return units, 1 if s.shape[0] < units * ROWS else 0
 
 
 @njit(inline="always")
-def _prefetch_ahead(packed, scales, offsets, w, s, per_load):
-    ahead = w + PREFETCH_STEPS * ROWS * 64
-    for line in range(ROWS):
-        prefetch(packed, ahead + line * 64)
-    prefetch(scales, s + PREFETCH_STEPS * ROWS * per_load)
-    prefetch(offsets, s + PREFETCH_STEPS * ROWS * per_load)
+def _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u, shift, into):
+    """acc + unit u's term for 16 rows against one token (`into`: simd.into0 .. into3); 2**shift
+    units share a group's scale (shifts, not divisions: no checks in the loop)."""
+    g = u >> shift
+    return into(acc, group_term(_dots(w, u * 256, x, u * UNIT), load_floats(s, g * ROWS), load_floats(m, g * ROWS),
+                                xscales[u >> 1], xhalves[u], factor, unit))
 
 
-@njit(inline="always")
-def _block(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block, fetch=True):
-    """Rows 4*block .. 4*block+3 for one token, float32 or fixed-point accumulator (simd.py)."""
-    loads = packed.shape[1] // 64
-    chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
-    acc = accumulator(out)
-    w, s = block * packed.shape[1], block * scales.shape[1]
-    for c in range(chunks):
+@njit  # not inlined into the parallel loops (as in q4.py)
+def _block(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch=True):
+    """Rows 16*block .. 16*block+15 for one token, four units per turn, each into its own sum."""
+    w, s = packed[block], scales[block]
+    m = offsets[block]
+    units, shift = _units(w, s)
+    acc, unit = accumulator4(out), fixed_unit(out)
+    for u in range(0, units, 4):
         if fetch:
-            _prefetch_ahead(packed, scales, offsets, w, s, per_load)
-        scale, offset = _group_values(scales, s, per_load), _group_values(offsets, s, per_load)
-        acc = accumulate(acc, _terms(load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128),
-                                     load_i8(packed, w + 192), scale, offset, xflat, xscales, xhalves, c, factor))
-        w += 256
-        s += 4 * per_load
-    _store(out, block, acc)
+            for k in range(4):
+                prefetch_ahead(w, s, m, (u + k) * 256, ((u + k) >> shift) * ROWS)
+        acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u, shift, into0)
+        acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u + 1, shift, into1)
+        acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u + 2, shift, into2)
+        acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u + 3, shift, into3)
+    store_rows(out, block, total4(acc))
 
 
 @njit(inline="always")
-def _block_pair(packed, scales, offsets, factor, xflat, xscales, xhalves, out, block, t, fetch):
-    """_block for tokens t and t + 1 at once: each chunk's weights and scales loaded once for both."""
-    loads = packed.shape[1] // 64
-    chunks, per_load = loads // ROWS, scales.shape[1] // max(loads, 1)
-    acc0, acc1 = accumulator(out[t]), accumulator(out[t + 1])
-    w, s = block * packed.shape[1], block * scales.shape[1]
-    for c in range(chunks):
-        if fetch:
-            _prefetch_ahead(packed, scales, offsets, w, s, per_load)
-        scale, offset = _group_values(scales, s, per_load), _group_values(offsets, s, per_load)
-        w0, w1, w2, w3 = load_i8(packed, w), load_i8(packed, w + 64), load_i8(packed, w + 128), load_i8(packed, w + 192)
-        acc0 = accumulate(acc0, _terms(w0, w1, w2, w3, scale, offset, xflat[t], xscales[t], xhalves[t], c, factor))
-        acc1 = accumulate(acc1, _terms(w0, w1, w2, w3, scale, offset, xflat[t + 1], xscales[t + 1], xhalves[t + 1],
-                                       c, factor))
-        w += 256
-        s += 4 * per_load
-    _store(out[t], block, acc0)
-    _store(out[t + 1], block, acc1)
+def _pass4(w, s, m, x, xscales, xhalves, factor, t, k, out):
+    """Tokens t .. t + 3: the sums of the units whose index is k mod 4, each unit's loads shared."""
+    units, shift = _units(w, s)
+    a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
+    unit = fixed_unit(out)
+    for u in range(k, units, 4):
+        g, at, o = u >> shift, u * 256, u * UNIT
+        l0, l1, l2, l3 = load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192)
+        scale, offset = load_floats(s, g * ROWS), load_floats(m, g * ROWS)
+        a0 = accumulate_units(a0, group_term(_dots4(l0, l1, l2, l3, x[t], o), scale, offset, xscales[t, u >> 1],
+                                             xhalves[t, u], factor, unit))
+        a1 = accumulate_units(a1, group_term(_dots4(l0, l1, l2, l3, x[t + 1], o), scale, offset, xscales[t + 1, u >> 1],
+                                             xhalves[t + 1, u], factor, unit))
+        a2 = accumulate_units(a2, group_term(_dots4(l0, l1, l2, l3, x[t + 2], o), scale, offset, xscales[t + 2, u >> 1],
+                                             xhalves[t + 2, u], factor, unit))
+        a3 = accumulate_units(a3, group_term(_dots4(l0, l1, l2, l3, x[t + 3], o), scale, offset, xscales[t + 3, u >> 1],
+                                             xhalves[t + 3, u], factor, unit))
+    return a0, a1, a2, a3
 
 
 @njit(inline="always")
-def _store(out, block, acc):
-    r = block * ROWS
-    for i in range(min(ROWS, out.shape[0] - r)):  # leaving out the padding rows past the end
-        out[r + i] = quad_total(acc, i)
+def _dots4(l0, l1, l2, l3, x, o):
+    """_dots with the unit's 4 loads made already (shared by a GEMM's tokens)."""
+    d = dpbusd(zeros_i32(), l0, broadcast4(x, o))
+    d = dpbusd(d, l1, broadcast4(x, o + 4))
+    d = dpbusd(d, l2, broadcast4(x, o + 8))
+    return dpbusd(d, l3, broadcast4(x, o + 12))
+
+
+@njit
+def _block4(packed, scales, offsets, factor, x, xscales, xhalves, out, block, t):
+    """_block for tokens t .. t + 3 at once, in passes by unit index mod 4 (as q4.py's)."""
+    w, s = packed[block], scales[block]
+    m = offsets[block]
+    p0 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 0, out)
+    p1 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 1, out)
+    p2 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 2, out)
+    p3 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 3, out)
+    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
+    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
+    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
+    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
 
 
 @njit(parallel=True, cache=True)
 def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
-    f = splat(np.float32(factor))
+    f = np.float32(factor)
     for block in prange(packed.shape[0]):
         _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(cache=True)
 def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
-    f = splat(np.float32(factor))
+    f = np.float32(factor)
     for block in range(packed.shape[0]):
         _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
-    """out[t] = W x[t] for every token of a batch, each 4-row block read once, two
-    tokens per pass over it."""
-    f = splat(np.float32(factor))
+    """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, four tokens at a
+    time (the rest one by one); a token's rows are the GEMV's bit for bit."""
+    f = np.float32(factor)
     tokens = xflat.shape[0]
     for block in prange(packed.shape[0]):
-        for t in range(0, tokens - 1, 2):
-            _block_pair(packed, scales, offsets, f, xflat, xscales, xhalves, out, block, t, t == 0)
-        if tokens % 2:
-            _block(packed, scales, offsets, f, xflat[tokens - 1], xscales[tokens - 1], xhalves[tokens - 1],
-                   out[tokens - 1], block, tokens == 1)
+        for t in range(0, tokens - 3, 4):
+            _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block, t)
+        for t in range(tokens - tokens % 4, tokens):
+            _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
 
 def _check(m: Q8Matrix, x: Q8Activations) -> None:

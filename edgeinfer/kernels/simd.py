@@ -233,33 +233,21 @@ def fma(typingctx, a, b, c):
     return V16F32(V16F32, V16F32, V16F32), codegen
 
 
-def _expander(count: int, tiled: bool = False, lanes: list[int] | None = None):
-    """`count` consecutive scales, each repeated over 16/count lanes (or, tiled, all `count` of them
-    repeated 16/count times; or lane i taking value lanes[i]): float32 values, or fp16 bits stored
-    as uint16 (widened with vcvtph2ps)."""
-    @intrinsic
-    def expand(typingctx, arr, offset):
-        half = arr.dtype == types.uint16
+@intrinsic
+def load_floats(typingctx, arr, offset):
+    """arr[offset:offset + 16] as 16 float32 lanes: float32 values, or fp16 bits stored as uint16
+    (widened with vcvtph2ps)."""
+    half = arr.dtype == types.uint16
 
-        def codegen(context, builder, signature, args):
-            elem = ir.IntType(16) if half else ir.FloatType()
-            small = ir.VectorType(elem, count)
-            ptr = _ptr(context, builder, signature.args[0], args[0], args[1], small)
-            values = builder.load(ptr, align=2 if half else 4)
-            if half:
-                values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), count)),
-                                       ir.VectorType(ir.FloatType(), count))
-            picks = lanes or ([i % count for i in range(16)] if tiled else [i * count // 16 for i in range(16)])
-            mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), picks)
-            return builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), mask)
-        return V16F32(arr, offset), codegen
-    return expand
-
-
-expand8 = _expander(8)  # one float per 2 lanes: 4 rows' 2 groups of 32, over q8's lanes 4 * row + group of 16
-pairs_tiled = _expander(2, lanes=[(i % 4) // 2 for i in range(16)])  # 2 groups of 32 over lanes 4 * row + group of 16
-load_floats = _expander(16)  # 16 floats, each in its lane: from float32, or fp16 bits widened
-tile4 = _expander(4, tiled=True)  # 4 floats repeated 4 times: a chunk's 4 groups for each of 4 rows
+    def codegen(context, builder, signature, args):
+        elem = ir.IntType(16) if half else ir.FloatType()
+        ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(elem, 16))
+        values = builder.load(ptr, align=2 if half else 4)
+        if half:
+            values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), 16)),
+                                   ir.VectorType(ir.FloatType(), 16))
+        return values
+    return V16F32(arr, offset), codegen
 
 
 @intrinsic
@@ -486,17 +474,13 @@ zeros_i64 = _zeros(V16I64)
 store_i64 = _storer(V16I64)
 
 
-def _round_fixed(builder, x, scaled: bool = False):
-    """float32 lanes -> int64 lanes round(x * 2**FIXED_BITS), to nearest even (`scaled`: x is that
-    product already). With AVX-512 DQ: scaled in float32 (by a power of two: exact) and converted
-    with vcvtps2qq (rounding to nearest even); else widened to double (exact), scaled, and rounded
+def _round_fixed(builder, x):
+    """float32 lanes x (a term times 2**FIXED_BITS: scaled exactly, by a power of two) -> int64 lanes
+    round(x), to nearest even: vcvtps2qq with AVX-512 DQ; else widened to double (exact) and rounded
     by the 1.5 * 2**52 addition (AVX2 has no vcvtpd2qq). The same integers either way, for
-    |x * 2**FIXED_BITS| < 2**51."""
+    |x| < 2**51."""
     n = x.type.count
-    i64 = ir.VectorType(ir.IntType(64), n)
     if kernel_path() == "avx512-vnni" and "avx512dq" in _target()[2]:
-        if not scaled:
-            x = builder.fmul(x, ir.Constant(x.type, [float(2 ** FIXED_BITS)] * n))
         v8, q8 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.IntType(64), 8)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(q8, [v8, q8, ir.IntType(8), ir.IntType(32)]),
                                             "llvm.x86.avx512.mask.cvtps2qq.512")
@@ -505,9 +489,7 @@ def _round_fixed(builder, x, scaled: bool = False):
                   for h in range(n // 8)]
         return _join(builder, halves)
     wide = builder.fpext(x, ir.VectorType(ir.DoubleType(), n))
-    if not scaled:
-        wide = builder.fmul(wide, ir.Constant(wide.type, [float(2 ** FIXED_BITS)] * n))
-    shifted = builder.bitcast(builder.fadd(wide, ir.Constant(wide.type, [_MAGIC] * n)), i64)
+    shifted = builder.bitcast(builder.fadd(wide, ir.Constant(wide.type, [_MAGIC] * n)), ir.VectorType(ir.IntType(64), n))
     return builder.sub(shifted, ir.Constant(shifted.type, [_MAGIC_BITS] * n))
 
 
@@ -533,26 +515,10 @@ def hsum16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13
 
 
 @intrinsic
-def group_sums4(typingctx, a, b, c, d):
-    """Four rows' int32 dot products, each row's 4 groups spread over 4 lanes apiece (q4's layout)
-    -> lane 4 * row + group: that group's whole dot product."""
-    def codegen(context, builder, signature, args):
-        return _pair_sums(builder, _pair_sums(builder, args[0], args[1]), _pair_sums(builder, args[2], args[3]))
-    return V16I32(V16I32, V16I32, V16I32, V16I32), codegen
-
-
-@intrinsic
-def to_fixed(typingctx, v):
+def scaled_to_fixed(typingctx, v):
+    """Terms formed in units of 2**-FIXED_BITS (fixed_unit) as fixed point: rounded to int64."""
     def codegen(context, builder, signature, args):
         return _round_fixed(builder, args[0])
-    return V16I64(V16F32), codegen
-
-
-@intrinsic
-def scaled_to_fixed(typingctx, v):
-    """to_fixed of v / 2**FIXED_BITS: for terms formed in units of 2**-FIXED_BITS (fixed_unit)."""
-    def codegen(context, builder, signature, args):
-        return _round_fixed(builder, args[0], scaled=True)
     return V16I64(V16F32), codegen
 
 
@@ -561,21 +527,6 @@ def add_i64(typingctx, a, b):
     def codegen(context, builder, signature, args):
         return builder.add(args[0], args[1])
     return a(a, b), codegen
-
-
-@intrinsic
-def quad_total(typingctx, v, r):
-    """The sum of lanes 4r .. 4r + 3 (float32 or int64 lanes): row r of a q4 accumulator."""
-    def codegen(context, builder, signature, args):
-        x = args[0]
-        i32 = ir.IntType(32)
-        undefined = ir.Constant(x.type, ir.Undefined)
-        quads = [builder.shuffle_vector(x, undefined, ir.Constant(ir.VectorType(i32, 4), list(range(k, 16, 4))))
-                 for k in range(4)]  # lane k of every quad
-        add = builder.fadd if v.kind == "f32" else builder.add
-        sums = add(add(quads[0], quads[1]), add(quads[2], quads[3]))
-        return builder.extract_element(sums, builder.trunc(args[1], i32))
-    return (types.float32 if v.kind == "f32" else types.int64)(v, r), codegen
 
 
 @intrinsic
@@ -601,7 +552,7 @@ def _zero_accumulator(fixed_zero):
     return zero
 
 
-accumulator = _zero_accumulator(zeros_i64)  # q4: 16 rows; q8: 4 rows x 4 groups
+accumulator = _zero_accumulator(zeros_i64)  # q4, q8: a GEMM pass's 16 rows
 
 
 def store16(out, offset, acc):
@@ -615,29 +566,24 @@ def _store16(out, offset, acc):
     return lambda out, offset, acc: store_f32(out, offset, acc)
 
 
-def _accumulating(convert):
-    def accumulate(acc, terms):
-        """acc + 16 terms (float32, or each rounded to fixed point by `convert`)."""
-
-    @overload(accumulate)
-    def _accumulate(acc, terms):
-        if acc == V16I64:
-            return lambda acc, terms: add_i64(acc, convert(terms))
-        return lambda acc, terms: add(acc, terms)
-    return accumulate
+def accumulate_units(acc, terms):
+    """q4, q8: acc + 16 terms formed in fixed_unit's units (float32, or each rounded to fixed point)."""
 
 
-accumulate = _accumulating(to_fixed)  # q8: a chunk's group terms
-accumulate_units = _accumulating(scaled_to_fixed)  # q4: terms formed in fixed_unit's units (below)
+@overload(accumulate_units)
+def _accumulate_units(acc, terms):
+    if acc == V16I64:
+        return lambda acc, terms: add_i64(acc, scaled_to_fixed(terms))
+    return lambda acc, terms: add(acc, terms)
 
 
-# q4's accumulators: a row per lane, its groups' terms in 4 running sums by group mod 4, added at
-# the end as ((0 + 1) + (2 + 3)): in float32 the very order of the 4-rows-by-4-groups layout before
-# it (so outputs kept their bits); in fixed point one sum (integers add in any order).
+# q4's and q8's accumulators: a row per lane, its groups' (q8: units') terms in 4 running sums by
+# index mod 4, added at the end as ((0 + 1) + (2 + 3)): in float32 the very order of the 4-row
+# layouts before (so outputs kept their bits); in fixed point one sum (integers add in any order).
 
 
 def accumulator4(out):
-    """q4: zero accumulators for a kernel writing `out` (into0 .. into3 add to them)."""
+    """q4, q8: zero accumulators for a kernel writing `out` (into0 .. into3 add to them)."""
 
 
 @overload(accumulator4)
@@ -649,7 +595,7 @@ def _accumulator4(out):
 
 def _adder(k: int):
     def into(acc, term):
-        """q4: acc + the term of a group whose index is k mod 4."""
+        """q4, q8: acc + the term of a group (unit) whose index is k mod 4."""
 
     @overload(into)
     def _into(acc, term):
@@ -666,7 +612,7 @@ into0, into1, into2, into3 = (_adder(k) for k in range(4))
 
 
 def total4(acc):
-    """q4: the rows' sums (16 lanes) from accumulator4's accumulators."""
+    """q4, q8: the rows' sums (16 lanes) from accumulator4's accumulators."""
 
 
 @overload(total4)
@@ -677,7 +623,7 @@ def _total4(acc):
 
 
 def fixed_unit(out):
-    """q4: what a term is formed in units of for a kernel writing `out`: 2**FIXED_BITS for fixed
+    """q4, q8: what a term is formed in units of for a kernel writing `out`: 2**FIXED_BITS for fixed
     point (a power of two: the products scale exactly, and the rounding to fixed point needs no
     multiply), 1 for float32 (the very products as before)."""
 
@@ -690,7 +636,7 @@ def _fixed_unit(out):
 
 
 def combine4(a, b, c, d):
-    """q4: the rows' sums from the 4 sums by group mod 4 (a GEMM's separate passes), as total4 adds them."""
+    """q4, q8: the rows' sums from the 4 sums by index mod 4 (a GEMM's separate passes), as total4 adds them."""
 
 
 @overload(combine4)

@@ -152,7 +152,7 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
 
 def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q8Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
-    (whole 4-row blocks, so the slabs' interleaved arrays simply follow each other)."""
+    (whole 16-row blocks, so the slabs' arrays simply follow each other)."""
     bits = DECODERS[kind][2]
     slabs = []
     for r in range(0, data.shape[0], SLAB_ROWS):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import EdgeInferError, ModelFormatError
+from ..kernels.q4 import ROWS  # rows per block of a 4/8-bit matrix (q8.py shares it)
 from .direct_io import aligned_buffer, open_direct
 from .quantize import matrix_from_parts
 from .safetensors import DTYPES, to_float32
@@ -179,8 +180,8 @@ class LayerStream:
 
 
 class StreamedRows:
-    """Embedding rows read from the file on demand (one 4-row block per token, a few KB), so the
-    table is never resident: `rows(ids)` as DenseLinear and QuantLinear have it."""
+    """Embedding rows read from the file on demand (one block of ROWS rows per token, some KB), so
+    the table is never resident: `rows(ids)` as DenseLinear and QuantLinear have it."""
 
     def __init__(self, source: SingleFileSource, name: str):
         self.source, self.name = source, name
@@ -198,9 +199,9 @@ class StreamedRows:
             raw = os.pread(self._fd, row_bytes, f.offset(self.name) + i * row_bytes)
             return to_float32(np.frombuffer(raw, DTYPES[entry.dtype]), entry.dtype)
         (kind, _, cols), entries = self._parts
-        block, parts = i // 4, []
-        for e in entries:  # each part is (blocks, bytes per block): one block of 4 interleaved rows
+        block, parts = i // ROWS, []
+        for e in entries:  # each part is (blocks, bytes per block): one block of ROWS rows
             per_block = e.nbytes // e.shape[0]
             raw = os.pread(self._fd, per_block, f.offset(e.name) + block * per_block)
             parts.append(np.frombuffer(raw, DTYPES[e.dtype]).reshape(1, -1))
-        return matrix_from_parts(kind, 4, cols, parts, copy=False).dequantize(np.array([i % 4]))[0]
+        return matrix_from_parts(kind, ROWS, cols, parts, copy=False).dequantize(np.array([i % ROWS]))[0]

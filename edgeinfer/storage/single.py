@@ -24,7 +24,7 @@ from .source import KeyCodebooks, SafetensorsSource, WeightSource
 from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
-FORMAT_VERSION = "3"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py)
+FORMAT_VERSION = "4"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
@@ -46,9 +46,9 @@ class SingleFileSource(SafetensorsSource):
         self._file = f
         self._quantized = read_index(f.metadata, f.path)
         version = f.metadata.get("format_version")
-        if version != FORMAT_VERSION and any(layout_of(kind).bits == 4 for kind, _, _ in self._quantized.values()):
-            raise ModelFormatError(f"{f.path}: written by an older edgeinfer (format {version}, whose 4-bit layout "
-                                   f"this one no longer reads); convert its source again")
+        if version != FORMAT_VERSION and self._quantized:
+            raise ModelFormatError(f"{f.path}: written by another edgeinfer (format {version}, whose quantised "
+                                   f"layouts this one, format {FORMAT_VERSION}, does not read); convert its source again")
         self._parts: dict[str, list[TensorEntry]] = {}
         for name, (kind, rows, cols) in self._quantized.items():
             expected = part_entries(name, kind, rows, cols)
