@@ -33,9 +33,9 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, fixed_unit, dpbusd_nibbles, fma, has_kernels, hi_nibbles, lane,
-                   lo_nibbles, load_floats, load_i8, mul, prefetch, splat, store16, to_f32, total4, zeros_i32, into0,
-                   into1, into2, into3)
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, dpbusd_nibbles, fixed_unit, fma,
+                   has_kernels, hi_nibbles, into0, into1, into2, into3, lane, lo_nibbles, load_floats, load_i8, mul,
+                   prefetch, splat, store16, to_f32, total4, zeros_i32)
 
 ROWS = 16  # rows per block: one per lane
 
@@ -250,6 +250,16 @@ def store_rows(out, block, acc):
             out[r + i] = lane(acc, i)
 
 
+@njit(inline="always")
+def store_passes(out, block, t, p0, p1, p2, p3):
+    """Tokens t .. t + 3's rows of the block from a GEMM's 4 passes (sums by index mod 4), added as
+    the GEMV adds its 4 sums (q4 and q8)."""
+    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
+    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
+    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
+    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
+
+
 @njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
 def _block(packed, scales, offsets, factor, x, xscales, xsums, out, block, fetch=True):
     """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
@@ -297,10 +307,7 @@ def _block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
     p1 = _pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
     p2 = _pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
     p3 = _pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
-    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
-    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
-    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
-    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
+    store_passes(out, block, t, p0, p1, p2, p3)
 
 
 @njit(parallel=True, cache=True)

@@ -30,9 +30,9 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import (ROWS, deinterleave, from_blocks, group_term, interleave, prefetch_ahead, scale_values, store_rows,
-                 stored_scales, to_blocks)
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, dpbusd, fixed_unit, has_kernels,
+from .q4 import (ROWS, deinterleave, from_blocks, group_term, interleave, prefetch_ahead, scale_values, store_passes,
+                 store_rows, stored_scales, to_blocks)
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, has_kernels,
                    into0, into1, into2, into3, load_floats, load_i8, total4, zeros_i32)
 
 UNIT = 16  # columns per unit: 16 rows x 16 bytes, 4 loads
@@ -205,10 +205,7 @@ def _block4(packed, scales, offsets, factor, x, xscales, xhalves, out, block, t)
     p1 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 1, out)
     p2 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 2, out)
     p3 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 3, out)
-    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
-    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
-    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
-    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
+    store_passes(out, block, t, p0, p1, p2, p3)
 
 
 @njit(parallel=True, cache=True)
