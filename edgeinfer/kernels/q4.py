@@ -72,7 +72,7 @@ def to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
 
 
 def from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
-    """_to_blocks undone: the rows (all, or those in `ids`) as row-major nibbles (n, width)."""
+    """to_blocks undone: the rows (all, or those in `ids`) as row-major nibbles (n, width)."""
     groups = packed.shape[1] // 256
     if ids is None:
         blocks = packed.shape[0]
@@ -333,7 +333,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 @njit(parallel=True, cache=True)
 def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, whose weights
-    come from memory once and stay in L1 while the tokens pass, four at a time (the rest one by
+    come from memory once and stay in cache while the tokens pass, four at a time (the rest one by
     one). Every row's sum is formed as the GEMV forms it, so a token's output has the same bits in
     a batch as alone."""
     f = np.float32(factor)
