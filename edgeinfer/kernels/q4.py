@@ -296,18 +296,24 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     return a0, a1, a2, a3
 
 
-@njit
-def _block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
-    """_block for tokens t .. t + 3 at once. The groups go by their index mod 4, one sum per token at
-    a time (the block's weights are in cache after the first pass): 4 accumulators live in the loop
-    rather than 16, and the same sums as _block's, added in the same order."""
-    w, s = packed[block], scales[block]
-    m = offsets[block]
-    p0 = _pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
-    p1 = _pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
-    p2 = _pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
-    p3 = _pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
-    store_passes(out, block, t, p0, p1, p2, p3)
+def gemm_block(pass4):
+    """A GEMM's step for one block and tokens t .. t + 3 from its `pass4` (q4's or q8's): the groups
+    (units) go by their index mod 4, one sum per token at a time (the block's weights are in cache
+    after the first pass): 4 accumulators live in the loop rather than 16, and the same sums as the
+    GEMV's block, added in the same order."""
+    @njit
+    def block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
+        w, s = packed[block], scales[block]
+        m = offsets[block]
+        p0 = pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
+        p1 = pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
+        p2 = pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
+        p3 = pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
+        store_passes(out, block, t, p0, p1, p2, p3)
+    return block4
+
+
+_block4 = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)

@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import (ROWS, deinterleave, from_blocks, group_term, interleave, prefetch_ahead, scale_values, store_passes,
+from .q4 import (ROWS, deinterleave, from_blocks, gemm_block, group_term, interleave, prefetch_ahead, scale_values,
                  store_rows, stored_scales, to_blocks)
 from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, has_kernels,
                    into0, into1, into2, into3, load_floats, load_i8, total4, zeros_i32)
@@ -126,10 +126,7 @@ class Q8Matrix:
 @njit(inline="always")
 def _dots(w, at, x, o):
     """The 16 rows' integer dot products over the unit at w[at:at + 256] with x[o:o + 16]."""
-    d = dpbusd(zeros_i32(), load_i8(w, at), broadcast4(x, o))
-    d = dpbusd(d, load_i8(w, at + 64), broadcast4(x, o + 4))
-    d = dpbusd(d, load_i8(w, at + 128), broadcast4(x, o + 8))
-    return dpbusd(d, load_i8(w, at + 192), broadcast4(x, o + 12))
+    return _dots4(load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192), x, o)
 
 
 @njit(inline="always")
@@ -196,16 +193,7 @@ def _dots4(l0, l1, l2, l3, x, o):
     return dpbusd(d, l3, broadcast4(x, o + 12))
 
 
-@njit
-def _block4(packed, scales, offsets, factor, x, xscales, xhalves, out, block, t):
-    """_block for tokens t .. t + 3 at once, in passes by unit index mod 4 (as q4.py's)."""
-    w, s = packed[block], scales[block]
-    m = offsets[block]
-    p0 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 0, out)
-    p1 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 1, out)
-    p2 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 2, out)
-    p3 = _pass4(w, s, m, x, xscales, xhalves, factor, t, 3, out)
-    store_passes(out, block, t, p0, p1, p2, p3)
+_block4 = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
