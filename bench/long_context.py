@@ -6,8 +6,8 @@ projections, attention over `depth` positions, head. What a decode step reads an
 depend on the cache's contents (speed only: quality is perplexity's). The model's own codebooks serve
 the LUT cache; a model without them (a synth shape) gets random ones. The caches take turns for
 `--rounds` rounds, one held at a time (a 7B's exact cache at 16k is 17 GB): exact (float32 keys and
-values, as `run` keeps them), exact_f16 (the same over fp16 values, the like-for-like baseline) and
-lut (codes and fp16 values). Each round times `--tokens` steps; medians of the per-round mean step
+values), exact_f16 (fp16 keys and values, `run`'s default and the like-for-like baseline), exact_q8_0
+(8 bits and a scale per 32, `--cache-type q8_0`) and lut (codes and fp16 values). Each round times `--tokens` steps; medians of the per-round mean step
 time. The order rotates from round to round: the kind that ran right after a freed cache of many GB
 ran a third slower (7B at 16k, LUT 1.11 tok/s after exact's 17 GB, 1.52 first). Prints JSON and
 one line per model.
@@ -41,20 +41,19 @@ def random_codebooks(model: Model, depth: int, rng: np.random.Generator, d_sub: 
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(c.num_layers)]
 
 
-def filled_cache(model: Model, codebooks: list[np.ndarray] | None, half_values: bool, depth: int, extra: int,
+def filled_cache(model: Model, codebooks: list[np.ndarray] | None, cache_type: str, depth: int, extra: int,
                  rng: np.random.Generator) -> KVCache:
-    cache = KVCache(model.config, depth + extra, codebooks, half_values, kernels=True)
+    cache = KVCache(model.config, depth + extra, codebooks, cache_type, kernels=True)
     kv_heads, hd = model.config.num_kv_heads, model.config.head_dim
     keys = rng.standard_normal((kv_heads, TILE, hd), dtype=np.float32)
-    values = keys[:, ::-1].astype(np.float16)
-    values = values.view(np.uint16) if half_values else values.astype(np.float32)
-    kept = min(depth, cache.k.shape[2])  # LUT attention keeps float keys for the first positions only
-    if cache.k.dtype == np.uint16:  # exact attention over an fp16 cache: keys as fp16 bits too
-        keys = keys.astype(np.float16).view(np.uint16)
+    values = np.resize(keys[:, ::-1].astype(np.float16).astype(np.float32), (kv_heads, depth, hd))
     for layer in range(model.config.num_layers):
-        cache.k[layer, :, :kept] = np.resize(keys, (kv_heads, kept, hd))
-        cache.v[layer, :, :depth] = np.resize(values, (kv_heads, depth, hd))
-        if codebooks is not None:
+        if codebooks is None:  # keys and values in the cache's type, as the kernels write them
+            cache.append(layer, 0, np.resize(keys, (kv_heads, depth, hd)), values)
+        else:  # LUT attention keeps float keys for the first positions only, random codes for the rest
+            kept = min(depth, cache.k.shape[2])
+            cache.k[layer, :, :kept] = np.resize(keys, (kv_heads, kept, hd))
+            cache.v[layer, :, :depth] = values.astype(np.float16).view(np.uint16)
             codes = cache.lut[layer][1]
             codes[:, :depth // 64] = rng.integers(0, 256, codes[:, :depth // 64].shape, dtype=np.uint8)
     cache.commit(depth)
@@ -77,7 +76,7 @@ def bench_model(path: str, depth: int, tokens: int, rounds: int, kinds: list[str
         raise SystemExit(f"{path}: LUT attention runs on the 4/8-bit path; this model has float projections")
     books = source.key_codebooks()
     codebooks = books.layers if books is not None else random_codebooks(model, depth, rng)
-    caches = {"exact": (None, False), "exact_f16": (None, True), "lut": (codebooks, True)}
+    caches = {"exact": (None, "f32"), "exact_f16": (None, "f16"), "exact_q8_0": (None, "q8_0"), "lut": (codebooks, "f16")}
     model.warm_up()
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for r in range(rounds):
@@ -91,9 +90,9 @@ def bench_model(path: str, depth: int, tokens: int, rounds: int, kinds: list[str
     for kind in kinds:
         row[f"{kind}_tok_s"] = round(1 / float(np.median(times[kind])), 3)
         row[f"{kind}_round_tok_s"] = [round(1 / t, 3) for t in times[kind]]
-        kind_books, half = caches[kind]
-        row[f"{kind}_cache_mb"] = round(KVCache.size(model.config, depth, half, kind_books and d_sub) / 2**20)
-    for kind in set(kinds) & {"exact", "exact_f16"}:
+        kind_books, cache_type = caches[kind]
+        row[f"{kind}_cache_mb"] = round(KVCache.size(model.config, depth, cache_type, kind_books and d_sub) / 2**20)
+    for kind in set(kinds) & {"exact", "exact_f16", "exact_q8_0"}:
         if "lut" in kinds:
             row[f"lut_vs_{kind}"] = round(row["lut_tok_s"] / row[f"{kind}_tok_s"], 2)
     return row

@@ -36,3 +36,18 @@ def run_in_peer(script: str, *args: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"peer failed: {result.stderr.strip().splitlines()[-1:]}")
     return result.stdout
+
+
+# ggml's type numbers for llama.cpp's -ctk/-ctv; a quantized V cache needs flash attention there.
+_GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+def llama_cache_kwargs(cache_type: str) -> str:
+    """Llama(...) keyword arguments (as JSON) for a KV cache of `cache_type`, as edgeinfer's --cache-type;
+    f16 is llama.cpp's default and adds nothing."""
+    import json
+
+    if cache_type == "f16":
+        return "{}"
+    kwargs = {"type_k": _GGML_TYPES[cache_type], "type_v": _GGML_TYPES[cache_type]}
+    return json.dumps({**kwargs, "flash_attn": True} if cache_type == "q8_0" else kwargs)

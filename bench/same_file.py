@@ -5,9 +5,11 @@ the same token ids (edgeinfer's tokenization): for a model that adds BOS (Gemma)
 and ctx - 1 text tokens, every text token scored; otherwise ctx text tokens, all but the first
 scored (edgeinfer/perplexity.py). Then greedy raw completions of five prompts (-n tokens): how many
 tokens agree before the two first part, and there edgeinfer's float32 top-2 margin (a near tie).
-llama.cpp is llama-cpp-python in the peer venv (bench/peer.py), 2 threads. Prints JSON and a summary.
+llama.cpp is llama-cpp-python in the peer venv (bench/peer.py), 2 threads; both engines' KV cache
+is of --cache-type. Prints JSON and a summary.
 
-    python bench/same_file.py [--model gemma3-270m | FILE.gguf] [--ctx 512 2048] [-n 32]
+    python bench/same_file.py [--model gemma3-270m | FILE.gguf] [--ctx 512 2048] [-n 32] [--cache-type f16]
+                              [--no-greedy]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from peer import run_in_peer  # noqa: E402
+from peer import llama_cache_kwargs, run_in_peer  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n",
            "The three primary colors are", "In 1969, Neil Armstrong"]
@@ -31,10 +33,10 @@ PEER_SCRIPT = """
 import json, math, sys
 import numpy as np
 from llama_cpp import Llama
-path, job = sys.argv[1], json.load(open(sys.argv[2]))
+path, job, cache = sys.argv[1], json.load(open(sys.argv[2])), json.loads(sys.argv[3])
 out = {"ppl": {}, "greedy": []}
 for ctx, windows in job["windows"].items():
-    m = Llama(model_path=path, n_ctx=int(ctx), n_batch=512, n_threads=2, logits_all=True, verbose=False)
+    m = Llama(model_path=path, n_ctx=int(ctx), n_batch=512, n_threads=2, logits_all=True, verbose=False, **cache)
     nll = []
     for tokens in windows:
         m.reset()
@@ -45,7 +47,7 @@ for ctx, windows in job["windows"].items():
         nll += list(-logp[np.arange(len(tokens) - 1), tokens[1:]])
     out["ppl"][ctx] = math.exp(float(np.mean(nll)))
     del m
-m = Llama(model_path=path, n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+m = Llama(model_path=path, n_ctx=512, n_threads=2, logits_all=True, verbose=False, **cache)
 for ids in job["prompts"]:
     m.reset()
     m.eval(ids)
@@ -70,20 +72,23 @@ def main() -> None:
     p.add_argument("--ctx", type=int, nargs="*", default=[512, 2048], help="none: greedy completions only")
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     p.add_argument("-n", type=int, default=32)
+    p.add_argument("--cache-type", default="f16", help="both engines' KV cache: f16, q8_0 or f32")
+    p.add_argument("--no-greedy", action="store_true", help="perplexity only")
     args = p.parse_args()
     path = args.model if os.path.exists(args.model) else str(fetch_gguf(args.model))
-    fast, exact = open_engine(path, max(args.ctx, default=512)), open_engine(path, 512, float32=True)
+    fast = open_engine(path, max(args.ctx, default=512), cache_type=args.cache_type)
+    exact = open_engine(path, 512, float32=True)
     tok = fast.tokenizer
     ids = tok.encode(open(args.text).read(), add_bos=False)
     bos = tok.bos_id if tok.spec.add_bos else None
     windows = {ctx: [([bos] if bos is not None else []) + w.tolist()
                      for w in windows_of(ids, ctx - 1 if bos is not None else ctx)] for ctx in args.ctx}
-    prompts = [tok.encode(text) for text in PROMPTS]
+    prompts = [] if args.no_greedy else [tok.encode(text) for text in PROMPTS]
     with tempfile.NamedTemporaryFile("w", suffix=".json") as job:
         json.dump({"windows": windows, "prompts": prompts, "n": args.n}, job)
         job.flush()
-        peer = json.loads(run_in_peer(PEER_SCRIPT, path, job.name))
-    result = {"model": os.path.basename(path), "ppl": {}, "greedy": []}
+        peer = json.loads(run_in_peer(PEER_SCRIPT, path, job.name, llama_cache_kwargs(args.cache_type)))
+    result = {"model": os.path.basename(path), "cache_type": args.cache_type, "ppl": {}, "greedy": []}
     for ctx in args.ctx:
         ours = perplexity(fast.model, ids, ctx, bos=bos).ppl
         theirs = peer["ppl"][str(ctx)]
@@ -103,7 +108,7 @@ def main() -> None:
                                  "float32_top2_margin_where_they_part": margin,
                                  "edgeinfer": tok.decode(ours), "llamacpp": tok.decode(theirs)})
     print(json.dumps(result, indent=1))
-    print(f"{result['model']}: PPL " + ("; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} "
+    print(f"{result['model']}, cache {args.cache_type}: PPL " + ("; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} "
                                                   f"({v['difference']})" for c, v in result["ppl"].items()) or "-")
           + "; greedy tokens equal: " + ", ".join(f"{g['tokens_equal']}/{args.n}" for g in result["greedy"]))
 

@@ -178,9 +178,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cache_type_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
-                   help="the KV cache's keys and values on the 4/8-bit path: f16 (default, as llama.cpp's) or f32 "
-                        "(--exact keeps float32)")
+    p.add_argument("--cache-type", default="f16",  # checked by run_path.choose_path
+                   help="the KV cache's keys and values on the 4/8-bit path: f16 (default, as llama.cpp's), q8_0 "
+                        "(8 bits and a scale per 32: about half of f16) or f32 (--exact keeps float32)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:

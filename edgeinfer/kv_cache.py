@@ -8,7 +8,8 @@ through every layer, counts them in (`commit`); `truncate` forgets the positions
 With LUT attention a key is its codes (`lut`), `k` holds only EXACT_SLOTS float keys per layer and
 KV head (the first positions and a ring of the recent ones, which score exactly, kept by the LUT
 kernels themselves), and values are fp16 (uint16 bits), as NoMAD keeps them: at long contexts the
-value pass is then most of attention's reads. Exact attention keeps float32 keys and values.
+value pass is then most of attention's reads. Exact attention keeps keys and values in the cache
+type the path chose (kernels/kv_rows.py): fp16 by default, q8_0, or float32 (the float32 path's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ContextOverflowError
+from .kernels.kv_rows import as_float32, bytes_per_value, map_rows, new_rows, rows_at, rows_shape
 from .kernels.kv_store import append_kv
 from .kernels.lut_attention import EXACT_SLOTS, KEYS_PER_BLOCK, lut_buffers
 from .run_path import RunPath, choose_path
@@ -28,8 +30,8 @@ from .storage.source import WeightSource
 
 
 class LayerKV(NamedTuple):
-    keys: np.ndarray  # (kv_heads, capacity or EXACT_SLOTS, head_dim) float32
-    values: np.ndarray  # (kv_heads, capacity, head_dim) float32, or fp16 bits
+    keys: object  # (kv_heads, capacity or EXACT_SLOTS, head_dim) rows (kernels/kv_rows.py); LUT: float32
+    values: object  # (kv_heads, capacity, head_dim) rows
     lut: tuple  # (codebooks, codes, tables, sums) of LUT attention, empty arrays for exact attention
 
 
@@ -44,38 +46,40 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
 
 class KVCache:
     def __init__(self, config: ModelConfig, capacity: int, codebooks: list[np.ndarray] | None = None,
-                 half: bool = False, kernels: bool = False):
-        """codebooks: per layer, for LUT attention. half: values as fp16 bits, and keys too but with
-        LUT attention (whose exact keys stay float32). kernels: whether the 4/8-bit path's kernels
-        write it (else numpy does: the float32 path runs on CPUs without them)."""
-        key_positions = capacity if codebooks is None else EXACT_SLOTS
-        key_type = np.uint16 if half and codebooks is None else np.float32
-        self.k = lazy_zeros((config.num_layers, config.num_kv_heads, key_positions, config.head_dim), key_type)
-        self.v = lazy_zeros((config.num_layers, config.num_kv_heads, capacity, config.head_dim),
-                            np.uint16 if half else np.float32)
+                 cache_type: str = "f32", kernels: bool = False):
+        """codebooks: per layer, for LUT attention (whose values are fp16 and exact keys float32).
+        cache_type: the keys' and values' type (kernels/kv_rows.py: f32, f16 or q8_0). kernels:
+        whether the 4/8-bit path's kernels write it (else numpy does: the float32 path runs on CPUs
+        without them, with a float32 cache)."""
+        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
+        if codebooks is None:
+            self.k = new_rows(shape, cache_type, lazy_zeros)
+        else:
+            self.k = lazy_zeros(shape[:2] + (EXACT_SLOTS, shape[3]))
+        self.v = new_rows(shape, cache_type, lazy_zeros)
         self.lut = [lut_buffers(books, config.num_heads, capacity) for books in codebooks or [None] * config.num_layers]
         self.capacity, self.length, self.kernels = capacity, 0, kernels
 
     @staticmethod
-    def size(config: ModelConfig, capacity: int, half: bool, d_sub: int | None) -> int:
+    def size(config: ModelConfig, capacity: int, cache_type: str, d_sub: int | None) -> int:
         """Bytes of the keys, codes and values of a cache as __init__ makes it (d_sub: LUT attention's)."""
         per_position = config.num_layers * config.num_kv_heads * config.head_dim
-        values = per_position * capacity * (2 if half else 4)
+        values = int(per_position * capacity * bytes_per_value(cache_type))
         if d_sub is None:
             return 2 * values
         blocks = -(-capacity // KEYS_PER_BLOCK)
         return values + per_position * (EXACT_SLOTS * 4 + blocks * KEYS_PER_BLOCK // (2 * d_sub))
 
     @classmethod
-    def over(cls, k: np.ndarray, v: np.ndarray, kernels: bool) -> "KVCache":
-        """A cache (exact attention) over given key and value arrays (layers, kv_heads, capacity, hd)."""
+    def over(cls, k, v, kernels: bool) -> "KVCache":
+        """A cache (exact attention) over given key and value rows (layers, kv_heads, capacity, hd)."""
         cache = cls.__new__(cls)
-        cache.k, cache.v, cache.capacity, cache.length, cache.kernels = k, v, k.shape[2], 0, kernels
-        cache.lut = [lut_buffers(None, 0, 0)] * k.shape[0]
+        cache.k, cache.v, cache.capacity, cache.length, cache.kernels = k, v, rows_shape(k)[2], 0, kernels
+        cache.lut = [lut_buffers(None, 0, 0)] * rows_shape(k)[0]
         return cache
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.k[i], self.v[i], self.lut[i])
+        return LayerKV(rows_at(self.k, i), rows_at(self.v, i), self.lut[i])
 
     def reserve(self, count: int) -> int:
         """The first of the next `count` positions, which must fit."""
@@ -86,7 +90,7 @@ class KVCache:
     def append(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Keys (after RoPE) and values (kv_heads, count, head_dim) float32 of positions start.."""
         if self.kernels:  # the kernel reads them as flat arrays
-            append_kv(self.k[layer], self.v[layer], self.lut[layer], np.ascontiguousarray(keys),
+            append_kv(rows_at(self.k, layer), rows_at(self.v, layer), self.lut[layer], np.ascontiguousarray(keys),
                       np.ascontiguousarray(values), start)
         else:
             self.k[layer, :, start:start + keys.shape[1]] = keys
@@ -94,8 +98,7 @@ class KVCache:
 
     def float_keys(self, layer: int, start: int, end: int) -> np.ndarray:
         """Keys (kv_heads, end - start, head_dim) of positions start..end-1 as float32 (exact attention)."""
-        keys = self.k[layer, :, start:end]
-        return keys.view(np.float16).astype(np.float32) if keys.dtype == np.uint16 else keys.copy()
+        return as_float32(map_rows(self.k, lambda a: a[layer, :, start:end]))
 
     def fetch(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values (kv_heads, end, head_dim) float32 of positions 0..end-1 (the float32 path's)."""
@@ -113,7 +116,7 @@ def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
     """Bytes of the KV cache a model of `source` on `path` makes for `capacity` positions, known
     before any weight is read (the memory plan's)."""
     books = source.key_codebooks() if path.lut else None
-    return KVCache.size(source.config, capacity, path.cache_type == "f16", books.d_sub if books else None)
+    return KVCache.size(source.config, capacity, path.cache_type, books.d_sub if books else None)
 
 
 def model_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
@@ -130,11 +133,11 @@ class SlotCaches:
     array for the batched kernel; `slot(s)` is slot s's cache, a KVCache over its part, with its own
     length. Exact attention. Pages become resident as they are written."""
 
-    def __init__(self, config: ModelConfig, capacity: int, slots: int, kernels: bool, half: bool = False):
+    def __init__(self, config: ModelConfig, capacity: int, slots: int, kernels: bool, cache_type: str = "f32"):
         shape = (config.num_layers, slots, config.num_kv_heads, capacity, config.head_dim)
-        dtype = np.uint16 if half else np.float32
-        self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
-        self.caches = [KVCache.over(self.k[:, s], self.v[:, s], kernels) for s in range(slots)]
+        self.k, self.v = new_rows(shape, cache_type, lazy_zeros), new_rows(shape, cache_type, lazy_zeros)
+        self.caches = [KVCache.over(map_rows(self.k, lambda a: a[:, s]), map_rows(self.v, lambda a: a[:, s]), kernels)
+                       for s in range(slots)]
         self.capacity = capacity
 
     def slot(self, s: int) -> KVCache:

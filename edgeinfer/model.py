@@ -19,6 +19,7 @@ from .config import rope_inv_freq
 from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
                                    decode_mlp, decode_scratch)
+from .kernels.kv_rows import rows_at
 from .kernels.lut_attention import attend_causal_lut
 from .kernels.ops import LANES, attend_causal, gated_activation_rows, rmsnorm_into, rope_rows, round_rows_like
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
@@ -42,7 +43,7 @@ class Model:
         those it stores as floats too, quantized at load to `load_bits` (resident models only).
         window: stream layers through that many slots instead of holding them all (single file only),
         but for the `pinned` units (layer indices, or "head"), held across passes.
-        cache_type: the fused path's KV cache, "f16" or "f32" (run_path.py).
+        cache_type: the fused path's KV cache, "f16", "q8_0" or "f32" (run_path.py).
         A layers-only source (a cluster worker's share) has no embedding or head."""
         self.config = c = source.config
         if c.head_dim % LANES:  # the attention kernels work in whole 16-lane vectors
@@ -65,7 +66,7 @@ class Model:
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity, self.codebooks, half=self.path.cache_type == "f16",
+        return KVCache(self.config, capacity, self.codebooks, cache_type=self.path.cache_type,
                        kernels=self.path.fused)
 
     def _scratch_for(self, cache: KVCache) -> DecodeScratch:
@@ -80,7 +81,7 @@ class Model:
         """KV caches of `slots` sequences decoded together (decode_batch)."""
         if self.path.lut:
             raise EdgeInferError("sequences decoded together need exact attention, not LUT attention")
-        return SlotCaches(self.config, capacity, slots, kernels=self.path.fused, half=self.path.cache_type == "f16")
+        return SlotCaches(self.config, capacity, slots, kernels=self.path.fused, cache_type=self.path.cache_type)
 
     def decode_batch(self, tokens: np.ndarray, caches: SlotCaches, slots: list[int]) -> np.ndarray:
         """Logits (rows, vocab) of one token for each of several sequences: tokens[r] is the next
@@ -99,7 +100,7 @@ class Model:
         h = np.ascontiguousarray(self.embed(np.asarray(tokens)))
         for i in range(c.num_layers):
             _, args = self.weights.layer(i)
-            decode_layer_batch(h, args, caches.k[i], caches.v[i], lut, slot_ids, positions, self.inv_freqs[i],
+            decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions, self.inv_freqs[i],
                                c.rms_norm_eps, b)
             self.weights.done(i)
         for s in slots:

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 from .errors import EdgeInferError
 from .kernels.activations import GROUP
+from .kernels.kv_rows import CACHE_TYPES, Q8_BLOCK
 from .kernels.simd import has_kernels
 from .storage.quantize import is_quantized_type, layout_of
 from .storage.source import WeightSource
 from .storage.tensor_names import PROJECTIONS, layer_prefix
 
 ATTENTION_KINDS = ("exact", "lut")
-CACHE_TYPES = ("f16", "f32")
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -27,7 +27,7 @@ class RunPath:
     lut: bool  # LUT attention over the file's key codebooks (fused only)
     precision: str  # "q4", "q8" or "f32" (and whether quantized on load), shown to the user
     load_bits: int | None = None  # float matrices are quantized to this many bits at load; None: float32
-    cache_type: str = "f32"  # the KV cache's keys and values: "f16" (fp16 bits) or "f32"; LUT: fp16 values
+    cache_type: str = "f32"  # the KV cache's keys and values: "f16", "q8_0" or "f32" (kv_rows.py); LUT: fp16 values
 
 
 def projection_types(source: WeightSource) -> set[str]:
@@ -54,7 +54,7 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact",
     if attention not in ATTENTION_KINDS:
         raise EdgeInferError(f"--attention is exact or lut, got {attention!r}")
     if cache_type not in CACHE_TYPES:
-        raise EdgeInferError(f"--cache-type is f16 or f32, got {cache_type!r}")
+        raise EdgeInferError(f"--cache-type is one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
     quantized = quantized and has_kernels()
     load_bits = load_bits if quantized else None
     names = _projections(source)
@@ -74,4 +74,7 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact",
         if source.config.local_layers:
             raise EdgeInferError("LUT attention does not run sliding-window layers yet (Gemma 3, Mistral's window)")
     cache_type = "f16" if attention == "lut" else cache_type if fused else "f32"
+    if cache_type == "q8_0" and source.config.head_dim % Q8_BLOCK:
+        raise EdgeInferError(f"--cache-type q8_0 needs a head size that is a multiple of {Q8_BLOCK}; "
+                             f"this model's is {source.config.head_dim} (use f16)")
     return RunPath(quantized, fused, attention == "lut", precision, load_bits if floats else None, cache_type)

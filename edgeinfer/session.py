@@ -53,7 +53,7 @@ class SessionOptions:
     verbose: bool = False  # report the memory plan even when it is plainly resident
     cluster: ClusterOptions | None = None
     sequences: int = 1  # KV caches the memory plan counts (a server's parallel slots)
-    cache_type: str = "f16"  # the 4/8-bit path's KV cache: f16 or f32 (--exact keeps float32)
+    cache_type: str = "f16"  # the 4/8-bit path's KV cache: f16, q8_0 or f32 (--exact keeps float32)
 
 
 def open_session(options: SessionOptions, report: Report = to_stderr, progress: ProgressFn | None = None) -> Engine:

@@ -25,13 +25,14 @@ def _model(tmp_path, tokenizer_json, kind: str) -> Model:
     if kind == "gemma3-q8-at-load":  # local layers, q/k and output norms, GELU; 8-bit matrices
         return Model(open_model(str(make_hf_model(tmp_path / kind, tokenizer_json, arch="gemma3",
                                                   sliding_window=4))), quantized=True)
-    arch = kind.split("-")[0]
-    hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch)
+    arch, q8_cache = kind.split("-")[0], kind.endswith("q8_0-cache")
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1} if q8_cache else {}  # q8_0: 32 per head
+    hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch, **heads)
     return Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
-                 quantized=True)
+                 quantized=True, cache_type="q8_0" if q8_cache else "f16")
 
 
-@pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load"])
+@pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load", "llama-q4-q8_0-cache"])
 def test_batched_decode_rows_equal_each_sequence_alone(tmp_path, tokenizer_json, kind):
     """Model.decode_batch reads each weight once for all rows; every row's logits equal, bit for bit,
     those of its sequence decoded alone, whichever sequences share the step."""

@@ -189,3 +189,12 @@ def test_bench_rows_as_llama_bench(tiny_gguf):
     assert md.returncode == 0 and "| tg4 |" in md.stdout and "pp" not in md.stdout.split("\n", 2)[2]
     assert_one_line_error(edgeinfer_cli("bench", str(tiny_gguf), "-t", "0"), "at least 1")
     assert_one_line_error(edgeinfer_cli("bench", str(tiny_gguf), "-t", "two"), "separated by commas")
+
+
+def test_cache_types(tiny_single):
+    """--cache-type: an unknown type gets one line naming the ones there are; q8_0 needs heads of a
+    multiple of 32 (the tiny model's are 16) and says so."""
+    assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "q4_0"),
+                          "q4_0", "f16", "q8_0", "f32")
+    assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "q8_0"),
+                          "q8_0", "multiple of 32", "16")

@@ -214,7 +214,7 @@ def test_caches_hold_what_the_memory_plan_counts(calibrated):
     f32 = Model(open_model(str(path)), True, cache_type="f32").new_cache(200)
     assert f32.k.dtype == f32.v.dtype == np.float32
     assert f32.k.nbytes * 2 == cache_bytes(source, 200, choose_path(source, True, cache_type="f32"))
-    assert cache_bytes(source, 200, choose_path(source, False)) == KVCache.size(model.config, 200, False, None) == \
+    assert cache_bytes(source, 200, choose_path(source, False)) == KVCache.size(model.config, 200, "f32", None) == \
         Model(open_model(str(path)), False).new_cache(200).k.nbytes * 2
     with pytest.raises(EdgeInferError, match="4/8-bit path"):  # the float path has no LUT attention
         choose_path(source, False, "lut")

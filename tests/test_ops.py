@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgeinfer.kernels import reference as ref
+from edgeinfer.kernels.kv_rows import CACHE_TYPES, Q8Rows, as_float32, new_rows, quantize_rows
 from edgeinfer.kernels.ops import (attend_causal, attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into,
                                   rope_in_place, rope_rows)
 
@@ -55,27 +56,59 @@ def test_rmsnorm_of_each_head():
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_q8_0_rows_are_llama_cpp_s_blocks():
+    """A q8_0 cache row: per 32 values d = max|x| / 127 and x * (1 / d) rounded to nearest even, as
+    llama.cpp's vector code quantizes (its scale kept in float32 here); an all-zero block stays zero."""
+    x = rng.standard_normal((3, 5, 96)).astype(np.float32) * np.float32(3)
+    x[1, 2, 32:64] = 0
+    x[2, 0, :32] = np.arange(32, dtype=np.float32) - 15.5  # d = 1 with the 127 below: halves are ties
+    x[2, 0, 0] = 127
+    rows = new_rows(x.shape, "q8_0")
+    quantize_rows(x, rows)
+    blocks = x.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    np.testing.assert_array_equal(rows.quants.reshape(-1, 32), np.round(blocks * inv[:, None]).astype(np.int8))
+    np.testing.assert_array_equal(rows.scales.reshape(-1), d)
+    assert not rows.quants[1, 2, 32:64].any() and rows.scales[1, 2, 1] == 0
+    assert list(rows.quants[2, 0, 13:19]) == [-2, -2, 0, 0, 2, 2]  # -2.5, -1.5, -.5, .5, 1.5, 2.5: to even
+    error = np.abs(as_float32(rows) - x).reshape(-1, 32)
+    assert np.all(error <= d[:, None] * 0.5 * 1.0001)  # within half a step
+
+
+def _cache_rows(x: np.ndarray, cache_type: str):
+    """x stored in a cache of `cache_type` (as the kernels write it) and what it holds as float32."""
+    rows = new_rows(x.shape, cache_type)
+    quantize_rows(x, rows)
+    return rows, as_float32(rows)
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
 @pytest.mark.parametrize("heads,kv_heads,length,window", [(9, 3, 1, 0), (9, 3, 40, 0), (4, 4, 300, 0), (8, 1, 17, 0),
                                                           (4, 2, 300, 64), (4, 2, 30, 64)])
-def test_attention_of_one_token(heads, kv_heads, length, window):
+def test_attention_of_one_token(heads, kv_heads, length, window, cache_type):
     hd, capacity = 64, 320
     q = rng.standard_normal(heads * hd).astype(np.float32)
-    keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
+    (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)
+                              for _ in range(2))
+    assert isinstance(keys, Q8Rows) == (cache_type == "q8_0")
     out, scores = np.empty_like(q), np.empty((heads, capacity), np.float32)
     attend_one(q, keys, values, max(0, length - window) if window else 0, length, 0.1, scores, out)
-    expected = ref.causal_attention(q.reshape(heads, 1, hd), keys[:, :length], values[:, :length], length - 1,
-                                    window, 0.1)
+    expected = ref.causal_attention(q.reshape(heads, 1, hd), k[:, :length], v[:, :length], length - 1, window, 0.1)
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
 @pytest.mark.parametrize("heads,kv_heads,tokens,start,window", [(9, 3, 37, 20, 0), (4, 4, 1, 0, 0), (8, 1, 16, 0, 0),
                                                                 (4, 2, 70, 3, 0), (4, 2, 70, 30, 17), (2, 1, 9, 0, 4)])
-def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start, window):
+def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start, window, cache_type):
     hd, capacity = 32, 128
     q = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
-    keys, values = (rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32) for _ in range(2))
+    (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)
+                              for _ in range(2))
     out = np.empty_like(q)
     attend_causal(q, keys, values, start, window, 1 / np.sqrt(hd), out)
+    keys, values = k, v
     per_head = q.reshape(tokens, heads, hd).transpose(1, 0, 2)
     expected = ref.causal_attention(per_head, keys[:, :start + tokens], values[:, :start + tokens], start, window)
     np.testing.assert_allclose(out, expected.transpose(1, 0, 2).reshape(tokens, -1), rtol=1e-5, atol=1e-5)
@@ -89,3 +122,17 @@ def test_rope_of_a_batch():
     rope_rows(rotated, cos, sin)
     expected = ref.apply_rope(x.reshape(11, 3, 64).transpose(1, 0, 2), cos, sin).transpose(1, 0, 2).reshape(11, -1)
     np.testing.assert_allclose(rotated, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_kv_cache_bytes_of_each_type(cache_type):
+    """The memory plan's KV cache size is what the cache holds: q8_0 is 36 bytes per 32 values."""
+    from types import SimpleNamespace
+
+    from edgeinfer.kv_cache import KVCache
+
+    config = SimpleNamespace(num_layers=3, num_kv_heads=2, num_heads=4, head_dim=64)
+    cache = KVCache(config, 100, cache_type=cache_type, kernels=True)
+    held = sum(a.nbytes for rows in (cache.k, cache.v) for a in (rows if isinstance(rows, Q8Rows) else [rows]))
+    assert held == KVCache.size(config, 100, cache_type, None)
+    assert held == 2 * 3 * 2 * 100 * 64 * {"f32": 4, "f16": 2, "q8_0": 36 / 32}[cache_type]

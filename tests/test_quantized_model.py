@@ -58,14 +58,16 @@ def test_smollm2_four_bit_path_agrees_with_float32(smollm2_gguf):
     assert agreement >= 0.9
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_json, arch):
-    """Decoding token by token through kernels/decode_layer.py gives the logits of the op-by-op 4-bit path."""
+@pytest.mark.parametrize("arch,cache_type", [("llama", "f16"), ("qwen2", "f16"), ("llama", "q8_0")])  # qwen2: biases
+def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_json, arch, cache_type):
+    """Decoding token by token through kernels/decode_layer.py gives the logits of the op-by-op 4-bit
+    path, over either KV cache type of the 4-bit path."""
     from conftest import make_hf_model
 
-    hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch)
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1} if cache_type == "q8_0" else {}  # q8_0: 32 per head
+    hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch, **heads)
     model = Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
-                  quantized=True)
+                  quantized=True, cache_type=cache_type)
     assert model.path.fused
     fused_path, by_op_path = model.path, dataclasses.replace(model.path, fused=False)
     ids = np.arange(5, 29)
@@ -79,7 +81,8 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(tmp_path, tokenizer_js
         model.path = fused_path
         # int8 activations: the two paths' float rounding can flip a value by one step
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
-    keys = lambda cache: np.stack([cache.float_keys(i, 0, cache.length) for i in range(len(cache.k))])  # noqa: E731
+    keys = lambda cache: np.stack([cache.float_keys(i, 0, cache.length)  # noqa: E731
+                                   for i in range(model.config.num_layers)])
     np.testing.assert_allclose(keys(fused), keys(by_op), rtol=0, atol=2e-3 * np.abs(keys(by_op)).max())
 
 

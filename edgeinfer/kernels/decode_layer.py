@@ -25,8 +25,10 @@ from collections import namedtuple
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 from .activations import Q8Activations, _quantize
+from .kv_rows import is_q8_type, rows_at, rows_shape
 from .kv_store import append_kv
 from .lut_attention import attend_causal_lut
 from .ops import (attend_one, attend_rows, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place,
@@ -121,13 +123,28 @@ def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, s
     value go at `position` (store_token)."""
     window, scale = weights[3][0], weights[3][2]
     store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps)
-    codebooks, codes, tables, sums = lut
-    if codebooks.shape[0]:
-        kv_heads, hd = keys.shape[0], keys.shape[2]
-        attend_causal_lut(q.reshape((1, q.shape[0])), k.reshape((kv_heads, 1, hd)), codebooks, codes, keys, values,
-                          position, tables, sums, scores, att.reshape((1, att.shape[0])))
+    if lut[0].shape[0]:
+        attend_token_lut(q, k, keys, values, lut, position, scores, att)
     else:
         attend_one(q, keys, values, window_start(position, window), position + 1, scale, scores, att)
+
+
+def attend_token_lut(q, k, keys, values, lut, position, scores, att):
+    """attend_token with LUT attention (lut_attention.attend_causal_lut), whose exact keys are
+    float32: the cache types it never runs with (q8_0, run_path.choose_path) compile to nothing."""
+
+
+@overload(attend_token_lut)
+def _attend_token_lut(q, k, keys, values, lut, position, scores, att):
+    if is_q8_type(keys):
+        return lambda q, k, keys, values, lut, position, scores, att: None
+
+    def attend(q, k, keys, values, lut, position, scores, att):
+        codebooks, codes, tables, sums = lut
+        kv_heads, _, hd = keys.shape
+        attend_causal_lut(q.reshape((1, q.shape[0])), k.reshape((kv_heads, 1, hd)), codebooks, codes, keys, values,
+                          position, tables, sums, scores, att.reshape((1, att.shape[0])))
+    return attend
 
 
 @njit(cache=True)
@@ -135,7 +152,7 @@ def store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps):
     """A token's projections made ready, in place: biases, query/key norms, RoPE; its key and value
     into the cache at `position`; the queries rounded as the cache's keys are (ops.round_like)."""
     (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), _ = weights
-    kv_heads, hd = keys.shape[0], keys.shape[2]
+    kv_heads, _, hd = rows_shape(keys)
     add_bias(q, bq)
     add_bias(k, bk)
     add_bias(v, bv)
@@ -216,7 +233,7 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq
     firsts = np.empty(rows, np.int64)
     for r in range(rows):
         slot = slots[r]
-        store_token(weights, b.q[r], b.k[r], b.v[r], keys[slot], values[slot], lut, positions[r], inv_freq, eps)
+        store_token(weights, b.q[r], b.k[r], b.v[r], rows_at(keys, slot), rows_at(values, slot), lut, positions[r], inv_freq, eps)
         firsts[r] = window_start(positions[r], window)
     attend_rows(b.q, keys, values, slots, firsts, positions + 1, scale, b.scores, b.att)
     for r in range(rows):

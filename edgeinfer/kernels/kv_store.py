@@ -6,29 +6,25 @@ from __future__ import annotations
 from numba import njit
 
 from .lut_attention import encode_keys_into
-from .ops import LANES
-from .simd import load_f32, store_floats
+from .kv_rows import rows_shape, store_row
 
 
 @njit(cache=True)
 def append_kv(keys, values, lut, new_keys, new_values, start):
     """new_keys (after RoPE) and new_values, both (kv_heads, count, hd) float32 and contiguous, of
-    positions start.. into a layer's cache: values (kv_heads, capacity, hd) as float32 or fp16 bits;
-    keys (kv_heads, capacity, hd) float32, or with LUT attention (lut's codebooks not empty) as codes,
+    positions start.. into a layer's cache: values (kv_heads, capacity, hd) rows of any type
+    (kv_rows.py); keys likewise, or with LUT attention (lut's codebooks not empty) as codes,
     the float keys that score exactly being kept by the LUT attention kernels as each query reaches
     them (lut_attention.attend_causal_lut)."""
     kv_heads, count, hd = new_values.shape
+    capacity = rows_shape(values)[1]
     for kh in range(kv_heads):
         for j in range(count):
-            for d in range(0, hd, LANES):
-                store_floats(values, (kh * values.shape[1] + start + j) * hd + d,
-                             load_f32(new_values, (kh * count + j) * hd + d))
+            store_row(values, (kh * capacity + start + j) * hd, new_values, (kh * count + j) * hd, hd)
     codebooks, codes, _, _ = lut
     if codebooks.shape[0]:
         encode_keys_into(new_keys, codebooks, codes, start)
     else:
         for kh in range(kv_heads):
             for j in range(count):
-                for d in range(0, hd, LANES):
-                    store_floats(keys, (kh * keys.shape[1] + start + j) * hd + d,
-                                 load_f32(new_keys, (kh * count + j) * hd + d))
+                store_row(keys, (kh * rows_shape(keys)[1] + start + j) * hd, new_keys, (kh * count + j) * hd, hd)

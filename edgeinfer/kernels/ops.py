@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .kv_rows import is_q8_type, load_row, rows_at, rows_shape
 from .simd import (add, div, exp_f32, fma, hsum, hsum16, load_f32, load_floats, mul, neg, splat, store_f32,
                    store_floats, sub, zeros_f32)
 
@@ -67,12 +68,13 @@ def gated_activation_into(gate, up, gelu, out):
 
 def round_like(q, keys):
     """q (float32, a multiple of 16 long) rounded in place to fp16 precision when the cache's keys
-    are fp16 bits, as llama.cpp rounds the queries it multiplies an fp16 cache with; else nothing."""
+    are fp16 bits, as llama.cpp rounds the queries it multiplies an fp16 cache with; else nothing
+    (a q8_0 cache's keys are multiplied with float32 queries: llama.cpp quantizes them to 8 bits)."""
 
 
 @overload(round_like)
 def _round_like(q, keys):
-    if keys.dtype != types.uint16:
+    if is_q8_type(keys) or keys.dtype != types.uint16:
         return lambda q, keys: None
 
     def round_q(q, keys):
@@ -101,7 +103,7 @@ def _dot(q, qo, keys, row, hd):
     """q[qo:qo + hd] . keys[row:row + hd], in 16 lanes (not yet summed)."""
     acc = zeros_f32()
     for d in range(0, hd, LANES):
-        acc = fma(load_f32(q, qo + d), load_floats(keys, row + d), acc)
+        acc = fma(load_f32(q, qo + d), load_row(keys, row + d), acc)
     return acc
 
 
@@ -122,11 +124,11 @@ def _scores16(q, qo, keys, row, hd):
 def attend_one(q, keys, values, first, length, scale, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
-    hd a multiple of 16 (float32 or fp16 bits); scores is scratch (heads, >= length). At long
-    contexts this is the step's largest read after the weights, so each KV head's keys and values
+    hd a multiple of 16, rows of any cache type (kv_rows.py); scores is scratch (heads, >= length).
+    At long contexts this is the step's largest read after the weights, so each KV head's keys and values
     are read from memory once for all the query heads that share them (a thread per KV head,
     _attend_kv_head)."""
-    for kh in prange(keys.shape[0]):
+    for kh in prange(rows_shape(keys)[0]):
         _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
 
 
@@ -136,10 +138,10 @@ def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
     of q (rows, heads * hd) over positions firsts[r]..lengths[r]-1 of its slot's keys/values
     (slots, kv_heads, capacity, hd), scores (rows, heads, >= length). The threads take (row, KV
     head) pairs, so a few KV heads still fill them; each row's result is attend_one's, bit for bit."""
-    kv_heads = keys.shape[1]
+    kv_heads = rows_shape(keys)[1]
     for task in prange(q.shape[0] * kv_heads):
         r, kh = task // kv_heads, task % kv_heads
-        _attend_kv_head(q[r], keys[slots[r]], values[slots[r]], firsts[r], lengths[r], scale, scores[r], out[r], kh)
+        _attend_kv_head(q[r], rows_at(keys, slots[r]), rows_at(values, slots[r]), firsts[r], lengths[r], scale, scores[r], out[r], kh)
 
 
 @njit(inline="always")
@@ -147,7 +149,7 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
     """The query heads of KV head kh (its group): each key and value row is taken by all of them
     while it is in L1; 16 keys' scores come out of one vector (hsum16); each head's arithmetic is
     the order a head alone would do."""
-    kv_heads, capacity, hd = keys.shape
+    kv_heads, capacity, hd = rows_shape(keys)
     group = q.shape[0] // hd // kv_heads
     scale, span = np.float32(scale), length - first
     whole = span - span % LANES
@@ -170,7 +172,7 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
         for g in range(group):
             weight, qo = splat(scores[kh * group + g, t]), (kh * group + g) * hd
             for d in range(0, hd, LANES):
-                store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
+                store_f32(out, qo + d, fma(weight, load_row(values, row + d), load_f32(out, qo + d)))
     for g in range(group):
         scale_g, qo = splat(norms[g]), (kh * group + g) * hd
         for d in range(0, hd, LANES):
@@ -193,8 +195,8 @@ def exp_in_place(scores, length, top):
 
 @njit(cache=True)
 def weighted_values(p, values, base, length, hd, norm, out, qo):
-    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd] (float32 or fp16
-    bits): key by key, each value row read once in order (a pass per 16 dimensions would stride
+    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd] (any cache
+    type): key by key, each value row read once in order (a pass per 16 dimensions would stride
     through the rows hd/16 times)."""
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, zeros_f32())
@@ -202,7 +204,7 @@ def weighted_values(p, values, base, length, hd, norm, out, qo):
         weight = splat(p[t])
         row = base + t * hd
         for d in range(0, hd, LANES):
-            store_f32(out, qo + d, fma(weight, load_floats(values, row + d), load_f32(out, qo + d)))
+            store_f32(out, qo + d, fma(weight, load_row(values, row + d), load_f32(out, qo + d)))
     scale = splat(norm)
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, mul(load_f32(out, qo + d), scale))
@@ -227,7 +229,7 @@ def _attend_query(q, keys, values, start, t, window, scale, out):
     """Token t (position start + t) over keys 0..start+t (the last `window` of them when window >
     0), online softmax in blocks of 16 keys: no score row as long as the context, one rescale of
     the running sum per block."""
-    kv_heads, capacity, hd = keys.shape
+    kv_heads, capacity, hd = rows_shape(keys)
     width = q.shape[1]
     group = width // hd // kv_heads
     scale = np.float32(scale)
@@ -247,7 +249,7 @@ def _attend_query(q, keys, values, start, t, window, scale, out):
                 if j < n:
                     acc = zeros_f32()
                     for d in range(0, hd, LANES):
-                        acc = fma(load_f32(q, qo + d), load_floats(keys, base + (k0 + j) * hd + d), acc)
+                        acc = fma(load_f32(q, qo + d), load_row(keys, base + (k0 + j) * hd + d), acc)
                     s = hsum(acc) * scale
                 block[j] = s
                 block_top = max(block_top, s)
@@ -260,7 +262,7 @@ def _attend_query(q, keys, values, start, t, window, scale, out):
             for d in range(0, hd, LANES):
                 acc = mul(load_f32(out, qo + d), splat(correction))
                 for j in range(n):
-                    acc = fma(splat(block[j]), load_floats(values, base + (k0 + j) * hd + d), acc)
+                    acc = fma(splat(block[j]), load_row(values, base + (k0 + j) * hd + d), acc)
                 store_f32(out, qo + d, acc)
         inv = splat(np.float32(1) / total)
         for d in range(0, hd, LANES):

@@ -235,17 +235,19 @@ def fma(typingctx, a, b, c):
 
 @intrinsic
 def load_floats(typingctx, arr, offset):
-    """arr[offset:offset + 16] as 16 float32 lanes: float32 values, or fp16 bits stored as uint16
-    (widened with vcvtph2ps)."""
-    half = arr.dtype == types.uint16
+    """arr[offset:offset + 16] as 16 float32 lanes: float32 values, fp16 bits stored as uint16
+    (widened with vcvtph2ps), or int8 values."""
+    half, byte = arr.dtype == types.uint16, arr.dtype == types.int8
 
     def codegen(context, builder, signature, args):
-        elem = ir.IntType(16) if half else ir.FloatType()
+        elem = ir.IntType(16) if half else ir.IntType(8) if byte else ir.FloatType()
         ptr = _ptr(context, builder, signature.args[0], args[0], args[1], ir.VectorType(elem, 16))
-        values = builder.load(ptr, align=2 if half else 4)
+        values = builder.load(ptr, align=2 if half else 1 if byte else 4)
         if half:
             values = builder.fpext(builder.bitcast(values, ir.VectorType(ir.HalfType(), 16)),
                                    ir.VectorType(ir.FloatType(), 16))
+        elif byte:
+            values = builder.sitofp(values, ir.VectorType(ir.FloatType(), 16))
         return values
     return V16F32(arr, offset), codegen
 
