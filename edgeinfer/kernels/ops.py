@@ -167,16 +167,42 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
         norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, top)
         for d in range(0, hd, LANES):
             store_f32(out, (kh * group + g) * hd + d, zeros_f32())
-    for t in range(span):
-        row = base + t * hd
+    for c in range(0, span, VALUE_CHUNK):
         for g in range(group):
-            weight, qo = splat(scores[kh * group + g, t]), (kh * group + g) * hd
-            for d in range(0, hd, LANES):
-                store_f32(out, qo + d, fma(weight, load_row(values, row + d), load_f32(out, qo + d)))
+            _add_values(scores[kh * group + g], values, base, c, min(span, c + VALUE_CHUNK), hd, out,
+                        (kh * group + g) * hd)
     for g in range(group):
         scale_g, qo = splat(norms[g]), (kh * group + g) * hd
         for d in range(0, hd, LANES):
             store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
+
+
+VALUE_CHUNK = 64  # value rows a KV head's query heads take in turn while they are in L1 (8 KB at 64 fp16 dims)
+
+
+@njit(inline="always")
+def _add_values(p, values, base, first, end, hd, out, qo):
+    """out[qo:qo + hd] += sum over t in first..end-1 of p[t] * values row t (from `base`), 64 dims at
+    a time in 4 registers: a row's dims each take their products in order of t, so the sums are those
+    of one running sum per dim, whatever the blocking."""
+    for d in range(0, hd - hd % 64, 64):
+        a0, a1 = load_f32(out, qo + d), load_f32(out, qo + d + 16)
+        a2, a3 = load_f32(out, qo + d + 32), load_f32(out, qo + d + 48)
+        for t in range(first, end):
+            weight, row = splat(p[t]), base + t * hd + d
+            a0 = fma(weight, load_row(values, row), a0)
+            a1 = fma(weight, load_row(values, row + 16), a1)
+            a2 = fma(weight, load_row(values, row + 32), a2)
+            a3 = fma(weight, load_row(values, row + 48), a3)
+        store_f32(out, qo + d, a0)
+        store_f32(out, qo + d + 16, a1)
+        store_f32(out, qo + d + 32, a2)
+        store_f32(out, qo + d + 48, a3)
+    for d in range(hd - hd % 64, hd, LANES):
+        acc = load_f32(out, qo + d)
+        for t in range(first, end):
+            acc = fma(splat(p[t]), load_row(values, base + t * hd + d), acc)
+        store_f32(out, qo + d, acc)
 
 
 @njit(cache=True)
@@ -196,15 +222,10 @@ def exp_in_place(scores, length, top):
 @njit(cache=True)
 def weighted_values(p, values, base, length, hd, norm, out, qo):
     """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd] (any cache
-    type): key by key, each value row read once in order (a pass per 16 dimensions would stride
-    through the rows hd/16 times)."""
+    type), 64 dims at a time over all keys (_add_values)."""
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, zeros_f32())
-    for t in range(length):
-        weight = splat(p[t])
-        row = base + t * hd
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, fma(weight, load_row(values, row + d), load_f32(out, qo + d)))
+    _add_values(p, values, base, 0, length, hd, out, qo)
     scale = splat(norm)
     for d in range(0, hd, LANES):
         store_f32(out, qo + d, mul(load_f32(out, qo + d), scale))
