@@ -7,10 +7,10 @@ depend on the cache's contents (speed only: quality is perplexity's). The model'
 the LUT cache; a model without them (a synth shape) gets random ones. The caches take turns for
 `--rounds` rounds, one held at a time (a 7B's exact cache at 16k is 17 GB): exact (float32 keys and
 values), exact_f16 (fp16 keys and values, `run`'s default and the like-for-like baseline), exact_q8_0
-(8 bits and a scale per 32, `--cache-type q8_0`) and lut (codes and fp16 values). Each round times `--tokens` steps; medians of the per-round mean step
-time. The order rotates from round to round: the kind that ran right after a freed cache of many GB
-ran a third slower (7B at 16k, LUT 1.11 tok/s after exact's 17 GB, 1.52 first). Prints JSON and
-one line per model.
+(8 bits and a scale per 32, `--cache-type q8_0`) and lut (codes and fp16 values). Each round times
+`--tokens` steps; medians of the per-round mean step time. The order rotates from round to round:
+the kind that ran right after a freed cache of many GB ran a third slower (7B at 16k, LUT 1.11
+tok/s after exact's 17 GB, 1.52 first). Prints JSON and one line per model.
 
     python bench/long_context.py MODEL [MODEL ...] [--depth 16384] [--tokens 8] [--rounds 3] [-t 2]
                                  [--kinds exact,exact_f16,lut]
@@ -76,7 +76,8 @@ def bench_model(path: str, depth: int, tokens: int, rounds: int, kinds: list[str
         raise SystemExit(f"{path}: LUT attention runs on the 4/8-bit path; this model has float projections")
     books = source.key_codebooks()
     codebooks = books.layers if books is not None else random_codebooks(model, depth, rng)
-    caches = {"exact": (None, "f32"), "exact_f16": (None, "f16"), "exact_q8_0": (None, "q8_0"), "lut": (codebooks, "f16")}
+    caches = {"exact": (None, "f32"), "exact_f16": (None, "f16"), "exact_q8_0": (None, "q8_0"),
+              "lut": (codebooks, "f16")}
     model.warm_up()
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for r in range(rounds):

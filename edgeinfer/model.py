@@ -100,8 +100,8 @@ class Model:
         h = np.ascontiguousarray(self.embed(np.asarray(tokens)))
         for i in range(c.num_layers):
             _, args = self.weights.layer(i)
-            decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions, self.inv_freqs[i],
-                               c.rms_norm_eps, b)
+            decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions,
+                               self.inv_freqs[i], c.rms_norm_eps, b)
             self.weights.done(i)
         for s in slots:
             caches.slot(s).commit(1)

@@ -233,7 +233,8 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq
     firsts = np.empty(rows, np.int64)
     for r in range(rows):
         slot = slots[r]
-        store_token(weights, b.q[r], b.k[r], b.v[r], rows_at(keys, slot), rows_at(values, slot), lut, positions[r], inv_freq, eps)
+        store_token(weights, b.q[r], b.k[r], b.v[r], rows_at(keys, slot), rows_at(values, slot), lut, positions[r],
+                    inv_freq, eps)
         firsts[r] = window_start(positions[r], window)
     attend_rows(b.q, keys, values, slots, firsts, positions + 1, scale, b.scores, b.att)
     for r in range(rows):

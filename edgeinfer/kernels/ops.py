@@ -125,9 +125,9 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     """Grouped-query attention of one token's queries q (heads * hd,) over positions first..length-1
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
     hd a multiple of 16, rows of any cache type (kv_rows.py); scores is scratch (heads, >= length).
-    At long contexts this is the step's largest read after the weights, so each KV head's keys and values
-    are read from memory once for all the query heads that share them (a thread per KV head,
-    _attend_kv_head)."""
+    At long contexts this is the step's largest read after the weights, so each KV head's keys and
+    values are read from memory once for all the query heads that share them (a thread per KV
+    head, _attend_kv_head)."""
     for kh in prange(rows_shape(keys)[0]):
         _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
 
@@ -141,7 +141,8 @@ def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
     kv_heads = rows_shape(keys)[1]
     for task in prange(q.shape[0] * kv_heads):
         r, kh = task // kv_heads, task % kv_heads
-        _attend_kv_head(q[r], rows_at(keys, slots[r]), rows_at(values, slots[r]), firsts[r], lengths[r], scale, scores[r], out[r], kh)
+        _attend_kv_head(q[r], rows_at(keys, slots[r]), rows_at(values, slots[r]), firsts[r], lengths[r], scale,
+                        scores[r], out[r], kh)
 
 
 @njit(inline="always")
