@@ -113,6 +113,9 @@ def _open_cluster(path: str, options: SessionOptions, report: Report) -> Engine:
     from .cluster.master import Master
 
     c = options.cluster
+    if options.cache_type != "f16":  # the load message does not carry it: every node would run f16
+        raise EdgeInferError(f"--cache-type {options.cache_type} is not passed to a cluster's workers yet; "
+                             "a cluster runs an f16 KV cache (leave --cache-type out)")
     token = c.token or secrets.token_urlsafe(12)
     if not options.float32 and has_kernels() and first_run():
         report(COMPILING)
