@@ -77,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     path = args.model if os.path.exists(args.model) else str(fetch_gguf(args.model))
     fast = open_engine(path, max(args.ctx, default=512), cache_type=args.cache_type)
-    exact = open_engine(path, 512, float32=True)
+    exact = None if args.no_greedy else open_engine(path, 512, float32=True)  # top-2 margins where greedy parts
     tok = fast.tokenizer
     ids = tok.encode(open(args.text).read(), add_bos=False)
     bos = tok.bos_id if tok.spec.add_bos else None
@@ -108,9 +108,11 @@ def main() -> None:
                                  "float32_top2_margin_where_they_part": margin,
                                  "edgeinfer": tok.decode(ours), "llamacpp": tok.decode(theirs)})
     print(json.dumps(result, indent=1))
-    print(f"{result['model']}, cache {args.cache_type}: PPL " + ("; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} "
-                                                  f"({v['difference']})" for c, v in result["ppl"].items()) or "-")
-          + "; greedy tokens equal: " + ", ".join(f"{g['tokens_equal']}/{args.n}" for g in result["greedy"]))
+    print(f"{result['model']}, cache {args.cache_type}: PPL "
+          + ("; ".join(f"ctx {c} edgeinfer {v['edgeinfer']} vs llama.cpp {v['llamacpp']} ({v['difference']})"
+                       for c, v in result["ppl"].items()) or "-")
+          + ("" if args.no_greedy else "; greedy tokens equal: "
+             + ", ".join(f"{g['tokens_equal']}/{args.n}" for g in result["greedy"])))
 
 
 if __name__ == "__main__":
