@@ -11,7 +11,9 @@ from edgeinfer.kernels.activations import quantize_activations
 from edgeinfer.kernels.q4 import Q4Matrix, gemv_reference
 from edgeinfer.kernels.q8 import Q8Matrix, gemv8_reference
 from edgeinfer.storage.gguf_quants import DECODERS, gguf_matrix
-from edgeinfer.storage.quantize import GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries
+from edgeinfer.kernels.scales import SuperScales
+from edgeinfer.storage.quantize import (GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries,
+                                        plain_type)
 
 # Where each type keeps its fp16 fields (d, and dmin or m): random bytes anywhere else are a valid block.
 HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
@@ -47,8 +49,22 @@ def test_slabs_join_into_the_same_matrix(monkeypatch):
     whole = gguf_matrix("Q6_K", data, 256)
     monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)  # one block of rows (kernels/q4.py ROWS)
     slabbed = gguf_matrix("Q6_K", data, 256)
-    for a, b in ((whole.packed, slabbed.packed), (whole.scales, slabbed.scales)):
+    assert isinstance(whole.scales, SuperScales) and whole.scales.shift == slabbed.scales.shift
+    for a, b in ((whole.packed, slabbed.packed), (whole.scales.d, slabbed.scales.d), (whole.scales.q, slabbed.scales.q)):
         np.testing.assert_array_equal(a, b)
+
+
+# Bits per weight held, by type (rows in whole blocks of 16): the integers' nibbles or bytes, and
+# the scales: fp16 per 32 for the plain types; the K-quants' own int8 per group and fp16 d per 256.
+HELD_BITS = {"Q4_0": 4.5, "Q4_1": 5, "Q4_K": 4 + 8 / 32 * 2 + 16 / 256 * 2, "Q6_K": 8 + 8 / 16 + 16 / 256,
+             "Q2_K": 8 + (8 / 16 + 16 / 256) * 2, "Q5_K": 8 + (8 / 32 + 16 / 256) * 2, "IQ4_XS": 8 + 8 / 32 + 16 / 256}
+
+
+@pytest.mark.parametrize("kind", sorted(HELD_BITS))
+def test_k_quants_keep_their_two_level_scales(kind):
+    rows, cols = 32, 1024
+    m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=7), cols)
+    assert m.nbytes * 8 / (rows * cols) == pytest.approx(HELD_BITS[kind])
 
 
 @pytest.mark.parametrize("kind", sorted(DECODERS))
@@ -75,11 +91,16 @@ def test_column_shards_add_up_bit_for_bit(kind):
     m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=4), cols)
     x = np.random.default_rng(5).standard_normal(cols).astype(np.float32)
     whole = m.matmul(quantize_activations(x), np.empty(rows, np.int64))
-    parts = [m.select(slice(0, rows), slice(a, b)) for a, b in ((0, 288), (288, 768))]
-    sums = sum(p.matmul(quantize_activations(x[a:b]), np.empty(rows, np.int64))
-               for p, (a, b) in zip(parts, ((0, 288), (288, 768))))
-    np.testing.assert_array_equal(sums, whole)
-    np.testing.assert_array_equal(np.concatenate([p.dequantize() for p in parts], axis=1), m.dequantize())
+    for cut in (288, 256):  # off and on the K-quants' 256-column super-blocks
+        parts = [m.select(slice(0, rows), slice(a, b)) for a, b in ((0, cut), (cut, 768))]
+        sums = sum(p.matmul(quantize_activations(x[a:b]), np.empty(rows, np.int64))
+                   for p, (a, b) in zip(parts, ((0, cut), (cut, 768))))
+        np.testing.assert_array_equal(sums, whole)
+        np.testing.assert_array_equal(np.concatenate([p.dequantize() for p in parts], axis=1), m.dequantize())
+        # a shard's file layout: the type's own on whole super-blocks, else plain float32 scales
+        kept = isinstance(m.scales, SuperScales) and cut == 256
+        assert all(isinstance(p.scales, SuperScales) == kept for p in parts)
+        assert all(fits(p, GGUF_LAYOUTS[kind] if kept else plain_type(kind)) for p in parts)
 
 
 @pytest.mark.parametrize("kind", sorted(DECODERS))
@@ -89,7 +110,8 @@ def test_the_single_files_layout_round_trips(kind):
     layout = GGUF_LAYOUTS[kind]
     parts = matrix_parts(m, layout)
     entries = part_entries("w", layout, rows, cols)
-    assert [(p.shape, p.dtype.name) for p in parts] == [(e.shape, {"U8": "uint8", "F16": "float16", "F32": "float32"}[e.dtype])
+    assert [(p.shape, p.dtype.name) for p in parts] == [(e.shape, {"U8": "uint8", "I8": "int8", "F16": "float16",
+                                                                                       "F32": "float32"}[e.dtype])
                                                          for e in entries]
     back = matrix_from_parts(layout, rows, cols, parts)
     assert isinstance(back, Q4Matrix if m.bits == 4 else Q8Matrix)

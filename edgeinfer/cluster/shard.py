@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ModelConfig
+from ..storage.quantize import keeps_super_scales, plain_type
 from ..storage.single import convert
 from ..storage.source import KeyCodebooks, WeightSource
 from ..storage.tensor_names import ENDS
@@ -63,7 +64,14 @@ class ShardSource(WeightSource):
         return [n for n in self.source.names() if self._held(n)]
 
     def stored_type(self, name: str) -> str:
-        return self.source.stored_type(name)
+        """The source's type; a K-quant's columns sliced off its 256-column super-blocks come with
+        plain float32 scales (the matrix's `select`)."""
+        kind, where = self.source.stored_type(name), self._slice(name)
+        if where is not None and len(where) == 2:
+            c0, c1, _ = where[1].indices(self.source.stored_shape(name)[1])
+            if not keeps_super_scales(c0, c1):
+                return plain_type(kind)
+        return kind
 
     def stored_shape(self, name: str) -> tuple[int, ...]:
         where, shape = self._slice(name), self.source.stored_shape(name)

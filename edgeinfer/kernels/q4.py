@@ -4,8 +4,8 @@ with int8 activations.
 Group: 32 weights in 16 bytes, byte j holding weight j (low nibble) and weight 16 + j (high
 nibble), GGUF's own order, so importing Q4_0 and Q4_1 only moves bytes. w = scale * nibble +
 offset, where the offset is -8 * scale for Q4_0 (no extra storage) and the stored minimum for Q4_1
-and Q4_K (-dmin * m). Scales and minima are fp16, kept as their uint16 bits (the kernels widen them
-with vcvtph2ps), or float32 where fp16 cannot hold them exactly (Q4_K's d * sc).
+and Q4_K (-dmin * m). Scales and minima are stored as scales.py says: fp16 bits (Q4_0, Q4_1), or
+Q4_K's own fp16 d per 256 columns times a 6-bit integer per group.
 
 Layout: rows go in blocks of 16 (padded with zero rows), one vector lane per row. For each group of
 32 columns, a block holds 4 loads of 64 bytes; load i has, in lane r (4 bytes), row r's bytes
@@ -34,33 +34,10 @@ from numba import njit, prange
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
 from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, dpbusd_nibbles, fixed_unit, fma,
-                   has_kernels, hi_nibbles, into0, into1, into2, into3, lane, lo_nibbles, load_floats, load_i8, mul,
+                   has_kernels, hi_nibbles, into0, into1, into2, into3, lane, lo_nibbles, load_i8, mul,
                    prefetch, splat, store16, to_f32, total4, zeros_i32)
-
-ROWS = 16  # rows per block: one per lane
-
-
-def interleave(a: np.ndarray, per_chunk: int, rows_padded: int, chunks: int, block_rows: int) -> np.ndarray:
-    """(rows, chunks * per_chunk) -> (blocks, chunks * block_rows * per_chunk): for each chunk, the
-    block's rows' pieces side by side; zero rows and chunks padded."""
-    out = np.zeros((rows_padded, chunks * per_chunk), a.dtype)
-    out[:a.shape[0], :a.shape[1]] = a
-    blocks = rows_padded // block_rows
-    return np.ascontiguousarray(out.reshape(blocks, block_rows, chunks, per_chunk).transpose(0, 2, 1, 3)
-                                .reshape(blocks, chunks * block_rows * per_chunk))  # also for no rows (a headless shard)
-
-
-def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, block_rows: int,
-                 ids: np.ndarray | None = None) -> np.ndarray:
-    """The rows (all, or those in `ids`) back in row-major order, padding dropped."""
-    chunks = a.shape[1] // (block_rows * per_chunk)
-    if ids is None:
-        blocks = a.shape[0]
-        return (a.reshape(blocks, chunks, block_rows, per_chunk).transpose(0, 2, 1, 3)
-                .reshape(blocks * block_rows, -1)[:rows, :width])
-    ids = np.asarray(ids)
-    picked = a[ids // block_rows].reshape(len(ids), chunks, block_rows, per_chunk)[np.arange(len(ids)), :, ids % block_rows, :]
-    return picked.reshape(len(ids), -1)[:, :width]
+from .scales import (ROWS, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
+                     prefetch_scales, scales_nbytes, select_scales)
 
 
 def to_blocks(qs: np.ndarray, rows_padded: int, groups: int) -> np.ndarray:
@@ -82,25 +59,11 @@ def from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | Non
     return picked.reshape(len(ids), -1)[:, :width]
 
 
-def stored_scales(a: np.ndarray) -> np.ndarray:
-    """Scales (or minima) as the kernels load them: fp16 bits (uint16) when every value is an fp16
-    exactly (Q4_0, Q4_1, Q8_0), else float32 (a K-quant's sub-block scale d * sc needs up to 17
-    significant bits). Lossless either way; the kernels widen fp16 with vcvtph2ps."""
-    a = np.asarray(a, np.float32)
-    halves = a.astype(np.float16)
-    return halves.view(np.uint16) if np.array_equal(halves.astype(np.float32), a) else np.ascontiguousarray(a)
-
-
-def scale_values(a: np.ndarray) -> np.ndarray:
-    """Stored scales (fp16 bits or float32) as float32."""
-    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else np.array(a, np.float32)
-
-
 @dataclass(frozen=True)
 class Q4Matrix:
     packed: np.ndarray  # (blocks, groups * 256) uint8, groups padded to whole chunks of 128 columns
-    scales: np.ndarray  # (blocks, groups * ROWS) fp16 bits (uint16) or float32
-    offsets: np.ndarray  # Q4_1, Q4_K: minima, laid out as scales; Q4_0: the scales array itself
+    scales: object  # (blocks, groups * ROWS) fp16 bits (uint16) or float32, or SuperScales (scales.py)
+    offsets: object  # Q4_1, Q4_K: minima, laid out as scales; Q4_0: the scales themselves
     offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
     rows: int
     cols: int
@@ -116,18 +79,19 @@ class Q4Matrix:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.offsets is self.scales else self.offsets.nbytes
-        return self.packed.nbytes + self.scales.nbytes + extra
+        extra = 0 if self.offsets is self.scales else scales_nbytes(self.offsets)
+        return self.packed.nbytes + scales_nbytes(self.scales) + extra
 
     @classmethod
     def from_rows(cls, qs: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
-        """From row-major nibbles (rows, cols/2), scales (rows, cols/32) and, for Q4_1, minima."""
+        """From row-major nibbles (rows, cols/2), scales (rows, cols/32) and, for Q4_1 and Q4_K,
+        minima: float values, or SuperScales (scales.py)."""
         rows, cols = qs.shape[0], qs.shape[1] * 2
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
         groups, rows_padded = -(-cols // CHUNK) * CHUNK // GROUP, -(-rows // ROWS) * ROWS
-        sc = interleave(stored_scales(scales), 1, rows_padded, groups, ROWS)
-        offsets = sc if minima is None else interleave(stored_scales(minima), 1, rows_padded, groups, ROWS)
+        sc = interleave_scales(scales, rows_padded, groups)
+        offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
         return cls(to_blocks(qs, rows_padded, groups), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
 
     @staticmethod
@@ -143,24 +107,26 @@ class Q4Matrix:
         g = q.astype(np.uint8).reshape(rows, cols // GROUP, GROUP)
         return cls.from_rows((g[..., :16] | (g[..., 16:] << 4)).reshape(rows, cols // 2), scales, minima)
 
-    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32) of all rows or of
-        `ids`, undoing the interleave; minima None for Q4_0, whose offset is -8 * scale."""
+    def row_major(self, ids: np.ndarray | None = None, raw: bool = False) -> tuple:
+        """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32, or as stored when
+        `raw`) of all rows or of `ids`, undoing the interleave; minima None for Q4_0, whose offset
+        is -8 * scale."""
         groups = self.cols // GROUP
-        scales = scale_values(deinterleave(self.scales, 1, self.rows, groups, ROWS, ids))
-        minima = (None if self.offsets is self.scales
-                  else scale_values(deinterleave(self.offsets, 1, self.rows, groups, ROWS, ids)))
+        scales = deinterleave_scales(self.scales, self.rows, groups, ids, raw)
+        minima = None if self.offsets is self.scales else deinterleave_scales(self.offsets, self.rows, groups, ids, raw)
         return from_blocks(self.packed, self.rows, self.cols // 2, ids), scales, minima
 
     def select(self, rows: slice, cols: slice) -> "Q4Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit: a tensor-parallel shard.
-        Columns go by whole groups of 32, so every weight keeps its scale and offset."""
+        Columns go by whole groups of 32, so every weight keeps its scale and offset (SuperScales
+        stay so on whole super-blocks: scales.select_scales)."""
         c0, c1, _ = cols.indices(self.cols)
         if c0 % GROUP or c1 % GROUP:
             raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
-        qs, scales, minima = self.row_major()
-        g = slice(c0 // GROUP, c1 // GROUP)
-        return Q4Matrix.from_rows(qs[rows, c0 // 2:c1 // 2], scales[rows, g], None if minima is None else minima[rows, g])
+        qs, scales, minima = self.row_major(raw=True)
+        g0, g1 = c0 // GROUP, c1 // GROUP
+        return Q4Matrix.from_rows(qs[rows, c0 // 2:c1 // 2], select_scales(scales, rows, g0, g1),
+                                  None if minima is None else select_scales(minima, rows, g0, g1))
 
     def offsets_of(self, scales: np.ndarray, minima: np.ndarray | None) -> np.ndarray:
         """What is added to scale * nibble, per group: the minimum, or -8 * scale for Q4_0."""
@@ -221,8 +187,8 @@ def group_term(dots, scale, offset, x_scale, x_sum, factor, unit):
 @njit(inline="always")
 def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
     """acc + group g's term for 16 rows against one token (`into`: simd.into0 .. into3)."""
-    return into(acc, group_term(_dots(_nibbles(w, g * 256), x, g * GROUP), load_floats(s, g * ROWS),
-                           load_floats(m, g * ROWS), xscales[g], xsums[g], factor, unit))
+    return into(acc, group_term(_dots(_nibbles(w, g * 256), x, g * GROUP), group_scale(s, g), group_scale(m, g),
+                                xscales[g], xsums[g], factor, unit))
 
 
 # Software prefetch this many group steps ahead: the matrices of a small model are short streams,
@@ -232,12 +198,13 @@ PREFETCH_STEPS = 4
 
 
 @njit(inline="always")
-def prefetch_ahead(packed, scales, offsets, w, s):
+def prefetch_ahead(packed, scales, offsets, w, g):
+    """The loads of the step PREFETCH_STEPS after the one at packed[w:], and of group g's scales."""
     ahead = w + PREFETCH_STEPS * 256
     for line in range(4):
         prefetch(packed, ahead + line * 64)
-    prefetch(scales, s + PREFETCH_STEPS * ROWS)
-    prefetch(offsets, s + PREFETCH_STEPS * ROWS)
+    prefetch_scales(scales, g + PREFETCH_STEPS)
+    prefetch_scales(offsets, g + PREFETCH_STEPS)
 
 
 @njit(inline="always")
@@ -264,13 +231,13 @@ def store_passes(out, block, t, p0, p1, p2, p3):
 def _block(packed, scales, offsets, factor, x, xscales, xsums, out, block, fetch=True):
     """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
     row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum."""
-    w, s = packed[block], scales[block]
-    m = offsets[block]
+    w, s = packed[block], block_scales(scales, block)
+    m = block_scales(offsets, block)
     acc, unit = accumulator4(out), fixed_unit(out)
-    for g in range(0, s.shape[0] // ROWS, 4):
+    for g in range(0, group_count(s), 4):
         if fetch:
             for k in range(4):
-                prefetch_ahead(w, s, m, (g + k) * 256, (g + k) * ROWS)
+                prefetch_ahead(w, s, m, (g + k) * 256, g + k)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
         acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
@@ -284,8 +251,8 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     nibble splits shared by the four tokens."""
     a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
     unit = fixed_unit(out)
-    for g in range(k, s.shape[0] // ROWS, 4):
-        n, scale, offset, o = _nibbles(w, g * 256), load_floats(s, g * ROWS), load_floats(m, g * ROWS), g * GROUP
+    for g in range(k, group_count(s), 4):
+        n, scale, offset, o = _nibbles(w, g * 256), group_scale(s, g), group_scale(m, g), g * GROUP
         a0 = accumulate_units(a0, group_term(_dots(n, x[t], o), scale, offset, xscales[t, g], xsums[t, g], factor, unit))
         a1 = accumulate_units(a1, group_term(_dots(n, x[t + 1], o), scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor,
                                         unit))
@@ -303,8 +270,8 @@ def gemm_block(pass4):
     GEMV's block, added in the same order."""
     @njit
     def block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
-        w, s = packed[block], scales[block]
-        m = offsets[block]
+        w, s = packed[block], block_scales(scales, block)
+        m = block_scales(offsets, block)
         p0 = pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
         p1 = pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
         p2 = pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)

@@ -5,8 +5,9 @@ A weight is a byte b (0..255) in a group of 32 or 16 weights with a scale and an
 w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127; Q5_0, Q6_K,
 Q3_K, IQ4_NL, IQ4_XS) store them + 128, the offset is the scale itself and the factor -128, so
 w = scale * (b - 128) and no offset is stored; types with a minimum (Q5_1, Q5_K, Q2_K) store the
-unsigned integer, the minimum as the offset and factor 1. Scales and minima are fp16 bits when fp16
-holds them exactly, else float32 (q4.stored_scales).
+unsigned integer, the minimum as the offset and factor 1. Scales and minima are stored as scales.py
+says: fp16 bits when fp16 holds them exactly (Q8_0, Q5_0, Q5_1, IQ4_NL), else the K-quants' (and
+IQ4_XS's) fp16 d per 256 columns times an integer per group.
 
 Layout (q4.py's, with bytes for nibbles): rows in blocks of 16, one lane per row; for each 16
 columns (a unit), 4 loads of 64 bytes, load i holding in lane r row r's bytes 4i..4i+3 of the unit;
@@ -30,10 +31,11 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import (ROWS, deinterleave, from_blocks, gemm_block, group_term, interleave, prefetch_ahead, scale_values,
-                 store_rows, stored_scales, to_blocks)
+from .q4 import from_blocks, gemm_block, group_term, prefetch_ahead, store_rows, to_blocks
+from .scales import (ROWS, SuperScales, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
+                     scales_nbytes, select_scales)
 from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, has_kernels,
-                   into0, into1, into2, into3, load_floats, load_i8, total4, zeros_i32)
+                   into0, into1, into2, into3, load_i8, total4, zeros_i32)
 
 UNIT = 16  # columns per unit: 16 rows x 16 bytes, 4 loads
 WEIGHTS_PER_LOAD = 64  # columns are padded to whole 64s
@@ -44,8 +46,8 @@ SIGNED_FACTOR = -128.0  # bytes holding int8 + 128
 @dataclass(frozen=True)
 class Q8Matrix:
     packed: np.ndarray  # (blocks, units * 256) uint8
-    scales: np.ndarray  # (blocks, groups * ROWS) fp16 bits (uint16) or float32
-    offsets: np.ndarray  # minima laid out as scales, or the scales array itself (signed bytes)
+    scales: object  # (blocks, groups * ROWS) fp16 bits (uint16) or float32, or SuperScales (scales.py)
+    offsets: object  # minima laid out as scales, or the scales themselves (signed bytes)
     offset_factor: float  # -128 (signed bytes) or 1 (minima)
     rows: int
     cols: int
@@ -54,28 +56,30 @@ class Q8Matrix:
     @property
     def group(self) -> int:
         """Weights per scale: 32 or 16."""
-        units, groups = self.packed.shape[1] // 256, self.scales.shape[1] // ROWS
+        q = self.scales.q if isinstance(self.scales, SuperScales) else self.scales
+        units, groups = self.packed.shape[1] // 256, q.shape[1] // ROWS
         return UNIT * units // groups if groups else GROUP
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.offsets is self.scales else self.offsets.nbytes
-        return self.packed.nbytes + self.scales.nbytes + extra
+        extra = 0 if self.offsets is self.scales else scales_nbytes(self.offsets)
+        return self.packed.nbytes + scales_nbytes(self.scales) + extra
 
     @classmethod
     def from_values(cls, values: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q8Matrix":
         """From integers (rows, cols) and per-group scales (rows, cols/group, group 32 or 16): signed
         integers (-128..127) without minima, w = scale * value; unsigned (0..255) with them,
-        w = scale * value + minimum."""
+        w = scale * value + minimum. Scales and minima: float values, or SuperScales (scales.py)."""
         rows, cols = values.shape
-        group = cols // scales.shape[1] if scales.shape[1] else GROUP
+        per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
+        group = cols // per_row if per_row else GROUP
         if cols % GROUP or group not in (16, 32):
             raise ValueError(f"{cols} columns in groups of {group}: 8-bit rows need whole groups of 32 or 16")
         bytes_ = (values.astype(np.int16) + 128 if minima is None else values).astype(np.uint8)
         padded, rows_padded = -(-cols // WEIGHTS_PER_LOAD) * WEIGHTS_PER_LOAD, -(-rows // ROWS) * ROWS
         groups = padded // group
-        sc = interleave(stored_scales(scales), 1, rows_padded, groups, ROWS)
-        offsets = sc if minima is None else interleave(stored_scales(minima), 1, rows_padded, groups, ROWS)
+        sc = interleave_scales(scales, rows_padded, groups)
+        offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
         return cls(to_blocks(bytes_, rows_padded, padded // UNIT), sc, offsets,
                    SIGNED_FACTOR if minima is None else 1.0, rows, cols)
 
@@ -85,24 +89,26 @@ class Q8Matrix:
         blocks, padded = -(-rows // ROWS), -(-cols // WEIGHTS_PER_LOAD) * WEIGHTS_PER_LOAD
         return (blocks, padded // UNIT * 256), (blocks, padded // group * ROWS)
 
-    def row_major(self, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32) of all
-        rows or of `ids`, undoing the blocks; minima None for signed integers."""
+    def row_major(self, ids: np.ndarray | None = None, raw: bool = False) -> tuple:
+        """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32, or as
+        stored when `raw`) of all rows or of `ids`, undoing the blocks; minima None for signed
+        integers."""
         groups = self.cols // self.group
         values = from_blocks(self.packed, self.rows, self.cols, ids).astype(np.int16)
-        scales = scale_values(deinterleave(self.scales, 1, self.rows, groups, ROWS, ids))
+        scales = deinterleave_scales(self.scales, self.rows, groups, ids, raw)
         if self.offsets is self.scales:
             return values - 128, scales, None
-        return values, scales, scale_values(deinterleave(self.offsets, 1, self.rows, groups, ROWS, ids))
+        return values, scales, deinterleave_scales(self.offsets, self.rows, groups, ids, raw)
 
     def select(self, rows: slice, cols: slice) -> "Q8Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
         c0, c1, _ = cols.indices(self.cols)
         if c0 % GROUP or c1 % GROUP:
             raise ValueError(f"columns {c0}:{c1} do not fall on groups of {GROUP}")
-        values, scales, minima = self.row_major()
-        g = slice(c0 // self.group, c1 // self.group)
-        return Q8Matrix.from_values(values[rows, c0:c1], scales[rows, g], None if minima is None else minima[rows, g])
+        values, scales, minima = self.row_major(raw=True)
+        g0, g1 = c0 // self.group, c1 // self.group
+        return Q8Matrix.from_values(values[rows, c0:c1], select_scales(scales, rows, g0, g1),
+                                    None if minima is None else select_scales(minima, rows, g0, g1))
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
@@ -133,7 +139,7 @@ def _dots(w, at, x, o):
 def _units(w, s):
     """A block's units, and log2 of the units per group (0: groups of 16, 1: of 32)."""
     units = w.shape[0] // 256
-    return units, 1 if s.shape[0] < units * ROWS else 0
+    return units, 1 if group_count(s) < units else 0
 
 
 @njit(inline="always")
@@ -141,21 +147,21 @@ def _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u, shift, into):
     """acc + unit u's term for 16 rows against one token (`into`: simd.into0 .. into3); 2**shift
     units share a group's scale (shifts, not divisions: no checks in the loop)."""
     g = u >> shift
-    return into(acc, group_term(_dots(w, u * 256, x, u * UNIT), load_floats(s, g * ROWS), load_floats(m, g * ROWS),
+    return into(acc, group_term(_dots(w, u * 256, x, u * UNIT), group_scale(s, g), group_scale(m, g),
                                 xscales[u >> 1], xhalves[u], factor, unit))
 
 
 @njit  # not inlined into the parallel loops (as in q4.py)
 def _block(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch=True):
     """Rows 16*block .. 16*block+15 for one token, four units per turn, each into its own sum."""
-    w, s = packed[block], scales[block]
-    m = offsets[block]
+    w, s = packed[block], block_scales(scales, block)
+    m = block_scales(offsets, block)
     units, shift = _units(w, s)
     acc, unit = accumulator4(out), fixed_unit(out)
     for u in range(0, units, 4):
         if fetch:
             for k in range(4):
-                prefetch_ahead(w, s, m, (u + k) * 256, ((u + k) >> shift) * ROWS)
+                prefetch_ahead(w, s, m, (u + k) * 256, (u + k) >> shift)
         acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u, shift, into0)
         acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u + 1, shift, into1)
         acc = _unit(acc, w, s, m, x, xscales, xhalves, factor, unit, u + 2, shift, into2)
@@ -172,7 +178,7 @@ def _pass4(w, s, m, x, xscales, xhalves, factor, t, k, out):
     for u in range(k, units, 4):
         g, at, o = u >> shift, u * 256, u * UNIT
         l0, l1, l2, l3 = load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192)
-        scale, offset = load_floats(s, g * ROWS), load_floats(m, g * ROWS)
+        scale, offset = group_scale(s, g), group_scale(m, g)
         a0 = accumulate_units(a0, group_term(_dots4(l0, l1, l2, l3, x[t], o), scale, offset, xscales[t, u >> 1],
                                              xhalves[t, u], factor, unit))
         a1 = accumulate_units(a1, group_term(_dots4(l0, l1, l2, l3, x[t + 1], o), scale, offset, xscales[t + 1, u >> 1],

@@ -2,13 +2,14 @@
 gguf's own dequantisation gives it (tests/test_gguf_quants.py checks each type).
 
 Every type in scope is, per group of 32 or 16 weights, an integer times a scale plus a minimum:
-    Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: float32 d * sc, -dmin * m)
+    Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: d * sc, -dmin * m)
     Q8_0, Q5_0, IQ4_NL                    signed bytes, fp16 scale per 32 -> q8.Q8Matrix, as Q8_0
-    Q5_1, Q5_K, IQ4_XS                    bytes per 32, with minima (Q5_1, Q5_K) or float32 scales
-    Q6_K, Q3_K, Q2_K                      bytes per 16, float32 scales (and minima for Q2_K)
-The super-block structure of the K-quants (a 256-weight block's fp16 d times 6- or 8-bit sub-block
-scales) is folded into one float32 scale per group; the integers go to whole bytes or nibbles, so a
-5/6-bit type takes 8 bits here (bench/RESULTS.md, issue 15, says what that costs and why).
+    Q5_1, Q5_K, IQ4_XS                    bytes per 32, with minima (Q5_1, Q5_K)
+    Q6_K, Q3_K, Q2_K                      bytes per 16 (and minima for Q2_K)
+The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
+per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
+bytes or nibbles, so a 5/6-bit type takes 8 bits here (bench/RESULTS.md, issue 15, says what that
+costs and why).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels.q4 import Q4Matrix, scale_values
+from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
+from ..kernels.scales import SuperScales, concat_scales, super_scales
 
 QK = 256  # weights per K-quant super-block
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 
 # A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), scales and
-# minima (n, groups per block) float32; minima None when the integers are signed).
-Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+# minima (n, groups per block): float32, or SuperScales of d (n, 1) and the integers; minima None
+# when the integers are signed).
+Decoded = tuple[np.ndarray, np.ndarray | SuperScales, np.ndarray | SuperScales | None]
 
 
 def _half(b: np.ndarray) -> np.ndarray:
@@ -92,27 +95,27 @@ def _iq4_xs(b: np.ndarray) -> Decoded:
     d, high = _half(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view(np.uint16)
     low = _nibbles_in_halves(b[:, 4:8], 2)  # sub-block j's low 4 bits: byte j // 2, nibble j % 2
     ls = low.astype(np.int16) | (((high >> (2 * np.arange(8, dtype=np.uint16))[None, :]) & 3) << 4).astype(np.int16)
-    return IQ4_VALUES[_nibbles_in_halves(b[:, 8:], 32)], d * (ls - 32).astype(np.float32), None
+    return IQ4_VALUES[_nibbles_in_halves(b[:, 8:], 32)], super_scales(d, ls - 32), None
 
 
 def _q4_k(b: np.ndarray) -> Decoded:
     d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
-    return _nibbles_in_halves(b[:, 16:], 64).astype(np.int16), d * sc, -(dmin * mn)
+    return _nibbles_in_halves(b[:, 16:], 64).astype(np.int16), super_scales(d, sc), super_scales(-dmin, mn)
 
 
 def _q5_k(b: np.ndarray) -> Decoded:
     d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
     high = _bits(b[:, 16:48], 1, 8).astype(np.int16) << 4
-    return _nibbles_in_halves(b[:, 48:], 64).astype(np.int16) | high, d * sc, -(dmin * mn)
+    return _nibbles_in_halves(b[:, 48:], 64).astype(np.int16) | high, super_scales(d, sc), super_scales(-dmin, mn)
 
 
 def _q6_k(b: np.ndarray) -> Decoded:
     low = _nibbles_in_halves(b[:, :128], 128).astype(np.int16)
     high = _bits(b[:, 128:192], 2, 4).astype(np.int16) << 4
-    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
-    return (low | high) - 32, _half(b[:, 208:210]) * scales, None
+    scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8)
+    return (low | high) - 32, super_scales(_half(b[:, 208:210]), scales), None
 
 
 def _q3_k(b: np.ndarray) -> Decoded:
@@ -121,13 +124,13 @@ def _q3_k(b: np.ndarray) -> Decoded:
     low = _nibbles_in_halves(s[:, :8], 16).astype(np.int16)  # scale j's low 4 bits: byte j % 8, nibble j // 8
     high = ((s[:, None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[None, :, None]) & 3).reshape(-1, 16)  # byte j % 4
     scales = (low | (high.astype(np.int16) << 4)) - 32
-    return low_bits - 4 * missing_high, _half(b[:, 108:110]) * scales.astype(np.float32), None
+    return low_bits - 4 * missing_high, super_scales(_half(b[:, 108:110]), scales), None
 
 
 def _q2_k(b: np.ndarray) -> Decoded:
     s, d, dmin = b[:, :16], _half(b[:, 80:82]), _half(b[:, 82:84])
     q = _bits(b[:, 16:80], 2, 4).astype(np.int16)
-    return q, d * (s & 15).astype(np.float32), -(dmin * (s >> 4).astype(np.float32))
+    return q, super_scales(d, s & 15), super_scales(-dmin, s >> 4)
 
 
 # type -> (weights per block, bytes per block, bits of the matrix it becomes, decoder)
@@ -145,9 +148,13 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
     per_block, size, _, decoder = DECODERS[kind]
     rows = data.shape[0]
     values, scales, minima = decoder(np.asarray(data, np.uint8).reshape(-1, size))
-    groups = scales.shape[1] * (cols // per_block)
-    return (values.reshape(rows, cols), scales.reshape(rows, groups),
-            None if minima is None else minima.reshape(rows, groups))
+    blocks = cols // per_block
+
+    def by_row(s):
+        if isinstance(s, SuperScales):
+            return SuperScales(s.d.reshape(rows, blocks), s.q.reshape(rows, -1), s.shift)
+        return s.reshape(rows, -1)
+    return values.reshape(rows, cols), by_row(scales), None if minima is None else by_row(minima)
 
 
 def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q8Matrix:
@@ -168,13 +175,6 @@ def _join(slabs: list, rows: int, cols: int) -> Q4Matrix | Q8Matrix:
     if len(slabs) == 1:
         return slabs[0]
     first = slabs[0]
-    scales = _one_dtype([s.scales for s in slabs])
-    offsets = scales if first.offsets is first.scales else _one_dtype([s.offsets for s in slabs])
+    scales = concat_scales([s.scales for s in slabs])
+    offsets = scales if first.offsets is first.scales else concat_scales([s.offsets for s in slabs])
     return type(first)(np.concatenate([s.packed for s in slabs]), scales, offsets, first.offset_factor, rows, cols)
-
-
-def _one_dtype(parts: list[np.ndarray]) -> np.ndarray:
-    """The slabs' scales joined: float32 for all when any needs it (fp16 widens exactly)."""
-    if any(p.dtype == np.float32 for p in parts):
-        parts = [scale_values(p) for p in parts]
-    return np.concatenate(parts)

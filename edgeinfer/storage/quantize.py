@@ -2,12 +2,14 @@
 
 A quantised matrix NAME is stored as the kernels' own arrays (kernels/q4.py, q8.py), so loading is
 a copy, not a repacking: NAME.packed (U8), NAME.scales (F16 or F32) and, for layouts with minima,
-NAME.minima. The file's metadata `quantized` maps each NAME to [layout, rows, cols].
+NAME.minima; scales in two levels (kernels/scales.py: SuperScales, "k") are NAME.scales (I8) and
+NAME.scales_d (F16), and the minima likewise. The file's metadata `quantized` maps each NAME to
+[layout, rows, cols].
 
 Layouts: Q4_0 (w = d * (n - 8)), Q4_1 (w = d * n + m), Q8_0 (w = d * q), groups of 32 along a
 row, fp16 scales; and the layouts GGUF's other types come in as (gguf_quants.py), named
-q{bits}g{group}-s{scale bits}[-m{minimum bits}], e.g. q8g16-s32 for Q6_K. Every GGUF type in
-GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
+q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}], e.g. q8g16-sk for Q6_K. Every GGUF type
+in GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
-from ..kernels.q4 import Q4Matrix, scale_values
+from ..kernels.q4 import Q4Matrix
 from ..kernels.q8 import Q8Matrix
+from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
 from .safetensors import TensorEntry
 
 Matrix = Q4Matrix | Q8Matrix
@@ -31,25 +34,33 @@ Matrix = Q4Matrix | Q8Matrix
 class Layout:
     bits: int  # 4: nibbles (q4.py); 8: bytes (q8.py)
     group: int  # weights per scale: 32 or 16
-    scale_dtype: str  # "F16" or "F32"
-    minima_dtype: str | None  # None: no minima (the offset is a multiple of the scale)
+    scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
+    minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
 
     @property
     def name(self) -> str:
         named = {v: k for k, v in NAMED.items()}
         if self in named:
             return named[self]
-        minima = f"-m{self.minima_dtype[1:]}" if self.minima_dtype else ""
-        return f"q{self.bits}g{self.group}-s{self.scale_dtype[1:]}{minima}"
+        minima = f"-m{_dtype_tag(self.minima_dtype)}" if self.minima_dtype else ""
+        return f"q{self.bits}g{self.group}-s{_dtype_tag(self.scale_dtype)}{minima}"
+
+
+def _dtype_tag(dtype: str) -> str:
+    return "k" if dtype == "K" else dtype[1:]
+
+
+def _tag_dtype(tag: str) -> str:
+    return "K" if tag == "k" else f"F{tag}"
 
 
 NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None)}
-_LAYOUT_RE = re.compile(r"q([48])g(16|32)-s(16|32)(?:-m(16|32))?$")
+_LAYOUT_RE = re.compile(r"q([48])g(16|32)-s(16|32|k)(?:-m(16|32|k))?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
 # written before its matrices are decoded.
 GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "Q8_0", "IQ4_NL": "Q8_0",
-                "Q4_K": "q4g32-s32-m32", "Q5_1": "q8g32-s16-m16", "Q5_K": "q8g32-s32-m32", "IQ4_XS": "q8g32-s32",
-                "Q6_K": "q8g16-s32", "Q3_K": "q8g16-s32", "Q2_K": "q8g16-s32-m32"}
+                "Q4_K": "q4g32-sk-mk", "Q5_1": "q8g32-s16-m16", "Q5_K": "q8g32-sk-mk", "IQ4_XS": "q8g32-sk",
+                "Q6_K": "q8g16-sk", "Q3_K": "q8g16-sk", "Q2_K": "q8g16-sk-mk"}
 
 
 def layout_of(kind: str) -> Layout | None:
@@ -60,7 +71,23 @@ def layout_of(kind: str) -> Layout | None:
     m = _LAYOUT_RE.match(kind)
     if not m or (m.group(1) == "4" and m.group(2) != "32"):
         return None
-    return Layout(int(m.group(1)), int(m.group(2)), f"F{m.group(3)}", f"F{m.group(4)}" if m.group(4) else None)
+    return Layout(int(m.group(1)), int(m.group(2)), _tag_dtype(m.group(3)), _tag_dtype(m.group(4)) if m.group(4) else None)
+
+
+def plain_type(kind: str) -> str:
+    """The layout of a matrix of type `kind` whose two-level scales became plain float32 ones (a
+    column slice off the 256-column super-blocks: kernels/scales.select_scales)."""
+    layout = layout_of(kind)
+    if layout is None or "K" not in (layout.scale_dtype, layout.minima_dtype):
+        return kind
+    plain = lambda dtype: "F32" if dtype == "K" else dtype  # noqa: E731
+    return Layout(layout.bits, layout.group, plain(layout.scale_dtype),
+                  layout.minima_dtype and plain(layout.minima_dtype)).name
+
+
+def keeps_super_scales(c0: int, c1: int) -> bool:
+    """Whether columns c0 .. c1 - 1 of a matrix keep its two-level scales (whole super-blocks)."""
+    return c0 % SUPER == 0 and c1 % SUPER == 0
 
 
 def is_quantized_type(kind: str) -> bool:
@@ -73,15 +100,25 @@ def part_entries(name: str, kind: str, rows: int, cols: int) -> list[TensorEntry
     layout = layout_of(kind)
     packed, scales = (Q4Matrix.array_shapes(rows, cols) if layout.bits == 4
                       else Q8Matrix.array_shapes(rows, cols, layout.group))
-    parts = [TensorEntry(f"{name}.packed", "U8", packed), TensorEntry(f"{name}.scales", layout.scale_dtype, scales)]
-    if layout.minima_dtype:
-        parts.append(TensorEntry(f"{name}.minima", layout.minima_dtype, scales))
+    supers = (scales[0], -(-scales[1] // ROWS // (SUPER // layout.group)) * ROWS)
+    parts = [TensorEntry(f"{name}.packed", "U8", packed)]
+    for part, dtype in (("scales", layout.scale_dtype), ("minima", layout.minima_dtype)):
+        if dtype == "K":
+            parts += [TensorEntry(f"{name}.{part}", "I8", scales), TensorEntry(f"{name}.{part}_d", "F16", supers)]
+        elif dtype:
+            parts.append(TensorEntry(f"{name}.{part}", dtype, scales))
     return parts
 
 
-def _as_stored(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Kernel scales (fp16 bits or float32) as the file's dtype: fp16 viewed as float16, or widened
-    to float32 (exact)."""
+def _as_stored(a, dtype: str) -> list[np.ndarray]:
+    """Kernel scales as the file's dtype: SuperScales as their integers and their d (fp16); plain
+    ones (fp16 bits or float32) as fp16 viewed as float16, or widened to float32 (exact)."""
+    if dtype == "K":
+        return [a.q, a.d.view(np.float16)]
+    return [_as_plain(a, dtype)]
+
+
+def _as_plain(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return scale_values(a) if a.dtype == np.uint16 else a
     if a.dtype != np.uint16:
@@ -92,9 +129,9 @@ def _as_stored(a: np.ndarray, dtype: str) -> np.ndarray:
 def matrix_parts(m: Matrix, kind: str) -> list[np.ndarray]:
     """The arrays part_entries describes for `m` in layout `kind`."""
     layout = layout_of(kind)
-    parts = [m.packed, _as_stored(m.scales, layout.scale_dtype)]
+    parts = [m.packed, *_as_stored(m.scales, layout.scale_dtype)]
     if layout.minima_dtype:
-        parts.append(_as_stored(m.offsets, layout.minima_dtype))
+        parts += _as_stored(m.offsets, layout.minima_dtype)
     return parts
 
 
@@ -104,8 +141,15 @@ def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], 
     layout = layout_of(kind)
     arrays = [np.array(p) if copy else p for p in parts]
     kernel = lambda a: a.view(np.uint16) if a.dtype == np.float16 else a  # noqa: E731 (the kernels' fp16 bits)
-    scales = kernel(arrays[1])
-    offsets = kernel(arrays[2]) if layout.minima_dtype else scales
+
+    def scales_from(at: int, dtype: str):
+        if dtype == "K":
+            q, d = arrays[at], kernel(arrays[at + 1])
+            per = SUPER // layout.group
+            return SuperScales(d, q, per.bit_length() - 1), at + 2
+        return kernel(arrays[at]), at + 1
+    scales, at = scales_from(1, layout.scale_dtype)
+    offsets = scales_from(at, layout.minima_dtype)[0] if layout.minima_dtype else scales
     factor = 1.0 if layout.minima_dtype else (-8.0 if layout.bits == 4 else -128.0)
     return (Q4Matrix if layout.bits == 4 else Q8Matrix)(arrays[0], scales, offsets, factor, rows, cols)
 
@@ -116,9 +160,15 @@ def fits(m: Matrix, kind: str) -> bool:
     group = m.group if isinstance(m, Q8Matrix) else GROUP
     has_minima = m.offsets is not m.scales
     return (layout is not None and layout.bits == m.bits and layout.group == group
-            and bool(layout.minima_dtype) == has_minima
-            and (layout.scale_dtype == "F32" or m.scales.dtype == np.uint16)
-            and (not has_minima or layout.minima_dtype == "F32" or m.offsets.dtype == np.uint16))
+            and bool(layout.minima_dtype) == has_minima and _holds(layout.scale_dtype, m.scales)
+            and (not has_minima or _holds(layout.minima_dtype, m.offsets)))
+
+
+def _holds(dtype: str, scales) -> bool:
+    """Whether scales of the file's `dtype` hold the kernel's `scales` as they are."""
+    if isinstance(scales, SuperScales):  # always a d per 256 columns (SUPER), as part_entries counts them
+        return dtype == "K"
+    return dtype == "F32" or (dtype == "F16" and scales.dtype == np.uint16)
 
 
 def read_index(metadata: dict[str, str], path: str) -> dict[str, tuple[str, int, int]]:
