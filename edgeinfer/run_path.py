@@ -62,7 +62,7 @@ def choose_path(source: WeightSource, quantized: bool, attention: str = "exact",
     floats = {n for n in names if quantizable_at_load(source, n)} if load_bits else set()
     fused = quantized and all(is_quantized_type(source.stored_type(n)) or n in floats for n in names)
     bits = {layout_of(t).bits for t in types if is_quantized_type(t)} | ({load_bits} if floats else set())
-    precision = "f32" if not quantized else "q4" if 4 in bits else "q8" if 8 in bits else "f32"
+    precision = "f32" if not quantized else f"q{min(bits)}" if bits else "f32"
     if floats:
         precision += ", quantized on load"
     if attention == "lut":

@@ -91,7 +91,8 @@ def test_kernel_tests_pass_on_aarch64(cpu, arm_runs):
 @pytest.mark.parametrize("cpu", CPUS)
 def test_shard_partial_sums_equal_x86_bit_for_bit(cpu, arm_runs, shared):
     """What a cluster node adds: the fixed-point partials of a column shard, for q4 (with and without
-    minima, and IQ4_NL's lookup) and q8 (Q8_0, Q6_K): an ARM worker and an x86 master agree exactly."""
+    minima, and IQ4_NL's lookup), q6 (Q6_K) and q8 (Q8_0): an ARM worker and an x86 master agree
+    exactly."""
     assert probed(arm_runs, shared, cpu)["partials"] == probe()["partials"]
 
 

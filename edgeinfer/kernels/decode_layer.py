@@ -10,8 +10,8 @@ themselves on a small model. Here the layer reads like model.py's forward pass:
 
 with the family's options (config.py) in brackets: a norm the layer lacks is an empty array. A
 layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a matrix as (bits,
-packed, scales, offsets, offset_factor): 4-bit (q4.py) or 8-bit (q8.py), so one compiled function
-serves any mix of the two.
+packed, scales, offsets, offset_factor): 4-bit (q4.py), 6-bit (q6.py) or 8-bit (q8.py), so one
+compiled function serves any mix of them.
 
 Both release the GIL: a server's event loop answers while a step computes. Every product runs on
 all threads, even the small ones: between the parallel regions of one call
@@ -35,6 +35,8 @@ from .ops import (attend_one, attend_rows, gated_activation_into, rmsnorm_heads_
                   round_like)
 from .q4 import _gemm as q4_gemm
 from .q4 import _gemv_parallel as q4_gemv
+from .q6 import _gemm as q6_gemm
+from .q6 import _gemv_parallel as q6_gemv
 from .q8 import _gemm as q8_gemm
 from .q8 import _gemv_parallel as q8_gemv
 from .simd import FIXED_SCALE
@@ -70,6 +72,8 @@ def matvec(m, xq, out):
     flat, xscales, xsums, xhalves = xq
     if bits == 4:
         q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, out)
+    elif bits == 6:
+        q6_gemv(packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:
         q8_gemv(packed, scales, offsets, factor, flat, xscales, xhalves, out)
 
@@ -213,6 +217,8 @@ def matmul(m, xq, out):
     flat, xscales, xsums, xhalves = xq
     if bits == 4:
         q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, out)
+    elif bits == 6:
+        q6_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:
         q8_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
 

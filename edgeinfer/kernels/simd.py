@@ -118,10 +118,26 @@ lo_nibbles = _bytewise("and_", 0x0F)
 hi_nibbles = _bytewise("lshr", 4)
 
 
+def _with_high_bits(field: int):
+    """nibbles | (2-bit field `field` of each byte of `planes`) << 4: 6-bit values (q6.py)."""
+    @intrinsic
+    def with_high_bits(typingctx, nibbles, planes):
+        def codegen(context, builder, signature, args):
+            const = lambda k: ir.Constant(ir.VectorType(ir.IntType(8), 64), [k] * 64)  # noqa: E731
+            shift, p = 4 - 2 * field, args[1]
+            p = builder.shl(p, const(shift)) if shift > 0 else builder.lshr(p, const(-shift)) if shift < 0 else p
+            return builder.or_(args[0], builder.and_(p, const(0x30)))
+        return V64I8(V64I8, V64I8), codegen
+    return with_high_bits
+
+
+high_bits0, high_bits1, high_bits2, high_bits3 = (_with_high_bits(f) for f in range(4))
+
+
 def _dpbusd(small: bool):
     """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane. x86: vpdpbusd on AVX-512 VNNI; on AVX2,
-    vpmaddubsw on bytes a <= 15 (its 16-bit pair sums cannot saturate: 2 * 15 * 128 < 2**15) then
-    vpmaddwd against ones, per 32-byte half: `small` a (4-bit weights) as they are, larger a as
+    vpmaddubsw on bytes a <= 63 (its 16-bit pair sums cannot saturate: 2 * 63 * 128 < 2**15) then
+    vpmaddwd against ones, per 32-byte half: `small` a (4- and 6-bit weights) as they are, larger a as
     16 * high nibble + low nibble (vpmaddwd against 16s and ones). aarch64 (per 16-byte
     quarter, whose 4 lanes sum the same bytes): usdot with i8mm; with dotprod, sdot (when `small`, a
     is a signed byte already; otherwise sdot(a - 128, b) + 128 * sum(b), the second term as
@@ -145,7 +161,7 @@ def _dpbusd(small: bool):
                 maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8x32, [v16x16, v16x16]),
                                                         "llvm.x86.avx2.pmadd.wd")
 
-                def madd(a, h, weight):  # 32 bytes (half h) of a <= 15 against b, lanes of 4 summed, times weight
+                def madd(a, h, weight):  # 32 bytes (half h) of a <= 63 against b, lanes of 4 summed, times weight
                     return builder.call(maddwd, [builder.call(maddubs, [_part(builder, a, h, 32), _part(builder, args[2], h, 32)]),
                                                  ir.Constant(v16x16, [weight] * 16)])
                 if small:
@@ -186,7 +202,7 @@ def _dpbusd(small: bool):
                     pairs = []
                     for e in range(2):  # bytes 16q + 8e .. + 7
                         a, b = _part(builder, args[1], 2 * q + e, 8), _part(builder, args[2], 2 * q + e, 8)
-                        if small:  # a <= 15 is a signed byte too
+                        if small:  # a <= 63 is a signed byte too
                             products = builder.call(smull, [a, b])
                         else:
                             products = builder.mul(builder.zext(a, v8x16), builder.sext(b, v8x16))
@@ -214,7 +230,7 @@ def _join(builder, parts: list):
 
 
 dpbusd = _dpbusd(small=False)  # any unsigned bytes (8-bit weights + 128)
-dpbusd_nibbles = _dpbusd(small=True)  # unsigned bytes <= 15 (4-bit weights)
+dpbusd_nibbles = _dpbusd(small=True)  # unsigned bytes <= 63 (4- and 6-bit weights)
 
 
 @intrinsic

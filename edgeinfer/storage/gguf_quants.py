@@ -3,13 +3,14 @@ gguf's own dequantisation gives it (tests/test_gguf_quants.py checks each type).
 
 Every type in scope is, per group of 32 or 16 weights, an integer times a scale plus a minimum:
     Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: d * sc, -dmin * m)
-    Q8_0, Q5_0, IQ4_NL                    signed bytes, fp16 scale per 32 -> q8.Q8Matrix, as Q8_0
-    Q5_1, Q5_K, IQ4_XS                    bytes per 32, with minima (Q5_1, Q5_K)
-    Q6_K, Q3_K, Q2_K                      bytes per 16 (and minima for Q2_K)
+    Q5_0, Q5_1, Q5_K                      6 bits per 32 (signed, or with minima) -> q6.Q6Matrix
+    Q6_K, Q3_K                            6 bits per 16, signed -> q6.Q6Matrix
+    Q8_0, IQ4_NL, IQ4_XS                  signed bytes per 32 -> q8.Q8Matrix
+    Q2_K                                  bytes per 16, with minima -> q8.Q8Matrix
 The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
 per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
-bytes or nibbles, so a 5/6-bit type takes 8 bits here (bench/RESULTS.md, issue 15, says what that
-costs and why).
+bytes, 6-bit fields or nibbles: a 5- or 3-bit type takes 6 bits here, Q2_K and the IQ4 types 8
+(bench/RESULTS.md, issue 15, says what that costs and why).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Callable
 import numpy as np
 
 from ..kernels.q4 import Q4Matrix
+from ..kernels.q6 import Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import SuperScales, concat_scales, super_scales
+from .quantize import MATRIX_TYPES
 
 QK = 256  # weights per K-quant super-block
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
@@ -136,9 +139,9 @@ def _q2_k(b: np.ndarray) -> Decoded:
 # type -> (weights per block, bytes per block, bits of the matrix it becomes, decoder)
 DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
     "Q4_0": (32, 18, 4, _q4_0), "Q4_1": (32, 20, 4, _q4_1), "Q8_0": (32, 34, 8, _q8_0),
-    "Q5_0": (32, 22, 8, _q5_0), "Q5_1": (32, 24, 8, _q5_1), "IQ4_NL": (32, 18, 8, _iq4_nl),
-    "IQ4_XS": (QK, 136, 8, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 8, _q5_k),
-    "Q6_K": (QK, 210, 8, _q6_k), "Q3_K": (QK, 110, 8, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),
+    "Q5_0": (32, 22, 6, _q5_0), "Q5_1": (32, 24, 6, _q5_1), "IQ4_NL": (32, 18, 8, _iq4_nl),
+    "IQ4_XS": (QK, 136, 8, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 6, _q5_k),
+    "Q6_K": (QK, 210, 6, _q6_k), "Q3_K": (QK, 110, 6, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),
 }
 SLAB_ROWS = 2048  # rows decoded at a time: the integers' temporaries stay a few tens of MB
 
@@ -157,21 +160,18 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
     return values.reshape(rows, cols), by_row(scales), None if minima is None else by_row(minima)
 
 
-def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q8Matrix:
+def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q6Matrix | Q8Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
     (whole 16-row blocks, so the slabs' arrays simply follow each other)."""
     bits = DECODERS[kind][2]
     slabs = []
     for r in range(0, data.shape[0], SLAB_ROWS):
         values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
-        if bits == 4:
-            slabs.append(Q4Matrix.from_values(values, scales, minima))
-        else:
-            slabs.append(Q8Matrix.from_values(values, scales, minima))
+        slabs.append(MATRIX_TYPES[bits].from_values(values, scales, minima))
     return _join(slabs, data.shape[0], cols)
 
 
-def _join(slabs: list, rows: int, cols: int) -> Q4Matrix | Q8Matrix:
+def _join(slabs: list, rows: int, cols: int) -> Q4Matrix | Q6Matrix | Q8Matrix:
     if len(slabs) == 1:
         return slabs[0]
     first = slabs[0]

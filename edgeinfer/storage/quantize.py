@@ -23,16 +23,19 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
 from ..kernels.q4 import Q4Matrix
+from ..kernels.q6 import Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
 from .safetensors import TensorEntry
 
-Matrix = Q4Matrix | Q8Matrix
+Matrix = Q4Matrix | Q6Matrix | Q8Matrix
+MATRIX_TYPES = {4: Q4Matrix, 6: Q6Matrix, 8: Q8Matrix}
+SIGNED_FACTORS = {4: -8.0, 6: -32.0, 8: -128.0}  # offset factor of the layouts without minima
 
 
 @dataclass(frozen=True)
 class Layout:
-    bits: int  # 4: nibbles (q4.py); 8: bytes (q8.py)
+    bits: int  # 4: nibbles (q4.py); 6: nibbles and 2-bit planes (q6.py); 8: bytes (q8.py)
     group: int  # weights per scale: 32 or 16
     scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
     minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
@@ -55,12 +58,12 @@ def _tag_dtype(tag: str) -> str:
 
 
 NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None)}
-_LAYOUT_RE = re.compile(r"q([48])g(16|32)-s(16|32|k)(?:-m(16|32|k))?$")
+_LAYOUT_RE = re.compile(r"q([468])g(16|32)-s(16|32|k)(?:-m(16|32|k))?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
 # written before its matrices are decoded.
-GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "Q8_0", "IQ4_NL": "Q8_0",
-                "Q4_K": "q4g32-sk-mk", "Q5_1": "q8g32-s16-m16", "Q5_K": "q8g32-sk-mk", "IQ4_XS": "q8g32-sk",
-                "Q6_K": "q8g16-sk", "Q3_K": "q8g16-sk", "Q2_K": "q8g16-sk-mk"}
+GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q6g32-s16", "IQ4_NL": "Q8_0",
+                "Q4_K": "q4g32-sk-mk", "Q5_1": "q6g32-s16-m16", "Q5_K": "q6g32-sk-mk", "IQ4_XS": "q8g32-sk",
+                "Q6_K": "q6g16-sk", "Q3_K": "q6g16-sk", "Q2_K": "q8g16-sk-mk"}
 
 
 def layout_of(kind: str) -> Layout | None:
@@ -99,7 +102,7 @@ def part_entries(name: str, kind: str, rows: int, cols: int) -> list[TensorEntry
     """The safetensors entries that hold one quantised matrix, in file order."""
     layout = layout_of(kind)
     packed, scales = (Q4Matrix.array_shapes(rows, cols) if layout.bits == 4
-                      else Q8Matrix.array_shapes(rows, cols, layout.group))
+                      else MATRIX_TYPES[layout.bits].array_shapes(rows, cols, layout.group))
     supers = (scales[0], -(-scales[1] // ROWS // (SUPER // layout.group)) * ROWS)
     parts = [TensorEntry(f"{name}.packed", "U8", packed)]
     for part, dtype in (("scales", layout.scale_dtype), ("minima", layout.minima_dtype)):
@@ -150,14 +153,14 @@ def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], 
         return kernel(arrays[at]), at + 1
     scales, at = scales_from(1, layout.scale_dtype)
     offsets = scales_from(at, layout.minima_dtype)[0] if layout.minima_dtype else scales
-    factor = 1.0 if layout.minima_dtype else (-8.0 if layout.bits == 4 else -128.0)
-    return (Q4Matrix if layout.bits == 4 else Q8Matrix)(arrays[0], scales, offsets, factor, rows, cols)
+    factor = 1.0 if layout.minima_dtype else SIGNED_FACTORS[layout.bits]
+    return MATRIX_TYPES[layout.bits](arrays[0], scales, offsets, factor, rows, cols)
 
 
 def fits(m: Matrix, kind: str) -> bool:
     """Whether `m` can be stored in layout `kind` as it is (lossless)."""
     layout = layout_of(kind)
-    group = m.group if isinstance(m, Q8Matrix) else GROUP
+    group = GROUP if isinstance(m, Q4Matrix) else m.group
     has_minima = m.offsets is not m.scales
     return (layout is not None and layout.bits == m.bits and layout.group == group
             and bool(layout.minima_dtype) == has_minima and _holds(layout.scale_dtype, m.scales)

@@ -24,7 +24,9 @@ from .source import KeyCodebooks, SafetensorsSource, WeightSource
 from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
-FORMAT_VERSION = "4"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too
+FORMAT_VERSION = "5"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too;
+# 5: layouts added (K-quants' two-level scales, 6-bit rows), none changed
+READABLE_VERSIONS = ("4", "5")  # whose layouts this version reads as they were written
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
@@ -46,7 +48,7 @@ class SingleFileSource(SafetensorsSource):
         self._file = f
         self._quantized = read_index(f.metadata, f.path)
         version = f.metadata.get("format_version")
-        if version != FORMAT_VERSION and self._quantized:
+        if version not in READABLE_VERSIONS and self._quantized:
             raise ModelFormatError(f"{f.path}: written by another edgeinfer (format {version}, whose quantised "
                                    f"layouts this one, format {FORMAT_VERSION}, does not read); convert its source again")
         self._parts: dict[str, list[TensorEntry]] = {}
@@ -118,7 +120,7 @@ def target_type(source: WeightSource, name: str, bits: int | None) -> str | None
     """The quantised layout `name` gets in the file, or None for float. bits None keeps what the
     source stores (its quantised matrices come in losslessly, gguf_quants.py); 4 puts projections
     in 4 bits (keeping a source's own 4-bit layout, else Q4_1) and the embedding and head in 8; 8
-    puts all in 8 (keeping a source's own 8-bit layout, else Q8_0); 16, none."""
+    puts all in 8 (keeping a source's own 8- or 6-bit layout, else Q8_0); 16, none."""
     shape, stored = source.stored_shape(name), layout_of(source.stored_type(name))
     if len(shape) != 2 or name == ROPE_FREQS or shape[1] % GROUP:
         return None
@@ -126,8 +128,8 @@ def target_type(source: WeightSource, name: str, bits: int | None) -> str | None
         return stored.name if stored else None
     if bits == 16:
         return None
-    if bits == 8 or name in ENDS:  # embedding and head: 8 bits when the rest is 4
-        return stored.name if stored and stored.bits == 8 else "Q8_0"
+    if bits == 8 or name in ENDS:  # embedding and head: 8 bits when the rest is 4 (a 6-bit layout is kept)
+        return stored.name if stored and stored.bits >= 6 else "Q8_0"
     return stored.name if stored and stored.bits == 4 else "Q4_1"
 
 
