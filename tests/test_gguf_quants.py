@@ -183,6 +183,27 @@ def test_convert_keeps_every_type_losslessly(kquant_gguf, tmp_path):
         np.testing.assert_array_equal(back.float32(name), source.float32(name))
 
 
+def test_a_cluster_share_of_k_quants_converts_losslessly(kquant_gguf, tmp_path):
+    """A node's share file (cluster/shard.py): columns cut off the 256-column super-blocks take plain
+    float32 scales, whole super-blocks keep the type's own; every value as the source's."""
+    from edgeinfer.cluster.plan import Share
+    from edgeinfer.cluster.shard import ShardSource
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    source = open_model(str(kquant_gguf))
+    down, o_proj = "model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    for share, down_kept in ((Share(0, 1, 0, 128), False), (Share(1, 2, 256, 512), True)):
+        shard = ShardSource(source, share)
+        out = tmp_path / f"share{share.col_start}.safetensors"
+        convert(shard, str(out))
+        back = open_model(str(out))
+        assert back.stored_type(down) == (GGUF_LAYOUTS["Q2_K"] if down_kept else plain_type("Q2_K"))
+        assert back.stored_type(o_proj) == plain_type("Q5_K")  # a KV head's 128 query columns
+        for name in (down, o_proj, "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+            np.testing.assert_array_equal(back.float32(name), shard.float32(name))
+
+
 def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
     """A 5/6/3/2-bit tensor is held as bytes: the preflight counts the matrices as loaded, not the file."""
     from edgeinfer.storage import open_model

@@ -318,17 +318,20 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
             _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], out[t], block, t == 0)
 
 
-def _check(m: Q4Matrix, x: Q8Activations) -> None:
+def check_operands(m, x: Q8Activations) -> None:
+    """Before any 4/6/8-bit kernel runs: a CPU that has them, activations as wide as the matrix
+    (padded to whole 128-wide chunks)."""
     if not has_kernels():  # the instructions would kill the process, not raise
-        raise EdgeInferError("the 4-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
-    if x.flat.shape[-1] != m.padded_cols:
-        raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.padded_cols}")
+        raise EdgeInferError(f"the {m.bits}-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), "
+                             "or aarch64")
+    if x.flat.shape[-1] != -(-m.cols // CHUNK) * CHUNK:
+        raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.cols}")
 
 
 def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None = None) -> np.ndarray:
     """out = W @ x, W 4-bit, x int8 (quantised by quantize_activations); on all threads when
     `parallel`, by default when the matrix is large enough to gain."""
-    _check(m, x)
+    check_operands(m, x)
     parallel = m.nbytes >= PARALLEL_MIN_BYTES if parallel is None else parallel
     kernel = _gemv_parallel if parallel else _gemv_serial
     kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
@@ -337,7 +340,7 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None =
 
 def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
-    _check(m, x)
+    check_operands(m, x)
     _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
     return out
 

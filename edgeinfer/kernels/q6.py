@@ -29,13 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..errors import EdgeInferError
-from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import gemm_block, group_term, store_rows
+from .activations import GROUP, Q8Activations
+from .q4 import check_operands, gemm_block, group_term, store_rows
 from .scales import (ROWS, SuperScales, block_scales, deinterleave_scales, group_count, group_scale,
                      interleave_scales, prefetch_scales, scales_nbytes, select_scales)
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd_nibbles, fixed_unit, has_kernels,
-                   hi_nibbles, high_bits0, high_bits1, high_bits2, high_bits3, into0, into1, into2, into3, lo_nibbles,
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd_nibbles, fixed_unit, hi_nibbles, high_bits0, high_bits1, high_bits2, high_bits3, into0, into1, into2, into3, lo_nibbles,
                    load_i8, prefetch, total4, zeros_i32)
 
 UNIT = 16  # columns per unit: half a group step
@@ -171,23 +169,26 @@ def _loads(w, step):
 
 
 @njit(inline="always")
+def _six_bit_dots(v0, v1, v2, v3, planes, x, o):
+    """4 nibble vectors with their high bits from `planes` (fields 0..3) against x[o:o + 16]."""
+    d = dpbusd_nibbles(zeros_i32(), high_bits0(v0, planes), broadcast4(x, o))
+    d = dpbusd_nibbles(d, high_bits1(v1, planes), broadcast4(x, o + 4))
+    d = dpbusd_nibbles(d, high_bits2(v2, planes), broadcast4(x, o + 8))
+    return dpbusd_nibbles(d, high_bits3(v3, planes), broadcast4(x, o + 12))
+
+
+@njit(inline="always")
 def _low_dots(loads, x, o):
     """Columns 0..15 of a group step (its even unit) against x[o:o + 16]."""
     n0, n1, n2, n3, p, _ = loads
-    d = dpbusd_nibbles(zeros_i32(), high_bits0(lo_nibbles(n0), p), broadcast4(x, o))
-    d = dpbusd_nibbles(d, high_bits1(lo_nibbles(n1), p), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, high_bits2(lo_nibbles(n2), p), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, high_bits3(lo_nibbles(n3), p), broadcast4(x, o + 12))
+    return _six_bit_dots(lo_nibbles(n0), lo_nibbles(n1), lo_nibbles(n2), lo_nibbles(n3), p, x, o)
 
 
 @njit(inline="always")
 def _high_dots(loads, x, o):
     """Columns 16..31 of a group step (its odd unit) against x[o:o + 16]."""
     n0, n1, n2, n3, _, p = loads
-    d = dpbusd_nibbles(zeros_i32(), high_bits0(hi_nibbles(n0), p), broadcast4(x, o))
-    d = dpbusd_nibbles(d, high_bits1(hi_nibbles(n1), p), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, high_bits2(hi_nibbles(n2), p), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, high_bits3(hi_nibbles(n3), p), broadcast4(x, o + 12))
+    return _six_bit_dots(hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3), p, x, o)
 
 
 @njit(inline="always")
@@ -289,16 +290,9 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
             _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
 
-def _check(m: Q6Matrix, x: Q8Activations) -> None:
-    if not has_kernels():
-        raise EdgeInferError("the 6-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
-    if x.flat.shape[-1] != -(-m.cols // CHUNK) * CHUNK:  # activations are padded to whole 128-wide chunks
-        raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.cols}")
-
-
 def gemv6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 6-bit, x int8 (quantised by quantize_activations)."""
-    _check(m, x)
+    check_operands(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
     kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
@@ -306,6 +300,6 @@ def gemv6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
 
 def gemm6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
-    _check(m, x)
+    check_operands(m, x)
     _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out

@@ -29,13 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..errors import EdgeInferError
-from .activations import CHUNK, GROUP, Q8Activations
-from .q4 import from_blocks, gemm_block, group_term, prefetch_ahead, store_rows, to_blocks
+from .activations import GROUP, Q8Activations
+from .q4 import check_operands, from_blocks, gemm_block, group_term, prefetch_ahead, store_rows, to_blocks
 from .scales import (ROWS, SuperScales, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      scales_nbytes, select_scales)
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, has_kernels,
-                   into0, into1, into2, into3, load_i8, total4, zeros_i32)
+from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, into0, into1, into2, into3, load_i8, total4, zeros_i32)
 
 UNIT = 16  # columns per unit: 16 rows x 16 bytes, 4 loads
 WEIGHTS_PER_LOAD = 64  # columns are padded to whole 64s
@@ -229,16 +227,9 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
             _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
 
-def _check(m: Q8Matrix, x: Q8Activations) -> None:
-    if not has_kernels():
-        raise EdgeInferError("the 8-bit kernels need an x86 CPU with AVX2, FMA and F16C (or AVX-512 VNNI), or aarch64")
-    if x.flat.shape[-1] != -(-m.cols // CHUNK) * CHUNK:  # activations are padded to whole 128-wide chunks
-        raise ValueError(f"activations of {x.flat.shape[-1]} columns for a matrix of {m.cols}")
-
-
 def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
-    _check(m, x)
+    check_operands(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
     kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
@@ -246,7 +237,7 @@ def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
 
 def gemm8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
-    _check(m, x)
+    check_operands(m, x)
     _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 

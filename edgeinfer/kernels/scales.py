@@ -10,7 +10,7 @@ Rows go in blocks of 16, one vector lane per row; per group (32 or 16 columns) a
   group's scale is d * q computed in float32, which is exact (an 11-bit significand times an
   integer of at most 8 bits), so it equals gguf's own value and the plain float32 one it replaces,
   bit for bit. It costs 8 bits per group and 16 per 256 columns, not 32 per group: Q4_K is held at
-  4.625 bits per weight instead of 6, Q6_K's bytes at 8.56 instead of 10.
+  4.625 bits per weight instead of 6 (its file: 4.5), Q6_K at 6.56 (q6.py), as in its file.
 Kernels read a block's part (`block_scales`), the number of groups in it (`group_count`) and a
 group's 16 scales as float32 lanes (`group_scale`) whatever the kind.
 """
