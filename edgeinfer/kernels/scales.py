@@ -135,7 +135,7 @@ def block_scales(s, block):
     """A block's scales (s[block])."""
 
 
-@overload(block_scales)
+@overload(block_scales, inline="always")
 def _block_scales(s, block):
     if is_super_type(s):
         return lambda s, block: SuperScales(s.d[block], s.q[block], s.shift)
@@ -146,7 +146,7 @@ def group_count(s):
     """The groups in a block's scales."""
 
 
-@overload(group_count)
+@overload(group_count, inline="always")
 def _group_count(s):
     if is_super_type(s):
         return lambda s: s.q.shape[0] // ROWS
@@ -157,7 +157,7 @@ def group_scale(s, g):
     """Group g's 16 scales of a block as float32 lanes."""
 
 
-@overload(group_scale)
+@overload(group_scale, inline="always")
 def _group_scale(s, g):
     if is_super_type(s):
         return lambda s, g: mul(load_floats(s.d, (g >> s.shift) * ROWS), load_floats(s.q, g * ROWS))
@@ -168,7 +168,7 @@ def prefetch_scales(s, g):
     """Hint that group g's scales will be read soon."""
 
 
-@overload(prefetch_scales)
+@overload(prefetch_scales, inline="always")
 def _prefetch_scales(s, g):
     if is_super_type(s):
         def fetch(s, g):
