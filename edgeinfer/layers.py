@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels.activations import quantize_activations
-from .kernels.q4 import Q4Matrix
-from .kernels.q8 import Q8Matrix
 from .kernels.reference import linear
 from .kernels.simd import FIXED_BITS
 from .run_path import quantizable_at_load
-from .storage.quantize import quantize_q4_1, quantize_q8_0
+from .storage.quantize import Matrix, quantize_q4_1, quantize_q8_0
 from .storage.source import WeightSource
 from .storage.tensor_names import ENDS
 
@@ -39,7 +37,7 @@ class QuantLinear:
     """y = x W^T for a batch of tokens with the matrix's VNNI GEMM, activations quantised to int8.
     (The decode step does not come here: kernels/decode_layer.py runs whole layers.)"""
 
-    def __init__(self, matrix: Q4Matrix | Q8Matrix, bias: np.ndarray | None):
+    def __init__(self, matrix: Matrix, bias: np.ndarray | None):
         self.matrix, self.bias, self.bits = matrix, bias, matrix.bits
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

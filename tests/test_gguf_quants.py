@@ -205,7 +205,8 @@ def test_a_cluster_share_of_k_quants_converts_losslessly(kquant_gguf, tmp_path):
 
 
 def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
-    """A 5/6/3/2-bit tensor is held as bytes: the preflight counts the matrices as loaded, not the file."""
+    """A 5/3-bit tensor is held in 6 bits, a 2-bit or IQ4 one as bytes: the preflight counts the
+    matrices as loaded, not the file."""
     from edgeinfer.storage import open_model
 
     source = open_model(str(kquant_gguf))

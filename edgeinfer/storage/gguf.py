@@ -19,12 +19,10 @@ import numpy as np
 
 from ..config import GEMMA3_LOCAL_PATTERN, ModelConfig
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..kernels.q4 import Q4Matrix
-from ..kernels.q8 import Q8Matrix
 from ..tokenizer import FAMILY_TEMPLATES, TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
 from .gguf_quants import DECODERS, gguf_matrix
-from .quantize import GGUF_LAYOUTS, part_entries
+from .quantize import GGUF_LAYOUTS, Matrix, part_entries
 from .source import WeightSource
 from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, ROPE_FREQS, layer_prefix, split_fused
 
@@ -293,7 +291,7 @@ class GGUFSource(WeightSource):
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
         return np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
 
-    def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
+    def quantized(self, name: str) -> Matrix | None:
         t = self._tensors[name]
         kind = t.tensor_type.name
         if kind not in DECODERS or len(t.shape) != 2:
@@ -322,7 +320,7 @@ class GGUFSource(WeightSource):
         return os.path.getsize(self.path)
 
     def resident_bytes(self) -> int:
-        """Quantised tensors in their kernels' layouts (a 5-bit type takes bytes), the rest as stored."""
+        """Quantised tensors in their kernels' layouts (a 5-bit type takes 6 bits), the rest as stored."""
         total = 0
         for name, t in self._tensors.items():
             if t.tensor_type.name in GGUF_LAYOUTS and len(t.shape) == 2:

@@ -9,9 +9,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..kernels.q4 import Q4Matrix
-from ..kernels.q8 import Q8Matrix
 from ..tokenizer import TokenizerSpec
+from .quantize import Matrix
 from .safetensors import PAD_PREFIX, SafetensorsFile
 from .tensor_names import ROPE_FREQS, model_tensor_shapes
 
@@ -55,7 +54,7 @@ class WeightSource:
         """The tensor's data in storable_type (BF16 as uint16)."""
         return self.float32(name)
 
-    def quantized(self, name: str) -> Q4Matrix | Q8Matrix | None:
+    def quantized(self, name: str) -> Matrix | None:
         """The tensor as the 4/8-bit kernels take it, if the file stores it as Q4_0, Q4_1 or Q8_0."""
         return None
 
