@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from ..config import ModelConfig
-from ..storage.quantize import keeps_super_scales, plain_type
+from ..kernels.scales import keeps_super_scales
+from ..storage.quantize import plain_type
 from ..storage.single import convert
 from ..storage.source import KeyCodebooks, WeightSource
 from ..storage.tensor_names import ENDS

@@ -101,12 +101,17 @@ def deinterleave_scales(s, rows: int, groups: int, ids: np.ndarray | None = None
     return scale_values(deinterleave(s, 1, rows, groups, ROWS, ids))
 
 
+def keeps_super_scales(c0: int, c1: int) -> bool:
+    """Whether columns c0 .. c1 - 1 of a matrix keep its two-level scales (whole super-blocks)."""
+    return c0 % SUPER == 0 and c1 % SUPER == 0
+
+
 def select_scales(s, rows: slice, g0: int, g1: int):
     """Row-major scales of `rows` and groups g0 .. g1 - 1: SuperScales stay so on whole 256-column
     super-blocks, else they become their float32 values (exact, 32 bits per group)."""
     if isinstance(s, SuperScales):
-        per = 1 << s.shift
-        if g0 % per == 0 and g1 % per == 0:
+        per, group = 1 << s.shift, SUPER >> s.shift
+        if keeps_super_scales(g0 * group, g1 * group):
             return SuperScales(s.d[rows, g0 // per:g1 // per], s.q[rows, g0:g1], s.shift)
         return scale_values(s)[rows, g0:g1]
     return s[rows, g0:g1]

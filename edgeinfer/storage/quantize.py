@@ -88,10 +88,6 @@ def plain_type(kind: str) -> str:
                   layout.minima_dtype and plain(layout.minima_dtype)).name
 
 
-def keeps_super_scales(c0: int, c1: int) -> bool:
-    """Whether columns c0 .. c1 - 1 of a matrix keep its two-level scales (whole super-blocks)."""
-    return c0 % SUPER == 0 and c1 % SUPER == 0
-
 
 def is_quantized_type(kind: str) -> bool:
     """Whether a tensor stored as `kind` runs on the 4/8-bit kernels."""
