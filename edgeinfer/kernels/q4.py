@@ -74,10 +74,6 @@ class Q4Matrix:
         return self.rows, self.cols
 
     @property
-    def padded_cols(self) -> int:
-        return -(-self.cols // CHUNK) * CHUNK
-
-    @property
     def nbytes(self) -> int:
         extra = 0 if self.offsets is self.scales else scales_nbytes(self.offsets)
         return self.packed.nbytes + scales_nbytes(self.scales) + extra

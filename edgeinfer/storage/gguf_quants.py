@@ -19,11 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels.q4 import Q4Matrix
-from ..kernels.q6 import Q6Matrix
-from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import SuperScales, concat_scales, super_scales
-from .quantize import MATRIX_TYPES
+from .quantize import MATRIX_TYPES, Matrix
 
 QK = 256  # weights per K-quant super-block
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
@@ -160,7 +157,7 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
     return values.reshape(rows, cols), by_row(scales), None if minima is None else by_row(minima)
 
 
-def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q6Matrix | Q8Matrix:
+def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
     (whole 16-row blocks, so the slabs' arrays simply follow each other)."""
     bits = DECODERS[kind][2]
@@ -171,7 +168,7 @@ def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Q4Matrix | Q6Matrix |
     return _join(slabs, data.shape[0], cols)
 
 
-def _join(slabs: list, rows: int, cols: int) -> Q4Matrix | Q6Matrix | Q8Matrix:
+def _join(slabs: list, rows: int, cols: int) -> Matrix:
     if len(slabs) == 1:
         return slabs[0]
     first = slabs[0]
