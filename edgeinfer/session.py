@@ -88,6 +88,7 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     source = open_model(path)
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
+    tokenizer = Tokenizer(source.tokenizer)  # before the plan, which counts the process as it stands
     if context is None:  # the default context, or less where its KV cache would not fit
         wanted = default_context(source.config)
         plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences,
@@ -102,7 +103,7 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
     model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits, cache_type)
-    engine = Engine(model, Tokenizer(source.tokenizer), context)
+    engine = Engine(model, tokenizer, context)
     engine.memory_plan = plan
     return engine
 
@@ -125,9 +126,10 @@ def _open_cluster(path: str, options: SessionOptions, report: Report) -> Engine:
         master.wait_for(c.workers, c.wait)
         source = open_model(path)
         context = default_context(source.config, options.context)
+        tokenizer = Tokenizer(source.tokenizer)  # before the model's memory plan, which counts it
         model = ClusterModel(master, path, context, quantized=not options.float32, attention=options.attention,
                              mem_limit=options.mem_limit)
-        return Engine(model, Tokenizer(source.tokenizer), context)
+        return Engine(model, tokenizer, context)
     except BaseException:
         master.close("the master failed to start")
         raise

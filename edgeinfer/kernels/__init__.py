@@ -1,2 +1,6 @@
 """Kernels: pure functions over arrays. `reference` holds the exact numpy versions every faster kernel
 is tested against."""
+
+from ..jit_cache import import_numba_without_blas_probe
+
+import_numba_without_blas_probe()

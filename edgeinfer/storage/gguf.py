@@ -72,6 +72,7 @@ class GGUFTensor:
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")  # a string's byte count
 
 
 class GGUFFile:
@@ -153,6 +154,17 @@ class GGUFFile:
         self._pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 50k-262k of them) in one tight loop."""
+        buf, pos, end, length, out = self._buf, self._pos, len(self._buf), _LENGTH.unpack_from, []
+        for _ in range(count):
+            if pos + 8 > end or pos + 8 + (n := length(buf, pos)[0]) > end:
+                raise ModelFormatError(f"{self.path}: GGUF header ends early: truncated or corrupt")
+            out.append(str(buf[pos + 8:pos + 8 + n], "utf-8", "replace"))
+            pos += 8 + n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int):
         if vtype == _STRING:
             return self._string()
@@ -165,6 +177,8 @@ class GGUFFile:
                 values = np.frombuffer(self._buf, dtype, count, self._pos).tolist()
                 self._pos += count * dtype.itemsize
                 return values
+            if etype == _STRING:
+                return self._strings(count)
             return [self._value(etype) for _ in range(count)]
         if vtype not in _SCALARS:
             raise ModelFormatError(f"{self.path}: GGUF metadata has unknown value type {vtype}")
