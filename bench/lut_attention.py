@@ -1,12 +1,13 @@
 """Attention time per decoded token, one layer: LUT attention vs exact, both edgeinfer, same run.
 
 Keys, values and the query are random (timing does not depend on them; quality is perplexity's:
-bench/RESULTS.md). The kernels run on all threads, heads in parallel, over the cache as the model
-keeps it: exact attention reads float32 keys (hd * 4 bytes per key per KV head) and float32 values;
-LUT reads hd / (2 * d_sub) bytes of codes and fp16 values, builds a table per band of positions the
-context reaches (one codebook per band, lut_attention.py) and scores the first and the last keys
-exactly. Exact attention over fp16 values is timed too, the like-for-like baseline. The three take
-turns; medians. Prints JSON and a one-line summary per shape and d_sub.
+bench/RESULTS.md). The kernels run on all threads, a KV head per thread, over the cache as the model
+keeps it. Exact attention is timed over three caches: float32 keys and values (`--cache-type f32`),
+float32 keys and fp16 values (like for like with LUT's values), and fp16 keys and values (the
+default cache). LUT reads hd / (2 * d_sub) bytes of codes and fp16 values, builds a table per band
+of positions the context reaches (one codebook per band, lut_attention.py) and scores the first and
+the last keys exactly. The four take turns; medians. Prints JSON and a one-line summary per shape
+and d_sub.
 
     python bench/lut_attention.py [--d-sub 1,2,4] [--contexts 1024,4096,16384] [--shapes smollm2-135m,llama2-7b]
 """
@@ -53,14 +54,18 @@ def measure(shape: str, length: int, d_sub: int, rng: np.random.Generator) -> di
     q = rng.standard_normal(heads * hd, dtype=np.float32)
     out, scores = np.empty_like(q), np.zeros((heads, length), np.float32)
     tables, sums = np.zeros((heads, hd // d_sub, 64), np.uint8), np.zeros((heads, codes.shape[1] * 64), np.uint16)
-    exact_us, exact_f16_us, lut_us = alternate(
+    half_keys = keys.astype(np.float16).view(np.uint16)
+    exact_us, exact_f16v_us, exact_f16_us, lut_us = alternate(
         [lambda: attend_one(q, keys, values, 0, length, 1 / np.sqrt(hd), scores, out),
          lambda: attend_one(q, keys, half, 0, length, 1 / np.sqrt(hd), scores, out),
+         lambda: attend_one(q, half_keys, half, 0, length, 1 / np.sqrt(hd), scores, out),
          lambda: attend_one_lut(q, books, codes, exact_keys, half, length, tables, sums, scores, out)],
         max(7, 100_000 // length))
     return {"shape": shape, "context": length, "d_sub": d_sub, "bands": bands, "exact_us": round(exact_us, 1),
-            "exact_f16_values_us": round(exact_f16_us, 1), "lut_us": round(lut_us, 1),
-            "speedup": round(exact_us / lut_us, 2), "speedup_same_values": round(exact_f16_us / lut_us, 2)}
+            "exact_f16_values_us": round(exact_f16v_us, 1), "exact_f16_us": round(exact_f16_us, 1),
+            "lut_us": round(lut_us, 1), "speedup": round(exact_us / lut_us, 2),
+            "speedup_same_values": round(exact_f16v_us / lut_us, 2),
+            "speedup_default_cache": round(exact_f16_us / lut_us, 2)}
 
 
 def main() -> None:
@@ -75,9 +80,11 @@ def main() -> None:
     print(json.dumps(rows, indent=1))
     for shape in args.shapes.split(","):
         for d_sub in map(int, args.d_sub.split(",")):
-            print(f"{shape}, d_sub {d_sub}, attention per token per layer, exact / exact on fp16 values / LUT: " +
-                  ", ".join(f"{r['context']}: {r['exact_us']:.0f} / {r['exact_f16_values_us']:.0f} / {r['lut_us']:.0f}"
-                            f" us (x{r['speedup']}, x{r['speedup_same_values']})"
+            print(f"{shape}, d_sub {d_sub}, attention per token per layer, exact f32 / exact f32 keys fp16 values / "
+                  "exact fp16 / LUT: " +
+                  ", ".join(f"{r['context']}: {r['exact_us']:.0f} / {r['exact_f16_values_us']:.0f} / "
+                            f"{r['exact_f16_us']:.0f} / {r['lut_us']:.0f} us (x{r['speedup']}, "
+                            f"x{r['speedup_same_values']}, x{r['speedup_default_cache']})"
                             for r in rows if r["shape"] == shape and r["d_sub"] == d_sub))
 
 

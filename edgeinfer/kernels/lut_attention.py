@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ops import exp_in_place, weighted_values
+from .ops import softmax_values
 from .simd import (add_i16, fma, hi_nibbles, hsum, load_f32, load_i8, lo_nibbles, shuffle_bytes, store_i16,
                    widen_hi, widen_lo, zeros_f32, zeros_i16)
 
@@ -212,7 +212,9 @@ def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scor
     (kv_heads, blocks, S/2, 64), values (kv_heads, capacity, hd) float32 or fp16 bits; scratch per
     head: tables (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads,
     >= length). The first SINK_KEYS keys and the last RECENT_KEYS score exactly, from keys (kv_heads,
-    EXACT_SLOTS, hd) kept by keep_exact_key (what each costs in perplexity: bench/RESULTS.md)."""
+    EXACT_SLOTS, hd) kept by keep_exact_key (what each costs in perplexity: bench/RESULTS.md).
+    A thread per query head, not per KV head as attend_one: the lookups, not the reads, bound this
+    kernel, and SmolLM2's 3 KV heads on 2 threads left one idle a third of the time (measured)."""
     kv_heads, _, hd = values.shape
     bands = codebooks.shape[1]
     heads = q.shape[0] // hd
@@ -234,11 +236,7 @@ def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scor
             scores_h[t] = exact_score(q, qo, keys, kh, t) * scale
         for t in range(max(SINK_KEYS, length - RECENT_KEYS), length):
             scores_h[t] = exact_score(q, qo, keys, kh, t) * scale
-        top = np.float32(-np.inf)
-        for t in range(length):
-            top = max(top, scores_h[t])
-        total = exp_in_place(scores_h, length, top)
-        weighted_values(scores_h, values, kh * values.shape[1] * hd, length, hd, np.float32(1) / total, out, qo)
+        softmax_values(scores, values, kh * values.shape[1] * hd, 0, length, h, 1, hd, out)
 
 
 @njit(cache=True)

@@ -162,23 +162,30 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
     for t in range(whole, span):
         for g in range(group):
             scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
-    norms = np.empty(group, np.float32)
-    for g in range(group):
-        top = scores[kh * group + g, :span].max()
-        norms[g] = np.float32(1) / exp_in_place(scores[kh * group + g], span, top)
-        for d in range(0, hd, LANES):
-            store_f32(out, (kh * group + g) * hd + d, zeros_f32())
-    for c in range(0, span, VALUE_CHUNK):
-        for g in range(group):
-            _add_values(scores[kh * group + g], values, base, c, min(span, c + VALUE_CHUNK), hd, out,
-                        (kh * group + g) * hd)
-    for g in range(group):
-        scale_g, qo = splat(norms[g]), (kh * group + g) * hd
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
+    softmax_values(scores, values, base, 0, span, kh * group, group, hd, out)
 
 
 VALUE_CHUNK = 64  # value rows a KV head's query heads take in turn while they are in L1 (8 KB at 64 fp16 dims)
+
+
+@njit(inline="always")
+def softmax_values(scores, values, base, first, end, h0, group, hd, out):
+    """For the query heads h0..h0+group-1 of one KV head, whose scores[h, first:end] are set: out[h's
+    hd dims] = softmax of those scores times the value rows first..end-1 from `base`. Each chunk of
+    value rows is taken by all the heads while it is in L1, so it is read from memory once."""
+    norms = np.empty(group, np.float32)
+    for g in range(group):
+        top = scores[h0 + g, first:end].max()
+        norms[g] = np.float32(1) / exp_in_place(scores[h0 + g, first:], end - first, top)
+        for d in range(0, hd, LANES):
+            store_f32(out, (h0 + g) * hd + d, zeros_f32())
+    for c in range(first, end, VALUE_CHUNK):
+        for g in range(group):
+            _add_values(scores[h0 + g], values, base, c, min(end, c + VALUE_CHUNK), hd, out, (h0 + g) * hd)
+    for g in range(group):
+        scale_g, qo = splat(norms[g]), (h0 + g) * hd
+        for d in range(0, hd, LANES):
+            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
 
 
 @njit(inline="always")
@@ -218,18 +225,6 @@ def exp_in_place(scores, length, top):
         scores[t] = np.exp(scores[t] - top)
         total += scores[t]
     return total
-
-
-@njit(cache=True)
-def weighted_values(p, values, base, length, hd, norm, out, qo):
-    """out[qo:qo + hd] = norm * sum over t of p[t] * values[base + t*hd : ... + hd] (any cache
-    type), 64 dims at a time over all keys (_add_values)."""
-    for d in range(0, hd, LANES):
-        store_f32(out, qo + d, zeros_f32())
-    _add_values(p, values, base, 0, length, hd, out, qo)
-    scale = splat(norm)
-    for d in range(0, hd, LANES):
-        store_f32(out, qo + d, mul(load_f32(out, qo + d), scale))
 
 
 @njit(cache=True)
