@@ -7,8 +7,8 @@ import pytest
 
 from edgeinfer.kernels import reference as ref
 from edgeinfer.kernels.kv_rows import CACHE_TYPES, Q8Rows, as_float32, new_rows, quantize_rows
-from edgeinfer.kernels.ops import (attend_causal, attend_one, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into,
-                                  rope_in_place, rope_rows)
+from edgeinfer.kernels.ops import (PART_KEYS, attend_causal, attend_one, attend_rows, gated_activation_into, key_parts,
+                                  rmsnorm_heads_in_place, rmsnorm_into, rope_in_place, rope_rows)
 
 rng = np.random.default_rng(7)
 
@@ -85,9 +85,12 @@ def _cache_rows(x: np.ndarray, cache_type: str):
 
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
 @pytest.mark.parametrize("heads,kv_heads,length,window", [(9, 3, 1, 0), (9, 3, 40, 0), (4, 4, 300, 0), (8, 1, 17, 0),
-                                                          (4, 2, 300, 64), (4, 2, 30, 64)])
+                                                          (4, 2, 300, 64), (4, 2, 30, 64),
+                                                          # spans cut into parts (key_parts): 2, 4, 2 over a window
+                                                          (9, 3, 2 * PART_KEYS + 37, 0), (4, 1, 5 * PART_KEYS - 3, 0),
+                                                          (4, 2, 3 * PART_KEYS, 2 * PART_KEYS + 5)])
 def test_attention_of_one_token(heads, kv_heads, length, window, cache_type):
-    hd, capacity = 64, 320
+    hd, capacity = 64, max(320, length + 3)
     q = rng.standard_normal(heads * hd).astype(np.float32)
     (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)
                               for _ in range(2))
@@ -96,6 +99,24 @@ def test_attention_of_one_token(heads, kv_heads, length, window, cache_type):
     attend_one(q, keys, values, max(0, length - window) if window else 0, length, 0.1, scores, out)
     expected = ref.causal_attention(q.reshape(heads, 1, hd), k[:, :length], v[:, :length], length - 1, window, 0.1)
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_rows_attends_as_one_token_does_bit_for_bit():
+    """attend_rows (a server's decode step, a thread per row and KV head, a long span's parts one
+    after the other) gives each row attend_one's bits (its parts on threads of their own)."""
+    heads, kv_heads, hd, capacity = 8, 2, 64, 3 * PART_KEYS
+    lengths = np.array([5, PART_KEYS + 1, 2 * PART_KEYS + 9, 3 * PART_KEYS], np.int64)
+    assert [key_parts(int(n), kv_heads) for n in lengths] == [1, 1, 2, 3]
+    keys, values = (_cache_rows(rng.standard_normal((len(lengths), kv_heads, capacity, hd)).astype(np.float32), "f16")[0]
+                    for _ in range(2))
+    q = rng.standard_normal((len(lengths), heads * hd)).astype(np.float32)
+    out = np.empty_like(q)
+    attend_rows(q, keys, values, np.arange(len(lengths)), np.zeros_like(lengths), lengths, 0.125,
+                np.empty((len(lengths), heads, capacity), np.float32), out)
+    for r, n in enumerate(lengths):
+        alone = np.empty(heads * hd, np.float32)
+        attend_one(q[r], keys[r], values[r], 0, int(n), 0.125, np.empty((heads, capacity), np.float32), alone)
+        np.testing.assert_array_equal(out[r], alone)
 
 
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)

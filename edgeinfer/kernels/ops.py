@@ -126,10 +126,23 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
     hd a multiple of 16, rows of any cache type (kv_rows.py); scores is scratch (heads, >= length).
     At long contexts this is the step's largest read after the weights, so each KV head's keys and
-    values are read from memory once for all the query heads that share them (a thread per KV
-    head, _attend_kv_head)."""
-    for kh in prange(rows_shape(keys)[0]):
-        _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
+    values are read from memory once for all the query heads that share them (_attend_kv_head).
+    The threads take (KV head, part of its keys) pairs (key_parts): a model with fewer KV heads than
+    threads (Gemma 3 270M has one) still uses them all at long contexts."""
+    kv_heads, _, hd = rows_shape(keys)
+    parts = key_parts(length - first, kv_heads)
+    if parts == 1:
+        for kh in prange(kv_heads):
+            _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
+    else:
+        heads = q.shape[0] // hd
+        partial = np.empty((parts, q.shape[0]), np.float32)
+        tops, totals = np.empty((parts, heads), np.float32), np.empty((parts, heads), np.float32)
+        for task in prange(kv_heads * parts):
+            kh, p = task // parts, task % parts
+            _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+        for kh in range(kv_heads):
+            _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
 @njit(parallel=True, cache=True)
@@ -137,7 +150,8 @@ def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
     """attend_one for a batch of tokens, each of its own sequence (a server's decode step): row r
     of q (rows, heads * hd) over positions firsts[r]..lengths[r]-1 of its slot's keys/values
     (slots, kv_heads, capacity, hd), scores (rows, heads, >= length). The threads take (row, KV
-    head) pairs, so a few KV heads still fill them; each row's result is attend_one's, bit for bit."""
+    head) pairs, so a few KV heads still fill them; each row's result is attend_one's, bit for bit
+    (the same parts, one after the other)."""
     kv_heads = rows_shape(keys)[1]
     for task in prange(q.shape[0] * kv_heads):
         r, kh = task // kv_heads, task % kv_heads
@@ -145,24 +159,91 @@ def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
                         scores[r], out[r], kh)
 
 
+PART_KEYS = 1024  # keys a part takes at least, when a long span is cut into parts (key_parts)
+TASKS = 12  # (KV head, part) pairs a step is cut into at most: a whole share for 1, 2, 3, 4 or 6 threads
+
+
+@njit(inline="always")
+def key_parts(span, kv_heads):
+    """How many parts each KV head's `span` keys are cut into: one below 2 * PART_KEYS (every sum
+    in the order of one pass) or with TASKS KV heads or more, else up to TASKS / kv_heads, each of
+    PART_KEYS keys or more. The model and the span decide, not the thread count: any number of
+    threads gives the same sums."""
+    return max(1, min(span // PART_KEYS, TASKS // kv_heads))
+
+
 @njit(inline="always")
 def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
-    """The query heads of KV head kh (its group): each key and value row is taken by all of them
-    while it is in L1; 16 keys' scores come out of one vector (hsum16); each head's arithmetic is
-    the order a head alone would do."""
-    kv_heads, capacity, hd = rows_shape(keys)
+    """Attention of the query heads of KV head kh (its group) over positions first..length-1, in
+    one pass or (key_parts) part after part, merged."""
+    kv_heads, _, hd = rows_shape(keys)
     group = q.shape[0] // hd // kv_heads
-    scale, span = np.float32(scale), length - first
-    whole = span - span % LANES
-    base = kh * capacity * hd + first * hd  # keys and values: the same capacity
-    for t in range(0, whole, LANES):
+    parts = key_parts(length - first, kv_heads)
+    if parts == 1:
+        _kv_head_scores(q, keys, first, 0, length - first, scale, scores, kh)
+        softmax_values(scores, values, _row_base(keys, kh, first), 0, length - first, kh * group, group, hd, out)
+    else:
+        heads = q.shape[0] // hd
+        partial = np.empty((parts, q.shape[0]), np.float32)
+        tops, totals = np.empty((parts, heads), np.float32), np.empty((parts, heads), np.float32)
+        for p in range(parts):
+            _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+        _merge_parts(partial, tops, totals, kh * group, group, hd, out)
+
+
+@njit(inline="always")
+def _row_base(keys, kh, first):
+    """Where row `first` of KV head kh starts in keys (and values: the same capacity)."""
+    _, capacity, hd = rows_shape(keys)
+    return kh * capacity * hd + first * hd
+
+
+@njit(inline="always")
+def _kv_head_scores(q, keys, first, a, b, scale, scores, kh):
+    """scores[h, t] for t in a..b-1 (position first + t), the query heads h of KV head kh: each key
+    row is taken by all of them while it is in L1; 16 keys' scores come out of one vector (hsum16);
+    each head's arithmetic is the order a head alone would do."""
+    kv_heads, _, hd = rows_shape(keys)
+    group = q.shape[0] // hd // kv_heads
+    scale, base = np.float32(scale), _row_base(keys, kh, first)
+    whole = b - (b - a) % LANES
+    for t in range(a, whole, LANES):
         for g in range(group):
             qo = (kh * group + g) * hd
             store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
-    for t in range(whole, span):
+    for t in range(whole, b):
         for g in range(group):
             scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
-    softmax_values(scores, values, base, 0, span, kh * group, group, hd, out)
+
+
+@njit(inline="always")
+def _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial, tops, totals):
+    """Part p of `parts` of KV head kh's keys: its heads' scores, and their exponentials' sums
+    (totals) against their maximum (tops) times the values, not yet divided (partial)."""
+    hd = rows_shape(keys)[2]
+    group = q.shape[0] // hd // rows_shape(keys)[0]
+    span = length - first
+    a, b = span * p // parts, span * (p + 1) // parts
+    _kv_head_scores(q, keys, first, a, b, scale, scores, kh)
+    _weighted_values(scores, values, _row_base(keys, kh, first), a, b, kh * group, group, hd, partial, tops, totals)
+
+
+@njit(inline="always")
+def _merge_parts(partial, tops, totals, h0, group, hd, out):
+    """out for heads h0..h0+group-1 from the parts' partial sums: each part's weighed by
+    exp(its top - the overall top), the whole divided by the sum of the parts' totals so weighed."""
+    parts = partial.shape[0]
+    for h in range(h0, h0 + group):
+        top = tops[:, h].max()
+        total = np.float32(0)
+        for p in range(parts):
+            total += totals[p, h] * np.float32(np.exp(tops[p, h] - top))
+        for d in range(0, hd, LANES):
+            store_f32(out, h * hd + d, zeros_f32())
+        for p in range(parts):
+            weight = splat(np.float32(np.exp(tops[p, h] - top)) / total)
+            for d in range(0, hd, LANES):
+                store_f32(out, h * hd + d, fma(weight, load_f32(partial[p], h * hd + d), load_f32(out, h * hd + d)))
 
 
 VALUE_CHUNK = 64  # value rows a KV head's query heads take in turn while they are in L1 (8 KB at 64 fp16 dims)
@@ -173,19 +254,27 @@ def softmax_values(scores, values, base, first, end, h0, group, hd, out):
     """For the query heads h0..h0+group-1 of one KV head, whose scores[h, first:end] are set: out[h's
     hd dims] = softmax of those scores times the value rows first..end-1 from `base`. Each chunk of
     value rows is taken by all the heads while it is in L1, so it is read from memory once."""
-    norms = np.empty(group, np.float32)
+    tops, totals = np.empty(h0 + group, np.float32), np.empty(h0 + group, np.float32)
+    _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops, totals)
     for g in range(group):
-        top = scores[h0 + g, first:end].max()
-        norms[g] = np.float32(1) / exp_in_place(scores[h0 + g, first:], end - first, top)
+        scale_g, qo = splat(np.float32(1) / totals[h0 + g]), (h0 + g) * hd
         for d in range(0, hd, LANES):
-            store_f32(out, (h0 + g) * hd + d, zeros_f32())
+            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
+
+
+@njit(inline="always")
+def _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops, totals):
+    """softmax_values before its division: out[h] = sum of exp(score - top) * value row, with
+    tops[h] and totals[h] (the sum of the exponentials) set, for h in h0..h0+group-1."""
+    for g in range(group):
+        h = h0 + g
+        tops[h] = scores[h, first:end].max()
+        totals[h] = exp_in_place(scores[h], first, end, tops[h])
+        for d in range(0, hd, LANES):
+            store_f32(out, h * hd + d, zeros_f32())
     for c in range(first, end, VALUE_CHUNK):
         for g in range(group):
             _add_values(scores[h0 + g], values, base, c, min(end, c + VALUE_CHUNK), hd, out, (h0 + g) * hd)
-    for g in range(group):
-        scale_g, qo = splat(norms[g]), (h0 + g) * hd
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
 
 
 @njit(inline="always")
@@ -214,14 +303,16 @@ def _add_values(p, values, base, first, end, hd, out, qo):
 
 
 @njit(cache=True)
-def exp_in_place(scores, length, top):
-    """scores[:length] = exp(scores - top), 16 lanes at a time; returns their sum (softmax's denominator)."""
+def exp_in_place(scores, first, end, top):
+    """scores[first:end] = exp(scores - top), 16 lanes at a time from `first`; returns their sum
+    (softmax's denominator). scores is a whole row: a slice of one compiled to slower loads."""
     total = np.float32(0)
-    for t in range(0, length - length % LANES, LANES):
+    whole = end - (end - first) % LANES
+    for t in range(first, whole, LANES):
         e = exp_f32(sub(load_f32(scores, t), splat(top)))
         store_f32(scores, t, e)
         total += hsum(e)
-    for t in range(length - length % LANES, length):
+    for t in range(whole, end):
         scores[t] = np.exp(scores[t] - top)
         total += scores[t]
     return total
