@@ -68,7 +68,8 @@ def main() -> None:
     ours = [str(Path(sys.executable).parent / "edgeinfer"), "run", ours_model, "-p", "hi", "-n", "1", "--temp", "0",
             "-t", "2"]
     peer = [str(peer_python()), "-c", PEER_SCRIPT, path, str(context)]
-    timed(ours), timed(peer)  # page cache and compiled kernels warm for both
+    for warm in (ours, peer):  # page cache and compiled kernels warm for both
+        timed(warm)
     runs: dict[str, list[tuple[float, float]]] = {"edgeinfer": [], "llama.cpp": []}
     for _ in range(args.rounds):
         runs["llama.cpp"].append(timed(peer)[:2])

@@ -305,7 +305,7 @@ def _add_values(p, values, base, first, end, hd, out, qo):
 @njit(cache=True)
 def exp_in_place(scores, first, end, top):
     """scores[first:end] = exp(scores - top), 16 lanes at a time from `first`; returns their sum
-    (softmax's denominator). scores is a whole row: a slice of one compiled to slower loads."""
+    (softmax's denominator)."""
     total = np.float32(0)
     whole = end - (end - first) % LANES
     for t in range(first, whole, LANES):
