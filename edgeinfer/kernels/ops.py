@@ -136,8 +136,7 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
             _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
     else:
         heads = q.shape[0] // hd
-        partial = np.empty((parts, q.shape[0]), np.float32)
-        tops, totals = np.empty((parts, heads), np.float32), np.empty((parts, heads), np.float32)
+        partial, tops, totals = _part_sums(parts, heads, hd)
         for task in prange(kv_heads * parts):
             kh, p = task // parts, task % parts
             _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
@@ -183,12 +182,17 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
         _kv_head_scores(q, keys, first, 0, length - first, scale, scores, kh)
         softmax_values(scores, values, _row_base(keys, kh, first), 0, length - first, kh * group, group, hd, out)
     else:
-        heads = q.shape[0] // hd
-        partial = np.empty((parts, q.shape[0]), np.float32)
-        tops, totals = np.empty((parts, heads), np.float32), np.empty((parts, heads), np.float32)
+        partial, tops, totals = _part_sums(parts, q.shape[0] // hd, hd)
         for p in range(parts):
             _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
         _merge_parts(partial, tops, totals, kh * group, group, hd, out)
+
+
+@njit(inline="always")
+def _part_sums(parts, heads, hd):
+    """Each part's partial sums (parts, heads * hd), and its heads' tops and totals (parts, heads)."""
+    return (np.empty((parts, heads * hd), np.float32), np.empty((parts, heads), np.float32),
+            np.empty((parts, heads), np.float32))
 
 
 @njit(inline="always")
