@@ -126,22 +126,18 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     of keys/values (kv_heads, capacity, hd) (all of them, or a local layer's window), C-contiguous,
     hd a multiple of 16, rows of any cache type (kv_rows.py); scores is scratch (heads, >= length).
     At long contexts this is the step's largest read after the weights, so each KV head's keys and
-    values are read from memory once for all the query heads that share them (_attend_kv_head).
+    values are read from memory once for all the query heads that share them (_attend_part).
     The threads take (KV head, part of its keys) pairs (key_parts): a model with fewer KV heads than
     threads (Gemma 3 270M has one) still uses them all at long contexts."""
     kv_heads, _, hd = rows_shape(keys)
+    heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
-    if parts == 1:
-        for kh in prange(kv_heads):
-            _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh)
-    else:
-        heads = q.shape[0] // hd
-        partial, tops, totals = _part_sums(parts, heads, hd)
-        for task in prange(kv_heads * parts):
-            kh, p = task // parts, task % parts
-            _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
-        for kh in range(kv_heads):
-            _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
+    partial, tops, totals = _part_sums(parts, heads, hd)
+    for task in prange(kv_heads * parts):
+        kh, p = task // parts, task % parts
+        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+    for kh in range(kv_heads):
+        _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
 @njit(parallel=True, cache=True)
@@ -173,19 +169,15 @@ def key_parts(span, kv_heads):
 
 @njit(inline="always")
 def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
-    """Attention of the query heads of KV head kh (its group) over positions first..length-1, in
-    one pass or (key_parts) part after part, merged."""
+    """Attention of the query heads of KV head kh (its group) over positions first..length-1, part
+    after part (key_parts; one part for short spans), merged."""
     kv_heads, _, hd = rows_shape(keys)
-    group = q.shape[0] // hd // kv_heads
+    heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
-    if parts == 1:
-        _kv_head_scores(q, keys, first, 0, length - first, scale, scores, kh)
-        softmax_values(scores, values, _row_base(keys, kh, first), 0, length - first, kh * group, group, hd, out)
-    else:
-        partial, tops, totals = _part_sums(parts, q.shape[0] // hd, hd)
-        for p in range(parts):
-            _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
-        _merge_parts(partial, tops, totals, kh * group, group, hd, out)
+    partial, tops, totals = _part_sums(parts, heads, hd)
+    for p in range(parts):
+        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+    _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
 @njit(inline="always")
@@ -237,15 +229,20 @@ def _merge_parts(partial, tops, totals, h0, group, hd, out):
     """out for heads h0..h0+group-1 from the parts' partial sums: each part's weighed by
     exp(its top - the overall top), the whole divided by the sum of the parts' totals so weighed."""
     parts = partial.shape[0]
+    weights = np.empty(parts, np.float32)
     for h in range(h0, h0 + group):
-        top = tops[:, h].max()
+        top = tops[0, h]
+        for p in range(1, parts):
+            top = max(top, tops[p, h])
         total = np.float32(0)
         for p in range(parts):
-            total += totals[p, h] * np.float32(np.exp(tops[p, h] - top))
+            weights[p] = np.float32(np.exp(tops[p, h] - top))  # 1 exactly for one part
+            total += totals[p, h] * weights[p]
+        weight = splat(weights[0] / total)
         for d in range(0, hd, LANES):
-            store_f32(out, h * hd + d, zeros_f32())
-        for p in range(parts):
-            weight = splat(np.float32(np.exp(tops[p, h] - top)) / total)
+            store_f32(out, h * hd + d, mul(weight, load_f32(partial[0], h * hd + d)))
+        for p in range(1, parts):
+            weight = splat(weights[p] / total)
             for d in range(0, hd, LANES):
                 store_f32(out, h * hd + d, fma(weight, load_f32(partial[p], h * hd + d), load_f32(out, h * hd + d)))
 
