@@ -152,9 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_cmd_calibrate)
 
     syn = sub.add_parser("synth", help="write a random-weight model of a real shape (speed and memory tests only)")
-    syn.add_argument("--shape", required=True, help="llama2-7b, llama2-13b, llama2-70b or llama3-8b")
+    syn.add_argument("--shape", required=True, help="llama2-7b, llama2-13b, llama2-70b, llama3-8b or llama3.2-1b")
     syn.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    syn.add_argument("-o", "--output", required=True)
+    syn.add_argument("-o", "--output", required=True, help="the file to write: edgeinfer's own, or a GGUF that "
+                     "llama.cpp runs too when it ends in .gguf (Q4_0 or Q8_0 matrices, Q8_0 embedding and head)")
     syn.set_defaults(func=_cmd_synth)
 
     worker = sub.add_parser("worker", help="join a master's cluster and compute a share of every layer")
@@ -522,9 +523,10 @@ def _read_text(path: str) -> str:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .progress import Progress
-    from .storage.synth import synth
+    from .storage.synth import synth, synth_gguf
 
-    synth(args.shape, args.bits, args.output, Progress(f"writing {args.shape}", " tensors"))
+    write = synth_gguf if args.output.endswith(".gguf") else synth
+    write(args.shape, args.bits, args.output, Progress(f"writing {args.shape}", " tensors"))
     print(args.output)
     return 0
 

@@ -140,7 +140,8 @@ def test_a_full_disk_while_writing_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.parametrize("shape,params", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
-                                          ("llama2-70b", 68_976_648_192), ("llama3-8b", 8_030_261_248)])
+                                          ("llama2-70b", 68_976_648_192), ("llama3-8b", 8_030_261_248),
+                                          ("llama3.2-1b", 1_235_814_400)])
 def test_synthetic_shapes_are_the_real_ones(shape, params):
     source = SynthSource(shape, 4)
     assert sum(int(np.prod(source.stored_shape(n))) for n in source.model_tensor_names()) == params

@@ -303,3 +303,50 @@ def test_phi3_gguf_splits_its_fused_projections(tmp_path, tokenizer_json):
         np.testing.assert_array_equal(q8.quantized(name).dequantize(), q8.float32(name))
     fast = Model(q8, quantized=True)
     assert fast.path.fused
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_synth_writes_a_gguf_of_its_shape(tmp_path, monkeypatch, bits):
+    """`edgeinfer synth -o FILE.gguf`: a llama GGUF of the shape (tied head, the vocabulary's size)
+    whose blocks gguf's own reader decodes to the values we load, whose vocabulary spells any text,
+    and that runs on the 4/8-bit path."""
+    import dataclasses
+
+    import gguf
+
+    from edgeinfer.storage import synth
+
+    monkeypatch.setitem(synth.SHAPES, "tiny-llama", (64, 128, 2, 4, 2, 300, 10000.0, True))
+    path = tmp_path / "tiny.gguf"
+    synth.synth_gguf("tiny-llama", bits, str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
+    source, expected = open_model(str(path)), synth.synth_config("tiny-llama")
+    assert dataclasses.replace(source.config, rms_norm_eps=expected.rms_norm_eps) == expected
+    assert source.config.rms_norm_eps == pytest.approx(expected.rms_norm_eps)
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert "output.weight" not in raw  # tied
+    for gname, hname, kind in [("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight", f"Q{bits}_0"),
+                               ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", f"Q{bits}_0"),
+                               ("token_embd.weight", "model.embed_tokens.weight", "Q8_0")]:
+        t = raw[gname]
+        assert t.tensor_type.name == kind
+        ours = source.float32(hname)
+        np.testing.assert_array_equal(ours, gguf.quants.dequantize(t.data, t.tensor_type))
+        y = ours @ np.random.default_rng(0).standard_normal(ours.shape[1]).astype(np.float32)
+        assert np.abs(y).max() > 0.1 and np.abs(y).max() < 50  # small steps: activations stay finite
+    tok = Tokenizer(source.tokenizer)
+    text = "the weather is fine, ünïcode too"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < 300 and len(ids) < len(text.encode())  # merges apply
+    model = Model(source, quantized=True)
+    logits = model.forward(np.asarray(ids), model.new_cache(len(ids)), all_logits=True)
+    assert logits.shape == (len(ids), 300) and np.isfinite(logits).all()
+
+
+def test_synth_of_an_unknown_shape_is_one_line(tmp_path):
+    from conftest import edgeinfer_cli
+
+    r = edgeinfer_cli("synth", "--shape", "llama9-1t", "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and r.stderr.strip() == ("edgeinfer: error: unknown shape 'llama9-1t' (known: llama2-7b, "
+                                                      "llama2-13b, llama2-70b, llama3-8b, llama3.2-1b)")
+    assert list(tmp_path.iterdir()) == []

@@ -42,6 +42,8 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_qkv": "self_attn.qkv_proj"}
 _SANDWICH_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"}  # Gemma: the MLP's input norm
 _FUSED_UP_NAMES = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}  # Phi-3: ffn_up holds gate and up
+_LLAMA_GGUF_NAMES = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+_LLAMA_GGUF_LAYER_NAMES = {hf: g for g, hf in _LAYER_NAMES.items() if g != "post_attention_norm"}  # (Gemma's)
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -53,6 +55,16 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if m and m.group(2) in names:
         return f"{layer_prefix(int(m.group(1)))}{names[m.group(2)]}.{m.group(3)}"
     return None
+
+
+def gguf_name(name: str) -> str:
+    """A `llama` model's tensor name in GGUF: hf_name's inverse for that architecture."""
+    if name in _LLAMA_GGUF_NAMES:
+        return _LLAMA_GGUF_NAMES[name]
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if m and m.group(2) in _LLAMA_GGUF_LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_LLAMA_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ModelFormatError(f"no GGUF name for tensor {name!r} in a llama model")
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

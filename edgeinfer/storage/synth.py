@@ -4,11 +4,16 @@
 made directly in the kernels' layout from random bytes (nothing float, nothing whole in memory),
 with small fp16 scales so the activations stay finite. The tokenizer is byte-level BPE over the 256
 bytes, no merges, so the file runs end to end.
+
+`synth_gguf` writes the same kind of model as a `llama` GGUF that llama.cpp loads as well (so both
+engines can run the very same file): Q4_0 or Q8_0 blocks made from random bytes in ggml's layout,
+and a byte-level BPE vocabulary padded to the shape's size with unused pieces.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable
 
 import numpy as np
@@ -21,30 +26,37 @@ from ..tokenizer import TokenizerSpec
 from .source import WeightSource
 from .tensor_names import ENDS, model_tensor_shapes
 
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, rope theta
-    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0),
-    "llama2-13b": (5120, 13824, 40, 40, 40, 32000, 10000.0),
-    "llama2-70b": (8192, 28672, 80, 64, 8, 32000, 10000.0),
-    "llama3-8b": (4096, 14336, 32, 32, 8, 128256, 500000.0),
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, rope theta, tied embeddings
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0, False),
+    "llama2-13b": (5120, 13824, 40, 40, 40, 32000, 10000.0, False),
+    "llama2-70b": (8192, 28672, 80, 64, 8, 32000, 10000.0, False),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256, 500000.0, False),
+    "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256, 500000.0, True),  # (without llama3 RoPE scaling: same cost)
 }
 
 
 def synth_config(shape: str) -> ModelConfig:
     if shape not in SHAPES:
         raise EdgeInferError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    hidden, ffn, layers, heads, kv_heads, vocab, theta = SHAPES[shape]
-    return ModelConfig("llama", hidden, ffn, layers, heads, kv_heads, hidden // heads, vocab, 4096, 1e-5, theta)
+    hidden, ffn, layers, heads, kv_heads, vocab, theta, tied = SHAPES[shape]
+    return ModelConfig("llama", hidden, ffn, layers, heads, kv_heads, hidden // heads, vocab, 4096, 1e-5, theta,
+                       tie_embeddings=tied)
 
 
-def byte_tokenizer() -> TokenizerSpec:
-    """Byte-level BPE over the 256 bytes (GPT-2's byte alphabet), no merges, and an end token."""
+def byte_pieces() -> list[str]:
+    """The 256 bytes as byte-level BPE spells them (GPT-2's byte alphabet), in byte order."""
     alphabet = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = dict(zip(alphabet, alphabet)), 0
     for b in range(256):
         if b not in chars:
             chars[b], extra = 256 + extra, extra + 1
-    vocab = {chr(chars[b]): b for b in range(256)}
+    return [chr(chars[b]) for b in range(256)]
+
+
+def byte_tokenizer() -> TokenizerSpec:
+    """Byte-level BPE over the 256 bytes (GPT-2's byte alphabet), no merges, and an end token."""
+    vocab = {piece: b for b, piece in enumerate(byte_pieces())}
     data = {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": 256, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True}],
@@ -110,3 +122,101 @@ def synth(shape: str, bits: int, out_path: str, progress: Callable[[int, int], N
     from .single import convert
 
     convert(SynthSource(shape, bits), out_path, progress, bits=bits)
+
+
+# A few merges, so the vocabulary is a BPE llama.cpp accepts (it wants at least one; gguf writes no
+# empty array): byte-level spellings of common English pairs, each merged piece appended in order.
+_MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "r e", "a n")
+
+
+def _gguf_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str], int]:
+    """Pieces, their GGUF types, merges and the end token's id: the 256 bytes, the merged pieces,
+    an end token, then unused pieces up to the shape's vocabulary size."""
+    from ..vocab import CONTROL, NORMAL, UNUSED
+
+    pieces = byte_pieces() + [m.replace(" ", "") for m in _MERGES]
+    end = len(pieces)
+    pieces.append("</s>")
+    types = [NORMAL] * end + [CONTROL]
+    if vocab_size < len(pieces):
+        raise EdgeInferError(f"a GGUF vocabulary needs at least {len(pieces)} pieces, the shape has {vocab_size}")
+    types += [UNUSED] * (vocab_size - len(pieces))
+    pieces += [f"<unused{i}>" for i in range(vocab_size - len(pieces))]
+    return pieces, types, list(_MERGES), end
+
+
+def _ggml_blocks(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
+    """A (rows, bytes per row) matrix of ggml Q4_0 or Q8_0 blocks: an fp16 step then the quants,
+    random, with steps small enough that a row's products stay near unit size."""
+    size, scale = (18, 0.5) if kind == "Q4_0" else (34, 0.06)
+    blocks = rng.integers(0, 256, (rows, cols // 32, size), np.uint8)
+    step = scale / np.sqrt(cols)
+    steps = (rng.random((rows, cols // 32), np.float32) * step + step / 2).astype(np.float16)
+    blocks[:, :, :2] = steps[..., None].view(np.uint8)
+    return blocks.reshape(rows, cols // 32 * size)
+
+
+def synth_gguf(shape: str, bits: int, out_path: str, progress: Callable[[int, int], None] | None = None) -> None:
+    """Write a random model of `shape` as a `llama` GGUF: matrices Q4_0 (`bits` 4) or Q8_0, the
+    embedding and any separate head Q8_0 (as edgeinfer's own 4-bit files; llama.cpp's quantizer
+    would pick Q6_K), norms F32. One tensor in memory at a time; the file appears only when whole."""
+    import gguf
+
+    from .gguf import gguf_name
+
+    source = SynthSource(shape, bits)
+    c = source.config
+    pieces, types, merges, end = _gguf_vocab(c.vocab_size)
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name(f"edgeinfer synth {shape}")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if bits == 4 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_context_length(c.max_context)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_layers)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(end)
+    w.add_eos_token_id(end)
+    w.add_add_bos_token(False)
+    names = source.model_tensor_names()
+    kinds = {n: source.stored_type(n) for n in names}
+    for n in names:
+        shape_n = source.stored_shape(n)
+        if kinds[n] == "F32":
+            w.add_tensor_info(gguf_name(n), shape_n, np.dtype(np.float32), 4 * shape_n[0])
+        else:
+            rows, cols = shape_n
+            nbytes = rows * cols // 32 * (18 if kinds[n] == "Q4_0" else 34)
+            w.add_tensor_info(gguf_name(n), (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType[kinds[n]])
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, n in enumerate(names):
+            if kinds[n] == "F32":
+                w.write_tensor_data(np.ones(source.stored_shape(n), np.float32))
+            else:
+                rng = np.random.default_rng([source.seed, sum(map(ord, n)), len(n)])
+                w.write_tensor_data(_ggml_blocks(rng, *source.stored_shape(n), kinds[n]))
+            if progress:
+                progress(i + 1, len(names))
+        w.fout[0].flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.replace(tmp, out_path)
+    finally:
+        w.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
