@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import EdgeInferError
 from .kernels.lut_attention import SINK_KEYS, band_start, bands_for, fit_codebooks
-from .kernels.reference import apply_rope, rope_tables
+from .kernels.reference import apply_rope, rope_of, rope_tables
 from .model import Model
 from .storage.source import KeyCodebooks, WeightSource
 
@@ -46,10 +46,11 @@ def collect_keys(model: Model, ids: list[int], ctx: int, max_tokens: int) -> tup
     return [np.concatenate(keys, axis=1) for keys in per_layer], np.concatenate(positions)
 
 
-def spread_keys(keys: np.ndarray, positions: np.ndarray, targets: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+def spread_keys(keys: np.ndarray, positions: np.ndarray, targets: np.ndarray, rope: np.ndarray) -> np.ndarray:
     """Keys (kv_heads, n, head_dim) after RoPE at `positions`, as they would be at `targets`: RoPE
-    rotates each pair by position x frequency, so turning by the difference moves a key."""
-    cos, sin = rope_tables(inv_freq, targets - positions)
+    rotates each pair by position x frequency, so turning by the difference moves a key (a pure
+    turn: the pairs' amplitudes are in the keys already)."""
+    cos, sin = rope_tables(rope_of(rope[0]), targets - positions)
     return apply_rope(keys, cos, sin)
 
 
@@ -71,7 +72,7 @@ def calibrate(model: Model, ids: list[int], d_sub: int, ctx: int = 512, max_toke
                             len(positions)) for b in range(bands)]
     layers = []
     for i, layer_keys in enumerate(keys):
-        per_band = [spread_keys(layer_keys, positions, t, model.inv_freqs[i]) for t in targets]  # (kv_heads, n, hd) each
+        per_band = [spread_keys(layer_keys, positions, t, model.ropes[i]) for t in targets]  # (kv_heads, n, hd) each
         layers.append(np.stack([np.stack([fit_codebooks(band_keys[kh], d_sub, seed=i) for band_keys in per_band])
                                 for kh in range(len(layer_keys))]))  # (kv_heads, bands, S, 16, d_sub)
         if progress:

@@ -450,10 +450,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"architecture: {c.architecture}  layers: {c.num_layers}  hidden: {c.hidden_size}  "
           f"ffn: {c.intermediate_size}  heads: {c.num_heads}  kv heads: {c.num_kv_heads}  head dim: {c.head_dim}")
     print(f"vocab: {c.vocab_size}  context: {c.max_context}  rope theta: {c.rope_theta:g}  "
-          f"rope scaling: {c.rope_scaling or 'none'}  norm eps: {c.rms_norm_eps:g}  tied head: {c.tie_embeddings}  "
+          f"rope scaling: {_rope_scaling_text(c.rope_scaling)}  norm eps: {c.rms_norm_eps:g}  tied head: {c.tie_embeddings}  "
           f"qkv bias: {c.attention_bias}")
     options = [f"activation: {c.hidden_act}"] + (["q/k norms"] if c.qk_norm else []) + \
         (["output norms"] if c.sandwich_norms else []) + ([f"embed scale {c.embed_scale:g}"] if c.embed_scale != 1 else [])
+    if c.rotary_dim:
+        options.append(f"RoPE on {c.rotary_dim} of {c.head_dim} head dims")
     if c.local_layers:
         base = f", local RoPE base {c.rope_local_theta:g}" if c.rope_local_theta else ""
         options.append(f"sliding window {c.sliding_window} on {len(c.local_layers)} of {c.num_layers} layers{base}")
@@ -519,6 +521,16 @@ def _read_text(path: str) -> str:
             return f.read()
     except UnicodeDecodeError as exc:
         raise EdgeInferError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _rope_scaling_text(scaling: dict | None) -> str:
+    """RoPE scaling in a line: LongRoPE's factor lists summed up as its original context and attention factor."""
+    if not scaling:
+        return "none"
+    if scaling["rope_type"] == "longrope":
+        return (f"longrope (original context {scaling['original_max_position_embeddings']}, attention factor "
+                f"{scaling['attention_factor']:.4f})")
+    return str(scaling)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ class ModelConfig:
     sliding_window: int = 0  # a local layer attends over this many positions, its own included
     local_layers: tuple[int, ...] = ()  # the layers that attend over the sliding window
     rope_local_theta: float = 0.0  # RoPE base of the local layers (0: rope_theta, and their scaling)
+    rotary_dim: int = 0  # the leading dims of each head RoPE rotates (0: all; Phi-4-mini's partial rotary)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_layers", tuple(int(i) for i in self.local_layers))  # JSON gives a list
@@ -70,6 +71,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ModelFormatError(f"model config: rotary_dim {self.rotary_dim} must be even and at most "
+                                   f"head_dim {self.head_dim}")
 
     @property
     def attention_scale(self) -> float:
@@ -133,7 +137,7 @@ class ModelConfig:
                 max_context=int(cfg.get("max_position_embeddings", 4096)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta),
-                rope_scaling=_normalise_rope_scaling(scaling),
+                rope_scaling=_normalise_rope_scaling(scaling, cfg),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
                 attention_bias=bool(cfg.get("attention_bias", ARCHITECTURES[arch])),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -164,26 +168,54 @@ def _family_options(arch: str, cfg: dict[str, Any], hidden: int, layers: int,
         options.update(sliding_window=window, local_layers=tuple(range(layers)))
     rotary = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     if rotary != 1.0:
-        raise UnsupportedModelError(f"partial rotary embeddings (factor {rotary}, Phi-4-mini) are not supported yet")
+        head_dim = int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"]))
+        options["rotary_dim"] = int(head_dim * rotary)  # as transformers rounds it
     return options
 
 
-def _normalise_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+def _normalise_rope_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any] | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first spelling
     if kind == "default":
         return None
-    if kind not in ("linear", "llama3"):
-        raise UnsupportedModelError(f"unsupported RoPE scaling {kind!r} (supported: linear, llama3; Phi-3.5's "
-                                    "longrope is not yet)")
-    return {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
+    if kind not in ("linear", "llama3", "longrope"):
+        raise UnsupportedModelError(f"unsupported RoPE scaling {kind!r} (supported: linear, llama3, longrope)")
+    out = {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}}
+    if kind == "longrope":
+        out.update(longrope_attention(out, cfg.get("max_position_embeddings"),
+                                      out.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))))
+    return out
 
 
-def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None, local: bool = False) -> np.ndarray:
-    """Inverse frequencies per rotary pair, with the model's scaling applied (float64); of the
-    local layers when `local` and they have a base of their own (unscaled, as Gemma 3's)."""
-    dim = config.head_dim
+def longrope_attention(scaling: dict[str, Any], context: int | None, original: int | None) -> dict[str, Any]:
+    """LongRoPE's context the short factors serve and its attention factor (transformers' rule: from
+    the ratio of the extended to the original context, unless the file gives it)."""
+    original = int(original or context or 4096)
+    factor = float(scaling.get("factor") or (context or original) / original)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else float(np.sqrt(1 + np.log(factor) / np.log(original)))
+    return {"original_max_position_embeddings": original, "attention_factor": float(attention)}
+
+
+def rope_table(config: ModelConfig, freq_factors: np.ndarray | None = None, local: bool = False,
+               context: int = 0) -> np.ndarray:
+    """RoPE of a layer as (2, rotary pairs) float64: each pair's inverse frequency (rope_inv_freq)
+    and amplitude, what its cos and sin are multiplied by (LongRoPE's attention factor; else 1)."""
+    inv_freq = rope_inv_freq(config, freq_factors, local, context)
+    scaling = {} if local and config.rope_local_theta else config.rope_scaling or {}
+    return np.stack([inv_freq, np.full_like(inv_freq, float(scaling.get("attention_factor", 1.0)))])
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None, local: bool = False,
+                  context: int = 0) -> np.ndarray:
+    """Inverse frequencies per rotary pair (rotary_dim / 2 of them), with the model's scaling
+    applied (float64); of the local layers when `local` and they have a base of their own
+    (unscaled, as Gemma 3's). LongRoPE divides by its long factors when `context` exceeds the
+    original context, else by its short ones (as llama.cpp chooses by the context size)."""
+    dim = config.rotary_dim or config.head_dim
     own = local and config.rope_local_theta
     theta = config.rope_local_theta if own else config.rope_theta
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
@@ -192,6 +224,12 @@ def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None, l
         inv_freq = inv_freq / float(scaling["factor"])
     elif scaling.get("rope_type") == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif scaling.get("rope_type") == "longrope":
+        long = context > int(scaling["original_max_position_embeddings"])
+        factors = np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
+        if factors.shape != inv_freq.shape:
+            raise ModelFormatError(f"longrope: {factors.size} factors for {inv_freq.size} rotary pairs")
+        inv_freq = inv_freq / factors
     if freq_factors is not None:
         # GGUF stores Llama-3 style scaling as a per-pair divisor tensor (rope_freqs.weight).
         inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)

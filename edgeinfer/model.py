@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import rope_inv_freq
+from .config import rope_table
 from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
                                    decode_mlp, decode_scratch)
@@ -57,15 +57,22 @@ class Model:
         self.embedding, self.precision = self.weights.embedding, self.path.precision
         self.codebooks = source.key_codebooks().layers if self.path.lut else None
         self.norm = np.array(source.float32(FINAL_NORM_WEIGHT))
-        factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
-        inv_freq = {local: rope_inv_freq(c, factors, local) for local in (False, True)}
-        self.inv_freqs = [inv_freq[i in c.local_layers] for i in range(c.num_layers)]  # a local layer's own base
+        self.freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
+        self.rope_for(0)
         self.attend = self._attend_kernels if self.path.fused else self._attend_float
         self.scratch: DecodeScratch | None = None
         self.batch_scratch: dict[tuple[int, int], DecodeScratch] = {}  # by (rows, capacity)
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
 
+    def rope_for(self, context: int) -> None:
+        """Each layer's RoPE frequencies (a local layer has its own base) for a context of that many
+        positions: LongRoPE's factors depend on it (long beyond the original context), others' not."""
+        c = self.config
+        table = {local: rope_table(c, self.freq_factors, local, context) for local in (False, True)}
+        self.ropes = [table[i in c.local_layers] for i in range(c.num_layers)]
+
     def new_cache(self, capacity: int) -> KVCache:
+        self.rope_for(capacity)
         return KVCache(self.config, capacity, self.codebooks, cache_type=self.path.cache_type,
                        kernels=self.path.fused)
 
@@ -81,6 +88,7 @@ class Model:
         """KV caches of `slots` sequences decoded together (decode_batch)."""
         if self.path.lut:
             raise EdgeInferError("sequences decoded together need exact attention, not LUT attention")
+        self.rope_for(capacity)
         return SlotCaches(self.config, capacity, slots, kernels=self.path.fused, cache_type=self.path.cache_type)
 
     def decode_batch(self, tokens: np.ndarray, caches: SlotCaches, slots: list[int]) -> np.ndarray:
@@ -101,7 +109,7 @@ class Model:
         for i in range(c.num_layers):
             _, args = self.weights.layer(i)
             decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions,
-                               self.inv_freqs[i], c.rms_norm_eps, b)
+                               self.ropes[i], c.rms_norm_eps, b)
             self.weights.done(i)
         for s in slots:
             caches.slot(s).commit(1)
@@ -146,11 +154,11 @@ class Model:
             h = self._decode(h, cache)
         else:
             eps, positions = self.config.rms_norm_eps, np.arange(start, start + count)
-            bases = {id(f): f for f in self.inv_freqs}  # global and, for local layers, their own
+            bases = {id(f): f for f in self.ropes}  # global and, for local layers, their own
             tables = {key: rope_tables(f, positions) for key, f in bases.items()}
             for i in range(self.config.num_layers):
                 layer, _ = self.weights.layer(i)
-                cos, sin = tables[id(self.inv_freqs[i])]
+                cos, sin = tables[id(self.ropes[i])]
                 attn = self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
                 h = h + self._output(self._sum(attn), layer.post_attn_norm)
                 h = h + self._output(self._sum(self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))), layer.post_mlp_norm)
@@ -181,10 +189,10 @@ class Model:
             layer, args = self.weights.layer(i)
             kv = cache.layer(i)
             if self.allreduce is None:
-                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
+                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.ropes[i], eps, s)
             else:
                 if self.config.num_kv_heads:
-                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.inv_freqs[i], eps, s)
+                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.ropes[i], eps, s)
                 else:  # a cluster node holding MLP columns only
                     s.fixed[:] = 0
                 h += self._decoded_output(self.allreduce(s.fixed), layer.post_attn_norm)
@@ -220,8 +228,8 @@ class Model:
     def _attend_kernels(self, q, k, v, cache: KVCache, layer: int, cos, sin) -> np.ndarray:
         """The 4/8-bit path: RoPE and attention in Numba, exact or LUT (kernels/lut_attention.py)."""
         q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
-        rope_rows(q, cos, sin)
-        rope_rows(k, cos, sin)
+        rope_rows(q, cos, sin, self.config.head_dim)
+        rope_rows(k, cos, sin, self.config.head_dim)
         start, kv_heads = cache.length, self.config.num_kv_heads
         new_keys = np.ascontiguousarray(self._per_head(k, kv_heads))
         cache.append(layer, start, new_keys, self._per_head(v, kv_heads))

@@ -121,11 +121,13 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
 
 
 def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str, str] | None = None,
-               arch: str = "llama", raw: dict[str, tuple[np.ndarray, str]] | None = None) -> Path:
+               arch: str = "llama", raw: dict[str, tuple[np.ndarray, str]] | None = None,
+               keys: dict[str, int | float] | None = None) -> Path:
     """Write a HF tiny model as a llama.cpp-style GGUF.
 
     `types` maps a GGUF tensor-name suffix to a type; `raw` gives tensors as (data, type) written as
-    is, replacing the converted one of that name or added after the others.
+    is, replacing the converted one of that name or added after the others; `keys` adds metadata
+    (ints as uint32, floats as float32), its names after the architecture's prefix.
     """
     import gguf
     from safetensors.numpy import load_file
@@ -146,6 +148,8 @@ def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     if cfg.get("sliding_window") and arch == "phi3":
         w.add_sliding_window(cfg["sliding_window"])
+    for key, value in (keys or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     tj = json.loads(tokenizer_json)
     vocab = dict(tj["model"]["vocab"])
     for t in tj["added_tokens"]:

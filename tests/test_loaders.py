@@ -44,10 +44,17 @@ def prompt_ids(tokenizer_json: str) -> list[int]:
                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}}),
     ("phi3", {"pad_token_id": 0, "sliding_window": 24}),
+    ("phi3", {"pad_token_id": 0, "original_max_position_embeddings": 128, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": [1 + i / 4 for i in range(8)], "long_factor": [1.0] * 8}}),
+    ("phi3", {"pad_token_id": 0, "original_max_position_embeddings": 64, "partial_rotary_factor": 0.75,
+              "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
+                               "long_factor": [1 + i / 2 for i in range(6)]}}),
 ], ids=["llama", "llama-tied", "llama3-rope", "linear-rope", "mistral", "qwen2-bias", "mistral-window", "qwen3",
-        "gemma3", "phi3"])
+        "gemma3", "phi3", "phi3.5-longrope-short", "phi4-mini-longrope-long-partial-rotary"])
 def test_hf_folder_matches_transformers(tmp_path, tokenizer_json, arch, overrides):
-    """Every family on the float32 path, against transformers: a sliding window of 24 over 100 tokens."""
+    """Every family on the float32 path, against transformers: a sliding window of 24 over 100 tokens;
+    LongRoPE's short factors within its original context (128), its long ones beyond it (64), with
+    Phi-4-mini's partial rotary (12 of 16 dims)."""
     folder = make_hf_model(tmp_path / arch, tokenizer_json, arch, **overrides)
     ids = prompt_ids(tokenizer_json)
     source = open_model(str(folder))
@@ -265,7 +272,11 @@ def test_hf_folder_with_sentencepiece_model(tmp_path, tokenizer_json):
     ("gemma3", {"sliding_window": 24, "layer_types": ["sliding_attention", "full_attention"], "head_dim": 32}),
     ("qwen3", {"head_dim": 32}),
     ("llama", {"tie_word_embeddings": True}),
-], ids=["gemma3", "qwen3", "llama-tied"])
+    ("phi3", {"pad_token_id": 0, "partial_rotary_factor": 0.75, "original_max_position_embeddings": 64,
+              "rope_scaling": {"rope_type": "longrope", "short_factor": [1 + i / 8 for i in range(6)],
+                               "long_factor": [1 + i / 2 for i in range(6)]},
+              "initializer_range": 0.1}),  # LongRoPE's amplitude (1.15) sharpens the loud logits: quieter weights
+], ids=["gemma3", "qwen3", "llama-tied", "phi4-mini-longrope"])
 def test_families_fast_path_tracks_the_exact_path(tmp_path, tokenizer_json, arch, overrides):
     """The HF folder quantized at load (8 bits) runs the fused path, a sliding window included: its
     next tokens agree with the float32 path's but at near ties (these tiny random models' logits are
@@ -350,3 +361,28 @@ def test_synth_of_an_unknown_shape_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == ("edgeinfer: error: unknown shape 'llama9-1t' (known: llama2-7b, "
                                                       "llama2-13b, llama2-70b, llama3-8b, llama3.2-1b)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.oracle
+def test_phi_longrope_and_partial_rotary_gguf(tmp_path, tokenizer_json):
+    """Phi-3.5 / Phi-4-mini as llama.cpp writes them: LongRoPE's factors as two tensors, its
+    attention factor and original context as keys, the rotary dims as rope.dimension_count (12 of
+    16): the float32 path gives transformers' logits past the original context (long factors)."""
+    import math
+
+    short, long = [1 + i / 8 for i in range(6)], [1 + i / 2 for i in range(6)]
+    folder = make_hf_model(tmp_path / "phi4", tokenizer_json, "phi3", pad_token_id=0, partial_rotary_factor=0.75,
+                           original_max_position_embeddings=64,
+                           rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long})
+    attn_factor = math.sqrt(1 + math.log(256 / 64) / math.log(64))  # transformers' and llama.cpp's converter's rule
+    path = write_gguf(tmp_path / "phi4.gguf", folder, tokenizer_json, arch="phi3",
+                      raw={"rope_factors_long.weight": (np.array(long, np.float32), "F32"),
+                           "rope_factors_short.weight": (np.array(short, np.float32), "F32")},
+                      keys={"rope.dimension_count": 12, "rope.scaling.attn_factor": attn_factor,
+                            "rope.scaling.original_context_length": 64})
+    source = open_model(str(path))
+    assert source.config.rotary_dim == 12 and source.config.rope_scaling["rope_type"] == "longrope"
+    assert source.config.rope_scaling["attention_factor"] == pytest.approx(attn_factor, rel=1e-6)
+    ids = prompt_ids(tokenizer_json)
+    assert len(ids) > 64  # past the original context: the long factors, on both sides
+    np.testing.assert_allclose(our_logits(path, ids), hf_logits(folder, ids), atol=TOL, rtol=0)

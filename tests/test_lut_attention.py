@@ -254,5 +254,6 @@ def test_spread_keys_move_a_key_to_where_rope_would_put_it():
     inv_freq = 1.0 / (1e5 ** (np.arange(0, 64, 2) / 64))
     raw = rng.standard_normal((2, 50, 64)).astype(np.float32)  # before RoPE
     positions, targets = rng.integers(0, 512, 50), rng.integers(0, 8192, 50)
-    at = lambda p: ref.apply_rope(raw, *ref.rope_tables(inv_freq, p))  # noqa: E731
-    np.testing.assert_allclose(spread_keys(at(positions), positions, targets, inv_freq), at(targets), atol=1e-4)
+    at = lambda p: ref.apply_rope(raw, *ref.rope_tables(ref.rope_of(inv_freq), p))  # noqa: E731
+    np.testing.assert_allclose(spread_keys(at(positions), positions, targets, ref.rope_of(inv_freq)), at(targets),
+                               atol=1e-4)

@@ -21,13 +21,17 @@ def test_rmsnorm():
 
 
 @pytest.mark.parametrize("position", [0, 17, 4095])
-def test_rope(position):
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))
+@pytest.mark.parametrize("rotary,amplitude", [(64, 1.0), (48, 1.15)], ids=["full", "partial-longrope"])
+def test_rope(position, rotary, amplitude):
+    """RoPE of one token, over all of each head's dims or (Phi-4-mini) its first 48 of 64, with the
+    pairs' amplitude (LongRoPE's attention factor): the passing dims are untouched."""
+    rope = ref.rope_of(1.0 / (10000.0 ** (np.arange(0, rotary, 2) / rotary)), amplitude)
     q = rng.standard_normal(9 * 64).astype(np.float32)
     rotated = q.copy()
-    rope_in_place(rotated, 9, inv_freq, position)
-    cos, sin = ref.rope_tables(inv_freq, np.array([position]))
+    rope_in_place(rotated, 9, rope, position)
+    cos, sin = ref.rope_tables(rope, np.array([position]))
     np.testing.assert_allclose(rotated, ref.apply_rope(q.reshape(9, 1, 64), cos, sin).reshape(-1), atol=1e-6)
+    np.testing.assert_array_equal(rotated.reshape(9, 64)[:, rotary:], q.reshape(9, 64)[:, rotary:])
 
 
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
@@ -135,12 +139,13 @@ def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start, window, cac
     np.testing.assert_allclose(out, expected.transpose(1, 0, 2).reshape(tokens, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_rope_of_a_batch():
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))
+@pytest.mark.parametrize("rotary,amplitude", [(64, 1.0), (48, 1.15)], ids=["full", "partial-longrope"])
+def test_rope_of_a_batch(rotary, amplitude):
+    rope = ref.rope_of(1.0 / (10000.0 ** (np.arange(0, rotary, 2) / rotary)), amplitude)
     x = rng.standard_normal((11, 3 * 64)).astype(np.float32)
-    cos, sin = ref.rope_tables(inv_freq, np.arange(40, 51))
+    cos, sin = ref.rope_tables(rope, np.arange(40, 51))
     rotated = x.copy()
-    rope_rows(rotated, cos, sin)
+    rope_rows(rotated, cos, sin, 64)
     expected = ref.apply_rope(x.reshape(11, 3, 64).transpose(1, 0, 2), cos, sin).transpose(1, 0, 2).reshape(11, -1)
     np.testing.assert_allclose(rotated, expected, atol=1e-6)
 

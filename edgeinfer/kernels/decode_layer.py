@@ -96,18 +96,18 @@ def add_output(h, fixed, post_norm, eps, y):
 
 
 @njit(cache=True, nogil=True)
-def decode_layer(h, weights, keys, values, lut, position, inv_freq, eps, s):
+def decode_layer(h, weights, keys, values, lut, position, rope, eps, s):
     """h (hidden,) += the layer's output for the token at `position`; its key and value go into the
     layer's cache arrays (keys, values, lut: kv_cache.LayerKV) at `position`."""
     norms = weights[0]
-    decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s)
+    decode_attention(h, weights, keys, values, lut, position, rope, eps, s)
     add_output(h, s.fixed, norms[4], eps, s.x)
     decode_mlp(h, weights, eps, s)
     add_output(h, s.fixed, norms[5], eps, s.x)
 
 
 @njit(cache=True)
-def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
+def decode_attention(h, weights, keys, values, lut, position, rope, eps, s):
     """s.fixed = the attention half's output for h, in fixed point (not yet added: on a cluster node
     it is a partial sum, which adds up over the nodes exactly as one node's)."""
     (attn_norm, _, _, _, _, _), (wq, wk, wv, wo, _, _, _), _, _ = weights
@@ -116,17 +116,17 @@ def decode_attention(h, weights, keys, values, lut, position, inv_freq, eps, s):
     matvec(wq, s.xq, s.q)
     matvec(wk, s.xq, s.k)
     matvec(wv, s.xq, s.v)
-    attend_token(weights, s.q, s.k, s.v, keys, values, lut, position, inv_freq, eps, s.scores, s.att)
+    attend_token(weights, s.q, s.k, s.v, keys, values, lut, position, rope, eps, s.scores, s.att)
     quantize(s.att, s.attq)
     matvec(wo, s.attq, s.fixed)
 
 
 @njit(cache=True)
-def attend_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps, scores, att):
+def attend_token(weights, q, k, v, keys, values, lut, position, rope, eps, scores, att):
     """att = attention of one token's projections q, k, v over its cache, into which its key and
     value go at `position` (store_token)."""
     window, scale = weights[3][0], weights[3][2]
-    store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps)
+    store_token(weights, q, k, v, keys, values, lut, position, rope, eps)
     if lut[0].shape[0]:
         attend_token_lut(q, k, keys, values, lut, position, scores, att)
     else:
@@ -152,7 +152,7 @@ def _attend_token_lut(q, k, keys, values, lut, position, scores, att):
 
 
 @njit(cache=True)
-def store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps):
+def store_token(weights, q, k, v, keys, values, lut, position, rope, eps):
     """A token's projections made ready, in place: biases, query/key norms, RoPE; its key and value
     into the cache at `position`; the queries rounded as the cache's keys are (ops.round_like)."""
     (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), _ = weights
@@ -163,8 +163,8 @@ def store_token(weights, q, k, v, keys, values, lut, position, inv_freq, eps):
     if q_norm.shape[0]:
         rmsnorm_heads_in_place(q, q.shape[0] // hd, q_norm, eps)
         rmsnorm_heads_in_place(k, kv_heads, k_norm, eps)
-    rope_in_place(q, q.shape[0] // hd, inv_freq, position)
-    rope_in_place(k, kv_heads, inv_freq, position)
+    rope_in_place(q, q.shape[0] // hd, rope, position)
+    rope_in_place(k, kv_heads, rope, position)
     append_kv(keys, values, lut, k.reshape((kv_heads, 1, hd)), v.reshape((kv_heads, 1, hd)), position)
     round_like(q, keys)
 
@@ -224,7 +224,7 @@ def matmul(m, xq, out):
 
 
 @njit(cache=True, nogil=True)
-def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq, eps, b):
+def decode_layer_batch(h, weights, keys, values, lut, slots, positions, rope, eps, b):
     """h (rows, hidden) += the layer's output for each row's token; keys and values (slots,
     kv_heads, capacity, hd) hold every slot's cache of this layer."""
     (attn_norm, mlp_norm, _, _, post_attn, post_mlp), (wq, wk, wv, wo, wgate, wup, wdown), _, (window, gelu, scale) = \
@@ -240,7 +240,7 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, inv_freq
     for r in range(rows):
         slot = slots[r]
         store_token(weights, b.q[r], b.k[r], b.v[r], rows_at(keys, slot), rows_at(values, slot), lut, positions[r],
-                    inv_freq, eps)
+                    rope, eps)
         firsts[r] = window_start(positions[r], window)
     attend_rows(b.q, keys, values, slots, firsts, positions + 1, scale, b.scores, b.att)
     for r in range(rows):

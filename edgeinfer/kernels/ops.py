@@ -27,13 +27,15 @@ def rmsnorm_into(x, weight, eps, out):
 
 
 @njit(cache=True)
-def rope_in_place(x, heads, inv_freq, position):
-    """Rotate-half RoPE of `heads` heads of x (heads * head_dim,) at `position`."""
-    half = inv_freq.shape[0]
-    hd = 2 * half
+def rope_in_place(x, heads, rope, position):
+    """Rotate-half RoPE of `heads` heads of x (heads * head_dim,) at `position`, over each head's
+    first 2 * rope.shape[1] dims (all of them, or a partial rotary's; the rest pass); rope is
+    (inverse frequencies, amplitudes) per pair (config.rope_table)."""
+    half = rope.shape[1]
+    hd = x.shape[0] // heads
     for i in range(half):
-        angle = np.float64(position) * inv_freq[i]
-        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        angle = np.float64(position) * rope[0, i]
+        c, s = np.float32(np.cos(angle) * rope[1, i]), np.float32(np.sin(angle) * rope[1, i])
         for h in range(heads):
             a, b = x[h * hd + i], x[h * hd + half + i]
             x[h * hd + i] = a * c - b * s
@@ -320,11 +322,10 @@ def exp_in_place(scores, first, end, top):
 
 
 @njit(cache=True)
-def rope_rows(x, cos, sin):
-    """Rotate-half RoPE in place on x (tokens, heads * hd) with tables (tokens, hd) from
-    reference.rope_tables (halves repeated)."""
-    hd = cos.shape[1]
-    half = hd // 2
+def rope_rows(x, cos, sin, hd):
+    """Rotate-half RoPE in place on x (tokens, heads * hd) with tables (tokens, rotary dims) from
+    reference.rope_tables (halves repeated), over each head's first rotary dims (the rest pass)."""
+    half = cos.shape[1] // 2
     for t in range(x.shape[0]):
         for o in range(0, x.shape[1], hd):
             for i in range(half):

@@ -39,18 +39,28 @@ def rmsnorm_heads(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return rmsnorm(x.reshape(x.shape[0], -1, hd), weight, eps).reshape(x.shape)
 
 
-def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of shape (T, head_dim), halves repeated (rotate-half convention)."""
-    angles = np.outer(positions.astype(np.float64), inv_freq)
+def rope_of(inv_freq: np.ndarray, amplitude: float = 1.0) -> np.ndarray:
+    """A RoPE table (config.rope_table): the pairs' inverse frequencies and amplitudes (2, pairs)."""
+    return np.stack([inv_freq, np.full_like(inv_freq, amplitude, dtype=np.float64)])
+
+
+def rope_tables(rope: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of shape (T, rotary dims) times the pairs' amplitudes, halves repeated
+    (rotate-half convention), from a RoPE table (2, pairs)."""
+    angles = np.outer(positions.astype(np.float64), rope[0])
+    amplitude = np.concatenate([rope[1], rope[1]])
     angles = np.concatenate([angles, angles], axis=-1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return (np.cos(angles) * amplitude).astype(np.float32), (np.sin(angles) * amplitude).astype(np.float32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x: (heads, T, head_dim); rotates each pair (i, i + head_dim/2)."""
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    """x: (heads, T, head_dim); rotates each pair (i, i + rotary/2) of the first rotary =
+    cos.shape[-1] dims (all of them, or a partial rotary's); the rest pass unchanged."""
+    rotary = cos.shape[-1]
+    half = rotary // 2
+    part = x[..., :rotary]
+    rotated = np.concatenate([-part[..., half:], part[..., :half]], axis=-1)
+    return np.concatenate([part * cos + rotated * sin, x[..., rotary:]], axis=-1)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import GEMMA3_LOCAL_PATTERN, ModelConfig
+from ..config import GEMMA3_LOCAL_PATTERN, ModelConfig, longrope_attention
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..tokenizer import FAMILY_TEMPLATES, TokenizerSpec
 from ..vocab import GGUFVocab, spec_from_gguf_vocab
@@ -29,7 +29,7 @@ from .tensor_names import EMBEDDING_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, R
 # Architectures we read from GGUF -> (HF model_type, whether Q/K rows were permuted by llama.cpp).
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
                       "gemma3": ("gemma3", False), "phi3": ("phi3", False)}
-ROPE_FACTORS_LONG = "rope_factors_long.weight"
+ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
 GEMMA3_LOCAL_THETA = 10000.0  # not in gemma3 GGUF metadata: llama.cpp fixes it too
 SUPPORTED_TYPES = {"F32", "F16", "BF16", *DECODERS}
 _GLOBAL_NAMES = {"token_embd.weight": EMBEDDING_WEIGHT, "output_norm.weight": FINAL_NORM_WEIGHT,
@@ -273,13 +273,11 @@ class GGUFSource(WeightSource):
     def _family_options(self, arch: str, hidden: int, layers: int) -> dict:
         """Gemma 3's and Phi-3's options; Gemma's GGUF stores norm weights with the + 1 already added."""
         if arch == "phi3":
-            if ROPE_FACTORS_LONG in {t.name for t in self._reader.tensors}:
-                raise UnsupportedModelError(f"{self.path}: Phi-3.5's longrope RoPE scaling is not supported yet")
-            heads = int(self._reader.value(f"{arch}.attention.head_count"))
-            if int(self._reader.value(f"{arch}.rope.dimension_count", hidden // heads)) != hidden // heads:
-                raise UnsupportedModelError(f"{self.path}: partial rotary embeddings (Phi-4-mini) are not supported yet")
+            head_dim = hidden // int(self._reader.value(f"{arch}.attention.head_count"))
+            rotary = int(self._reader.value(f"{arch}.rope.dimension_count", head_dim))  # Phi-4-mini's partial rotary
             window = int(self._reader.value(f"{arch}.attention.sliding_window", 0) or 0)
-            return dict(sliding_window=window, local_layers=tuple(range(layers)) if window else ())
+            return dict(sliding_window=window, local_layers=tuple(range(layers)) if window else (),
+                        rotary_dim=0 if rotary == head_dim else rotary)
         if arch != "gemma3":
             return {}
         window = int(self._reader.value(f"{arch}.attention.sliding_window", 0) or 0)
@@ -288,6 +286,17 @@ class GGUFSource(WeightSource):
                     local_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_LOCAL_PATTERN))
 
     def _rope_scaling(self, arch: str) -> dict | None:
+        import gguf
+
+        factors = {t.name: t for t in self._reader.tensors if t.name in (ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)}
+        if factors:  # LongRoPE (Phi-3.5, Phi-4-mini): its factors are tensors, its attention factor a key
+            if len(factors) != 2:
+                raise ModelFormatError(f"{self.path}: LongRoPE needs both {ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT}")
+            scaling = {"rope_type": "longrope", "attention_factor": self._reader.value(f"{arch}.rope.scaling.attn_factor"),
+                       **{key: gguf.quants.dequantize(factors[name].data, factors[name].tensor_type).reshape(-1).tolist()
+                          for key, name in (("long_factor", ROPE_FACTORS_LONG), ("short_factor", ROPE_FACTORS_SHORT))}}
+            return {**scaling, **longrope_attention(scaling, self._reader.value(f"{arch}.context_length"),
+                                                    self._reader.value(f"{arch}.rope.scaling.original_context_length"))}
         kind = self._reader.value(f"{arch}.rope.scaling.type")
         if kind in (None, "none"):
             return None
