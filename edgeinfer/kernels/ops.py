@@ -386,7 +386,8 @@ def attend_causal(q, keys, values, start, window, scale, out):
     last `window` positions when window > 0. Threads take queries in pairs from both ends, so each
     gets as many keys to read."""
     tokens = q.shape[0]
-    for i in prange((tokens + 1) // 2):
+    for pair in prange((tokens + 1) // 2):
+        i = np.int64(pair)  # (int64, so that _attend_query compiles once: as in q4.py)
         _attend_query(q, keys, values, start, i, window, scale, out)
         if tokens - 1 - i != i:
             _attend_query(q, keys, values, start, tokens - 1 - i, window, scale, out)

@@ -283,7 +283,9 @@ _block4 = gemm_block(_pass4)
 def _gemv_parallel(packed, scales, offsets, factor, x, xscales, xsums, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
-        _block(packed, scales, offsets, f, x, xscales, xsums, out, block)
+        # the index as int64, as the serial loops pass it: Numba types a prange index uint64 in the
+        # parallel body (and int64 when it first types the function), so _block would compile twice
+        _block(packed, scales, offsets, f, x, xscales, xsums, out, np.int64(block))
 
 
 @njit(cache=True)
@@ -307,7 +309,8 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
     a batch as alone."""
     f = np.float32(factor)
     tokens = x.shape[0]
-    for block in prange(packed.shape[0]):
+    for i in prange(packed.shape[0]):
+        block = np.int64(i)  # (as in _gemv_parallel)
         for t in range(0, tokens - 3, 4):
             _block4(packed, scales, offsets, f, x, xscales, xsums, out, block, t)
         for t in range(tokens - tokens % 4, tokens):

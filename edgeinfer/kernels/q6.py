@@ -267,7 +267,7 @@ _block4 = gemm_block(_pass4)
 def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
-        _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, np.int64(block))  # (int64: as in q4.py)
 
 
 @njit(cache=True)
@@ -283,7 +283,8 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     time (the rest one by one); a token's rows are the GEMV's bit for bit."""
     f = np.float32(factor)
     tokens = xflat.shape[0]
-    for block in prange(packed.shape[0]):
+    for i in prange(packed.shape[0]):
+        block = np.int64(i)  # (as in q4.py)
         for t in range(0, tokens - 3, 4):
             _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block, t)
         for t in range(tokens - tokens % 4, tokens):
