@@ -71,8 +71,9 @@ def calibrate(model: Model, ids: list[int], d_sub: int, ctx: int = 512, max_toke
     targets = [rng.integers(max(SINK_KEYS, band_start(b)), span if b == bands - 1 else band_start(b + 1),
                             len(positions)) for b in range(bands)]
     layers = []
+    ropes = model.layer_ropes(ctx)  # as the keys were turned in collect_keys's cache
     for i, layer_keys in enumerate(keys):
-        per_band = [spread_keys(layer_keys, positions, t, model.ropes[i]) for t in targets]  # (kv_heads, n, hd) each
+        per_band = [spread_keys(layer_keys, positions, t, ropes[i]) for t in targets]  # (kv_heads, n, hd) each
         layers.append(np.stack([np.stack([fit_codebooks(band_keys[kh], d_sub, seed=i) for band_keys in per_band])
                                 for kh in range(len(layer_keys))]))  # (kv_heads, bands, S, 16, d_sub)
         if progress:

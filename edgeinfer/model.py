@@ -58,21 +58,23 @@ class Model:
         self.codebooks = source.key_codebooks().layers if self.path.lut else None
         self.norm = np.array(source.float32(FINAL_NORM_WEIGHT))
         self.freq_factors = source.float32(ROPE_FREQS) if source.has(ROPE_FREQS) else None
-        self.rope_for(0)
+        self._ropes: dict[int, list[np.ndarray]] = {}  # layer_ropes by context
         self.attend = self._attend_kernels if self.path.fused else self._attend_float
         self.scratch: DecodeScratch | None = None
         self.batch_scratch: dict[tuple[int, int], DecodeScratch] = {}  # by (rows, capacity)
         self.allreduce: AllReduce | None = None  # None: this node's partial sums are the whole sums
 
-    def rope_for(self, context: int) -> None:
-        """Each layer's RoPE frequencies (a local layer has its own base) for a context of that many
-        positions: LongRoPE's factors depend on it (long beyond the original context), others' not."""
-        c = self.config
-        table = {local: rope_table(c, self.freq_factors, local, context) for local in (False, True)}
-        self.ropes = [table[i in c.local_layers] for i in range(c.num_layers)]
+    def layer_ropes(self, context: int) -> list[np.ndarray]:
+        """Each layer's RoPE table (config.rope_table; a local layer has its own base) for a cache of
+        `context` positions: LongRoPE's factors depend on it (long beyond the original context, as
+        llama.cpp chooses them), other models' do not."""
+        if context not in self._ropes:
+            c = self.config
+            table = {local: rope_table(c, self.freq_factors, local, context) for local in (False, True)}
+            self._ropes[context] = [table[i in c.local_layers] for i in range(c.num_layers)]
+        return self._ropes[context]
 
     def new_cache(self, capacity: int) -> KVCache:
-        self.rope_for(capacity)
         return KVCache(self.config, capacity, self.codebooks, cache_type=self.path.cache_type,
                        kernels=self.path.fused)
 
@@ -88,7 +90,6 @@ class Model:
         """KV caches of `slots` sequences decoded together (decode_batch)."""
         if self.path.lut:
             raise EdgeInferError("sequences decoded together need exact attention, not LUT attention")
-        self.rope_for(capacity)
         return SlotCaches(self.config, capacity, slots, kernels=self.path.fused, cache_type=self.path.cache_type)
 
     def decode_batch(self, tokens: np.ndarray, caches: SlotCaches, slots: list[int]) -> np.ndarray:
@@ -105,11 +106,12 @@ class Model:
             self.batch_scratch[key] = batch_scratch(c.hidden_size, c.q_size, c.kv_size, c.intermediate_size,
                                                     c.num_heads, caches.capacity, rows)
         b, lut, slot_ids = self.batch_scratch[key], caches.slot(0).lut[0], np.asarray(slots, np.int64)
+        ropes = self.layer_ropes(caches.capacity)
         h = np.ascontiguousarray(self.embed(np.asarray(tokens)))
         for i in range(c.num_layers):
             _, args = self.weights.layer(i)
             decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions,
-                               self.ropes[i], c.rms_norm_eps, b)
+                               ropes[i], c.rms_norm_eps, b)
             self.weights.done(i)
         for s in slots:
             caches.slot(s).commit(1)
@@ -154,11 +156,12 @@ class Model:
             h = self._decode(h, cache)
         else:
             eps, positions = self.config.rms_norm_eps, np.arange(start, start + count)
-            bases = {id(f): f for f in self.ropes}  # global and, for local layers, their own
+            ropes = self.layer_ropes(cache.capacity)
+            bases = {id(f): f for f in ropes}  # global and, for local layers, their own
             tables = {key: rope_tables(f, positions) for key, f in bases.items()}
             for i in range(self.config.num_layers):
                 layer, _ = self.weights.layer(i)
-                cos, sin = tables[id(self.ropes[i])]
+                cos, sin = tables[id(ropes[i])]
                 attn = self.attention(layer, rmsnorm(h, layer.attn_norm, eps), cache, i, cos, sin)
                 h = h + self._output(self._sum(attn), layer.post_attn_norm)
                 h = h + self._output(self._sum(self.mlp(layer, rmsnorm(h, layer.mlp_norm, eps))), layer.post_mlp_norm)
@@ -184,15 +187,16 @@ class Model:
         """One token (h of shape (1, hidden)) through the fused layers: one Numba call per layer,
         or per half-layer on a cluster node, whose halves' sums go through the all-reduce."""
         position, eps, s = cache.length, self.config.rms_norm_eps, self._scratch_for(cache)
+        ropes = self.layer_ropes(cache.capacity)
         h = h[0].copy()
         for i in range(self.config.num_layers):
             layer, args = self.weights.layer(i)
             kv = cache.layer(i)
             if self.allreduce is None:
-                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, self.ropes[i], eps, s)
+                decode_layer(h, args, kv.keys, kv.values, kv.lut, position, ropes[i], eps, s)
             else:
                 if self.config.num_kv_heads:
-                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, self.ropes[i], eps, s)
+                    decode_attention(h, args, kv.keys, kv.values, kv.lut, position, ropes[i], eps, s)
                 else:  # a cluster node holding MLP columns only
                     s.fixed[:] = 0
                 h += self._decoded_output(self.allreduce(s.fixed), layer.post_attn_norm)

@@ -226,7 +226,7 @@ def test_four_bit_shards_add_up_to_the_whole_layer(smollm2_single):
     shards = [Model(ShardSource(open_model(str(smollm2_single)), s, layers_only=True), quantized=True) for s in shares]
     assert [m.config.num_kv_heads for m in shards] == [1, 1, 1, 0] and all(m.path.fused for m in shards)
     h = full.embed(np.array([1, 504, 3458, 282, 4193, 314, 1345, 47]))
-    cos, sin = rope_tables(full.ropes[0], np.arange(len(h)))
+    cos, sin = rope_tables(full.layer_ropes(8)[0], np.arange(len(h)))
     layer, _ = full.weights.layer(3)
     x = rmsnorm(h, layer.attn_norm, full.config.rms_norm_eps)
     whole = full.attention(layer, x, full.new_cache(8), 3, cos, sin), full.mlp(layer, x)
