@@ -33,6 +33,8 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, rope theta, 
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256, 500000.0, False),
     "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256, 500000.0, True),  # (without llama3 RoPE scaling: same cost)
 }
+# A block's step, times 1 / sqrt(columns), so that a row's products stay near unit size whatever its width.
+STEP = {"Q4_0": 0.5, "Q8_0": 0.06}
 
 
 def synth_config(shape: str) -> ModelConfig:
@@ -97,6 +99,10 @@ class SynthSource(WeightSource):
     def file_size(self) -> int:
         return 0
 
+    def rng(self, name: str) -> np.random.Generator:
+        """A tensor's own random stream: the same bytes whichever file it is written to."""
+        return np.random.default_rng([self.seed, sum(map(ord, name)), len(name)])
+
     def float32(self, name: str) -> np.ndarray:
         matrix = self.quantized(name)
         return np.ones(self._shapes[name], np.float32) if matrix is None else matrix.dequantize()
@@ -106,12 +112,11 @@ class SynthSource(WeightSource):
         if kind == "F32":
             return None
         rows, cols = self._shapes[name]
-        rng = np.random.default_rng([self.seed, sum(map(ord, name)), len(name)])
+        rng = self.rng(name)
         packed_shape, (blocks, groups) = (Q4Matrix.array_shapes(rows, cols) if kind == "Q4_0"
                                           else Q8Matrix.array_shapes(rows, cols, 32))
         packed = np.frombuffer(rng.bytes(packed_shape[0] * packed_shape[1]), np.uint8).reshape(packed_shape)
-        # Steps such that a row's products stay near unit size whatever its width.
-        scale = (0.5 if kind == "Q4_0" else 0.06) / np.sqrt(cols)
+        scale = STEP[kind] / np.sqrt(cols)
         scales = (rng.random((blocks, groups), np.float32) * scale + scale / 2).astype(np.float16).view(np.uint16)
         if kind == "Q8_0":
             return Q8Matrix(packed, scales, scales, -128.0, rows, cols)
@@ -147,10 +152,12 @@ def _gguf_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str], int]:
 
 def _ggml_blocks(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
     """A (rows, bytes per row) matrix of ggml Q4_0 or Q8_0 blocks: an fp16 step then the quants,
-    random, with steps small enough that a row's products stay near unit size."""
-    size, scale = (18, 0.5) if kind == "Q4_0" else (34, 0.06)
+    random, with steps as SynthSource's."""
+    import gguf
+
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
     blocks = rng.integers(0, 256, (rows, cols // 32, size), np.uint8)
-    step = scale / np.sqrt(cols)
+    step = STEP[kind] / np.sqrt(cols)
     steps = (rng.random((rows, cols // 32), np.float32) * step + step / 2).astype(np.float16)
     blocks[:, :, :2] = steps[..., None].view(np.uint8)
     return blocks.reshape(rows, cols // 32 * size)
@@ -195,10 +202,9 @@ def synth_gguf(shape: str, bits: int, out_path: str, progress: Callable[[int, in
         if kinds[n] == "F32":
             w.add_tensor_info(gguf_name(n), shape_n, np.dtype(np.float32), 4 * shape_n[0])
         else:
-            rows, cols = shape_n
-            nbytes = rows * cols // 32 * (18 if kinds[n] == "Q4_0" else 34)
-            w.add_tensor_info(gguf_name(n), (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
-                              raw_dtype=gguf.GGMLQuantizationType[kinds[n]])
+            kind = gguf.GGMLQuantizationType[kinds[n]]
+            byte_shape = gguf.quant_shape_to_byte_shape(shape_n, kind)
+            w.add_tensor_info(gguf_name(n), byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
         w.write_header_to_file(tmp)
@@ -208,8 +214,7 @@ def synth_gguf(shape: str, bits: int, out_path: str, progress: Callable[[int, in
             if kinds[n] == "F32":
                 w.write_tensor_data(np.ones(source.stored_shape(n), np.float32))
             else:
-                rng = np.random.default_rng([source.seed, sum(map(ord, n)), len(n)])
-                w.write_tensor_data(_ggml_blocks(rng, *source.stored_shape(n), kinds[n]))
+                w.write_tensor_data(_ggml_blocks(source.rng(n), *source.stored_shape(n), kinds[n]))
             if progress:
                 progress(i + 1, len(names))
         w.fout[0].flush()
