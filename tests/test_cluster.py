@@ -643,6 +643,39 @@ def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, 
     assert out == alone(*prompt), err
 
 
+CLOSE_MONITORED = """
+import sys, time, zmq
+from edgeinfer.cluster.sockets import curve_client, curve_server
+ctx, token = zmq.Context(), "loopback-test-token"
+
+def connected(port):
+    server, _, _ = curve_server(ctx, token, f"tcp://127.0.0.1:{port}")
+    client, monitor = curve_client(ctx, token, f"tcp://127.0.0.1:{port}")
+    client.send(b"hello")
+    if not server.poll(10_000):
+        sys.exit(f"no hello reached the listener on port {port}")
+    server.recv_multipart()
+    return server, client, monitor
+
+server, client, monitor = connected(int(sys.argv[1]))
+monitor.close()           # as a worker closes: its monitor first,
+server.close(linger=0)    # the master goes away: a lost connection is an event to send,
+time.sleep(0.5)
+client.close(linger=0)
+connected(int(sys.argv[2]))  # and the process's next sockets still connect
+print("connected again")
+"""
+
+
+def test_closing_a_monitored_socket_leaves_the_process_able_to_connect():
+    """A worker that closed its socket's monitor and then lost its master could never join the next
+    one: libzmq's I/O thread blocked for good sending the lost connection to the closed monitor
+    (the cause of `worker --stay`'s failures). Run apart: a blocked I/O thread blocks its process."""
+    r = subprocess.run([sys.executable, "-c", CLOSE_MONITORED, str(free_port()), str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "connected again", r.stderr
+
+
 @pytest.mark.real_model
 def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path):
     """`worker --stay` serves one master's session after another: after the first ends it joins the

@@ -249,4 +249,5 @@ class Master:
                 self.sock.send_multipart([w.identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+        self.monitor.close()
         self.sock.close(linger=1000)

@@ -26,8 +26,17 @@ class Monitor:
     answered by the peer's ZeroMQ I/O thread, notice a dead or cut-off peer within HEARTBEAT_TIMEOUT)."""
 
     def __init__(self, sock: zmq.Socket):
+        self.watched = sock
         self.sock = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
         self.failed = self.disconnected = 0
+
+    def close(self) -> None:
+        """Stop the events, then close the socket they come on. In the other order, libzmq's I/O
+        thread blocks for good on the next event it sends (a peer that goes away), and with it
+        every socket of the process: a worker then never reached its next master (libzmq #3575)."""
+        if not self.sock.closed:
+            self.watched.disable_monitor()
+            self.sock.close(linger=0)
 
     def update(self) -> None:
         while self.sock.poll(0):

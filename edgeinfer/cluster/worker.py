@@ -37,7 +37,6 @@ from .sockets import curve_client, endpoint, wait_readable
 
 SHARE_INDEX = "shares.json"  # the share files a worker pulled or wrote, and the model of each
 RETRY_NOTE = 5.0  # seconds between the lines that say a worker is still waiting for its master
-FRESH_SOCKET = 15  # seconds after which a worker waiting for its master starts over on a new socket
 WRONG_KEY_FAILURES = 3  # ZeroMQ retries every 0.1 s: a wrong key fails each time, a passing glitch once
 
 
@@ -57,7 +56,7 @@ class Worker:
         self.steps, self.step_s, self.step_wait_s = 0, 0.0, 0.0  # decode steps (one token each)
 
     def close(self) -> None:
-        self.monitor.sock.close(linger=0)
+        self.monitor.close()
         self.sock.close(linger=0)
 
     def recv(self, timeout: float | None) -> Message | None:
@@ -86,9 +85,8 @@ class Worker:
     def join(self, forever: bool = False) -> int:
         """Say hello until the master answers (ZeroMQ reconnects meanwhile, so a master started
         later, or restarted, is found): a line every RETRY_NOTE s, up to the timeout unless `forever`.
-        The hello is said again with each line, and every FRESH_SOCKET s on a new socket: the first
-        may have gone to a master on its way out (one restarted on the same address), and seen
-        here, a socket could stay on a connection that never reached the new one."""
+        The hello is said again with each line: the first may have gone to a master on its way out
+        (one restarted on the same address)."""
         log(f"connecting to the master at {self.address}")
         hello = dict(token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
                      free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
@@ -103,9 +101,6 @@ class Worker:
                     raise EdgeInferError(f"no answer from the master at {self.address} within {self.timeout:g} s")
                 log(f"no answer from the master at {self.address} after {note - start:.0f} s; still trying "
                     "(is it started, and is this its address?)")
-                if round(note - start) % FRESH_SOCKET == 0:
-                    self.close()
-                    self.sock, self.monitor = curve_client(zmq.Context.instance(), self.token, self.address)
                 note += RETRY_NOTE
                 self.send("hello", **hello)
                 continue
