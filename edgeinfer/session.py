@@ -16,6 +16,7 @@ from .kernels.simd import has_kernels
 from .kv_cache import fitting_memory_plan, model_memory_plan
 from .model import Model
 from .progress import StageProgress
+from .run_path import choose_path
 from .storage import open_model
 from .storage.fetch import ProgressFn, resolve_model
 from .tokenizer import Tokenizer
@@ -114,21 +115,19 @@ def _open_cluster(path: str, options: SessionOptions, report: Report) -> Engine:
     from .cluster.master import Master
 
     c = options.cluster
-    if options.cache_type != "f16":  # the load message does not carry it: every node would run f16
-        raise EdgeInferError(f"--cache-type {options.cache_type} is not passed to a cluster's workers yet; "
-                             "a cluster runs an f16 KV cache (leave --cache-type out)")
     token = c.token or secrets.token_urlsafe(12)
     if not options.float32 and has_kernels() and first_run():
         report(COMPILING)
+    source = open_model(path)  # a file or options no node can run fail here, before listening
+    choose_path(source, not options.float32, options.attention, cache_type=options.cache_type)
     master = Master(c.listen, token, c.timeout, "f2" if c.sync == "fp16" else "f4")
     try:
         report(f"cluster: join with: edgeinfer worker --join {master.address.removeprefix('tcp://')} --token {token}")
         master.wait_for(c.workers, c.wait)
-        source = open_model(path)
         context = default_context(source.config, options.context)
         tokenizer = Tokenizer(source.tokenizer)  # before the model's memory plan, which counts it
         model = ClusterModel(master, path, context, quantized=not options.float32, attention=options.attention,
-                             mem_limit=options.mem_limit)
+                             mem_limit=options.mem_limit, cache_type=options.cache_type)
         return Engine(model, tokenizer, context)
     except BaseException:
         master.close("the master failed to start")

@@ -193,11 +193,17 @@ def test_bench_rows_as_llama_bench(tiny_gguf):
 
 def test_cache_types(tiny_single):
     """--cache-type: an unknown type gets one line naming the ones there are; q8_0 needs heads of a
-    multiple of 32 (the tiny model's are 16) and says so; a cluster says it runs f16 rather than
-    ignore the option."""
+    multiple of 32 (the tiny model's are 16) and says so; a cluster's master (which passes the type
+    to its workers) checks it before it listens."""
     assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "q4_0"),
                           "q4_0", "f16", "q8_0", "f32")
     assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "q8_0"),
                           "q8_0", "multiple of 32", "16")
-    assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "f32", "--listen", "0"),
-                          "--cache-type f32", "cluster")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert_one_line_error(edgeinfer_cli("run", str(tiny_single), "-p", "x", "--cache-type", "q4_0",
+                                        "--listen", f"127.0.0.1:{port}", "--token", "a-test-token"),
+                          "q4_0", "f16", "q8_0", "f32")

@@ -337,7 +337,8 @@ def single_node(alone) -> str:
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("workers,path", [(0, ()), (1, ()), (2, ()), (3, ()), (1, ("--exact",))])
+@pytest.mark.parametrize("workers,path", [(0, ()), (1, ()), (2, ()), (3, ()), (1, ("--exact",)),
+                                          (1, ("--cache-type", "q8_0"))])
 def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, workers, path):
     port = free_port()
     master = spawn("run", str(smollm2_single), *PROMPT, *path, "--listen", str(port), "--token", TOKEN,
@@ -362,6 +363,8 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
     for p in procs:
         wcode, _, werr = finish(p, 60)
         assert wcode == 0 and "the master ended the session" in werr, werr
+        if "--cache-type" in path:  # every node's KV cache is of the type asked for
+            assert f"{path[-1]} KV cache" in werr, werr
     if workers == 1 and not path:  # the next session with the same plan: the shard is reused, not sent again
         master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
                        "--workers", "1", "--wait", "120")

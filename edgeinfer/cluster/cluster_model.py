@@ -63,11 +63,12 @@ class ClusterModel:
     """What the engine calls a model, computed by the master and its workers."""
 
     def __init__(self, master: Master, path: str, context: int, quantized: bool = True, attention: str = "exact",
-                 mem_limit: int | None = None):
-        """context: the KV cache capacity every node allocates for its shard. mem_limit: the master
-        streams its own share within it (from a file of the share, as workers with --mem-limit do)."""
+                 mem_limit: int | None = None, cache_type: str = "f16"):
+        """context: the KV cache capacity every node allocates for its shard, of cache_type. mem_limit:
+        the master streams its own share within it (from a file of the share, as workers with
+        --mem-limit do)."""
         self.master, self.path, self.quantized, self.attention = master, path, quantized, attention
-        self.mem_limit = mem_limit
+        self.mem_limit, self.cache_type = mem_limit, cache_type
         source = open_model(path)
         self.config, self.head_cost = source.config, head_cost(source)
         self.fingerprint = fingerprint(path)
@@ -101,7 +102,7 @@ class ClusterModel:
             self.local.warm_up()
             try:
                 self.master.load(shares[1:], self.path, self.fingerprint, self.context, self.attention,
-                                 not self.quantized)
+                                 not self.quantized, self.cache_type)
             except NodeLost as e:
                 self.master.drop(e.identity, str(e))
                 continue
@@ -137,13 +138,14 @@ class ClusterModel:
         source = open_model(self.path)
         if self.mem_limit is None:
             return Model(source if alone else ShardSource(source, share), quantized=self.quantized,
-                         attention=self.attention)
+                         attention=self.attention, cache_type=self.cache_type)
         if not alone:
             source = open_model(str(shard_file(ShardSource(source, share), cluster_dir(), self.fingerprint)))
-        plan = model_memory_plan(source, self.context, self.mem_limit, self.quantized, self.attention)
+        plan = model_memory_plan(source, self.context, self.mem_limit, self.quantized, self.attention,
+                                 cache_type=self.cache_type)
         log(plan.describe())
         return Model(source, quantized=self.quantized, window=plan.window, attention=self.attention,
-                     pinned=plan.pinned)
+                     pinned=plan.pinned, cache_type=self.cache_type)
 
     def new_cache(self, capacity: int) -> ClusterCache:
         if capacity > self.context:  # the workers' caches are made at load: reload with this size

@@ -166,7 +166,8 @@ class Master:
         self.workers += admitted
         return bool(admitted)
 
-    def load(self, shares: list[Share], path: str, fp: str, context: int, attention: str, float32: bool) -> None:
+    def load(self, shares: list[Share], path: str, fp: str, context: int, attention: str, float32: bool,
+             cache_type: str) -> None:
         """Each worker loads its share: from the model file if it holds it, otherwise from a file of
         its share alone, which it pulls from here once (written here once per share, shard.py)."""
         size = os.path.getsize(path)
@@ -178,7 +179,8 @@ class Master:
                 shard_fp, shard_size = fingerprint(shard), os.path.getsize(shard)
                 files[shard_fp] = shard
             self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,
-                      share=share.to_dict(), context=context, attention=attention, exact=float32, sync=self.hub.sync)
+                      share=share.to_dict(), context=context, attention=attention, exact=float32, sync=self.hub.sync,
+                      cache_type=cache_type)
         handles: dict[str, object] = {}  # the files being sent, opened once
         ready: set[bytes] = set()
         patience = max(self.timeout, LOAD_TIMEOUT)

@@ -24,7 +24,7 @@ import zmq.utils.z85
 from .. import __version__
 from ..errors import EdgeInferError
 
-PROTOCOL = 2  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard, not the model
+PROTOCOL = 3  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard; 3: load names the KV cache type
 DEFAULT_PORT = 7433
 MAX_HEADER = 16 << 10
 FILE_CHUNK = 4 << 20
@@ -52,7 +52,8 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "refused": {"reason": _STR},
     # the model file, and ("" and 0 when the worker holds the model) the file of the share alone
     "load": {"fingerprint": _STR, "size": _INT, "shard_fingerprint": _STR, "shard_size": _INT, "share": _DICT,
-             "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR},  # exact: float32 weights (--exact)
+             "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR,  # exact: float32 weights (--exact)
+             "cache_type": _STR},  # the KV cache's type (--cache-type)
     "chunk": {"fingerprint": _STR, "offset": _INT},
     "step": {"seq": _INT, "start": _INT, "dtype": _STR, "shape": _LIST},
     "sum": {"seq": _INT, "dtype": _STR, "shape": _LIST},

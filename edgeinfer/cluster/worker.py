@@ -159,10 +159,12 @@ class Worker:
         self._keep_only(f["fingerprint"], share_file)
         window, pinned = None, ()
         if self.mem_limit is not None:
-            plan = model_memory_plan(shard, f["context"], self.mem_limit, not f["exact"], f["attention"])
+            plan = model_memory_plan(shard, f["context"], self.mem_limit, not f["exact"], f["attention"],
+                                     cache_type=f["cache_type"])
             log(plan.describe())
             window, pinned = plan.window, plan.pinned
-        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, pinned=pinned)
+        self.model = Model(shard, quantized=not f["exact"], attention=f["attention"], window=window, pinned=pinned,
+                           cache_type=f["cache_type"])
         self.model.allreduce = partial_to_float  # compile both halves now, not at the first step
         self.model.warm_up()
         self.cache = self.model.new_cache(f["context"])
@@ -170,7 +172,8 @@ class Worker:
             raise EdgeInferError(f"unknown sync type {f['sync'][:10]!r}")
         self.member = StarMember(self, f["sync"])
         self.model.allreduce = self.member.allreduce
-        log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}")
+        log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}, "
+            f"{self.model.path.cache_type} KV cache")
         self.send("ready", rss=process_rss())
 
     def _open_share(self, f: dict) -> tuple[WeightSource, Share, Path | None]:
