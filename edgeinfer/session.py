@@ -90,6 +90,8 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
     tokenizer = Tokenizer(source.tokenizer)  # before the plan, which counts the process as it stands
+    if tokenizer.spec.note and report:
+        report(tokenizer.spec.note)
     if context is None:  # the default context, or less where its KV cache would not fit
         wanted = default_context(source.config)
         plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences,
@@ -126,6 +128,8 @@ def _open_cluster(path: str, options: SessionOptions, report: Report) -> Engine:
         master.wait_for(c.workers, c.wait)
         context = default_context(source.config, options.context)
         tokenizer = Tokenizer(source.tokenizer)  # before the model's memory plan, which counts it
+        if tokenizer.spec.note:
+            report(tokenizer.spec.note)
         model = ClusterModel(master, path, context, quantized=not options.float32, attention=options.attention,
                              mem_limit=options.mem_limit, cache_type=options.cache_type)
         return Engine(model, tokenizer, context)

@@ -38,6 +38,7 @@ class TokenizerSpec:
     chat_template: str | None = None
     # Special-token strings a chat template may refer to (bos_token, eos_token, ...).
     template_vars: dict[str, str] = field(default_factory=dict)
+    note: str | None = None  # what a user should hear about how it was rebuilt (not stored)
 
     def to_metadata(self) -> dict[str, str]:
         payload = self.data.decode() if self.kind == "hf" else base64.b64encode(self.data).decode()

@@ -36,6 +36,9 @@ SPLIT_REGEX = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": 
                "gpt-4o": _GPT4O_SPLIT, "minimax-m2": _GPT4O_SPLIT}
 # Pre-tokenizers that split every digit apart before the GPT-2 regex.
 DIGIT_SPLIT = {"smollm", "starcoder", "refact", "codeshell", "command-r"}
+# Pre-tokenizers that split as GPT-2 does (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2 names, MPT's, OLMo's).
+GPT2_SPLIT = {"default", "gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es",
+              "jina-v2-de", "jina-v2-code", "roberta-bpe", "a.x-4.0", "mellum", "mpt", "olmo"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,12 @@ def spec_from_gguf_vocab(v: GGUFVocab) -> TokenizerSpec:
     if not v.tokens:
         raise TokenizerError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     types = list(v.token_types) if v.token_types else [NORMAL] * len(v.tokens)
+    note = None
     if v.model == "gpt2":
         data, kind, add_bos = _byte_level_bpe(v, types), "hf", bool(v.add_bos)
+        if v.pre not in SPLIT_REGEX and v.pre not in DIGIT_SPLIT and v.pre not in GPT2_SPLIT:
+            note = (f"tokenizer: the file's pre-tokenizer {v.pre!r} is not one edgeinfer knows; it splits text "
+                    "as GPT-2 does, so its tokens may differ from llama.cpp's")
     elif v.model == "llama":
         # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
         data, kind, add_bos = _sentencepiece_proto(v, types), "spm", v.add_bos is not False
@@ -72,7 +79,7 @@ def spec_from_gguf_vocab(v: GGUFVocab) -> TokenizerSpec:
     names = {"bos_token": v.bos_id, "eos_token": v.eos_id, "unk_token": v.unk_id, "pad_token": v.pad_id}
     template_vars = {k: v.tokens[i] for k, i in names.items() if i is not None and 0 <= i < len(v.tokens)}
     return TokenizerSpec(kind=kind, data=data, bos_id=v.bos_id, eos_ids=tuple(dict.fromkeys(eos)),
-                         add_bos=add_bos, chat_template=v.chat_template, template_vars=template_vars)
+                         add_bos=add_bos, chat_template=v.chat_template, template_vars=template_vars, note=note)
 
 
 def _byte_level_bpe(v: GGUFVocab, types: list[int]) -> bytes:

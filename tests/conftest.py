@@ -122,8 +122,8 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
 
 def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str, str] | None = None,
                arch: str = "llama", raw: dict[str, tuple[np.ndarray, str]] | None = None,
-               keys: dict[str, int | float] | None = None) -> Path:
-    """Write a HF tiny model as a llama.cpp-style GGUF.
+               keys: dict[str, int | float] | None = None, pre: str = "default") -> Path:
+    """Write a HF tiny model as a llama.cpp-style GGUF (`pre`: its tokenizer's pre-tokenizer name).
 
     `types` maps a GGUF tensor-name suffix to a type; `raw` gives tensors as (data, type) written as
     is, replacing the converted one of that name or added after the others; `keys` adds metadata
@@ -157,7 +157,7 @@ def write_gguf(path: Path, hf_folder: Path, tokenizer_json: str, types: dict[str
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
     w.add_token_merges(merges)
