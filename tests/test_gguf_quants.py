@@ -43,16 +43,27 @@ def test_every_type_dequantises_to_ggufs_values(kind):
     assert fits(m, GGUF_LAYOUTS[kind]) and m.bits == layout_of(GGUF_LAYOUTS[kind]).bits
 
 
-def test_slabs_join_into_the_same_matrix(monkeypatch):
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K", "Q8_0", "Q4_0", "Q4_1"])
+def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
+    """A tensor decoded a slab of rows at a time (filling one array) is the matrix decoded at once:
+    blocks, scales, minima, and Q4_0/Q8_0's offsets that are their scales."""
     from edgeinfer.storage import gguf_quants
 
-    data = random_blocks("Q6_K", 37, 256, seed=1)
-    whole = gguf_matrix("Q6_K", data, 256)
+    data = random_blocks(kind, 37, 256, seed=1)
+    whole = gguf_matrix(kind, data, 256)
     monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)  # one block of rows (kernels/q4.py ROWS)
-    slabbed = gguf_matrix("Q6_K", data, 256)
-    assert isinstance(whole.scales, SuperScales) and whole.scales.shift == slabbed.scales.shift
-    for a, b in ((whole.packed, slabbed.packed), (whole.scales.d, slabbed.scales.d), (whole.scales.q, slabbed.scales.q)):
-        np.testing.assert_array_equal(a, b)
+    slabbed = gguf_matrix(kind, data, 256)
+    assert type(whole) is type(slabbed) and (whole.rows, whole.cols) == (slabbed.rows, slabbed.cols)
+    assert (whole.offsets is whole.scales) == (slabbed.offsets is slabbed.scales)
+    np.testing.assert_array_equal(whole.packed, slabbed.packed)
+    for a, b in ((whole.scales, slabbed.scales), (whole.offsets, slabbed.offsets)):
+        assert isinstance(a, SuperScales) == isinstance(b, SuperScales)
+        if isinstance(a, SuperScales):
+            assert a.shift == b.shift
+            np.testing.assert_array_equal(a.d, b.d)
+            np.testing.assert_array_equal(a.q, b.q)
+        else:
+            np.testing.assert_array_equal(a, b)
 
 
 # Bits per weight held, by type (rows in whole blocks of 16): the integers' nibbles, 6-bit fields or

@@ -15,11 +15,12 @@ bytes, 6-bit fields or nibbles: a 5- or 3-bit type takes 6 bits here, Q2_K and t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from ..kernels.scales import SuperScales, concat_scales, super_scales
+from ..kernels.scales import ROWS, SuperScales, concat_scales, super_scales
 from .quantize import MATRIX_TYPES, Matrix
 
 QK = 256  # weights per K-quant super-block
@@ -159,19 +160,20 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
 
 def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
-    (whole 16-row blocks, so the slabs' arrays simply follow each other)."""
-    bits = DECODERS[kind][2]
-    slabs = []
-    for r in range(0, data.shape[0], SLAB_ROWS):
+    (whole 16-row blocks), each slab's blocks copied into the matrix's one array as they come: the
+    slabs are never held all at once beside it (a 128k-row head would be held twice at load)."""
+    bits, rows = DECODERS[kind][2], data.shape[0]
+    packed, slabs = None, []
+    for r in range(0, rows, SLAB_ROWS):
         values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
-        slabs.append(MATRIX_TYPES[bits].from_values(values, scales, minima))
-    return _join(slabs, data.shape[0], cols)
-
-
-def _join(slabs: list, rows: int, cols: int) -> Matrix:
-    if len(slabs) == 1:
-        return slabs[0]
+        slab = MATRIX_TYPES[bits].from_values(values, scales, minima)
+        if rows <= SLAB_ROWS:
+            return slab
+        if packed is None:
+            packed = np.empty((-(-rows // ROWS), slab.packed.shape[1]), slab.packed.dtype)
+        packed[r // ROWS:r // ROWS + slab.packed.shape[0]] = slab.packed
+        slabs.append(replace(slab, packed=None))  # its scales kept, to be joined
     first = slabs[0]
     scales = concat_scales([s.scales for s in slabs])
     offsets = scales if first.offsets is first.scales else concat_scales([s.offsets for s in slabs])
-    return type(first)(np.concatenate([s.packed for s in slabs]), scales, offsets, first.offset_factor, rows, cols)
+    return type(first)(packed, scales, offsets, first.offset_factor, rows, cols)
