@@ -91,7 +91,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
-        head = (f"memory: weights {mb(self.weights)} (largest layer {mb(self.slot)}), KV cache {mb(self.kv_cache)}, "
+        largest = f" (largest layer {mb(self.slot)})" if self.slot < self.weights else ""  # a file that cannot stream: none
+        head = (f"memory: weights {mb(self.weights)}{largest}, KV cache {mb(self.kv_cache)}, "
                 f"scratch {mb(self.scratch)}, runtime {mb(self.runtime)}")
         if self.window is None:
             plan = f"fully resident, {mb(self.need)}"
