@@ -462,8 +462,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("family: " + ", ".join(options))
     print(f"parameters: {params:,} ({params / 1e6:.1f} M)")
     print("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
-    print(f"tokenizer: {source.tokenizer.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {list(tok.eos_ids)}, "
-          f"add bos {source.tokenizer.add_bos}, chat template: {'yes' if tok.chat_template else 'no'}")
+    print(f"tokenizer: {tok.spec.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {list(tok.eos_ids)}, "
+          f"add bos {tok.spec.add_bos}, chat template: {'yes' if tok.chat_template else 'no'}")
+    if tok.spec.note:
+        print(tok.spec.note)
     print(codebooks_summary(source))
     return 0
 
