@@ -190,7 +190,7 @@ def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
 # Software prefetch this many group steps (4 KB of a block's weights) ahead, into L2: the matrices of
 # a small model are short streams, and the hardware prefetcher ramps up too late on each (measured: a
 # decode step's GEMVs 25% faster on one thread); at 1B sizes, from memory, 4 steps into L1 kept too
-# few lines in flight (a 320 MB GEMV read 23-27 GB/s on 2 threads, 28-34 with this; bench/RESULTS.md).
+# few lines in flight (a 320 MB GEMV read 21-27 GB/s on 2 threads, 28-34 with this; bench/RESULTS.md).
 # Prefetches past an array's end are harmless hints.
 PREFETCH_STEPS = 16
 
