@@ -479,6 +479,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if os.path.abspath(src) == os.path.abspath(args.output):
         raise EdgeInferError("the output would overwrite the source")
     source = open_model(src)
+    if source.tokenizer.note:  # the output keeps the tokenizer as rebuilt, without the note
+        print(source.tokenizer.note, file=sys.stderr)
     try:
         convert(source, args.output, Progress(f"converting {os.path.basename(src.rstrip(os.sep))}", " tensors"),
                 bits=args.bits)

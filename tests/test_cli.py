@@ -211,7 +211,7 @@ def test_cache_types(tiny_single):
 
 def test_an_unknown_pre_tokenizer_is_said(tmp_path, tiny_hf, tokenizer_json):
     """A GGUF whose pre-tokenizer name edgeinfer does not know runs, split as GPT-2 splits text, and
-    `run` and `info` say so in one line (its tokens may differ from llama.cpp's); a known one says nothing."""
+    `run`, `info` and `convert` say so in one line (its tokens may differ from llama.cpp's); a known one says nothing."""
     unknown = write_gguf(tmp_path / "unknown.gguf", tiny_hf, tokenizer_json, pre="brand-new-pre")
     r = edgeinfer_cli("run", str(unknown), "-p", "hello", "-n", "2", "--temp", "0")
     assert r.returncode == 0, r.stderr
@@ -219,6 +219,8 @@ def test_an_unknown_pre_tokenizer_is_said(tmp_path, tiny_hf, tokenizer_json):
     assert len(said) == 1 and "'brand-new-pre'" in said[0] and "GPT-2" in said[0], r.stderr
     info = edgeinfer_cli("info", str(unknown))
     assert info.returncode == 0 and "'brand-new-pre' is not one edgeinfer knows" in info.stdout, info.stdout
+    converted = edgeinfer_cli("convert", str(unknown), "-o", str(tmp_path / "unknown.safetensors"))
+    assert converted.returncode == 0 and "'brand-new-pre' is not one edgeinfer knows" in converted.stderr, converted.stderr
     known = write_gguf(tmp_path / "known.gguf", tiny_hf, tokenizer_json, pre="gpt-2")
     r = edgeinfer_cli("run", str(known), "-p", "hello", "-n", "2", "--temp", "0")
     assert r.returncode == 0 and "pre-tokenizer" not in r.stderr, r.stderr
