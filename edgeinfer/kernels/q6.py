@@ -41,7 +41,9 @@ STEP_BYTES = 384  # a group step of 16 rows x 32 columns: 4 loads of low nibbles
 WEIGHTS_PER_STEP = 64  # columns are padded to whole 64s: two group steps per turn
 SIGNED_FACTOR = -32.0  # 6-bit integers holding int6 + 32
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
-PREFETCH_STEPS = 20  # group steps ahead (7.5 KB; q4.py): 4 read a 320 MB GEMV at 68-77% of the streaming read, 20 at 91-99%
+# Group steps (7.5 KB) prefetched ahead, as in q4.py: from memory 4 steps read 68-77% of the
+# streaming read, 20 steps 91-99% (1B FFN shapes, 2 threads)
+PREFETCH_STEPS = 20
 
 
 def pack(values: np.ndarray, rows_padded: int, steps: int) -> np.ndarray:
