@@ -106,7 +106,7 @@ def main() -> None:
         "kernel_path": kernel_path(),
         # one pass of the source loop: q4 16 rows x 32 columns, q8 4 rows x 64 columns, LUT 64 keys x 2 subspaces
         "q4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.flat, x.scales,
-                                          x.sums, out), "512_weights", 512, prefetch_passes),
+                                          x.sums, x.starts, out), "512_weights", 512, prefetch_passes),
         "q8_gemv": count(q8._gemv_serial, (m8.packed, m8.scales, m8.offsets, m8.offset_factor, x.flat, x.scales,
                                           x.halves, out), "512_weights", 256, prefetch_passes),
         "lut_sums": count(lut_attention.lut_sums, (tables, codes, 0, blocks, sums), "128_lookups", 128, lookup_passes),

@@ -20,6 +20,7 @@ class Q8Activations:
     scales: np.ndarray  # (groups,) float32
     sums: np.ndarray  # (groups,) float32: scale * sum of the group's int8 values
     halves: np.ndarray  # (2 * groups,) float32: the same per 16 values (8-bit weights' groups of 16)
+    starts: np.ndarray  # (groups,) int32: -8 * the sum of the group's int8 values, where a Q4_0 dot product starts
 
     @classmethod
     def empty(cls, cols: int, tokens: int | None = None) -> "Q8Activations":
@@ -27,7 +28,8 @@ class Q8Activations:
         groups = -(-cols // CHUNK) * CHUNK // GROUP
         lead = () if tokens is None else (tokens,)
         return cls(np.zeros(lead + (groups * 32,), np.int8), np.zeros(lead + (groups,), np.float32),
-                   np.zeros(lead + (groups,), np.float32), np.zeros(lead + (2 * groups,), np.float32))
+                   np.zeros(lead + (groups,), np.float32), np.zeros(lead + (2 * groups,), np.float32),
+                   np.zeros(lead + (groups,), np.int32))
 
     def int8(self) -> np.ndarray:
         """(groups, 32) int8 values of one vector, for the reference."""
@@ -35,7 +37,7 @@ class Q8Activations:
 
 
 @njit(cache=True)
-def _quantize(x, flat, scales, sums, halves):
+def _quantize(x, flat, scales, sums, halves, starts):
     for g in range(scales.shape[0]):
         amax = np.float32(0)
         for j in range(GROUP):
@@ -53,19 +55,20 @@ def _quantize(x, flat, scales, sums, halves):
                 first += q
         scales[g] = d
         sums[g] = d * total
+        starts[g] = -8 * total
         halves[2 * g] = d * first
         halves[2 * g + 1] = d * (total - first)
 
 
 @njit(parallel=True, cache=True)
-def _quantize_batch(x, flat, scales, sums, halves):
+def _quantize_batch(x, flat, scales, sums, halves, starts):
     for t in prange(x.shape[0]):
-        _quantize(x[t], flat[t], scales[t], sums[t], halves[t])
+        _quantize(x[t], flat[t], scales[t], sums[t], halves[t], starts[t])
 
 
 def quantize_activations(x: np.ndarray, out: Q8Activations | None = None) -> Q8Activations:
     """One vector (cols,) or a batch (tokens, cols), into `out` when given."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = out or Q8Activations.empty(x.shape[-1], x.shape[0] if x.ndim == 2 else None)
-    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.flat, out.scales, out.sums, out.halves)
+    (_quantize_batch if x.ndim == 2 else _quantize)(x, out.flat, out.scales, out.sums, out.halves, out.starts)
     return out

@@ -42,14 +42,14 @@ from .q8 import _gemv_parallel as q8_gemv
 from .simd import FIXED_SCALE
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
-# (flat, scales, sums, halves) tuples, then each head's attention scores, as long as the context.
+# (flat, scales, sums, halves, starts) tuples, then each head's attention scores, as long as the context.
 # `fixed` holds a half-layer's output as fixed-point sums (simd.py).
 DecodeScratch = namedtuple("DecodeScratch", "x q k v att fixed gate up act xq attq actq scores")
 
 
 def activation_buffers(cols: int, rows: int | None = None) -> tuple:
     a = Q8Activations.empty(cols, rows)
-    return a.flat, a.scales, a.sums, a.halves
+    return a.flat, a.scales, a.sums, a.halves, a.starts
 
 
 def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, heads: int,
@@ -62,16 +62,16 @@ def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, he
 
 @njit(cache=True)
 def quantize(x, xq):
-    flat, scales, sums, halves = xq
-    _quantize(x, flat, scales, sums, halves)
+    flat, scales, sums, halves, starts = xq
+    _quantize(x, flat, scales, sums, halves, starts)
 
 
 @njit(cache=True)
 def matvec(m, xq, out):
     bits, packed, scales, offsets, factor = m
-    flat, xscales, xsums, xhalves = xq
+    flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
-        q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, out)
+        q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
     elif bits == 6:
         q6_gemv(packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:
@@ -207,16 +207,16 @@ def batch_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, hea
 
 @njit(cache=True)
 def quantize_row(x, xq, r):
-    flat, scales, sums, halves = xq
-    _quantize(x[r], flat[r], scales[r], sums[r], halves[r])
+    flat, scales, sums, halves, starts = xq
+    _quantize(x[r], flat[r], scales[r], sums[r], halves[r], starts[r])
 
 
 @njit(cache=True)
 def matmul(m, xq, out):
     bits, packed, scales, offsets, factor = m
-    flat, xscales, xsums, xhalves = xq
+    flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
-        q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, out)
+        q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
     elif bits == 6:
         q6_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:

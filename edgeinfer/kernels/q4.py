@@ -15,11 +15,12 @@ stream per array, and no kernel ever sums across lanes.
 Kernel: each load splits into low and high nibbles, and a byte dot product (vpdpbusd) multiplies
 every lane's 4 nibbles by the same 4 int8 activations, broadcast: 8 of them give the 16 rows' dot
 products with the group's 32 activations. The float work is one vector per group for 16 rows:
-    term = float(dot) * (scale * x_scale) + offset * (factor * x_sum)
-(x_sum = x_scale * sum of the group's int8 activations, factor -8 for Q4_0, whose offset is its
-scale, and 1 otherwise). Each row's terms add up in its lane, in 4 running sums by group index mod 4
-added at the end as ((0 + 1) + (2 + 3)) (the order of the 4-row layout before this one, so float
-outputs kept their bits): float32, or, when the output array is int64, each term rounded to fixed
+    term = float(dot) * (scale * x_scale) + offset * x_sum
+(x_sum = x_scale * sum of the group's int8 activations) for Q4_1 and Q4_K; Q4_0, whose offset is -8
+times its scale, starts the integer dot at -8 times the activations' sum instead, so its term is
+float(dot) * (scale * x_scale), one product, added by an FMA. Each row's terms add up in its lane,
+in 4 running sums by group index mod 4 added at the end as ((0 + 1) + (2 + 3)) (the order of the
+4-row layout before this one, so Q4_1 outputs kept their bits): float32, or, when the output array is int64, each term rounded to fixed
 point and added as integers (simd.py): the partial sums a cluster adds exactly. The GEMM runs four
 tokens over each group, sharing its loads and splits; its rows are the GEMV's bit for bit.
 """
@@ -33,9 +34,10 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, combine4, dpbusd_nibbles, fixed_unit, fma,
-                   has_kernels, hi_nibbles, into0, into1, into2, into3, lane, lo_nibbles, load_i8, mul,
-                   prefetch, splat, store16, to_f32, total4, zeros_i32)
+from .simd import (accumulate_product, accumulate_units, accumulator, accumulator4, broadcast4, combine4,
+                   dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1, into2, into3, lane,
+                   lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1, product_into2, product_into3,
+                   splat, splat_i32, store16, to_f32, total4, zeros_i32)
 from .scales import (ROWS, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      prefetch_scales, scales_nbytes, select_scales)
 
@@ -159,11 +161,11 @@ def _nibbles(packed, w):
 
 
 @njit(inline="always")
-def _dots(nibbles, x, o):
-    """The 16 rows' integer dot products with the group of 32 activations at x[o:o + 32]: 8 byte
-    dot products, each 4 columns of every row against those 4 activations broadcast."""
+def _dots(nibbles, x, o, start):
+    """start + the 16 rows' integer dot products with the group of 32 activations at x[o:o + 32]: 8
+    byte dot products, each 4 columns of every row against those 4 activations broadcast."""
     l0, l1, l2, l3, h0, h1, h2, h3 = nibbles
-    d = dpbusd_nibbles(zeros_i32(), l0, broadcast4(x, o))
+    d = dpbusd_nibbles(start, l0, broadcast4(x, o))
     d = dpbusd_nibbles(d, l1, broadcast4(x, o + 4))
     d = dpbusd_nibbles(d, l2, broadcast4(x, o + 8))
     d = dpbusd_nibbles(d, l3, broadcast4(x, o + 12))
@@ -183,8 +185,30 @@ def group_term(dots, scale, offset, x_scale, x_sum, factor, unit):
 @njit(inline="always")
 def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
     """acc + group g's term for 16 rows against one token (`into`: simd.into0 .. into3)."""
-    return into(acc, group_term(_dots(_nibbles(w, g * 256), x, g * GROUP), group_scale(s, g), group_scale(m, g),
-                                xscales[g], xsums[g], factor, unit))
+    return into(acc, group_term(_dots(_nibbles(w, g * 256), x, g * GROUP, zeros_i32()), group_scale(s, g),
+                                group_scale(m, g), xscales[g], xsums[g], factor, unit))
+
+
+# Q4_0 (w = scale * (q - 8)) folds its offset into the integers: a group's dot product of q - 8 with
+# the activations is the nibbles' dot product started at -8 times the activations' integer sum (the
+# activations' `starts`), so its term is one product, float(dot) * (scale * x_scale), as llama.cpp
+# forms it, added by a fused multiply-add: a GEMM's float work per group and token is then a
+# convert, a multiply and an FMA instead of group_term's five operations (1B-shape GEMM, 2 threads:
+# +12% float32 out, +8% fixed point; bench/RESULTS.md).
+Q4_0_FACTOR = -8.0
+
+
+@njit(inline="always")
+def _folded_dots(nibbles, x, o, start):
+    """Q4_0: the 16 rows' dot products of q - 8 with the group at x[o:o + 32], as float32."""
+    return to_f32(_dots(nibbles, x, o, splat_i32(start)))
+
+
+@njit(inline="always")
+def _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g, into):
+    """acc + Q4_0 group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
+    return into(acc, _folded_dots(_nibbles(w, g * 256), x, g * GROUP, xstarts[g]),
+                mul(group_scale(s, g), splat(xscales[g] * unit)))
 
 
 # Software prefetch this many group steps (4 KB of a block's weights) ahead, into L2: the matrices of
@@ -226,46 +250,67 @@ def store_passes(out, block, t, p0, p1, p2, p3):
 
 
 @njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
-def _block(packed, scales, offsets, factor, x, xscales, xsums, out, block, fetch=True):
+def _block(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out, block, fetch=True):
     """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
     row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum."""
     w, s = packed[block], block_scales(scales, block)
     m = block_scales(offsets, block)
     acc, unit = accumulator4(out), fixed_unit(out)
+    folded = factor == Q4_0_FACTOR
     for g in range(0, group_count(s), 4):
         if fetch:
             for k in range(4):
                 prefetch_ahead(w, s, m, (g + k) * 256, g + k)
-        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
-        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
-        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
-        acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
+        if folded:
+            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g, product_into0)
+            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 1, product_into1)
+            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 2, product_into2)
+            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 3, product_into3)
+        else:
+            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
+            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
+            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
+            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
     store_rows(out, block, total4(acc))
 
 
 @njit(inline="always")
 def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     """Tokens t .. t + 3: the sums of the groups whose index is k mod 4, each group's loads and
-    nibble splits shared by the four tokens."""
+    nibble splits shared by the four tokens. xsums: the activations' (sums, starts)."""
     a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
     unit = fixed_unit(out)
+    xsums, xstarts = xsums
+    if factor == Q4_0_FACTOR:
+        for g in range(k, group_count(s), 4):
+            n, scale, o = _nibbles(w, g * 256), group_scale(s, g), g * GROUP
+            a0 = accumulate_product(a0, _folded_dots(n, x[t], o, xstarts[t, g]),
+                                    mul(scale, splat(xscales[t, g] * unit)))
+            a1 = accumulate_product(a1, _folded_dots(n, x[t + 1], o, xstarts[t + 1, g]),
+                                    mul(scale, splat(xscales[t + 1, g] * unit)))
+            a2 = accumulate_product(a2, _folded_dots(n, x[t + 2], o, xstarts[t + 2, g]),
+                                    mul(scale, splat(xscales[t + 2, g] * unit)))
+            a3 = accumulate_product(a3, _folded_dots(n, x[t + 3], o, xstarts[t + 3, g]),
+                                    mul(scale, splat(xscales[t + 3, g] * unit)))
+        return a0, a1, a2, a3
     for g in range(k, group_count(s), 4):
         n, scale, offset, o = _nibbles(w, g * 256), group_scale(s, g), group_scale(m, g), g * GROUP
-        a0 = accumulate_units(a0, group_term(_dots(n, x[t], o), scale, offset, xscales[t, g], xsums[t, g], factor, unit))
-        a1 = accumulate_units(a1, group_term(_dots(n, x[t + 1], o), scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor,
-                                        unit))
-        a2 = accumulate_units(a2, group_term(_dots(n, x[t + 2], o), scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor,
-                                        unit))
-        a3 = accumulate_units(a3, group_term(_dots(n, x[t + 3], o), scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor,
-                                        unit))
+        d0 = _dots(n, x[t], o, zeros_i32())
+        a0 = accumulate_units(a0, group_term(d0, scale, offset, xscales[t, g], xsums[t, g], factor, unit))
+        d1 = _dots(n, x[t + 1], o, zeros_i32())
+        a1 = accumulate_units(a1, group_term(d1, scale, offset, xscales[t + 1, g], xsums[t + 1, g], factor, unit))
+        d2 = _dots(n, x[t + 2], o, zeros_i32())
+        a2 = accumulate_units(a2, group_term(d2, scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor, unit))
+        d3 = _dots(n, x[t + 3], o, zeros_i32())
+        a3 = accumulate_units(a3, group_term(d3, scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor, unit))
     return a0, a1, a2, a3
 
 
 def gemm_block(pass4):
-    """A GEMM's step for one block and tokens t .. t + 3 from its `pass4` (q4's or q8's): the groups
-    (units) go by their index mod 4, one sum per token at a time (the block's weights are in cache
-    after the first pass): 4 accumulators live in the loop rather than 16, and the same sums as the
-    GEMV's block, added in the same order."""
+    """A GEMM's step for one block and tokens t .. t + 3 from its `pass4` (q4's, q6's or q8's; xsums:
+    the activations' sums as that pass takes them): the groups (units) go by their index mod 4, one
+    sum per token at a time (the block's weights are in cache after the first pass): 4 accumulators
+    live in the loop rather than 16, and the same sums as the GEMV's block, added in the same order."""
     @njit
     def block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
         w, s = packed[block], block_scales(scales, block)
@@ -282,19 +327,19 @@ _block4 = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, offsets, factor, x, xscales, xsums, out):
+def _gemv_parallel(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
         # the index as int64, as the serial loops pass it: Numba types a prange index uint64 in the
         # parallel body (and int64 when it first types the function), so _block would compile twice
-        _block(packed, scales, offsets, f, x, xscales, xsums, out, np.int64(block))
+        _block(packed, scales, offsets, f, x, xscales, xsums, xstarts, out, np.int64(block))
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, offsets, factor, x, xscales, xsums, out):
+def _gemv_serial(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     f = np.float32(factor)
     for block in range(packed.shape[0]):
-        _block(packed, scales, offsets, f, x, xscales, xsums, out, block)
+        _block(packed, scales, offsets, f, x, xscales, xsums, xstarts, out, block)
 
 
 # Below this size a GEMV called on its own from Python runs on one core: the worker threads fall
@@ -304,7 +349,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
+def _gemm(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, whose weights
     come from memory once and stay in cache while the tokens pass, four at a time (the rest one by
     one). Every row's sum is formed as the GEMV forms it, so a token's output has the same bits in
@@ -314,9 +359,9 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, out):
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in _gemv_parallel)
         for t in range(0, tokens - 3, 4):
-            _block4(packed, scales, offsets, f, x, xscales, xsums, out, block, t)
+            _block4(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block, t)
         for t in range(tokens - tokens % 4, tokens):
-            _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], out[t], block, t == 0)
+            _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], xstarts[t], out[t], block, t == 0)
 
 
 def check_operands(m, x: Q8Activations) -> None:
@@ -335,14 +380,14 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None =
     check_operands(m, x)
     parallel = m.nbytes >= PARALLEL_MIN_BYTES if parallel is None else parallel
     kernel = _gemv_parallel if parallel else _gemv_serial
-    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
+    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
     return out
 
 
 def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     check_operands(m, x)
-    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, out)
+    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
     return out
 
 

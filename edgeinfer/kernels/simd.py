@@ -320,6 +320,19 @@ def splat(typingctx, x):
 
 
 @intrinsic
+def splat_i32(typingctx, x):
+    """An integer scalar in all 16 int32 lanes (it must fit 32 bits)."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        word = args[0] if args[0].type.width == 32 else \
+            builder.trunc(args[0], i32) if args[0].type.width > 32 else builder.sext(args[0], i32)
+        v16 = ir.VectorType(i32, 16)
+        one = builder.insert_element(ir.Constant(v16, ir.Undefined), word, i32(0))
+        return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+    return V16I32(x), codegen
+
+
+@intrinsic
 def hsum(typingctx, v):
     def codegen(context, builder, signature, args):
         v16 = ir.VectorType(ir.FloatType(), 16)
@@ -628,6 +641,36 @@ def _adder(k: int):
 
 
 into0, into1, into2, into3 = (_adder(k) for k in range(4))
+
+
+def accumulate_product(acc, a, b):
+    """q4 (Q4_0): acc + a * b, a group's term as one product, formed in fixed_unit's units: in float32
+    one fused multiply-add; in fixed point the product rounded, then added."""
+
+
+@overload(accumulate_product)
+def _accumulate_product(acc, a, b):
+    if acc == V16I64:
+        return lambda acc, a, b: add_i64(acc, scaled_to_fixed(mul(a, b)))
+    return lambda acc, a, b: fma(a, b, acc)
+
+
+def _product_adder(k: int):
+    def into(acc, a, b):
+        """q4 (Q4_0): accumulator4's acc + a * b for a group whose index is k mod 4 (accumulate_product)."""
+
+    @overload(into)
+    def _into(acc, a, b):
+        if acc == V16I64:
+            return lambda acc, a, b: accumulate_product(acc, a, b)
+        return [lambda acc, a, b: (fma(a, b, acc[0]), acc[1], acc[2], acc[3]),
+                lambda acc, a, b: (acc[0], fma(a, b, acc[1]), acc[2], acc[3]),
+                lambda acc, a, b: (acc[0], acc[1], fma(a, b, acc[2]), acc[3]),
+                lambda acc, a, b: (acc[0], acc[1], acc[2], fma(a, b, acc[3]))][k]
+    return into
+
+
+product_into0, product_into1, product_into2, product_into3 = (_product_adder(k) for k in range(4))
 
 
 def total4(acc):
