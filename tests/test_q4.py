@@ -98,6 +98,7 @@ def test_activation_quantisation_matches_its_definition():
     np.testing.assert_array_equal(q.int8(), expected)
     np.testing.assert_allclose(q.scales, d, rtol=1e-7)
     np.testing.assert_allclose(q.sums, d * expected.sum(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(q.starts, -8 * expected.sum(axis=1))  # where a Q4_0 group's dot starts
     again = quantize_activations(x * 2, q)  # refills the same buffers
     assert again is q and np.array_equal(q.int8(), expected)
 

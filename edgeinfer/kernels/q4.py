@@ -20,9 +20,10 @@ products with the group's 32 activations. The float work is one vector per group
 times its scale, starts the integer dot at -8 times the activations' sum instead, so its term is
 float(dot) * (scale * x_scale), one product, added by an FMA. Each row's terms add up in its lane,
 in 4 running sums by group index mod 4 added at the end as ((0 + 1) + (2 + 3)) (the order of the
-4-row layout before this one, so Q4_1 outputs kept their bits): float32, or, when the output array is int64, each term rounded to fixed
-point and added as integers (simd.py): the partial sums a cluster adds exactly. The GEMM runs four
-tokens over each group, sharing its loads and splits; its rows are the GEMV's bit for bit.
+4-row layout before this one, so Q4_1 outputs kept their bits): float32, or, when the output array
+is int64, each term rounded to fixed point and added as integers (simd.py): the partial sums a
+cluster adds exactly. The GEMM runs four tokens over each group, sharing its loads and splits; its
+rows are the GEMV's bit for bit.
 """
 
 from __future__ import annotations
