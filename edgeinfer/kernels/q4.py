@@ -62,6 +62,9 @@ def from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | Non
     return picked.reshape(len(ids), -1)[:, :width]
 
 
+Q4_0_FACTOR = -8.0  # Q4_0's offset is this times its scale (no minima stored)
+
+
 @dataclass(frozen=True)
 class Q4Matrix:
     packed: np.ndarray  # (blocks, groups * 256) uint8, groups padded to whole chunks of 128 columns
@@ -91,7 +94,7 @@ class Q4Matrix:
         groups, rows_padded = -(-cols // CHUNK) * CHUNK // GROUP, -(-rows // ROWS) * ROWS
         sc = interleave_scales(scales, rows_padded, groups)
         offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
-        return cls(to_blocks(qs, rows_padded, groups), sc, offsets, -8.0 if minima is None else 1.0, rows, cols)
+        return cls(to_blocks(qs, rows_padded, groups), sc, offsets, Q4_0_FACTOR if minima is None else 1.0, rows, cols)
 
     @staticmethod
     def array_shapes(rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -195,8 +198,8 @@ def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
 # activations' `starts`), so its term is one product, float(dot) * (scale * x_scale), as llama.cpp
 # forms it, added by a fused multiply-add: a GEMM's float work per group and token is then a
 # convert, a multiply and an FMA instead of group_term's five operations (1B-shape GEMM, 2 threads:
-# +12% float32 out, +8% fixed point; bench/RESULTS.md).
-Q4_0_FACTOR = -8.0
+# +12% float32 out, +8% fixed point; bench/RESULTS.md). A Q4_0 matrix is one whose offset_factor is
+# Q4_0_FACTOR (from_rows).
 
 
 @njit(inline="always")

@@ -42,7 +42,7 @@ WEIGHTS_PER_STEP = 64  # columns are padded to whole 64s: two group steps per tu
 SIGNED_FACTOR = -32.0  # 6-bit integers holding int6 + 32
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
 # Group steps (7.5 KB) prefetched ahead, as in q4.py: from memory 4 steps read 68-77% of the
-# streaming read, 20 steps 91-99% (1B FFN shapes, 2 threads)
+# streaming read, 20 steps 91-113% (1B FFN shapes, 2 threads; bench/RESULTS.md)
 PREFETCH_STEPS = 20
 
 
