@@ -125,6 +125,18 @@ def test_gemm_equals_the_gemv_token_by_token(tokens, with_min):
         np.testing.assert_array_equal(out[t], gemv(m, quantize_activations(x[t]), np.empty(70, np.float32)))
 
 
+def test_fixed_point_sums_become_float32_rounded_once():
+    """from_fixed: each int64 sum to float64 (exact below 2**53), times 2**-FIXED_BITS (exact), then
+    rounded to float32 once: numpy's own arithmetic, in any shape."""
+    from edgeinfer.kernels.simd import FIXED_SCALE, from_fixed
+
+    sums = np.random.default_rng(9).integers(-2**55, 2**55, (7, 300))
+    for a in (sums, sums[3], sums[:, ::2]):
+        got = from_fixed(a)
+        assert got.dtype == np.float32 and got.shape == a.shape
+        np.testing.assert_array_equal(got, (a.astype(np.float64) * FIXED_SCALE).astype(np.float32))
+
+
 @pytest.mark.parametrize("with_min", [False, True], ids=["q4_0", "q4_1"])
 @pytest.mark.parametrize("cuts", [(192, 384), (32, 1504), (640,), (96, 224, 800, 1248)])
 def test_fixed_point_sums_are_the_same_over_any_split_of_the_groups(with_min, cuts):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .simd import abs_max, div, hsum, load_f32, roundeven, splat, store_rounded_i8
+
 GROUP = 32
 CHUNK = 128  # the widest weight chunk (4-bit: 128 weights per 64-byte load); vectors pad to it
 
@@ -38,7 +40,20 @@ class Q8Activations:
 
 @njit(cache=True)
 def _quantize(x, flat, scales, sums, halves, starts):
-    for g in range(scales.shape[0]):
+    """Per group of 32: d = max |x| / 127 (1 for zeros), q = round(x / d) to nearest even. Whole
+    groups 16 lanes at a time (the same divisions and roundings, so the same bits: a prompt's
+    quantising took 3% of a 1B prefill one value at a time), the last part of one value by value."""
+    whole = x.shape[0] // GROUP
+    for g in range(whole):
+        lo, hi = load_f32(x, g * GROUP), load_f32(x, g * GROUP + 16)
+        amax = abs_max(lo, hi)
+        d = amax / np.float32(127) if amax > 0 else np.float32(1)
+        lo, hi = roundeven(div(lo, splat(d))), roundeven(div(hi, splat(d)))
+        store_rounded_i8(flat, g * GROUP, lo)
+        store_rounded_i8(flat, g * GROUP + 16, hi)
+        first, second = int(hsum(lo)), int(hsum(hi))  # sums of integers below 2**12: exact in any order
+        _group_sums(g, d, first, first + second, scales, sums, halves, starts)
+    for g in range(whole, scales.shape[0]):
         amax = np.float32(0)
         for j in range(GROUP):
             i = g * GROUP + j
@@ -53,11 +68,16 @@ def _quantize(x, flat, scales, sums, halves, starts):
             flat[i] = q
             if j < 16:
                 first += q
-        scales[g] = d
-        sums[g] = d * total
-        starts[g] = -8 * total
-        halves[2 * g] = d * first
-        halves[2 * g + 1] = d * (total - first)
+        _group_sums(g, d, first, total, scales, sums, halves, starts)
+
+
+@njit(inline="always")
+def _group_sums(g, d, first, total, scales, sums, halves, starts):
+    scales[g] = d
+    sums[g] = d * total
+    starts[g] = -8 * total
+    halves[2 * g] = d * first
+    halves[2 * g + 1] = d * (total - first)
 
 
 @njit(parallel=True, cache=True)

@@ -16,10 +16,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .simd import V16F32, _ptr, load_floats, mul, splat, store_floats
+from .simd import _ptr, abs_max, load_floats, mul, splat, store_floats, store_rounded_i8
 
 Q8_BLOCK = 32  # values per scale
 
@@ -102,33 +101,6 @@ def _load_row(rows, offset):
     return lambda rows, offset: load_floats(rows, offset)
 
 
-@intrinsic
-def _abs_max(typingctx, a, b):
-    """max |lane| of two float32 vectors."""
-    def codegen(context, builder, signature, args):
-        v = ir.VectorType(ir.FloatType(), 16)
-        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v]), "llvm.fabs.v16f32")
-        vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v, v]), "llvm.maxnum.v16f32")
-        both = builder.call(vmax, [builder.call(fabs, [args[0]]), builder.call(fabs, [args[1]])])
-        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [v]),
-                                                "llvm.vector.reduce.fmax.v16f32")
-        return builder.call(reduce, [both])
-    return types.float32(V16F32, V16F32), codegen
-
-
-@intrinsic
-def _store_rounded_i8(typingctx, arr, offset, v):
-    """arr[offset:offset + 16] = round(v) (to nearest even) as int8; |v| <= 127."""
-    def codegen(context, builder, signature, args):
-        v = ir.VectorType(ir.FloatType(), 16)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v]), "llvm.roundeven.v16f32")
-        q = builder.trunc(builder.fptosi(builder.call(fn, [args[2]]), ir.VectorType(ir.IntType(32), 16)),
-                          ir.VectorType(ir.IntType(8), 16))
-        builder.store(q, _ptr(context, builder, signature.args[0], args[0], args[1], q.type), align=1)
-        return context.get_dummy_value()
-    return types.none(arr, offset, V16F32), codegen
-
-
 def store_row(rows, offset, source, at, hd):
     """rows[offset:offset + hd] (flat) = source[at:at + hd] (float32), hd a multiple of 32."""
 
@@ -139,10 +111,10 @@ def _store_row(rows, offset, source, at, hd):
         def store_q8(rows, offset, source, at, hd):
             for b in range(0, hd, Q8_BLOCK):
                 lo, hi = load_floats(source, at + b), load_floats(source, at + b + 16)
-                d = _abs_max(lo, hi) / np.float32(127)
+                d = abs_max(lo, hi) / np.float32(127)
                 inv = splat(np.float32(1) / d if d > 0 else np.float32(0))
-                _store_rounded_i8(rows.quants, offset + b, mul(lo, inv))
-                _store_rounded_i8(rows.quants, offset + b + 16, mul(hi, inv))
+                store_rounded_i8(rows.quants, offset + b, mul(lo, inv))
+                store_rounded_i8(rows.quants, offset + b + 16, mul(hi, inv))
                 _set_float(rows.scales, (offset + b) >> 5, d)
         return store_q8
 
