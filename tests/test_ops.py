@@ -125,9 +125,12 @@ def test_a_batch_of_rows_attends_as_one_token_does_bit_for_bit():
 
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
 @pytest.mark.parametrize("heads,kv_heads,tokens,start,window", [(9, 3, 37, 20, 0), (4, 4, 1, 0, 0), (8, 1, 16, 0, 0),
-                                                                (4, 2, 70, 3, 0), (4, 2, 70, 30, 17), (2, 1, 9, 0, 4)])
+                                                                (4, 2, 70, 3, 0), (4, 2, 70, 30, 17), (2, 1, 9, 0, 4),
+                                                                (4, 2, 301, 250, 0), (2, 1, 290, 7, 261)])
 def test_causal_attention_of_a_batch(heads, kv_heads, tokens, start, window, cache_type):
-    hd, capacity = 32, 128
+    """Against numpy, every query's keys: one tile of keys and several (ops.KEY_TILE), query counts not
+    a multiple of 4, windows that start inside a tile's block."""
+    hd, capacity = 32, max(128, start + tokens + 5)
     q = rng.standard_normal((tokens, heads * hd)).astype(np.float32)
     (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)
                               for _ in range(2))

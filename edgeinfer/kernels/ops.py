@@ -10,7 +10,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .kv_rows import is_q8_type, load_row, rows_at, rows_shape
-from .simd import (add, div, exp_f32, fma, hsum, hsum16, load_f32, load_floats, mul, neg, splat, store_f32,
+from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, load_f32, load_floats, mul, neg, splat, store_f32,
                    store_floats, sub, zeros_f32)
 
 LANES = 16
@@ -334,60 +334,170 @@ def rope_rows(x, cos, sin, hd):
                 x[t, o + half + i] = b * cos[t, half + i] + a * sin[t, half + i]
 
 
+# A prompt's attention goes over the keys in tiles of KEY_TILE positions. Each tile is converted to
+# float32 once for every query of the chunk: the keys transposed (each block of 16 keys dim by dim),
+# so 16 keys' scores are one vector's FMAs, a dim at a time, with no horizontal sums; the values as
+# rows. Queries go four at a time (neighbours: nearly the same keys), and each load of keys or
+# values is taken by all four, where one query alone reads a float per FMA from L2. Each query takes
+# the tile's blocks of 16 keys it sees by online softmax: its running top, total and unnormalised
+# output carry from tile to tile, and it is divided at the end. A 1B-shape prompt of 512 tokens:
+# 1.6-1.8x the one-query-at-a-time kernel before this (bench/RESULTS.md). (A tile of a 1B-shape
+# layer, 8 KV heads of 64 dims, is 1 MB: in L2 while the queries pass.)
+KEY_TILE = 256
+
+
 @njit(cache=True)
-def _attend_query(q, keys, values, start, t, window, scale, out):
-    """Token t (position start + t) over keys 0..start+t (the last `window` of them when window >
-    0), online softmax in blocks of 16 keys: no score row as long as the context, one rescale of
-    the running sum per block."""
+def _tile_block(keys, values, t0, n, b, kt, vt):
+    """Positions t0 + 16 b .. + 15 of every KV head into the tile: keys transposed into kt (kv_heads,
+    KEY_TILE / 16, hd, 16: each block of 16 keys one stretch, dim by dim), values into vt (kv_heads,
+    KEY_TILE, hd), as float32; positions n and past, zeros."""
     kv_heads, capacity, hd = rows_shape(keys)
-    width = q.shape[1]
-    group = width // hd // kv_heads
-    scale = np.float32(scale)
-    length = start + t + 1
-    first = max(0, length - window) if window > 0 else 0
-    block = np.empty(LANES, np.float32)
-    for h in range(width // hd):
-        qo, base = t * width + h * hd, (h // group) * capacity * hd
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, zeros_f32())
-        top, total = np.float32(-np.inf), np.float32(0)
-        for k0 in range(first, length, LANES):
-            n = min(LANES, length - k0)
-            block_top = np.float32(-np.inf)
-            for j in range(LANES):
-                s = np.float32(-np.inf)
-                if j < n:
-                    acc = zeros_f32()
-                    for d in range(0, hd, LANES):
-                        acc = fma(load_f32(q, qo + d), load_row(keys, base + (k0 + j) * hd + d), acc)
-                    s = hsum(acc) * scale
-                block[j] = s
-                block_top = max(block_top, s)
-            new_top = max(top, block_top)
-            p = exp_f32(sub(load_f32(block, 0), splat(new_top)))
-            store_f32(block, 0, p)
-            correction = np.float32(np.exp(top - new_top))
-            total = total * correction + hsum(p)
-            top = new_top
+    row = np.empty(LANES, np.float32)
+    for kh in range(kv_heads):
+        for j in range(b * LANES, (b + 1) * LANES):
+            src = (kh * capacity + t0 + j) * hd
             for d in range(0, hd, LANES):
-                acc = mul(load_f32(out, qo + d), splat(correction))
-                for j in range(n):
-                    acc = fma(splat(block[j]), load_row(values, base + (k0 + j) * hd + d), acc)
-                store_f32(out, qo + d, acc)
-        inv = splat(np.float32(1) / total)
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, mul(load_f32(out, qo + d), inv))
+                if j < n:
+                    store_f32(vt, (kh * KEY_TILE + j) * hd + d, load_row(values, src + d))
+                    store_f32(row, 0, load_row(keys, src + d))
+                else:
+                    store_f32(vt, (kh * KEY_TILE + j) * hd + d, zeros_f32())
+                    store_f32(row, 0, zeros_f32())
+                for i in range(LANES):
+                    kt[kh, b, d + i, j - b * LANES] = row[i]
+
+
+@njit(inline="always")
+def _tile_scores4(q, q0, q1, q2, q3, kt, ko, hd):
+    """16 keys' dot products with each of four queries (flat offsets into q, hd long), from their
+    transposed block at kt's flat ko (dim d of key j at ko + 16 d + j): each load of a dim's 16 keys
+    taken by the four queries, a running sum over the dims each."""
+    a0, a1, a2, a3 = zeros_f32(), zeros_f32(), zeros_f32(), zeros_f32()
+    for d in range(hd):
+        k = load_f32(kt, ko + d * LANES)
+        a0 = fma(splat(q[q0 + d]), k, a0)
+        a1 = fma(splat(q[q1 + d]), k, a1)
+        a2 = fma(splat(q[q2 + d]), k, a2)
+        a3 = fma(splat(q[q3 + d]), k, a3)
+    return a0, a1, a2, a3
+
+
+@njit(inline="always")
+def _weigh(block, i, k0, a, b, top, total):
+    """Query i's scores in block[i] (keys k0 .. k0 + 15, of which it sees a .. b - 1) into weights
+    against its new running top: (top, total, the correction of what it holds). A block it sees
+    none of leaves it as it was (weights 0, correction 1)."""
+    if k0 < a or k0 + LANES > b:
+        for j in range(LANES):
+            if k0 + j < a or k0 + j >= b:
+                block[i, j] = -np.inf
+    scores = load_f32(block[i], 0)
+    block_top = hmax(scores)
+    if block_top == -np.inf:
+        store_f32(block[i], 0, zeros_f32())
+        return top, total, np.float32(1)
+    if block_top <= top:  # (mostly, after the first blocks: no rescaling)
+        p = exp_f32(sub(scores, splat(top)))
+        store_f32(block[i], 0, p)
+        return top, total + hsum(p), np.float32(1)
+    p = exp_f32(sub(scores, splat(block_top)))
+    store_f32(block[i], 0, p)
+    correction = np.float32(np.exp(top - block_top))
+    return block_top, total * correction + hsum(p), correction
+
+
+@njit(inline="always")
+def _add_values4(block, vt, row, hd, out, o0, o1, o2, o3, c0, c1, c2, c3):
+    """out[oi:oi + hd] = ci * out[oi:oi + hd] + sum over j of block[i, j] * value row j (vt's flat row
+    + j * hd), for the four queries i: each load of a value row's 16 dims taken by the four."""
+    for d in range(0, hd, LANES):
+        a0, a1 = mul(load_f32(out, o0 + d), splat(c0)), mul(load_f32(out, o1 + d), splat(c1))
+        a2, a3 = mul(load_f32(out, o2 + d), splat(c2)), mul(load_f32(out, o3 + d), splat(c3))
+        for j in range(LANES):
+            v = load_f32(vt, row + j * hd + d)
+            a0 = fma(splat(block[0, j]), v, a0)
+            a1 = fma(splat(block[1, j]), v, a1)
+            a2 = fma(splat(block[2, j]), v, a2)
+            a3 = fma(splat(block[3, j]), v, a3)
+        store_f32(out, o0 + d, a0)
+        store_f32(out, o1 + d, a1)
+        store_f32(out, o2 + d, a2)
+        store_f32(out, o3 + d, a3)
+
+
+@njit(cache=True)
+def _attend_tile(q, kt, vt, t0, n, start, t, count, window, scale, tops, totals, out):
+    """Tokens t .. t + count - 1 (count <= 4; positions start + t ..) over the tile's positions t0 ..
+    t0 + n - 1 that each sees, every head, four queries at a time: blocks of 16 keys on the tile's
+    grid, each query's lanes outside its keys masked out. (Fewer than four: the last one repeats,
+    the same sums written twice.)"""
+    kv_heads, hd = kt.shape[0], kt.shape[2]
+    width = q.shape[1]
+    heads = width // hd
+    group = heads // kv_heads
+    ts = (t, min(t + 1, t + count - 1), min(t + 2, t + count - 1), min(t + 3, t + count - 1))
+    last = start + ts[3] + 1
+    a0 = max(t0, max(0, start + t + 1 - window) if window > 0 else 0)
+    if a0 >= min(last, t0 + n):
+        return
+    lo = np.empty(4, np.int64)
+    hi = np.empty(4, np.int64)
+    for i in range(4):
+        length = start + ts[i] + 1
+        lo[i] = max(t0, max(0, length - window) if window > 0 else 0)
+        hi[i] = min(length, t0 + n)
+    flat_q, flat_out = q.reshape(q.size), out.reshape(out.size)
+    block = np.empty((4, LANES), np.float32)
+    scale = splat(scale)
+    for h in range(heads):
+        kh = h // group
+        o0, o1, o2, o3 = ts[0] * width + h * hd, ts[1] * width + h * hd, ts[2] * width + h * hd, ts[3] * width + h * hd
+        top0, top1, top2, top3 = tops[ts[0], h], tops[ts[1], h], tops[ts[2], h], tops[ts[3], h]
+        tot0, tot1, tot2, tot3 = totals[ts[0], h], totals[ts[1], h], totals[ts[2], h], totals[ts[3], h]
+        for k0 in range(a0 - (a0 - t0) % LANES, min(last, t0 + n), LANES):
+            row = (kh * KEY_TILE + k0 - t0) * hd
+            s0, s1, s2, s3 = _tile_scores4(flat_q, o0, o1, o2, o3, kt, row, hd)
+            store_f32(block[0], 0, mul(s0, scale))
+            store_f32(block[1], 0, mul(s1, scale))
+            store_f32(block[2], 0, mul(s2, scale))
+            store_f32(block[3], 0, mul(s3, scale))
+            top0, tot0, c0 = _weigh(block, 0, k0, lo[0], hi[0], top0, tot0)
+            top1, tot1, c1 = _weigh(block, 1, k0, lo[1], hi[1], top1, tot1)
+            top2, tot2, c2 = _weigh(block, 2, k0, lo[2], hi[2], top2, tot2)
+            top3, tot3, c3 = _weigh(block, 3, k0, lo[3], hi[3], top3, tot3)
+            _add_values4(block, vt, row, hd, flat_out, o0, o1, o2, o3, c0, c1, c2, c3)
+        tops[ts[0], h], tops[ts[1], h], tops[ts[2], h], tops[ts[3], h] = top0, top1, top2, top3
+        totals[ts[0], h], totals[ts[1], h], totals[ts[2], h], totals[ts[3], h] = tot0, tot1, tot2, tot3
 
 
 @njit(parallel=True, cache=True)
 def attend_causal(q, keys, values, start, window, scale, out):
     """Causal grouped-query attention of tokens at positions start.. (q, out: (tokens, heads * hd),
     C-contiguous) over keys/values (kv_heads, capacity, hd) that already hold them, each over the
-    last `window` positions when window > 0. Threads take queries in pairs from both ends, so each
+    last `window` positions when window > 0; hd a multiple of 16. Over the keys in tiles (KEY_TILE):
+    threads convert a tile's blocks, then take quads of queries in pairs from both ends, so each
     gets as many keys to read."""
-    tokens = q.shape[0]
-    for pair in prange((tokens + 1) // 2):
-        i = np.int64(pair)  # (int64, so that _attend_query compiles once: as in q4.py)
-        _attend_query(q, keys, values, start, i, window, scale, out)
-        if tokens - 1 - i != i:
-            _attend_query(q, keys, values, start, tokens - 1 - i, window, scale, out)
+    kv_heads, _, hd = rows_shape(keys)
+    tokens, heads = q.shape[0], q.shape[1] // hd
+    scale = np.float32(scale)
+    lo = max(0, start + 1 - window) if window > 0 else 0
+    lo -= lo % LANES
+    tops = np.full((tokens, heads), -np.inf, np.float32)
+    totals = np.zeros((tokens, heads), np.float32)
+    kt = np.empty((kv_heads, KEY_TILE // LANES, hd, LANES), np.float32)
+    vt = np.empty((kv_heads, KEY_TILE, hd), np.float32)
+    out[:] = 0
+    for t0 in range(lo, start + tokens, KEY_TILE):
+        n = min(KEY_TILE, start + tokens - t0)
+        for b in prange(KEY_TILE // LANES):
+            _tile_block(keys, values, t0, n, np.int64(b), kt, vt)  # (int64: as in q4.py)
+        quads = (tokens + 3) // 4
+        for pair in prange((quads + 1) // 2):
+            i = np.int64(pair)
+            _attend_tile(q, kt, vt, t0, n, start, 4 * i, min(4, tokens - 4 * i), window, scale, tops, totals, out)
+            if quads - 1 - i != i:
+                j = quads - 1 - i
+                _attend_tile(q, kt, vt, t0, n, start, 4 * j, min(4, tokens - 4 * j), window, scale, tops, totals, out)
+    for t in prange(tokens):
+        for h in range(heads):
+            out[t, h * hd:(h + 1) * hd] *= np.float32(1) / totals[t, h]
