@@ -436,16 +436,14 @@ def _attend_tile(q, kt, vt, t0, n, start, t, count, window, scale, tops, totals,
     heads = width // hd
     group = heads // kv_heads
     ts = (t, min(t + 1, t + count - 1), min(t + 2, t + count - 1), min(t + 3, t + count - 1))
-    last = start + ts[3] + 1
-    a0 = max(t0, max(0, start + t + 1 - window) if window > 0 else 0)
-    if a0 >= min(last, t0 + n):
-        return
-    lo = np.empty(4, np.int64)
+    lo = np.empty(4, np.int64)  # each query's keys in the tile: lo[i] .. hi[i] - 1
     hi = np.empty(4, np.int64)
     for i in range(4):
         length = start + ts[i] + 1
         lo[i] = max(t0, max(0, length - window) if window > 0 else 0)
         hi[i] = min(length, t0 + n)
+    if lo[0] >= hi[3]:  # the first query's keys start first, the last's end last
+        return
     flat_q, flat_out = q.reshape(q.size), out.reshape(out.size)
     block = np.empty((4, LANES), np.float32)
     scale = splat(scale)
@@ -454,7 +452,7 @@ def _attend_tile(q, kt, vt, t0, n, start, t, count, window, scale, tops, totals,
         o0, o1, o2, o3 = ts[0] * width + h * hd, ts[1] * width + h * hd, ts[2] * width + h * hd, ts[3] * width + h * hd
         top0, top1, top2, top3 = tops[ts[0], h], tops[ts[1], h], tops[ts[2], h], tops[ts[3], h]
         tot0, tot1, tot2, tot3 = totals[ts[0], h], totals[ts[1], h], totals[ts[2], h], totals[ts[3], h]
-        for k0 in range(a0 - (a0 - t0) % LANES, min(last, t0 + n), LANES):
+        for k0 in range(lo[0] - (lo[0] - t0) % LANES, hi[3], LANES):
             row = (kh * KEY_TILE + k0 - t0) * hd
             s0, s1, s2, s3 = _tile_scores4(flat_q, o0, o1, o2, o3, kt, row, hd)
             store_f32(block[0], 0, mul(s0, scale))

@@ -356,13 +356,16 @@ def abs_max(typingctx, a, b):
     return types.float32(V16F32, V16F32), codegen
 
 
+def _roundeven(builder, v):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]), "llvm.roundeven.v16f32")
+    return builder.call(fn, [v])
+
+
 @intrinsic
 def store_rounded_i8(typingctx, arr, offset, v):
     """arr[offset:offset + 16] = round(v) (to nearest even) as int8; |v| <= 127."""
     def codegen(context, builder, signature, args):
-        v = ir.VectorType(ir.FloatType(), 16)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v, [v]), "llvm.roundeven.v16f32")
-        q = builder.trunc(builder.fptosi(builder.call(fn, [args[2]]), ir.VectorType(ir.IntType(32), 16)),
+        q = builder.trunc(builder.fptosi(_roundeven(builder, args[2]), ir.VectorType(ir.IntType(32), 16)),
                           ir.VectorType(ir.IntType(8), 16))
         builder.store(q, _ptr(context, builder, signature.args[0], args[0], args[1], q.type), align=1)
         return context.get_dummy_value()
@@ -373,9 +376,7 @@ def store_rounded_i8(typingctx, arr, offset, v):
 def roundeven(typingctx, v):
     """Each float32 lane rounded to the nearest integer, ties to even (numpy's round)."""
     def codegen(context, builder, signature, args):
-        v16 = ir.VectorType(ir.FloatType(), 16)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16]), "llvm.roundeven.v16f32")
-        return builder.call(fn, [args[0]])
+        return _roundeven(builder, args[0])
     return V16F32(V16F32), codegen
 
 
