@@ -274,8 +274,8 @@ def test_a_shard_written_as_its_own_file_streams_to_the_same_partial_sums(smollm
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768 and up here): a port from that range
     (bind to 0) can be the very source port a reconnecting worker's socket is given, so that it
-    connects to itself while no master listens (a TCP self-connect), a candidate cause of this
-    file's one flaky test. Users' ports (5555 by default) are not in it either."""
+    connects to itself while no master listens (a TCP self-connect). Users' ports (5555 by default)
+    are not in it either."""
     low = 32768
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -684,8 +684,13 @@ def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path)
     """`worker --stay` serves one master's session after another: after the first ends it joins the
     master started next on the same address, and stops on Ctrl+C."""
     port = free_port()
-    w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir",
-              str(held_model_dir(tmp_path, smollm2_single, "w")), "-t", "1", "--stay")
+    # Ctrl+C as a terminal delivers it: a suite started in the background (`pytest &`, nohup) passes
+    # SIGINT on ignored, and Python then keeps it ignored, as Unix asks of background jobs
+    w = subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", "worker", "--join", f"127.0.0.1:{port}",
+                          "--token", TOKEN, "--cache-dir", str(held_model_dir(tmp_path, smollm2_single, "w")),
+                          "-t", "1", "--stay"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = ""
     try:
         for session in range(2):
@@ -699,6 +704,10 @@ def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path)
         # both logs in full (an assertion's own message is cut short): this test has failed under load
         raise AssertionError(f"the master said:\n{err}\nthe worker said:\n{finish(w, 60)[2]}") from e
     w.send_signal(signal.SIGINT)
-    code, _, err = finish(w, 60)
+    try:
+        code, _, err = finish(w, 60)
+    except subprocess.TimeoutExpired:  # say where it hangs
+        w.send_signal(signal.SIGABRT)
+        raise AssertionError(f"the worker did not stop within 60 s of Ctrl+C:\n{finish(w, 60)[2]}") from None
     assert err.count("joined tcp://") == 2 and err.count("the master ended the session") == 2, err
     assert code != 0 and "Traceback" not in err, err
