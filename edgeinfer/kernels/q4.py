@@ -181,9 +181,19 @@ def _dots(nibbles, x, o, start):
 
 @njit(inline="always")
 def group_term(dots, scale, offset, x_scale, x_sum, factor, unit):
-    """A group's term for 16 rows (q4 and q8), in units of 1 / unit (simd.fixed_unit):
-    scale * x_scale * dot + offset * factor * x_sum."""
-    return fma(to_f32(dots), mul(scale, splat(x_scale * unit)), mul(offset, splat(x_sum * factor * unit)))
+    """A group's term for 16 rows (q4, q6 and q8), in units of 1 / unit (simd.fixed_unit):
+    scale * x_scale * dot + offset * factor * x_sum.
+    unit and factor are powers of two, so where they scale a product does not change its bits: they
+    scale the group's vectors, which a GEMM's four tokens share (one vector multiply per group,
+    where scaling each token's scalars took three scalar multiplies per token)."""
+    return fma(to_f32(dots), mul(in_units(scale, unit), splat(x_scale)),
+               mul(in_units(offset, factor * unit), splat(x_sum)))
+
+
+@njit(inline="always")
+def in_units(v, unit):
+    """v * unit (a power of two: exact)."""
+    return mul(v, splat(unit))
 
 
 @njit(inline="always")
@@ -212,7 +222,7 @@ def _folded_dots(nibbles, x, o, start):
 def _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g, into):
     """acc + Q4_0 group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
     return into(acc, _folded_dots(_nibbles(w, g * 256), x, g * GROUP, xstarts[g]),
-                mul(group_scale(s, g), splat(xscales[g] * unit)))
+                mul(in_units(group_scale(s, g), unit), splat(xscales[g])))
 
 
 # Software prefetch this many group steps (4 KB of a block's weights) ahead, into L2: the matrices of
@@ -287,15 +297,15 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     xsums, xstarts = xsums
     if factor == Q4_0_FACTOR:
         for g in range(k, group_count(s), 4):
-            n, scale, o = _nibbles(w, g * 256), group_scale(s, g), g * GROUP
+            n, scale, o = _nibbles(w, g * 256), in_units(group_scale(s, g), unit), g * GROUP
             a0 = accumulate_product(a0, _folded_dots(n, x[t], o, xstarts[t, g]),
-                                    mul(scale, splat(xscales[t, g] * unit)))
+                                    mul(scale, splat(xscales[t, g])))
             a1 = accumulate_product(a1, _folded_dots(n, x[t + 1], o, xstarts[t + 1, g]),
-                                    mul(scale, splat(xscales[t + 1, g] * unit)))
+                                    mul(scale, splat(xscales[t + 1, g])))
             a2 = accumulate_product(a2, _folded_dots(n, x[t + 2], o, xstarts[t + 2, g]),
-                                    mul(scale, splat(xscales[t + 2, g] * unit)))
+                                    mul(scale, splat(xscales[t + 2, g])))
             a3 = accumulate_product(a3, _folded_dots(n, x[t + 3], o, xstarts[t + 3, g]),
-                                    mul(scale, splat(xscales[t + 3, g] * unit)))
+                                    mul(scale, splat(xscales[t + 3, g])))
         return a0, a1, a2, a3
     for g in range(k, group_count(s), 4):
         n, scale, offset, o = _nibbles(w, g * 256), group_scale(s, g), group_scale(m, g), g * GROUP
