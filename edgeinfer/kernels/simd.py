@@ -115,7 +115,20 @@ def broadcast4(typingctx, arr, offset):
 
 
 lo_nibbles = _bytewise("and_", 0x0F)
-hi_nibbles = _bytewise("lshr", 4)
+
+
+@intrinsic
+def hi_nibbles(typingctx, v):
+    """Each byte's high nibble. x86 has no byte shift: LLVM's choice for one, with GFNI, is
+    vgf2p8affineqb, which takes the pipes the byte dot products run on (Zen 4); a 16-bit shift and a
+    mask run beside them (the 4-bit GEMM into float32 +4-10%, bench/RESULTS.md). aarch64 shifts bytes."""
+    def codegen(context, builder, signature, args):
+        if _target()[0] == "aarch64":
+            return builder.lshr(args[0], ir.Constant(args[0].type, [4] * 64))
+        w = ir.VectorType(ir.IntType(16), 32)
+        shifted = builder.bitcast(builder.lshr(builder.bitcast(args[0], w), ir.Constant(w, [4] * 32)), args[0].type)
+        return builder.and_(shifted, ir.Constant(args[0].type, [0x0F] * 64))
+    return V64I8(V64I8), codegen
 
 
 def _with_high_bits(field: int):
