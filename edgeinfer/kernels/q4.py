@@ -321,20 +321,23 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
 
 
 def gemm_block(pass4):
-    """A GEMM's step for one block and tokens t .. t + 3 from its `pass4` (q4's, q6's or q8's; xsums:
-    the activations' sums as that pass takes them): the groups (units) go by their index mod 4, one
-    sum per token at a time (the block's weights are in cache after the first pass): 4 accumulators
-    live in the loop rather than 16, and the same sums as the GEMV's block, added in the same order."""
+    """A GEMM's work on one block for every whole four tokens, from its `pass4` (q4's, q6's or q8's;
+    xsums: the activations' sums as that pass takes them): for each four tokens, the groups (units)
+    go by their index mod 4, one sum per token at a time (the block's weights are in cache after the
+    first pass): 4 accumulators live in the loop rather than 16, and the same sums as the GEMV's
+    block, added in the same order. One call per block: a call per four tokens cost as much as a
+    sixth of a 2048-wide matrix's time (its passes are 16 groups long)."""
     @njit
-    def block4(packed, scales, offsets, factor, x, xscales, xsums, out, block, t):
+    def block_tokens(packed, scales, offsets, factor, x, xscales, xsums, out, block):
         w, s = packed[block], block_scales(scales, block)
         m = block_scales(offsets, block)
-        p0 = pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
-        p1 = pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
-        p2 = pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
-        p3 = pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
-        store_passes(out, block, t, p0, p1, p2, p3)
-    return block4
+        for t in range(0, x.shape[0] - 3, 4):
+            p0 = pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
+            p1 = pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
+            p2 = pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
+            p3 = pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
+            store_passes(out, block, t, p0, p1, p2, p3)
+    return block_tokens
 
 
 _block4 = gemm_block(_pass4)
@@ -372,8 +375,7 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     tokens = x.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in _gemv_parallel)
-        for t in range(0, tokens - 3, 4):
-            _block4(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block, t)
+        _block4(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], xstarts[t], out[t], block, t == 0)
 

@@ -222,8 +222,7 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     tokens = xflat.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in q4.py)
-        for t in range(0, tokens - 3, 4):
-            _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block, t)
+        _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
