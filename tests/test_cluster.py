@@ -293,8 +293,11 @@ def free_port() -> int:
 
 
 def spawn(*args: str, env: dict | None = None, text: bool = True) -> subprocess.Popen:
+    """An edgeinfer process as a terminal starts it, whose Ctrl+C (SIGINT) ends it: a suite started
+    in the background (`pytest &`, nohup) passes SIGINT on ignored, and Python keeps it ignored."""
     return subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=text, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=text, env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def worker(port: int, cache_dir: Path, token: str = TOKEN, env: dict | None = None) -> subprocess.Popen:
@@ -684,13 +687,9 @@ def test_a_staying_worker_joins_the_next_master(smollm2_single, alone, tmp_path)
     """`worker --stay` serves one master's session after another: after the first ends it joins the
     master started next on the same address, and stops on Ctrl+C."""
     port = free_port()
-    # Ctrl+C as a terminal delivers it: a suite started in the background (`pytest &`, nohup) passes
-    # SIGINT on ignored, and Python then keeps it ignored, as Unix asks of background jobs
-    w = subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", "worker", "--join", f"127.0.0.1:{port}",
-                          "--token", TOKEN, "--cache-dir", str(held_model_dir(tmp_path, smollm2_single, "w")),
-                          "-t", "1", "--stay"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    w = spawn("worker", "--join", f"127.0.0.1:{port}", "--token", TOKEN, "--cache-dir",
+              str(held_model_dir(tmp_path, smollm2_single, "w")), "-t", "1", "--stay",
+              env={"PYTHONFAULTHANDLER": "1"})  # SIGABRT then prints every thread's stack
     err = ""
     try:
         for session in range(2):
