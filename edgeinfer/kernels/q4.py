@@ -340,7 +340,7 @@ def gemm_block(pass4):
     return block_tokens
 
 
-_block4 = gemm_block(_pass4)
+_block_tokens = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
@@ -375,7 +375,7 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     tokens = x.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in _gemv_parallel)
-        _block4(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block)
+        _block_tokens(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], xstarts[t], out[t], block, t == 0)
 

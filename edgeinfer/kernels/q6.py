@@ -262,7 +262,7 @@ def _pass4(w, s, m, x, xscales, xhalves, factor, t, k, out):
     return a0, a1, a2, a3
 
 
-_block4 = gemm_block(_pass4)
+_block_tokens = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
@@ -287,7 +287,7 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     tokens = xflat.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in q4.py)
-        _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        _block_tokens(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 

@@ -197,7 +197,7 @@ def _dots4(l0, l1, l2, l3, x, o):
     return dpbusd(d, l3, broadcast4(x, o + 12))
 
 
-_block4 = gemm_block(_pass4)
+_block_tokens = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
@@ -222,7 +222,7 @@ def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     tokens = xflat.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in q4.py)
-        _block4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        _block_tokens(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 

@@ -121,7 +121,8 @@ lo_nibbles = _bytewise("and_", 0x0F)
 def hi_nibbles(typingctx, v):
     """Each byte's high nibble. x86 has no byte shift: LLVM's choice for one, with GFNI, is
     vgf2p8affineqb, which takes the pipes the byte dot products run on (Zen 4); a 16-bit shift and a
-    mask run beside them (the 4-bit GEMM into float32 +4-10%, bench/RESULTS.md). aarch64 shifts bytes."""
+    mask run beside them (the 4-bit GEMM into float32: +4-5% on one thread, +3-13% on two;
+    bench/RESULTS.md). aarch64 shifts bytes."""
     def codegen(context, builder, signature, args):
         if _target()[0] == "aarch64":
             return builder.lshr(args[0], ir.Constant(args[0].type, [4] * 64))
