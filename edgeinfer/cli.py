@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 
@@ -12,6 +14,10 @@ from .errors import EdgeInferError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _set_threads(argv)  # before anything imports numpy
+    # At exit the interpreter collects garbage over every object still alive, Numba's type registries
+    # above all: 0.2 s of a 1.2 s `run` (measured). Frozen objects are skipped by those collections;
+    # every destructor still runs. Registered for exit, so a caller's process is unchanged until then.
+    atexit.register(gc.freeze)
     args = _parser().parse_args(argv)
     try:
         return args.func(args) or 0
