@@ -8,8 +8,11 @@ Imported by edgeinfer/__init__.py, before Numba reads its configuration.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import importlib
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -58,3 +61,110 @@ def import_numba_without_blas_probe() -> None:
     finally:
         if blocked:
             del sys.modules[probe]
+
+
+def load_cached_kernels_without_registries() -> None:
+    """Load a cached kernel without first installing Numba's compiler registries, and note it.
+
+    Numba's cache refreshes the target context before every load: it imports some sixty modules of
+    typing and lowering rules (numpy, random, typed containers, ...) and installs them, 0.1-0.35 s
+    of a warm start (measured). A cached kernel is machine code: loading it needs Numba's runtime
+    (NRT), which is initialised here, and not the rules, which only a compile reads. A compile
+    still gets them: Numba's compiler refreshes the contexts itself before it starts.
+    Each kernel loaded, or missed and so compiled, is noted for `save_preload`. Idempotent; the one
+    place that patches Numba's cache."""
+    from numba.core import caching
+    from numba.core.runtime import rtsys
+
+    if getattr(caching.Cache.load_overload, "edgeinfer", False):
+        return
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            data = self._load_overload(sig, target_context)
+        _loaded.append((self._py_func.__module__, self._py_func.__qualname__, sig, data is not None))
+        return data
+
+    load_overload.edgeinfer = True
+    caching.Cache.load_overload = load_overload
+
+
+_loaded: list[tuple[str, str, object, bool]] = []  # (module, qualified name, signature, found in the cache)
+
+
+def _preload_file(key: str) -> Path:
+    folder = Path(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
+    return folder / "preload" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def preload(key: str) -> bool:
+    """Load the kernels that the last run under `key` (a model file and the options that choose its
+    kernels) loaded, before its weights are read: then LLVM's pages that loading touches can be
+    given back (`release_compiler_pages`) before the weights come, and the process never holds both.
+    The list lives beside the compiled kernels, so it names only functions of these sources. False
+    when there is no list: the warm-up over the loaded model loads them, as before."""
+    try:
+        entries = pickle.loads(_preload_file(key).read_bytes())
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return False
+    if not entries:
+        return False
+    try:
+        for module, qualname, sig in entries:
+            kernel = importlib.import_module(module)
+            for name in qualname.split("."):
+                kernel = getattr(kernel, name)
+            kernel.compile(sig)  # from the cache: the list was written by a run that loaded it
+    except (ImportError, AttributeError):  # a list older than the sources (NUMBA_CACHE_DIR kept)
+        return False
+    return True
+
+
+def save_preload(key: str) -> None:
+    """Keep the kernels this process loaded from the cache, in order, as `key`'s list, if they are
+    new. Not when any kernel was compiled: a compile also compiles the kernels it calls, and the next
+    run, which loads only the first, would not find its whole list. A function made inside another
+    (a qualified name with <locals>) cannot be found again by name: such a list is not kept either,
+    as the memory plan counts a preloaded run's kernels as loaded."""
+    if not _loaded or not all(found and "<locals>" not in name for _, name, _, found in _loaded):
+        return
+    entries = [(module, name, sig) for module, name, sig, _ in _loaded]
+    path = _preload_file(key)
+    data = pickle.dumps(entries)
+    try:
+        if path.exists() and path.read_bytes() == data:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:  # a read-only cache: every start loads the kernels after the weights, as before
+        pass
+
+
+def release_compiler_pages() -> None:
+    """Unmap the pages of LLVM's library that loading or compiling kernels touched (50-65 MB on a warm
+    start, measured): the kernels run as machine code of their own and do not use LLVM until the
+    next compile, which maps the pages back from the page cache. Only mappings the process never
+    wrote (code, constants) are let go: MADV_DONTNEED on them drops the process's mapping and keeps
+    the file's pages cached, so the next start does not read them again (MADV_PAGEOUT would evict
+    them). Linux; elsewhere, or if refused, nothing happens."""
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read().splitlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    span = None
+    for line in smaps:
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range, permissions, ..., path
+            span = fields if fields[-1].endswith("libllvmlite.so") and "w" not in fields[1] else None
+        elif span is not None and fields[0] == "Anonymous:" and fields[1] == "0":  # no page copied on write
+            start, end = (int(x, 16) for x in span[0].split("-"))
+            madvise(start, end - start, MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4

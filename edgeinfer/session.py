@@ -4,6 +4,7 @@ server all come here; none of them imports another."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable
 
 from .engine import Engine, default_context
 from .errors import EdgeInferError
-from .jit_cache import first_run
+from .jit_cache import first_run, preload, release_compiler_pages, save_preload
 from .kernels.simd import has_kernels
 from .kv_cache import fitting_memory_plan, model_memory_plan
 from .model import Model
@@ -67,25 +68,44 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
         report(NO_KERNELS)
     if options.cluster is not None:
         return _open_cluster(path, options, report)
+    kernels = _kernels_key(path, options)
+    preloaded = not options.float32 and has_kernels() and kernels is not None and preload(kernels)
+    if preloaded:
+        release_compiler_pages()  # before the weights: the process never holds both
     engine = open_engine(path, options.context, options.float32, options.mem_limit, options.attention, report,
-                         options.load_bits, options.sequences, options.cache_type)
+                         options.load_bits, options.sequences, options.cache_type, preloaded)
     if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
         report(engine.memory_plan.describe())
     if engine.model.path.fused and first_run():  # the float32 path compiles nothing
         report(COMPILING)
     engine.model.warm_up()
+    if engine.model.path.fused and kernels is not None:
+        save_preload(kernels)
+        release_compiler_pages()
     return engine
+
+
+def _kernels_key(path: str, options: SessionOptions) -> str | None:
+    """What decides which kernels a run loads: the model file as it is now and the options that
+    choose paths and types. None for a path that is not there: opening it says why."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return repr((os.path.realpath(path), stat.st_size, stat.st_mtime_ns, options.float32, options.load_bits,
+                 options.mem_limit, options.context, options.attention, options.sequences, options.cache_type))
 
 
 def open_engine(path: str, context: int | None = None, float32: bool = False, mem_limit: int | None = None,
                 attention: str = "exact", report: Report | None = None, load_bits: int = 8,
-                sequences: int = 1, cache_type: str = "f16") -> Engine:
+                sequences: int = 1, cache_type: str = "f16", kernels_loaded: bool = False) -> Engine:
     """The engine of the model file at `path` (kernels not yet warm). The memory preflight
     (storage/memory_plan.py) decides, before any weight is read, whether the model is resident or
     streamed through a window of layers, within `mem_limit` when given, else within the memory
     available, counting `sequences` KV caches; at the default context, or at the largest smaller one
     that fits (said in one line). `report` gets the plan's one-line account when it streams or a
-    limit was given."""
+    limit was given. kernels_loaded: the kernels are in the process already (jit_cache.preload), so
+    the plan counts only their first calls."""
     source = open_model(path)
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
@@ -95,14 +115,15 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     if context is None:  # the default context, or less where its KV cache would not fit
         wanted = default_context(source.config)
         plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences,
-                                            cache_type)
+                                            cache_type, kernels_loaded)
         if context < wanted and report:
             where = f"--mem-limit {mem_limit / 2**20:.0f} MB" if mem_limit else "the memory available"
             kind = "with every weight resident" if plan.window is None else "that fits"
             report(f"context: {wanted} tokens do not fit in {where}; running at --ctx {context}, the largest "
                    f"{kind} (give --ctx to choose)")
     else:
-        plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences, cache_type)
+        plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences, cache_type,
+                                 kernels_loaded)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
     model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits, cache_type)

@@ -58,8 +58,10 @@ def available_memory() -> int:
 # What loading the compiled kernels and their first calls add to the process: Numba's lowering
 # registries and LLVM's code pages (measured, warm-up over the loaded model: 54-60 MB on SmolLM2,
 # Gemma 3 270M and the 1B shape), with a little room. The tokenizer is loaded before the plan and
-# counted in the process as it stands.
+# counted in the process as it stands. Kernels loaded before the plan (jit_cache.preload) are in
+# the process already; their first calls add 5 MB (measured on SmolLM2).
 KERNELS_ALLOWANCE = 64 << 20
+FIRST_CALLS_ALLOWANCE = 8 << 20
 
 
 STREAM_SLOTS = 2  # a streamed unit computes in one slot while the next is read into the other
@@ -119,7 +121,8 @@ def pin_units(units: list[Unit], room: int, slots: int) -> tuple[list[Unit], lis
     return sorted(pinned, key=lambda u: order[u.key]), sorted(streamed, key=lambda u: order[u.key])
 
 
-def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512) -> MemoryPlan:
+def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512,
+                kernels_loaded: bool = False) -> MemoryPlan:
     """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
     limit, the memory available now), else the units that fit pinned and the others streamed through
     STREAM_SLOTS slots (one if two do not fit). kv_cache: its bytes at `context`
@@ -130,7 +133,7 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
     weights = sum(u.size for u in units) if units and c.layers_only else source.resident_bytes()
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
-    runtime = held_rss() + KERNELS_ALLOWANCE
+    runtime = held_rss() + (FIRST_CALLS_ALLOWANCE if kernels_loaded else KERNELS_ALLOWANCE)
     slot = max(u.size for u in units) if units else weights
     plan = MemoryPlan(weights, slot, c.num_layers + (not c.layers_only), kv_cache, scratch, runtime, limit, None)
     budget = limit if limit is not None else available_memory()

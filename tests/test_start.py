@@ -1,0 +1,82 @@
+"""A warm start: the kernels come from Numba's cache without its compiler's registries; a second run of
+the same file and options loads them before the weights, from the list the first left; LLVM's pages
+are let go once the kernels are loaded."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+
+import numpy as np
+from numba import njit
+
+from conftest import edgeinfer_cli
+from edgeinfer import jit_cache
+from edgeinfer.kernels import ops
+from edgeinfer.storage.memory_plan import FIRST_CALLS_ALLOWANCE, KERNELS_ALLOWANCE
+
+
+def plan_runtime(stderr: str) -> int:
+    found = re.search(r"runtime (\d+) MB", stderr)
+    assert found, stderr
+    return int(found.group(1))
+
+
+def test_a_second_start_loads_its_kernels_before_the_weights(tiny_single, tmp_path):
+    model = tmp_path / "model.safetensors"  # a file no other test ran: no list of its kernels yet
+    shutil.copy(tiny_single, model)
+    # The first run loads its kernels after the weights and keeps their list, unless it compiled any
+    # (a cold cache): then the second keeps it. The third loads them before the weights.
+    runs = [edgeinfer_cli("run", str(model), "-p", "hello", "-n", "8", "--temp", "0", "-v") for _ in range(3)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout and runs[0].stdout.strip()
+    # The third plan counts its kernels as in the process already (not the allowance for loading
+    # them) and the process without LLVM's pages: at least the allowances' difference less.
+    after_weights, before_weights = plan_runtime(runs[0].stderr), plan_runtime(runs[2].stderr)
+    least = (KERNELS_ALLOWANCE - FIRST_CALLS_ALLOWANCE) >> 20
+    assert before_weights <= after_weights - least, (after_weights, before_weights)
+
+
+def test_a_list_that_names_what_the_sources_lack_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    key = "a model file and its options"
+    assert not jit_cache.preload(key)  # no list
+    listed = jit_cache._preload_file(key)
+    listed.parent.mkdir(parents=True)
+    listed.write_bytes(pickle.dumps([("edgeinfer.kernels.ops", "no_such_kernel", ())]))
+    assert not jit_cache.preload(key)
+    listed.write_bytes(b"not a list")
+    assert not jit_cache.preload(key)
+
+
+def llvm_resident_kb() -> int:
+    """Resident KB of LLVM's library in the mappings this process never wrote (its code and constants,
+    not the relocated ones)."""
+    mappings, fields_of = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                fields_of = {} if fields[-1].endswith("libllvmlite.so") and "w" not in fields[1] else None
+                if fields_of is not None:
+                    mappings.append(fields_of)
+            elif fields_of is not None:
+                fields_of[fields[0]] = fields[1]
+    return sum(int(m["Rss:"]) for m in mappings if m["Anonymous:"] == "0")
+
+
+def test_llvm_pages_are_let_go_and_a_compile_after_still_works():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ops.rmsnorm_into(x[0], np.ones(4, np.float32), 1e-6, np.empty(4, np.float32))  # LLVM has run
+    assert llvm_resident_kb() > 4096
+    jit_cache.release_compiler_pages()
+    assert llvm_resident_kb() < 512
+
+    @njit(cache=False)
+    def scaled_sum(a, k):
+        return (a * k).sum()
+
+    assert scaled_sum(x, np.float32(2)) == np.float32(132)  # LLVM maps its pages back and compiles
+    assert llvm_resident_kb() > 4096
