@@ -249,3 +249,38 @@ def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kin
     np.testing.assert_array_equal(m.matmul(quantize_activations(x), np.empty((5, rows), np.float32))[0],
                                   m.matmul(quantize_activations(x[0]), np.empty(rows, np.float32)))
     np.testing.assert_array_equal(m.dequantize(np.array([39, 2])), as_bytes.dequantize(np.array([39, 2])))
+
+
+def test_a_tensors_file_pages_go_slab_by_slab_as_it_converts(monkeypatch, kquant_gguf):
+    """Each slab's rows are handed back as soon as they are decoded, and the file's pages of them
+    leave the process: a large tensor's file pages are never all resident beside its converted copy
+    (Gemma 3's 170 MB embedding made most of its load's peak that way)."""
+    from edgeinfer.storage import gguf_quants, open_model
+
+    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)
+    data = random_blocks("Q6_K", 37, 256, seed=1)
+    told = []
+    slabbed = gguf_matrix("Q6_K", data, 256, lambda first, end: told.append((first, end)))
+    assert told == [(0, 16), (16, 32), (32, 37)]
+    np.testing.assert_array_equal(slabbed.packed, gguf_matrix("Q6_K", data, 256).packed)
+
+    def resident_kb(path) -> int:
+        kb, ours = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields[0] and not fields[0].endswith(":"):
+                    ours = fields[-1] == str(path)
+                elif ours and fields[0] == "Rss:":
+                    kb += int(fields[1])
+        return kb
+
+    source = open_model(str(kquant_gguf))
+    reader = source._reader
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert int(np.asarray(t.data).sum()) > 0  # every page of it read in
+    before = resident_kb(kquant_gguf)
+    for first in range(0, t.data.shape[0], 16):
+        reader.release(t, (first, first + 16))
+    whole_pages = (t.data.nbytes - 2 * 4096) // 4096 * 4  # KB of the pages that hold only this tensor
+    assert before - resident_kb(kquant_gguf) >= whole_pages > 0

@@ -132,11 +132,16 @@ class GGUFFile:
             data = self._map[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
             self.tensors.append(GGUFTensor(name, qtype, shape, data, begin))
 
-    def release(self, t: GGUFTensor) -> None:
-        """Drop the mapping's pages of a tensor already copied out: they would count in the process's
-        resident memory beside the copy (the file stays mapped; they read in again if touched)."""
-        first = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map._mmap.madvise(mmap.MADV_DONTNEED, first, t.offset + t.data.nbytes - first)
+    def release(self, t: GGUFTensor, rows: tuple[int, int] | None = None) -> None:
+        """Drop the mapping's pages of a tensor already copied out, or of its rows `rows` (first,
+        end): they would count in the process's resident memory beside the copy (the file stays
+        mapped read-only; a page read in again if touched, as one shared with the next rows is)."""
+        begin, end = t.offset, t.offset + t.data.nbytes
+        if rows is not None:
+            row_bytes = t.data.nbytes // t.data.shape[0]
+            begin, end = t.offset + rows[0] * row_bytes, min(end, t.offset + rows[1] * row_bytes)
+        first = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def value(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -332,7 +337,8 @@ class GGUFSource(WeightSource):
         if kind not in DECODERS or len(t.shape) != 2:
             return None
         rows, cols = self.stored_shape(name)
-        matrix = gguf_matrix(kind, self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1)), cols)
+        matrix = gguf_matrix(kind, self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1)), cols,
+                             lambda first, end: self._reader.release(t, (first, end)))
         self._reader.release(t)
         return matrix
 

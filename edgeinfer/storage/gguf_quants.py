@@ -158,14 +158,19 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
     return values.reshape(rows, cols), by_row(scales), None if minima is None else by_row(minima)
 
 
-def gguf_matrix(kind: str, data: np.ndarray, cols: int) -> Matrix:
+def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, int], None] | None = None) -> Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
     (whole 16-row blocks), each slab's blocks copied into the matrix's one array as they come: the
-    slabs are never held all at once beside it (a 128k-row head would be held twice at load)."""
+    slabs are never held all at once beside it (a 128k-row head would be held twice at load).
+    `decoded(first, end)` is told each slab's rows once they are read, so that the file's pages of
+    them can go at once (Gemma 3's 170 MB embedding: its file pages beside its copy were most of
+    the load's peak, 101 MB above what the model then holds)."""
     bits, rows = DECODERS[kind][2], data.shape[0]
     packed, slabs = None, []
     for r in range(0, rows, SLAB_ROWS):
         values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
+        if decoded is not None:
+            decoded(r, min(r + SLAB_ROWS, rows))
         slab = MATRIX_TYPES[bits].from_values(values, scales, minima)
         if rows <= SLAB_ROWS:
             return slab

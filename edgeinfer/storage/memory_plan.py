@@ -59,10 +59,9 @@ def available_memory() -> int:
 # registries and LLVM's code pages (measured, warm-up over the loaded model: 54-60 MB on SmolLM2,
 # Gemma 3 270M and the 1B shape), with a little room. The tokenizer is loaded before the plan and
 # counted in the process as it stands. Kernels loaded before the plan (jit_cache.preload) are in
-# the process already; their first calls add 5 MB (measured on SmolLM2). That is counted instead
-# only for a file whose tensors are held as stored (the single file): a file converted at load
-# (GGUF, HF) peaks above what it then holds while a tensor converts (41-108 MB measured on the 1B
-# shape's Q4_0 and Q4_K_M and on Gemma 3 270M), which the kernels' allowance stays to cover.
+# the process already; their first calls add 5 MB (measured on SmolLM2). A GGUF converted at load
+# gives back each slab's file pages as it goes (storage/gguf_quants.gguf_matrix), so its load peaks
+# within a few MB of what it then holds.
 KERNELS_ALLOWANCE = 64 << 20
 FIRST_CALLS_ALLOWANCE = 8 << 20
 
@@ -136,7 +135,7 @@ def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache:
     weights = sum(u.size for u in units) if units and c.layers_only else source.resident_bytes()
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
-    runtime = held_rss() + (FIRST_CALLS_ALLOWANCE if kernels_loaded and source.can_stream else KERNELS_ALLOWANCE)
+    runtime = held_rss() + (FIRST_CALLS_ALLOWANCE if kernels_loaded else KERNELS_ALLOWANCE)
     slot = max(u.size for u in units) if units else weights
     plan = MemoryPlan(weights, slot, c.num_layers + (not c.layers_only), kv_cache, scratch, runtime, limit, None)
     budget = limit if limit is not None else available_memory()
