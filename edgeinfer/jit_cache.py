@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib
+import mmap
 import os
 import pickle
 import sys
@@ -164,7 +165,4 @@ def release_compiler_pages() -> None:
             span = fields if fields[-1].endswith("libllvmlite.so") and "w" not in fields[1] else None
         elif span is not None and fields[0] == "Anonymous:" and fields[1] == "0":  # no page copied on write
             start, end = (int(x, 16) for x in span[0].split("-"))
-            madvise(start, end - start, MADV_DONTNEED)
-
-
-MADV_DONTNEED = 4
+            madvise(start, end - start, mmap.MADV_DONTNEED)
