@@ -239,6 +239,19 @@ def hf_logits(folder: Path, ids: list[int], gguf_file: str | None = None) -> np.
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+def mappings() -> list[tuple[str, str, dict[str, str]]]:
+    """This process's memory mappings from /proc/self/smaps: (path, permissions, {"Rss:": kB, ...})."""
+    found: list[tuple[str, str, dict[str, str]]] = []
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+                found.append((fields[5] if len(fields) > 5 else "", fields[1], {}))
+            else:
+                found[-1][2][fields[0]] = fields[1]
+    return found
+
+
 def edgeinfer_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
                   timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeinfer.cli", *args], capture_output=True, text=True,

@@ -255,6 +255,9 @@ def test_a_tensors_file_pages_go_slab_by_slab_as_it_converts(monkeypatch, kquant
     """Each slab's rows are handed back as soon as they are decoded, and the file's pages of them
     leave the process: a large tensor's file pages are never all resident beside its converted copy
     (Gemma 3's 170 MB embedding made most of its load's peak that way)."""
+    import mmap
+
+    from conftest import mappings
     from edgeinfer.storage import gguf_quants, open_model
 
     monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)
@@ -264,16 +267,8 @@ def test_a_tensors_file_pages_go_slab_by_slab_as_it_converts(monkeypatch, kquant
     assert told == [(0, 16), (16, 32), (32, 37)]
     np.testing.assert_array_equal(slabbed.packed, gguf_matrix("Q6_K", data, 256).packed)
 
-    def resident_kb(path) -> int:
-        kb, ours = 0, False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                fields = line.split()
-                if "-" in fields[0] and not fields[0].endswith(":"):
-                    ours = fields[-1] == str(path)
-                elif ours and fields[0] == "Rss:":
-                    kb += int(fields[1])
-        return kb
+    def resident_kb(file) -> int:
+        return sum(int(stats["Rss:"]) for path, _, stats in mappings() if path == str(file))
 
     source = open_model(str(kquant_gguf))
     reader = source._reader
@@ -282,5 +277,6 @@ def test_a_tensors_file_pages_go_slab_by_slab_as_it_converts(monkeypatch, kquant
     before = resident_kb(kquant_gguf)
     for first in range(0, t.data.shape[0], 16):
         reader.release(t, (first, first + 16))
-    whole_pages = (t.data.nbytes - 2 * 4096) // 4096 * 4  # KB of the pages that hold only this tensor
+    page = mmap.PAGESIZE
+    whole_pages = (t.data.nbytes - 2 * page) // page * (page // 1024)  # KB of the pages only this tensor holds
     assert before - resident_kb(kquant_gguf) >= whole_pages > 0

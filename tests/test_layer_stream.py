@@ -163,13 +163,12 @@ def test_a_limit_too_small_for_the_default_context_runs_a_smaller_one(smollm2_si
 
     model = tmp_path / "smollm2.safetensors"  # a file not run before: a first start
     shutil.copy(smollm2_single, model)
-    smollm2_single = model
-    r = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--temp", "0", "--mem-limit", "300M")
+    r = edgeinfer_cli("run", str(model), "-p", "hi", "-n", "3", "--temp", "0", "--mem-limit", "300M")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     said = re.search(r"context: 4096 tokens do not fit in --mem-limit 300 MB; running at --ctx (\d+), the largest "
                      r"(with every weight resident|that fits) \(give --ctx to choose\)", r.stderr)
     assert said, r.stderr
     assert 256 <= int(said.group(1)) < 4096 and int(said.group(1)) % 256 == 0
-    asked = edgeinfer_cli("run", str(smollm2_single), "-p", "hi", "-n", "3", "--mem-limit", "300M", "--ctx", "4096")
+    asked = edgeinfer_cli("run", str(model), "-p", "hi", "-n", "3", "--mem-limit", "300M", "--ctx", "4096")
     assert asked.returncode == 2 and asked.stderr.startswith("edgeinfer: error: --mem-limit 300 MB is too small")
     assert len(asked.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 from numba import njit
 
-from conftest import edgeinfer_cli
+from conftest import edgeinfer_cli, mappings
 from edgeinfer import jit_cache
 from edgeinfer.kernels import ops
 from edgeinfer.storage.memory_plan import FIRST_CALLS_ALLOWANCE, KERNELS_ALLOWANCE
@@ -54,17 +54,8 @@ def test_a_list_that_names_what_the_sources_lack_is_ignored(tmp_path, monkeypatc
 def llvm_resident_kb() -> int:
     """Resident KB of LLVM's library in the mappings this process never wrote (its code and constants,
     not the relocated ones)."""
-    mappings, fields_of = [], None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                fields_of = {} if fields[-1].endswith("libllvmlite.so") and "w" not in fields[1] else None
-                if fields_of is not None:
-                    mappings.append(fields_of)
-            elif fields_of is not None:
-                fields_of[fields[0]] = fields[1]
-    return sum(int(m["Rss:"]) for m in mappings if m["Anonymous:"] == "0")
+    return sum(int(stats["Rss:"]) for path, perms, stats in mappings()
+               if path.endswith("libllvmlite.so") and "w" not in perms and stats["Anonymous:"] == "0")
 
 
 def test_llvm_pages_are_let_go_and_a_compile_after_still_works():
