@@ -39,18 +39,26 @@ TOKEN = "bench-cluster-token"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port whose next one is free too (a master listens on both: its links are on the
+    second, edgeinfer/cluster/link.py)."""
+    while True:
+        with socket.socket() as s, socket.socket() as s2:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 class DelayProxy:
     """127.0.0.1:port -> 127.0.0.1:target, each chunk delivered rtt/2 after it arrived, in order,
     at no more than `mbit` Mbit/s per direction (0: no cap)."""
 
-    def __init__(self, target: int, rtt_ms: float, mbit: float = 0.0):
+    def __init__(self, target: int, rtt_ms: float, mbit: float = 0.0, port: int | None = None):
         self.target, self.delay, self.rate = target, rtt_ms / 2000, mbit * 1e6 / 8
-        self.port = free_port()
+        self.port = port or free_port()
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
@@ -97,6 +105,13 @@ class DelayProxy:
         await task
 
 
+def delayed_pair(target: int, rtt_ms: float, mbit: float) -> int:
+    """Relays to `target` and `target` + 1 on a port and the next: what a worker joins."""
+    relay = DelayProxy(target, rtt_ms, mbit)
+    DelayProxy(target + 1, rtt_ms, mbit, relay.port + 1)
+    return relay.port
+
+
 def held_model_dir(model: str) -> str:
     """A worker cache dir holding the model (a link named by its fingerprint): on one machine the
     workers need not pull what is already on its disk."""
@@ -122,9 +137,10 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
                                   "--listen", str(port), "--token", TOKEN, "--workers", str(nodes - 1),
                                   "--wait", "300", "--timeout", "120"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    # plain loopback when the link has no delay and no cap, else through a delay relay each
+    # plain loopback when the link has no delay and no cap, else through a delay relay each (one for
+    # the master's port, one for its links on the next)
     ports = [port] * (nodes - 1) if not rtt_ms and not mbit else \
-        [DelayProxy(port, rtt_ms, mbit).port for _ in range(nodes - 1)]
+        [delayed_pair(port, rtt_ms, mbit) for _ in range(nodes - 1)]
     workers = [subprocess.Popen(cli("worker", "--join", f"127.0.0.1:{p}", "--token", TOKEN, "-t", "1",
                                     "--timeout", "300", "--cache-dir", held_model_dir(model),
                                     *(["--mem-limit", worker_limit] if worker_limit else [])),
@@ -139,10 +155,11 @@ def generation(model: str, nodes: int, rtt_ms: float, mbit: float, tokens: int, 
     reduces = re.search(r"decode: (\d+) all-reduces: ([\d.]+) s waiting in them \(([\d.]+) ms each\), (\d+) KB", err)
     row = {"nodes": nodes, "threads": threads, "rtt_ms": rtt_ms, "mbit": mbit or None, "decode_tok_s": tok_s, "text": out,
            "ms_per_token": 1e3 / tok_s if tok_s else None}
-    floors = [float(x) for x in re.findall(r"floor: a \d+-byte round trip to worker \d+ on the same sockets takes "
-                                           r"([\d.]+) ms", err)]
+    floors = re.findall(r"floor: a \d+-byte round trip to worker \d+ on its link takes ([\d.]+) ms "
+                        r"\(median of \d+\); on its ZeroMQ socket ([\d.]+) ms", err)
     if floors:  # measured after the generation, between the same processes' sockets
-        row["floor_ms"] = min(floors)
+        row["floor_ms"] = min(float(f[0]) for f in floors)
+        row["zmq_floor_ms"] = min(float(f[1]) for f in floors)
     if reduces:
         row["allreduce_ms"] = float(reduces.group(3))
         row["master_wait_ms_per_token"] = row["allreduce_ms"] * 2 * _layers(model)  # two per layer
@@ -316,7 +333,7 @@ def main() -> None:
                       for x in r["workers"])
         split = f"master compute {r['master_compute_ms_per_token']:.1f} ms/token, waiting in all-reduces " \
             f"{r['master_wait_ms_per_token']:.1f} ({r['allreduce_ms']:.3f} ms each, a plain round trip on the same " \
-            f"sockets {r.get('floor_ms', float('nan')):.3f}); " if "allreduce_ms" in r else ""
+            f"link {r.get('floor_ms', float('nan')):.3f}, on ZeroMQ {r.get('zmq_floor_ms', float('nan')):.3f}); " if "allreduce_ms" in r else ""
         print(f"summary: {r['nodes']} nodes x {r['threads']} threads, RTT {r['rtt_ms']:g} ms: "
               f"{r['decode_tok_s']:.2f} tok/s, "
               f"same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import zmq
 from conftest import edgeinfer_cli
 
 from edgeinfer.cluster.plan import Share, plan_shares, split, with_head
-from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode, encode_array
+from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
 from edgeinfer.kernels.q4 import Q4Matrix
@@ -107,39 +108,120 @@ def test_matrix_shards_are_bit_exact():
 
 
 def test_valid_messages_round_trip():
-    a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    m = decode(encode_array("sum", a, seq=7))
-    assert m.kind == "sum" and m.fields["seq"] == 7
-    np.testing.assert_array_equal(m.array(), a)
-    half = decode(encode_array("partial", a, "f2", seq=1))
-    np.testing.assert_array_equal(half.array(), a)  # small integers are exact in fp16
-    fixed = np.array([-(1 << 40), 3, 1 << 50], np.int64)  # a 4-bit node's partial: int64, not rounded to float
-    got = decode(encode_array("partial", fixed, "i8", seq=2)).array()
-    assert got.dtype == np.int64 and np.array_equal(got, fixed)
-    small = np.array([-(1 << 31), 5, (1 << 31) - 1], np.int64)  # fits int32: sent in half the bytes
-    frames = encode_array("partial", small, "i4", seq=3)
-    assert len(frames[1]) == 12 and np.array_equal(decode(frames).array(), small)
+    m = decode(encode("echo", b"\1\2\3", seq=7))
+    assert m.kind == "echo" and m.fields["seq"] == 7 and m.payload == b"\1\2\3"
+    assert decode(encode("ready", rss=5)).fields == {"rss": 5}
     assert decode(encode("ping")).kind == "ping"
 
 
+def link_pair() -> tuple:
+    """The master's and a worker's ends of one link over TCP on loopback, and its key."""
+    from edgeinfer.cluster.link import Link, new_link_keys
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        b = socket.create_connection(server.getsockname())
+        a = server.accept()[0]
+    key = new_link_keys()[1]
+    return Link(a, key, master=True), Link(b, key, master=False), key
+
+
+def take(link, timeout: float = 5.0):
+    """The next message on a link, waiting for it."""
+    while (m := link.take()) is None:
+        assert select.select([link.sock], [], [], timeout)[0], "nothing arrived"
+    return m
+
+
+def test_partials_and_sums_round_trip_on_a_link():
+    from edgeinfer.cluster.link import PARTIAL, STEP, SUM, as_array
+
+    master, worker, _ = link_pair()
+    h = np.arange(12, dtype=np.float32).reshape(2, 6)
+    master.send(STEP, 9, h, "f4", start=40)
+    m = take(worker)
+    assert (m.kind, m.seq, m.start) == (STEP, 9, 40) and np.array_equal(as_array(m.data, m.wire, (2, 6)), h)
+    fixed = np.array([-(1 << 40), 3, 1 << 50], np.int64)  # a 4-bit node's partial: int64, not rounded to float
+    worker.send(PARTIAL, 2, fixed, "i8")
+    kind, seq, wire, data, _ = take(master)
+    got = as_array(data, wire, (3,))
+    assert (kind, seq, wire) == (PARTIAL, 2, "i8") and got.dtype == np.int64 and np.array_equal(got, fixed)
+    small = np.array([-(1 << 31), 5, (1 << 31) - 1], np.int32)  # fits int32: sent in half the bytes
+    worker.send(PARTIAL, 3, small, "i4")
+    kind, seq, wire, data, _ = take(master)
+    assert len(data) == 12 and as_array(data, wire, (3,)).dtype == np.int64
+    assert np.array_equal(as_array(data, wire, (3,)), small) and as_array(data, wire, (4,)) is None
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    master.send(SUM, 3, a.astype(np.float16), "f2")
+    kind, seq, wire, data, _ = take(worker)
+    assert (kind, seq) == (SUM, 3) and np.array_equal(as_array(data, wire, (3, 4)), a)
+    big = np.arange(3 << 20, dtype=np.int64)  # a prefill's partial: more than the socket buffers hold
+    import threading
+    sender = threading.Thread(target=worker.send, args=(PARTIAL, 4, big, "i8"))
+    sender.start()
+    assert np.array_equal(as_array(take(master)[3], "i8", big.shape), big)
+    sender.join()
+
+
+def test_a_link_refuses_what_does_not_open_under_its_key():
+    from edgeinfer.cluster.link import PARTIAL, Link, LinkClosed, new_link_keys
+
+    master, worker, key = link_pair()
+    sent = []  # three messages as they go on the wire, read raw at the master's end
+    for seq in range(3):
+        worker.send(PARTIAL, seq, np.ones(4, np.int64), "i8")
+        master.sock.setblocking(True)
+        length = int.from_bytes(master.sock.recv(4, socket.MSG_WAITALL), "little")
+        sent.append(length.to_bytes(4, "little") + master.sock.recv(length, socket.MSG_WAITALL))
+    for forged in [sent[1] + sent[0],  # out of order
+                   sent[0] + sent[0],  # replayed
+                   sent[0][:-1] + bytes([sent[0][-1] ^ 1]),  # one bit flipped
+                   (1 << 31).to_bytes(4, "little"),  # longer than any message may be
+                   (3).to_bytes(4, "little")]:  # shorter than a sealed header
+        a, b = socket.socketpair()
+        end = Link(a, key, master=True)
+        b.sendall(forged)
+        with pytest.raises(LinkClosed):
+            while True:
+                take(end, 1.0)
+        a.close(), b.close()
+    a, b = socket.socketpair()
+    other = Link(a, new_link_keys()[1], master=True)  # the wrong key
+    b.sendall(sent[0])
+    with pytest.raises(LinkClosed):
+        take(other, 1.0)
+    rng = random.Random(0)
+    for _i in range(300):  # mutated messages: refused with LinkClosed, never anything else
+        data = bytearray(sent[0])
+        for _j in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        a, b = socket.socketpair()
+        end = Link(a, key, master=True)
+        b.sendall(bytes(data))
+        b.close()
+        try:
+            while True:
+                end.take() or select.select([a], [], [], 1.0)
+        except LinkClosed:
+            pass
+        a.close()
+
+
 def test_malformed_messages_raise_protocol_error_only():
-    good = [encode_array("partial", np.ones((2, 8), np.float32), seq=3), encode("ready", rss=5),
-            encode_array("partial", np.ones(8, np.int64), "i8", seq=4),
-            encode_array("partial", np.ones(8, np.int64), "i4", seq=5),
-            encode("load", fingerprint="a" * 64, size=10, share={"kv": [0, 1], "cols": [0, 128]}, context=8,
-                   attention="exact", exact=False, sync="f4")]
+    good = [encode("echo", b"\0" * 40, seq=3), encode("ready", rss=5), encode("need", fingerprint="b" * 64, offset=7),
+            encode("load", fingerprint="a" * 64, size=10, shard_fingerprint="", shard_size=0,
+                   share={"kv": [0, 1], "cols": [0, 128]}, context=8, attention="exact", exact=False, sync="f4",
+                   cache_type="f16", link_id="00" * 16, link_key="00" * 32)]
     bad = [[b"not json"], [b"[1, 2]"], [b'{"kind": "nope", "v": 1}'], [b"{}"], [b"x" * (MAX_HEADER + 1)],
            [b'{"kind": "ping", "v": 99}'], [b'{"kind": "ready", "v": 1, "rss": "5"}'],
            [b'{"kind": "ready", "v": 1, "rss": true}'], [b'{"kind": "ready", "v": 1}'],
-           encode("ping") + [b"extra payload"], [encode_array("sum", np.ones(4, np.float32), seq=1)[0]],
-           [encode_array("sum", np.ones(4, np.float32), seq=1)[0], b"\0" * 15],
-           [b'{"kind": "sum", "v": 1, "seq": 1, "dtype": "f8", "shape": [1]}', b"\0" * 8],
-           [encode("sum", b"\0" * 8, seq=1, dtype="i8", shape=[1])[0], b"\0" * 8],  # int64: partials only
-           [encode("step", b"\0" * 8, seq=1, start=0, dtype="i8", shape=[1, 1])[0], b"\0" * 8],
-           [b'{"kind": "sum", "v": 1, "seq": 1, "dtype": "f4", "shape": [-1, -4]}', b"\0" * 16], [], [b"a", b"b", b"c"]]
+           encode("ping") + [b"extra payload"], [encode("echo", b"x", seq=1)[0]],  # an echo without its bytes
+           [b'{"kind": "sum", "v": 4}'], [b'{"kind": "step", "v": 4}'],  # the steps' arrays go on the links
+           [], [b"a", b"b", b"c"]]
     for frames in bad:
         with pytest.raises(ProtocolError):
             decode(frames)
+    for frames in good:
+        decode(frames)
     rng = random.Random(0)
     for _ in range(3000):  # mutated valid messages: decoded or refused, never anything else
         frames = [bytearray(f) for f in rng.choice(good)]
@@ -272,20 +354,21 @@ def test_a_shard_written_as_its_own_file_streams_to_the_same_partial_sums(smollm
 # --- real processes on loopback ------------------------------------------------------------------
 
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768 and up here): a port from that range
-    (bind to 0) can be the very source port a reconnecting worker's socket is given, so that it
-    connects to itself while no master listens (a TCP self-connect). Users' ports (5555 by default)
-    are not in it either."""
+    """A free port, and the next one free too (a master's links, link.py), below the kernel's
+    ephemeral range (32768 and up here): a port from that range (bind to 0) can be the very source
+    port a reconnecting worker's socket is given, so that it connects to itself while no master
+    listens (a TCP self-connect). Users' ports (7433 by default) are not in it either."""
     low = 32768
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
     for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
+        port = random.randrange(max(1024, low - 12000), low - 1)
+        with socket.socket() as s, socket.socket() as s2:
             try:
                 s.bind(("0.0.0.0", port))
+                s2.bind(("0.0.0.0", port + 1))
             except OSError:
                 continue
             return port
@@ -524,6 +607,27 @@ def test_wrong_token_and_wrong_version_are_refused(smollm2_single, tmp_path):
     finish(good, 60)
 
 
+def connect_when_listening(port: int, wait: float = 300) -> socket.socket:
+    """A TCP connection to a port on loopback, once something listens there."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.real_model
+def test_a_master_whose_link_port_is_taken_says_so(smollm2_single):
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port + 1)):
+        r = edgeinfer_cli("run", str(smollm2_single), "-p", "x", "--listen", str(port), "--token", TOKEN)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"port {port + 1}" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 @pytest.mark.real_model
 def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path):
     port = free_port()
@@ -541,6 +645,8 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
         # ZeroMQ delivers them once the master listens, which on a first run comes after its kernels
         # compile: a 1 s linger dropped them unsent under load.
         sock.close(linger=300_000)
+        for junk in (b"\xff" * 16 + b"garbage", bytes(60), b""):  # strangers on the links' port
+            connect_when_listening(port + 1).sendall(junk)
         good = worker(port, held_model_dir(tmp_path, smollm2_single, "w"))
         code, out, err = finish(master)
         assert code == 0 and out == single_node, err
@@ -563,10 +669,11 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
         for junk in ([b"\xff\xfe"], [b'{"kind": "step", "v": 1}'], [b'{"kind": "sum", "v": 1, "seq": 0, "dtype": "f4",'
                                                                       b' "shape": [1000000]}', b"1234"]):
             server.send_multipart([identity, *junk])
-        server.send_multipart([identity, *encode("step", np.ones((1, 576), np.float32).tobytes(), seq=0, start=0,
-                                                 dtype="f4", shape=[1, 576])])  # a step before any load
+        server.send_multipart([identity, *encode("load", fingerprint="a" * 64, size=10, shard_fingerprint="",
+                                                 shard_size=0, share={}, context=8, attention="exact", exact=False,
+                                                 sync="f4", cache_type="f16", link_id="zz", link_key="00")])
         reply = decode(receive()[1:])
-        assert reply.kind == "failed" and "before any load" in reply.fields["message"]
+        assert reply.kind == "failed" and "malformed link id or key" in reply.fields["message"]
         server.send_multipart([identity, *encode("bye", reason="test over")])
         code, _, err = finish(w, 60)
         assert code == 0 and "dropped a malformed message" in err and "test over" in err, err

@@ -1,8 +1,9 @@
 """The master's side of the wire: `edgeinfer run MODEL --listen [HOST:]PORT --token TOKEN`.
 
 Workers join over ZeroMQ (CURVE); the master takes their hellos, sends each its share to load (and
-the file of it to pull), starts every step, pings them between requests and drops those that fail
-or go silent. Every receive has a deadline. What the engine runs over the nodes is
+the file of it to pull) with the key of a link to open for the all-reduce's partials and sums
+(link.py, on the master's port + 1), starts every step, pings them between requests and drops those
+that fail or go silent. Every receive has a deadline. What the engine runs over the nodes is
 cluster_model.ClusterModel.
 """
 
@@ -19,9 +20,10 @@ from ..errors import EdgeInferError
 from ..paths import cluster_dir
 from ..storage import open_model
 from .allreduce import NodeLost, StarHub
+from .link import ECHO, STEP, Link, LinkClosed, LinkListener, new_link_keys, wait_any
 from .node import fingerprint, log
 from .plan import Share
-from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode, encode_array
+from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode
 from .shard import ShardSource, shard_file
 from .sockets import curve_server, endpoint, wait_readable
 
@@ -38,6 +40,7 @@ class WorkerInfo:
     node: int  # the join order: worker 1, 2, ... (stable across re-plans)
     hello: dict
     weight: float = 1.0
+    link: Link | None = None  # opened by each load
 
     @property
     def name(self) -> str:
@@ -50,6 +53,13 @@ class Master:
             raise EdgeInferError("the join token must be at least 8 characters")
         self.address, self.token, self.timeout = endpoint(listen), token, timeout
         self.sock, self.monitor, self.public_key = curve_server(zmq.Context.instance(), token, self.address)
+        host, _, port = self.address.removeprefix("tcp://").rpartition(":")
+        try:
+            self.links = LinkListener(host, int(port) + 1)
+        except EdgeInferError:
+            self.monitor.close()
+            self.sock.close(linger=0)
+            raise
         self.workers: list[WorkerInfo] = []
         self.waiting: list[WorkerInfo] = []  # joined, not yet in the plan
         self._joined = 0
@@ -155,6 +165,9 @@ class Master:
         self.waiting = [w for w in self.waiting if w.identity != identity]
         for w in lost:
             log(f"dropped {w.name}: {reason}")
+            if w.link is not None:
+                w.link.close()
+                w.link = None
             try:
                 self.sock.send_multipart([identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -172,7 +185,13 @@ class Master:
         its share alone, which it pulls from here once (written here once per share, shard.py)."""
         size = os.path.getsize(path)
         files = {fp: path}  # what workers may pull, by fingerprint
+        keys: dict[bytes, tuple[bytes, WorkerInfo]] = {}  # link id -> its key and worker
         for w, share in zip(self.workers, shares):
+            if w.link is not None:  # the last plan's: a worker waiting on it learns of the new plan
+                w.link.close()
+                w.link = None
+            link_id, key = new_link_keys()
+            keys[link_id] = key, w
             shard_fp, shard_size = "", 0
             if fp not in w.hello["models"]:
                 shard = str(shard_file(ShardSource(open_model(path), share, layers_only=True), cluster_dir(), fp))
@@ -180,7 +199,7 @@ class Master:
                 files[shard_fp] = shard
             self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,
                       share=share.to_dict(), context=context, attention=attention, exact=float32, sync=self.hub.sync,
-                      cache_type=cache_type)
+                      cache_type=cache_type, link_id=link_id.hex(), link_key=key.hex())
         handles: dict[str, object] = {}  # the files being sent, opened once
         ready: set[bytes] = set()
         patience = max(self.timeout, LOAD_TIMEOUT)
@@ -211,28 +230,52 @@ class Master:
         finally:
             for f in handles.values():
                 f.close()
+        # each worker opened its link before loading: it waits in the listener's queue
+        links = self.links.accept({i: k for i, (k, _) in keys.items()}, time.monotonic() + min(self.timeout, PING_TIMEOUT))
+        for link_id, (_, w) in keys.items():
+            if link_id not in links:
+                raise NodeLost(w.identity, f"{w.name} did not open its all-reduce link")
+            w.link = links[link_id]
 
     def step(self, start: int, h: np.ndarray) -> None:
         """Start every worker on hidden vectors h at cache position `start`."""
-        frames = encode_array("step", h, "f4", seq=self.hub.seq, start=start)
+        h = np.ascontiguousarray(h, np.float32)
         for w in self.workers:
-            self.send_frames(w.identity, frames)
+            try:
+                w.link.send(STEP, self.hub.seq, h, "f4", self.timeout, start)
+            except LinkClosed as e:
+                raise NodeLost(w.identity, f"lost {w.name}'s link: {e}") from None
 
-    def round_trip(self, w: WorkerInfo, nbytes: int, rounds: int = 50) -> float:
-        """Median seconds for `nbytes` to go to a worker and come back on the sockets the
-        all-reduces use (the worker echoes it at once): their floor."""
+    def round_trip(self, w: WorkerInfo, nbytes: int, rounds: int = 50, on_link: bool = True) -> float:
+        """Median seconds for `nbytes` to go to a worker and come back (the worker echoes them at
+        once) on its link, which the all-reduces use, or else on the ZeroMQ socket: their floors."""
         times = []
         for seq in range(rounds):
             t = time.perf_counter()
-            self.send(w.identity, "echo", bytes(nbytes), seq=seq)
-            while True:
-                got = self.recv(time.monotonic() + PING_TIMEOUT)
-                if got is None:
-                    raise NodeLost(w.identity, f"{w.name} did not echo within {PING_TIMEOUT:g} s")
-                if got[0] == w.identity and got[1].kind == "echo" and got[1].fields["seq"] == seq:
-                    break
+            if on_link:
+                self._link_echo(w, nbytes, seq)
+            else:
+                self.send(w.identity, "echo", bytes(nbytes), seq=seq)
+                while True:
+                    got = self.recv(time.monotonic() + PING_TIMEOUT)
+                    if got is None:
+                        raise NodeLost(w.identity, f"{w.name} did not echo within {PING_TIMEOUT:g} s")
+                    if got[0] == w.identity and got[1].kind == "echo" and got[1].fields["seq"] == seq:
+                        break
             times.append(time.perf_counter() - t)
         return float(np.median(times))
+
+    def _link_echo(self, w: WorkerInfo, nbytes: int, seq: int) -> None:
+        deadline = time.monotonic() + PING_TIMEOUT
+        try:
+            w.link.send(ECHO, seq, bytes(nbytes))
+            while (m := w.link.take()) is None or m[:2] != (ECHO, seq):
+                if m is None and time.monotonic() >= deadline:
+                    raise NodeLost(w.identity, f"{w.name} did not echo within {PING_TIMEOUT:g} s")
+                if m is None:
+                    wait_any([w.link], None, deadline - time.monotonic())
+        except LinkClosed as e:
+            raise NodeLost(w.identity, f"lost {w.name}'s link: {e}") from None
 
     def close(self, reason: str = "the master stopped") -> None:
         st = self.hub.stats
@@ -242,14 +285,19 @@ class Master:
             for w in self.workers:
                 try:
                     floor = self.round_trip(w, st["payload"])
+                    zmq_floor = self.round_trip(w, st["payload"], on_link=False)
                 except NodeLost:
                     continue
-                log(f"floor: a {st['payload']}-byte round trip to {w.name} on the same sockets takes "
-                    f"{floor * 1e3:.3f} ms (median of 50)")
+                log(f"floor: a {st['payload']}-byte round trip to {w.name} on its link takes "
+                    f"{floor * 1e3:.3f} ms (median of 50); on its ZeroMQ socket {zmq_floor * 1e3:.3f} ms")
         for w in self.workers + self.waiting:
             try:
                 self.sock.send_multipart([w.identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+        for w in self.workers + self.waiting:
+            if w.link is not None:
+                w.link.close()
+        self.links.close()
         self.monitor.close()
         self.sock.close(linger=1000)

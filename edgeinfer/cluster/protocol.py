@@ -1,9 +1,10 @@
 """What master and workers say to each other: message kinds, fields, limits, and their validation.
 
 A message is one ZeroMQ multipart: a JSON header {"kind", "v", fields...} and, for kinds that carry
-an array or file data, one payload frame. No pickle: arrays go as raw bytes with a declared dtype
-and shape, checked against the payload's size. Anything that does not match its kind's fields, or
-is larger than the limits, raises ProtocolError; the receiver logs and drops it.
+file data, one payload frame. No pickle. Anything that does not match its kind's fields, or is
+larger than the limits, raises ProtocolError; the receiver logs and drops it. The steps' arrays
+(hidden vectors, partials, sums) go on the links (link.py) as raw bytes of a declared dtype, each
+checked against the size its receiver expects; `from_wire` reads them.
 
 The channel is ZeroMQ CURVE (encrypted and authenticated). Its server key pair derives from the join
 token, so the token is the one secret the user shares: a worker that knows it can reach the master,
@@ -24,7 +25,8 @@ import zmq.utils.z85
 from .. import __version__
 from ..errors import EdgeInferError
 
-PROTOCOL = 3  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard; 3: load names the KV cache type
+PROTOCOL = 4  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard; 3: load names the KV cache type;
+# 4: partials and sums travel on links (link.py), which load opens
 DEFAULT_PORT = 7433
 MAX_HEADER = 16 << 10
 FILE_CHUNK = 4 << 20
@@ -35,7 +37,7 @@ FIXED_SMALL = "i4"  # the same, sent as int32 when every value fits (half the by
 WIRE_DTYPES = {**DTYPES, FIXED: np.int64, FIXED_SMALL: np.int32}
 
 _INT, _STR, _FLOAT, _BOOL, _LIST, _DICT = int, str, (int, float), bool, list, dict
-# kind -> its fields and their types; kinds in ARRAY_KINDS carry an array, in DATA_KINDS file bytes
+# kind -> its fields and their types; kinds in DATA_KINDS carry bytes (a file's, or an echo's)
 FIELDS: dict[str, dict[str, type | tuple]] = {
     # worker -> master
     "hello": {"token": _STR, "protocol": _INT, "version": _STR, "cores": _INT, "free_ram": _INT,
@@ -43,7 +45,6 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "need": {"fingerprint": _STR, "offset": _INT},  # the worker lacks this file: send the chunk at offset
     "ready": {"rss": _INT},
     "progress": {"done": _INT, "total": _INT},  # while loading: the worker is alive
-    "partial": {"seq": _INT, "dtype": _STR, "shape": _LIST},
     "failed": {"message": _STR},
     "pong": {},
     "echo": {"seq": _INT},  # both ways: the worker sends back what the master sent (the sockets' floor)
@@ -53,14 +54,12 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     # the model file, and ("" and 0 when the worker holds the model) the file of the share alone
     "load": {"fingerprint": _STR, "size": _INT, "shard_fingerprint": _STR, "shard_size": _INT, "share": _DICT,
              "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR,  # exact: float32 weights (--exact)
-             "cache_type": _STR},  # the KV cache's type (--cache-type)
+             "cache_type": _STR,  # the KV cache's type (--cache-type)
+             "link_id": _STR, "link_key": _STR},  # of the link to open (link.py) to the master's port + 1, in hex
     "chunk": {"fingerprint": _STR, "offset": _INT},
-    "step": {"seq": _INT, "start": _INT, "dtype": _STR, "shape": _LIST},
-    "sum": {"seq": _INT, "dtype": _STR, "shape": _LIST},
     "ping": {},
     "bye": {"reason": _STR},
 }
-ARRAY_KINDS = {"partial", "step", "sum"}
 DATA_KINDS = {"chunk", "echo"}
 
 
@@ -85,11 +84,12 @@ class Message:
     fields: dict = field(default_factory=dict)
     payload: bytes | None = None
 
-    def array(self) -> np.ndarray:
-        """The payload as the array it declares: float32 (from fp32 or fp16), or int64 fixed point
-        (from int64 or int32)."""
-        a = np.frombuffer(self.payload, WIRE_DTYPES[self.fields["dtype"]]).reshape(self.fields["shape"])
-        return a.astype(np.int64) if self.fields["dtype"] in (FIXED, FIXED_SMALL) else a.astype(np.float32)
+
+def from_wire(data: bytes, dtype: str, shape) -> np.ndarray:
+    """Bytes sent as `dtype` as the array they hold: float32 (from fp32 or fp16), or int64 fixed
+    point (from int64 or int32)."""
+    a = np.frombuffer(data, WIRE_DTYPES[dtype]).reshape(shape)
+    return a.astype(np.int64) if dtype in (FIXED, FIXED_SMALL) else a.astype(np.float32)
 
 
 def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> list[bytes]:
@@ -99,12 +99,6 @@ def encode(kind: str, payload: bytes | np.ndarray | None = None, **fields) -> li
     if payload is not None:
         frames.append(payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload))
     return frames
-
-
-def encode_array(kind: str, a: np.ndarray, dtype: str = "f4", **fields) -> list[bytes]:
-    """An array message, sent as `dtype` (f4, f2 or, for partials, i8)."""
-    a = np.ascontiguousarray(a, WIRE_DTYPES[dtype])
-    return encode(kind, a, dtype=dtype, shape=list(a.shape), **fields)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -133,24 +127,12 @@ def decode(frames: list[bytes]) -> Message:
         if not isinstance(value, typ) or (typ is _INT and isinstance(value, bool)):
             raise ProtocolError(f"{kind}: field {name} is {type(value).__name__}")
     payload = frames[1] if len(frames) == 2 else None
-    wants_payload = kind in ARRAY_KINDS or kind in DATA_KINDS
+    wants_payload = kind in DATA_KINDS
     if wants_payload != (payload is not None):
         raise ProtocolError(f"{kind}: {'missing' if wants_payload else 'unexpected'} payload")
     if payload is not None and len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"{kind}: payload of {len(payload)} bytes")
-    if kind in ARRAY_KINDS:
-        _check_array(kind, header, len(payload))
     return Message(kind, header, payload)
-
-
-def _check_array(kind: str, header: dict, size: int) -> None:
-    if header["dtype"] not in (WIRE_DTYPES if kind == "partial" else DTYPES):
-        raise ProtocolError(f"{kind}: dtype {str(header['dtype'])[:20]!r}")
-    shape = header["shape"]
-    if not 1 <= len(shape) <= 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise ProtocolError(f"{kind}: shape {str(shape)[:40]}")
-    if int(np.prod(shape)) * np.dtype(WIRE_DTYPES[header["dtype"]]).itemsize != size:
-        raise ProtocolError(f"{kind}: payload of {size} bytes does not hold shape {shape}")
 
 
 def curve_server_keys(token: str) -> tuple[bytes, bytes]:

@@ -5,7 +5,7 @@ holds), gets a share to load (from the model file when it holds it; otherwise fr
 share alone, pulled from the master once into its cache dir, resumable and hash-checked, and reused
 while the plan gives it the same share), then serves steps: for each batch of hidden vectors the master sends,
 it runs the same forward pass as a single node over its shard, and each half-layer's partial sum
-goes through the master's star all-reduce (allreduce.py).
+goes through the master's star all-reduce (allreduce.py), on the link each load opens (link.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..storage import open_model
 from ..storage.source import WeightSource
 from ..storage.memory_plan import available_memory, process_rss
 from .allreduce import StarMember
+from .link import ECHO, ID_BYTES, KEY_BYTES, STEP, Link, LinkClosed, Received, as_array, open_link, wait_any
 from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
 from .protocol import DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode
@@ -51,11 +52,13 @@ class Worker:
         self.model: Model | None = None
         self.cache = None
         self.member: StarMember | None = None
+        self.link: Link | None = None
         self.joined = False
         self.failed_handshakes = 0
         self.steps, self.step_s, self.step_wait_s = 0, 0.0, 0.0  # decode steps (one token each)
 
     def close(self) -> None:
+        self._drop_link()
         self.monitor.close()
         self.sock.close(linger=0)
 
@@ -116,21 +119,21 @@ class Worker:
 
     def serve(self) -> None:
         """Run the master's commands until it says bye."""
-        pending: Message | None = None
+        pending: Message | None = None  # the command that interrupted a step
         while True:
-            m = pending or self.recv(None)
+            m = pending or self._command()
             pending = None
             try:
-                if m.kind == "bye":
+                if isinstance(m, Received):  # a step, from the link
+                    self._step(m)
+                elif m.kind == "bye":
                     log(f"the master ended the session: {m.fields['reason']}")
                     if self.steps:
                         log(f"served {self.steps} decode steps: {self.step_s - self.step_wait_s:.3f} s computing, "
                             f"{self.step_wait_s:.3f} s waiting for sums")
                     return
-                if m.kind == "load":
+                elif m.kind == "load":
                     self._load(m)
-                elif m.kind == "step":
-                    self._step(m)
                 elif m.kind == "ping":
                     self.send("pong")
                 elif m.kind == "echo":
@@ -146,6 +149,34 @@ class Worker:
                 self.send("failed", message=f"{type(e).__name__}: {e}")
                 raise
 
+    def _command(self) -> Message | Received:
+        """The master's next command: a step from the link, or a message from the ZeroMQ socket.
+        Meanwhile echoes on the link (how the master measures its floor); a link the master closed
+        is dropped (it re-plans or stops: a command follows)."""
+        while True:
+            if self.link is None:
+                return self.recv(None)
+            try:
+                while (got := self.link.take()) is not None:
+                    if got.kind == STEP:
+                        return got
+                    if got.kind == ECHO:
+                        self.link.send(ECHO, got.seq, got.data, timeout=self.timeout)
+                    else:
+                        log(f"dropped a link message of kind {got.kind} between steps")
+            except LinkClosed:
+                self._drop_link()
+                continue
+            wait_any([self.link], self.sock, 0.5)
+            m = self.recv(0)
+            if m is not None:
+                return m
+
+    def _drop_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
     def _held_models(self) -> list[str]:
         """The fingerprints of the files held whole as FINGERPRINT.safetensors (pulled, or linked by
         the user); not shard files written from them (a master on this machine shares the dir)."""
@@ -155,6 +186,16 @@ class Worker:
 
     def _load(self, m: Message) -> None:
         f = m.fields
+        self._drop_link()
+        try:
+            link_id, key = bytes.fromhex(f["link_id"]), bytes.fromhex(f["link_key"])
+        except ValueError:
+            link_id = key = b""
+        if (len(link_id), len(key)) != (ID_BYTES, KEY_BYTES):
+            raise EdgeInferError("a load with a malformed link id or key")
+        host, _, port = self.address.removeprefix("tcp://").rpartition(":")
+        # before loading: the master takes the links once every worker is ready
+        self.link = open_link(host, int(port) + 1, link_id, key, self.timeout)
         shard, share, share_file = self._open_share(f)
         self._keep_only(f["fingerprint"], share_file)
         window, pinned = None, ()
@@ -261,17 +302,18 @@ class Worker:
                 log(f"pulling {fp[:12]}: {offset >> 20} of {size >> 20} MB")
         out.flush()
 
-    def _step(self, m: Message) -> None:
+    def _step(self, m: Received) -> None:
         if self.model is None:
             raise EdgeInferError("a step before any load")
-        start = m.fields["start"]
+        start, row = m.start, self.model.config.hidden_size * 4
         if start > self.cache.length:
             raise EdgeInferError(f"the step starts at {start} but this node's cache holds {self.cache.length}")
-        h = m.array()
-        if h.ndim != 2 or h.shape[1] != self.model.config.hidden_size:
-            raise EdgeInferError(f"hidden vectors of shape {h.shape}")
+        h = as_array(m.data, m.wire, (len(m.data) // row, self.model.config.hidden_size)) if m.wire == "f4" else None
+        if h is None or not h.shape[0]:
+            raise EdgeInferError(f"a step of {len(m.data)} bytes as {m.wire}: not hidden vectors of "
+                                 f"{self.model.config.hidden_size} floats")
         self.cache.truncate(start)
-        self.member.begin(m.fields["seq"])
+        self.member.begin(m.seq)
         t0, waited = time.perf_counter(), self.member.wait_s
         self.model.run_layers(h, self.cache)
         if h.shape[0] == 1:
