@@ -133,13 +133,13 @@ def take(link, timeout: float = 5.0):
 
 
 def test_partials_and_sums_round_trip_on_a_link():
-    from edgeinfer.cluster.link import PARTIAL, STEP, SUM, as_array
+    from edgeinfer.cluster.link import PARTIAL, STEP, as_array
 
     master, worker, _ = link_pair()
     h = np.arange(12, dtype=np.float32).reshape(2, 6)
-    master.send(STEP, 9, h, "f4", start=40)
+    master.send(STEP, 9, h, "f4", arg=40)
     m = take(worker)
-    assert (m.kind, m.seq, m.start) == (STEP, 9, 40) and np.array_equal(as_array(m.data, m.wire, (2, 6)), h)
+    assert (m.kind, m.seq, m.arg) == (STEP, 9, 40) and np.array_equal(as_array(m.data, m.wire, (2, 6)), h)
     fixed = np.array([-(1 << 40), 3, 1 << 50], np.int64)  # a 4-bit node's partial: int64, not rounded to float
     worker.send(PARTIAL, 2, fixed, "i8")
     kind, seq, wire, data, _ = take(master)
@@ -151,15 +151,26 @@ def test_partials_and_sums_round_trip_on_a_link():
     assert len(data) == 12 and as_array(data, wire, (3,)).dtype == np.int64
     assert np.array_equal(as_array(data, wire, (3,)), small) and as_array(data, wire, (4,)) is None
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    master.send(SUM, 3, a.astype(np.float16), "f2")
-    kind, seq, wire, data, _ = take(worker)
-    assert (kind, seq) == (SUM, 3) and np.array_equal(as_array(data, wire, (3, 4)), a)
+    master.send(PARTIAL, 3, a.astype(np.float16), "f2", arg=2)
+    kind, seq, wire, data, node = take(worker)
+    assert (kind, seq, node) == (PARTIAL, 3, 2) and np.array_equal(as_array(data, wire, (3, 4)), a)
     big = np.arange(3 << 20, dtype=np.int64)  # a prefill's partial: more than the socket buffers hold
     import threading
     sender = threading.Thread(target=worker.send, args=(PARTIAL, 4, big, "i8"))
     sender.start()
     assert np.array_equal(as_array(take(master)[3], "i8", big.shape), big)
     sender.join()
+    got = {}  # both ends send one at once (every node sends its partial when it has it): neither waits for ever
+
+    def exchange(end, name):
+        end.send(PARTIAL, 5, big + len(name), "i8", timeout=60)
+        got[name] = as_array(take(end, 60).data, "i8", big.shape)
+    both = [threading.Thread(target=exchange, args=(end, name)) for end, name in ((master, "m"), (worker, "wk"))]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(120)
+    assert np.array_equal(got["m"], big + 2) and np.array_equal(got["wk"], big + 1)
 
 
 def test_a_link_refuses_what_does_not_open_under_its_key():
@@ -210,7 +221,7 @@ def test_malformed_messages_raise_protocol_error_only():
     good = [encode("echo", b"\0" * 40, seq=3), encode("ready", rss=5), encode("need", fingerprint="b" * 64, offset=7),
             encode("load", fingerprint="a" * 64, size=10, shard_fingerprint="", shard_size=0,
                    share={"kv": [0, 1], "cols": [0, 128]}, context=8, attention="exact", exact=False, sync="f4",
-                   cache_type="f16", link_id="00" * 16, link_key="00" * 32)]
+                   cache_type="f16", link_id="00" * 16, link_key="00" * 32, rank=1, nodes=2)]
     bad = [[b"not json"], [b"[1, 2]"], [b'{"kind": "nope", "v": 1}'], [b"{}"], [b"x" * (MAX_HEADER + 1)],
            [b'{"kind": "ping", "v": 99}'], [b'{"kind": "ready", "v": 1, "rss": "5"}'],
            [b'{"kind": "ready", "v": 1, "rss": true}'], [b'{"kind": "ready", "v": 1}'],
@@ -671,7 +682,8 @@ def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path)
             server.send_multipart([identity, *junk])
         server.send_multipart([identity, *encode("load", fingerprint="a" * 64, size=10, shard_fingerprint="",
                                                  shard_size=0, share={}, context=8, attention="exact", exact=False,
-                                                 sync="f4", cache_type="f16", link_id="zz", link_key="00")])
+                                                 sync="f4", cache_type="f16", link_id="zz", link_key="00", rank=1,
+                                                 nodes=2)])
         reply = decode(receive()[1:])
         assert reply.kind == "failed" and "malformed link id or key" in reply.fields["message"]
         server.send_multipart([identity, *encode("bye", reason="test over")])

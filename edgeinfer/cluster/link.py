@@ -7,10 +7,12 @@ ZeroMQ's I/O thread), and waking them is most of a round trip, on a VM's vCPUs a
 for a 2.3 KB partial on loopback, against 13 us for a TCP socket polled by the thread that waits,
 and 25 us sealed (bench/RESULTS.md). A decode step makes two all-reduces per layer.
 
-A link carries what the steps need, in order: the hidden vectors that start a step, the partials
-and the sums (a message on another channel could overtake them). On the wire a message is its
+A link carries what the steps need, in order: the hidden vectors that start a step, and the
+partials (a message on another channel could overtake them). On the wire a message is its
 sealed length (4 bytes, little-endian), then the sealed bytes: kind (1 byte), sequence number (8),
-a step's cache position (8), the array's wire dtype (1), the array's bytes. Each direction has its
+an argument (8: a step's cache position, a partial's node), the array's wire dtype (1), the
+array's bytes. Both ends may send at once (every node sends its partial as soon as it has it): a
+send that finds the socket full takes in what arrives meanwhile, so neither waits on the other. Each direction has its
 own nonces, counting up from 0: a message replayed, dropped or reordered fails to open. The worker
 opens a link with the link's id in the clear (which key to use), then a sealed HELLO.
 """
@@ -22,6 +24,7 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -33,11 +36,11 @@ from ..errors import EdgeInferError
 from .protocol import FIXED, FIXED_SMALL, MAX_PAYLOAD, WIRE_DTYPES, from_wire
 from .sockets import SPIN_SECONDS
 
-HELLO, STEP, PARTIAL, SUM, ECHO = range(5)
-KINDS = {HELLO: "hello", STEP: "step", PARTIAL: "partial", SUM: "sum", ECHO: "echo"}
+HELLO, STEP, PARTIAL, ECHO = range(4)
+KINDS = {HELLO: "hello", STEP: "step", PARTIAL: "partial", ECHO: "echo"}
 WIRE_CODES = {"f4": 0, "f2": 1, FIXED: 2, FIXED_SMALL: 3}
 WIRE_NAMES = {code: name for name, code in WIRE_CODES.items()}
-_HEAD = struct.Struct("<BQQB")  # kind, seq, start, wire dtype
+_HEAD = struct.Struct("<BQQB")  # kind, seq, arg, wire dtype
 _LENGTH = struct.Struct("<I")
 TAG = 16
 ID_BYTES, KEY_BYTES = 16, 32
@@ -49,7 +52,7 @@ class Received(NamedTuple):
     seq: int  # a step's first all-reduce, or the all-reduce's
     wire: str  # the dtype the array was sent as (protocol.WIRE_DTYPES)
     data: bytes  # the array's
-    start: int  # a step's cache position (0 for other kinds)
+    arg: int  # a step's cache position; a partial's node (0: the master)
 
 
 class LinkClosed(EdgeInferError):
@@ -68,6 +71,7 @@ class Link:
         self.sent = self.received = 0  # messages each way: the next nonces
         self._length: int | None = None  # of the sealed message being read, once its prefix is in
         self._buf, self._got = bytearray(_LENGTH.size), 0
+        self._inbox: deque[Received] = deque()  # taken in while a send waited
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -76,13 +80,13 @@ class Link:
         self.sock.close()
 
     def send(self, kind: int, seq: int, array: np.ndarray | bytes = b"", wire: str = "f4",
-             timeout: float = 30.0, start: int = 0) -> None:
+             timeout: float = 30.0, arg: int = 0) -> None:
         """Seal and send one message; waits only while the socket's buffer is full (a large
-        prefill partial), for up to `timeout` s."""
+        prefill partial), taking in what the other end sends meanwhile, for up to `timeout` s."""
         nonce = self._out + self.sent.to_bytes(8, "little")
         self.sent += 1
         body = np.ascontiguousarray(array).view(np.uint8).reshape(-1) if isinstance(array, np.ndarray) else array
-        sealed = self.aead.encrypt(nonce, b"".join([_HEAD.pack(kind, seq, start, WIRE_CODES[wire]), body]), None)
+        sealed = self.aead.encrypt(nonce, b"".join([_HEAD.pack(kind, seq, arg, WIRE_CODES[wire]), body]), None)
         data = memoryview(b"".join([_LENGTH.pack(len(sealed)), sealed]))
         deadline = time.monotonic() + timeout
         while data:
@@ -90,13 +94,20 @@ class Link:
                 data = data[self.sock.send(data):]
             except (BlockingIOError, InterruptedError):
                 rest = deadline - time.monotonic()
-                if rest <= 0 or not select.select([], [self.sock], [], rest)[1]:
+                readable, writable, _ = select.select([self.sock], [self.sock], [], max(rest, 0))
+                if readable:  # the other end may be sending too, and waiting for us to read
+                    while (m := self._receive()) is not None:
+                        self._inbox.append(m)
+                elif not writable:
                     raise LinkClosed(f"the other end took nothing for {timeout:g} s") from None
             except OSError as e:
                 raise LinkClosed(f"the link is closed ({e.strerror or e})") from None
 
     def take(self) -> Received | None:
         """The next whole message if it has arrived; reads what is there and returns None otherwise."""
+        return self._inbox.popleft() if self._inbox else self._receive()
+
+    def _receive(self) -> Received | None:
         while True:
             if self._got < len(self._buf):
                 try:
@@ -122,10 +133,10 @@ class Link:
                 raise LinkClosed("a message on the link did not open under its key") from None
             self.received += 1
             self._length, self._buf, self._got = None, bytearray(_LENGTH.size), 0
-            kind, seq, start, code = _HEAD.unpack_from(plain)
+            kind, seq, arg, code = _HEAD.unpack_from(plain)
             if kind not in KINDS or code not in WIRE_NAMES:
                 raise LinkClosed(f"a message of kind {kind} and dtype {code} on the link")
-            return Received(kind, seq, WIRE_NAMES[code], plain[_HEAD.size:], start)
+            return Received(kind, seq, WIRE_NAMES[code], plain[_HEAD.size:], arg)
 
 
 def as_array(data: bytes, wire: str, shape: tuple) -> np.ndarray | None:
@@ -139,6 +150,8 @@ def as_array(data: bytes, wire: str, shape: tuple) -> np.ndarray | None:
 def wait_any(links: list[Link], zsock: zmq.Socket | None, timeout: float) -> None:
     """Until a link has bytes, `zsock` a message, or `timeout` s passed: awake for up to
     SPIN_SECONDS (polling, yielding the core), then asleep in poll(2)."""
+    if any(link._inbox for link in links):
+        return
     start = time.perf_counter()
     poller = zmq.Poller()
     for link in links:

@@ -186,7 +186,7 @@ class Master:
         size = os.path.getsize(path)
         files = {fp: path}  # what workers may pull, by fingerprint
         keys: dict[bytes, tuple[bytes, WorkerInfo]] = {}  # link id -> its key and worker
-        for w, share in zip(self.workers, shares):
+        for rank, (w, share) in enumerate(zip(self.workers, shares), 1):
             if w.link is not None:  # the last plan's: a worker waiting on it learns of the new plan
                 w.link.close()
                 w.link = None
@@ -199,7 +199,8 @@ class Master:
                 files[shard_fp] = shard
             self.send(w.identity, "load", fingerprint=fp, size=size, shard_fingerprint=shard_fp, shard_size=shard_size,
                       share=share.to_dict(), context=context, attention=attention, exact=float32, sync=self.hub.sync,
-                      cache_type=cache_type, link_id=link_id.hex(), link_key=key.hex())
+                      cache_type=cache_type, link_id=link_id.hex(), link_key=key.hex(), rank=rank,
+                      nodes=len(self.workers) + 1)
         handles: dict[str, object] = {}  # the files being sent, opened once
         ready: set[bytes] = set()
         patience = max(self.timeout, LOAD_TIMEOUT)
@@ -242,7 +243,7 @@ class Master:
         h = np.ascontiguousarray(h, np.float32)
         for w in self.workers:
             try:
-                w.link.send(STEP, self.hub.seq, h, "f4", self.timeout, start)
+                w.link.send(STEP, self.hub.seq, h, "f4", self.timeout, arg=start)
             except LinkClosed as e:
                 raise NodeLost(w.identity, f"lost {w.name}'s link: {e}") from None
 

@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import EdgeInferError
 
 PROTOCOL = 4  # 2: 4/8-bit partials travel as int64 fixed point; workers pull their shard; 3: load names the KV cache type;
-# 4: partials and sums travel on links (link.py), which load opens
+# 4: steps and partials travel on links (link.py), which load opens, and every node adds the partials
 DEFAULT_PORT = 7433
 MAX_HEADER = 16 << 10
 FILE_CHUNK = 4 << 20
@@ -55,7 +55,8 @@ FIELDS: dict[str, dict[str, type | tuple]] = {
     "load": {"fingerprint": _STR, "size": _INT, "shard_fingerprint": _STR, "shard_size": _INT, "share": _DICT,
              "context": _INT, "attention": _STR, "exact": _BOOL, "sync": _STR,  # exact: float32 weights (--exact)
              "cache_type": _STR,  # the KV cache's type (--cache-type)
-             "link_id": _STR, "link_key": _STR},  # of the link to open (link.py) to the master's port + 1, in hex
+             "link_id": _STR, "link_key": _STR,  # of the link to open (link.py) to the master's port + 1, in hex
+             "rank": _INT, "nodes": _INT},  # this worker's place in the plan (the master is 0), and the node count
     "chunk": {"fingerprint": _STR, "offset": _INT},
     "ping": {},
     "bye": {"reason": _STR},

@@ -211,7 +211,9 @@ class Worker:
         self.cache = self.model.new_cache(f["context"])
         if f["sync"] not in DTYPES:
             raise EdgeInferError(f"unknown sync type {f['sync'][:10]!r}")
-        self.member = StarMember(self, f["sync"])
+        if not 0 < f["rank"] < f["nodes"]:
+            raise EdgeInferError(f"node {f['rank']} of {f['nodes']}")
+        self.member = StarMember(self, f["sync"], f["rank"], f["nodes"])
         self.model.allreduce = self.member.allreduce
         log(f"loaded its share: KV heads {share.kv_start}-{share.kv_end}, MLP columns {share.col_start}-{share.col_end}, "
             f"{self.model.path.cache_type} KV cache")
@@ -305,7 +307,7 @@ class Worker:
     def _step(self, m: Received) -> None:
         if self.model is None:
             raise EdgeInferError("a step before any load")
-        start, row = m.start, self.model.config.hidden_size * 4
+        start, row = m.arg, self.model.config.hidden_size * 4
         if start > self.cache.length:
             raise EdgeInferError(f"the step starts at {start} but this node's cache holds {self.cache.length}")
         h = as_array(m.data, m.wire, (len(m.data) // row, self.model.config.hidden_size)) if m.wire == "f4" else None
