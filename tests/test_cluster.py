@@ -23,7 +23,7 @@ import pytest
 import zmq
 from conftest import edgeinfer_cli
 
-from edgeinfer.cluster.plan import Share, plan_shares, split, with_head
+from edgeinfer.cluster.plan import Share, plan_shares, split
 from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
@@ -55,19 +55,6 @@ def test_plan_covers_every_head_and_column_once():
     uneven = plan_shares(c, [3.0, 1.0])
     assert uneven[0].columns == 3 * uneven[1].columns  # shares follow the weights
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
-
-
-def test_the_master_takes_less_of_the_layers_for_running_the_head():
-    """Shares that even out the time per token: node i's layers take s_i / w_i, the master's plus
-    the head's cost (as a fraction of all layers) / w_0."""
-    for weights, head in (([1.0, 1.0], 0.47), ([2.0, 1.0, 1.0], 0.1), ([1.0, 3.0], 0.04)):
-        shares = with_head(weights, head)
-        times = [s / w for s, w in zip(shares, weights)]
-        times[0] += head / weights[0]
-        assert sum(shares) == pytest.approx(1.0) and max(times) == pytest.approx(min(times))
-    assert with_head([1.0, 1.0], 3.0)[0] > 0  # a head costlier than an even share: the master keeps a little
-    small = plan_shares(smol_config(), with_head([1.0, 1.0], 0.47))
-    assert small[0].kv_heads < small[1].kv_heads and small[0].columns < small[1].columns
 
 
 def test_a_plan_around_held_shards_gives_the_master_the_rest():
@@ -455,7 +442,7 @@ def test_greedy_tokens_equal_single_node(smollm2_single, alone, tmp_path, worker
         embedding = full.vocab_size * full.hidden_size * 5 // 8  # at least what its 4-bit rows take
         assert len(pulled) == 1 and pulled[0].stat().st_size < smollm2_single.stat().st_size - embedding
         assert "model.embed_tokens.weight" not in open_model(str(pulled[0])).names()
-        # a share, not the model (the master may hold no KV heads: it runs the head too, plan.with_head)
+        # a share, not the model
         assert c.num_layers == full.num_layers and c.layers_only and c.intermediate_size < full.intermediate_size
     for p in procs:
         wcode, _, werr = finish(p, 60)

@@ -22,12 +22,10 @@ from ..model import Model
 from ..paths import cluster_dir
 from ..storage import open_model
 from ..storage.memory_plan import available_memory
-from ..storage.source import WeightSource
-from ..storage.units import file_units
 from .allreduce import NodeLost
 from .master import Master, WorkerInfo
 from .node import fingerprint, gemv_speed, log
-from .plan import Share, node_weight, plan_around, plan_shares, with_head
+from .plan import Share, node_weight, plan_around, plan_shares
 from .shard import ShardSource, remove_stale_shards, shard_file, shard_name, written_shards
 
 
@@ -70,7 +68,7 @@ class ClusterModel:
         self.master, self.path, self.quantized, self.attention = master, path, quantized, attention
         self.mem_limit, self.cache_type = mem_limit, cache_type
         source = open_model(path)
-        self.config, self.head_cost = source.config, head_cost(source)
+        self.config = source.config
         self.fingerprint = fingerprint(path)
         self.size = os.path.getsize(path)
         self.weight = gemv_speed()
@@ -95,7 +93,9 @@ class ClusterModel:
                 for w in workers:
                     w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
                 own = node_weight(self.weight, available_memory(), self.size, len(workers) + 1)
-                shares = plan_shares(self.config, with_head([own] + [w.weight for w in workers], self.head_cost))
+                # not less for the master for running the head: every half-layer's all-reduce waits
+                # for the slowest node, and the head runs while the workers wait anyway
+                shares = plan_shares(self.config, [own] + [w.weight for w in workers])
             self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = self._local_model(shares[0], alone=not workers)
             self.local.allreduce = partial_to_float  # compile both halves at load, not at a token
@@ -191,13 +191,3 @@ class ClusterModel:
         self.master.step(start, h)
         return self.local.logits(self.local.run_layers(h, local), all_logits)
 
-
-def head_cost(source: WeightSource) -> float:
-    """What the head costs the master per token, as a fraction of all the layers: the bytes each
-    reads (a decode step reads every weight once)."""
-    c = source.config
-    if source.can_stream:
-        units = file_units(source)
-        return units[-1].size / sum(u.size for u in units[:-1])
-    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-    return c.vocab_size * c.hidden_size / (c.num_layers * per_layer)  # by parameters, when the file has no units

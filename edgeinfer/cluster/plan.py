@@ -95,17 +95,6 @@ def node_weight(gemv_gbs: float, free_bytes: int, model_bytes: int, nodes: int) 
     return gemv_gbs * min(1.0, free_bytes / even) if even else gemv_gbs
 
 
-def with_head(weights: list[float], head_cost: float) -> list[float]:
-    """Share weights that give every node the same time per token when node 0 (the master) also runs
-    the head, which costs `head_cost` times all the layers (decode reads each weight once a token):
-    node i's layers take s_i / w_i, the master's plus head_cost / w_0; equal times give
-    s_i = (1 + head_cost) w_i / sum(w), less head_cost for the master (some little share at least)."""
-    total = sum(weights)
-    shares = [(1 + head_cost) * w / total for w in weights]
-    shares[0] = max(shares[0] - head_cost, 0.01 * shares[0])
-    return shares
-
-
 def plan_around(config: ModelConfig, held: list[Share]) -> list[Share] | None:
     """[the master's share, *held] when the workers' shares leave the master one range of KV heads
     (maybe empty) and one of MLP columns, and cover the rest once: the same nodes keep the plan
