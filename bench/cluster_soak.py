@@ -82,6 +82,7 @@ def generation(model: str, port: int, tokens: int, workers: list[Timed], cache: 
     return {"hang": False, "code": master.proc.returncode, "kill_after_s": round(killed_at - started, 2),
             "text": master.out, "killed_while": when,
             "named_after_s": round(drops[0] - killed_at, 2) if drops else None,
+            "named_as": next((line for t, line in master.lines if "dropped worker" in line and t >= killed_at), None),
             "seconds": round(time.monotonic() - started, 1)}
 
 

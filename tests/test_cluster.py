@@ -744,7 +744,9 @@ def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, 
         _, _, werr = finish(w, 60)
         return out, err, werr
 
-    out, err, werr = session("1M")
+    # above an even share of the weights, so the plan weighs the worker in full (the limit is the
+    # memory a worker says it may use), and below what any share runs in
+    out, err, werr = session("100M")
     least = re.search(r"the least this model runs in at --ctx 256 is (\d+) MB", werr)
     assert least and "dropped worker 1" in err and out == alone(*prompt), werr
     out, err, werr = session(f"{int(least.group(1)) + 3}M")
@@ -753,6 +755,8 @@ def test_a_worker_streams_its_pulled_shard_within_its_mem_limit(smollm2_single, 
                       r"slots", werr)
     assert split and int(split.group(2)) > 0 and "plan 1 over 2 nodes" in err, werr
     assert out == alone(*prompt), err
+    # it told the master the memory it may use, by which the plan weighs it: its limit, not the machine's
+    assert f"worker 1 joined: {os.cpu_count()} cores, {int(least.group(1)) + 3} MB free" in err, err
 
 
 CLOSE_MONITORED = """

@@ -92,7 +92,7 @@ class ClusterModel:
             if shares is None:  # in proportion to the nodes' speeds
                 for w in workers:
                     w.weight = node_weight(w.hello["gemv_gbs"], w.hello["free_ram"], self.size, len(workers) + 1)
-                own = node_weight(self.weight, available_memory(), self.size, len(workers) + 1)
+                own = node_weight(self.weight, min(available_memory(), self.mem_limit or 1 << 62), self.size, len(workers) + 1)
                 # not less for the master for running the head: every half-layer's all-reduce waits
                 # for the slowest node, and the head runs while the workers wait anyway
                 shares = plan_shares(self.config, [own] + [w.weight for w in workers])

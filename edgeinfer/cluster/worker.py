@@ -91,9 +91,9 @@ class Worker:
         The hello is said again with each line: the first may have gone to a master on its way out
         (one restarted on the same address)."""
         log(f"connecting to the master at {self.address}")
-        hello = dict(token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(),
-                     free_ram=available_memory(), gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir),
-                     models=self._held_models())
+        usable = min(available_memory(), self.mem_limit or 1 << 62)  # the plan weighs nodes by it
+        hello = dict(token=self.token, protocol=PROTOCOL, version=__version__, cores=cores(), free_ram=usable,
+                     gemv_gbs=gemv_speed(), disk_mb_s=disk_speed(self.cache_dir), models=self._held_models())
         self.send("hello", **hello)
         start = time.monotonic()
         note, deadline = start + RETRY_NOTE, None if forever else start + self.timeout
