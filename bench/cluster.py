@@ -317,8 +317,11 @@ def main() -> None:
                 rows.append(row)
                 print(f"# {n} node(s), RTT {rtt:g} ms: {row['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
         alone = next((r["text"] for r in rows if r["nodes"] == 1), None)
+        base = next((r for r in rows if r["nodes"] == 1 and r["threads"] == args.alone_threads), None)
         for r in rows:
             r["same_text_as_one_node"] = r.pop("text") == alone if alone is not None else None
+            if base is not None and r["nodes"] > 1:  # the measure: N nodes against one with all the cores
+                r["of_one_node"] = r["decode_tok_s"] / base["decode_tok_s"]
     hidden = _hidden(args.model)
     for rtt in rtts:
         for n in range(2, args.nodes + 1):
@@ -335,8 +338,9 @@ def main() -> None:
             f"{r['master_wait_ms_per_token']:.1f} ({r['allreduce_ms']:.3f} ms each, a plain round trip on the same " \
             f"link {r.get('floor_ms', float('nan')):.3f}, on ZeroMQ {r.get('zmq_floor_ms', float('nan')):.3f}); " if "allreduce_ms" in r else ""
         print(f"summary: {r['nodes']} nodes x {r['threads']} threads, RTT {r['rtt_ms']:g} ms: "
-              f"{r['decode_tok_s']:.2f} tok/s, "
-              f"same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"
+              f"{r['decode_tok_s']:.2f} tok/s"
+              + (f" ({r['of_one_node']:.1%} of one node x {args.alone_threads} threads)" if "of_one_node" in r else "")
+              + f", same text {r['same_text_as_one_node']}, master peak RSS {r['master_peak_rss_mb']:.0f} MB"
               + (f", workers {r['worker_rss_mb']} MB" if r["worker_rss_mb"] else "")
               + (f" ({split}{w})" if split or w else "") + (f" DROPPED: {r['dropped']}" if r["dropped"] else ""))
     for x in latency:

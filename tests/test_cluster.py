@@ -627,6 +627,34 @@ def test_a_master_whose_link_port_is_taken_says_so(smollm2_single):
 
 
 @pytest.mark.real_model
+def test_a_worker_that_never_opens_its_link_is_dropped(smollm2_single, single_node):
+    """A worker that says it is ready but never opened its link (a firewall on the master's port + 1,
+    say) is named and dropped within the step timeout; the master answers alone."""
+    from edgeinfer import __version__
+    from edgeinfer.cluster.protocol import PROTOCOL
+
+    port = free_port()
+    master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,
+                   "--workers", "1", "--wait", "120", "--timeout", "3")
+    ctx = zmq.Context()
+    try:
+        sock, _ = curve_client(ctx, TOKEN, f"tcp://127.0.0.1:{port}")
+        sock.send_multipart(encode("hello", token=TOKEN, protocol=PROTOCOL, version=__version__, cores=1,
+                                   free_ram=1 << 30, gemv_gbs=1.0, disk_mb_s=1.0, models=[]))
+        while True:
+            assert sock.poll(300_000), "no load from the master"
+            m = decode(sock.recv_multipart())
+            if m.kind == "load":
+                sock.send_multipart(encode("ready", rss=1))
+                break
+        code, out, err = finish(master)
+        assert code == 0 and out == single_node, err
+        assert "dropped worker 1: worker 1 did not open its all-reduce link" in err, err
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.real_model
 def test_fuzzed_frames_crash_neither_side(smollm2_single, single_node, tmp_path):
     port = free_port()
     master = spawn("run", str(smollm2_single), *PROMPT, "--listen", str(port), "--token", TOKEN,

@@ -231,12 +231,17 @@ class Master:
         finally:
             for f in handles.values():
                 f.close()
-        # each worker opened its link before loading: it waits in the listener's queue
-        links = self.links.accept({i: k for i, (k, _) in keys.items()}, time.monotonic() + min(self.timeout, PING_TIMEOUT))
-        for link_id, (_, w) in keys.items():
-            if link_id not in links:
-                raise NodeLost(w.identity, f"{w.name} did not open its all-reduce link")
-            w.link = links[link_id]
+        # each worker opened its link before loading: it waits in the listener's queue. Those not
+        # there are pinged every second, as above: a worker that died fails the ping at once
+        deadline = time.monotonic() + min(self.timeout, PING_TIMEOUT)
+        while missing := {link_id: key for link_id, (key, w) in keys.items() if w.link is None}:
+            for link_id, link in self.links.accept(missing, min(deadline, time.monotonic() + 1.0)).items():
+                keys[link_id][1].link = link
+            late = [w for _, w in keys.values() if w.link is None]
+            if late and time.monotonic() >= deadline:
+                raise NodeLost(late[0].identity, f"{late[0].name} did not open its all-reduce link")
+            for w in late:
+                self.send(w.identity, "ping")
 
     def step(self, start: int, h: np.ndarray) -> None:
         """Start every worker on hidden vectors h at cache position `start`."""
