@@ -1,5 +1,5 @@
-"""The all-reduce's own connection between the master and each worker: a TCP socket read and written
-by the thread that computes, each message sealed with ChaCha20-Poly1305 under a key the master makes
+"""The steps' own connection between the master and each worker: a TCP socket read and written by
+the thread that computes, each message sealed with ChaCha20-Poly1305 under a key the master makes
 for each plan and hands out over the CURVE channel (sockets.py).
 
 Why not ZeroMQ for this too: a ZeroMQ message crosses two threads on each side (the caller's and
@@ -8,13 +8,14 @@ for a 2.3 KB partial on loopback, against 13 us for a TCP socket polled by the t
 and 25 us sealed (bench/RESULTS.md). A decode step makes two all-reduces per layer.
 
 A link carries what the steps need, in order: the hidden vectors that start a step, and the
-partials (a message on another channel could overtake them). On the wire a message is its
-sealed length (4 bytes, little-endian), then the sealed bytes: kind (1 byte), sequence number (8),
-an argument (8: a step's cache position, a partial's node), the array's wire dtype (1), the
-array's bytes. Both ends may send at once (every node sends its partial as soon as it has it): a
-send that finds the socket full takes in what arrives meanwhile, so neither waits on the other. Each direction has its
-own nonces, counting up from 0: a message replayed, dropped or reordered fails to open. The worker
-opens a link with the link's id in the clear (which key to use), then a sealed HELLO.
+partials (a message on another channel could overtake them). On the wire a message is its sealed
+length (4 bytes, little-endian), then the sealed bytes: kind (1 byte), sequence number (8), an
+argument (8: a step's cache position, a partial's node), the array's wire dtype (1), the array's
+bytes. Each direction has its own nonces, counting up from 0: a message replayed, dropped or
+reordered fails to open. Both ends may send at once (every node sends its partial as soon as it
+has it): a send that finds the socket full takes in what arrives meanwhile, so neither waits on
+the other. The worker opens a link with the link's id in the clear (which key to use), then a
+sealed HELLO.
 """
 
 from __future__ import annotations

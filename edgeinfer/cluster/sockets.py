@@ -54,8 +54,9 @@ class Monitor:
         return failed
 
 
-# A decode step's all-reduce mostly answers within this on loopback: wait for it awake, polling and
-# yielding the core (to ZeroMQ's I/O thread, and to the other nodes on one machine), rather than
+# A decode step's all-reduce mostly answers within this on loopback: wait for it awake (on a link,
+# link.wait_any, or a ZeroMQ socket), polling and yielding the core (to the other nodes on one
+# machine, and to ZeroMQ's I/O thread), rather than
 # sleeping in the kernel: waking a sleeping thread, on a VM's vCPU above all, costs about as much
 # as the round trip itself. Longer spins (2 ms) took cores from computing nodes when several share a
 # machine (measured in bench/RESULTS.md).
