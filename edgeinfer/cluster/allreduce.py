@@ -191,11 +191,10 @@ class StarMember:
         """The master closed the link: it re-plans (a load follows) or is gone."""
         deadline = time.monotonic() + self.worker.timeout
         while (rest := deadline - time.monotonic()) > 0:
-            m = self.worker.recv(rest)
-            if m is not None and m.kind in ("load", "bye"):
-                return Interrupted(m)
-            if m is not None and m.kind == "ping":
-                self.worker.send("pong")
+            try:
+                self._command(self.worker.recv(rest))
+            except Interrupted as e:
+                return e
         return EdgeInferError(f"lost the all-reduce link to the master: {closed}")
 
 
@@ -226,15 +225,10 @@ def check_partial(m: Received, seq: int, wire: str, shape: tuple) -> np.ndarray 
 def combine(parts: list[np.ndarray], wire: str) -> np.ndarray:
     """Every node's partial (as received: int64 fixed point, or float32) added in node order into
     the float32 total, which every node computes alike."""
-    if wire in (FIXED, FIXED_SMALL):
-        total = parts[0].copy()
-        for p in parts[1:]:
-            total += p  # integers: exact in any order
-        return partial_to_float(total)
     total = parts[0].copy()
     for p in parts[1:]:
-        total += p
-    return total
+        total += p  # fixed point: exact in any order; floats: in node order, alike on every node
+    return partial_to_float(total) if wire in (FIXED, FIXED_SMALL) else total
 
 
 def wire_dtype(partial: np.ndarray, sync: str) -> str:
