@@ -624,6 +624,8 @@ def test_a_master_whose_link_port_is_taken_says_so(smollm2_single):
         r = edgeinfer_cli("run", str(smollm2_single), "-p", "x", "--listen", str(port), "--token", TOKEN)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"port {port + 1}" in r.stderr.strip().splitlines()[-1], r.stderr
+    r = edgeinfer_cli("run", str(smollm2_single), "-p", "x", "--listen", "65535", "--token", TOKEN)  # no next port
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "65534 at most" in r.stderr, r.stderr
 
 
 @pytest.mark.real_model

@@ -167,6 +167,16 @@ def wait_any(links: list[Link], zsock: zmq.Socket | None, timeout: float) -> Non
     poller.poll(max(0, int((timeout - (time.perf_counter() - start)) * 1000)))
 
 
+def link_address(endpoint: str) -> tuple[str, int]:
+    """Where the links of the master at `endpoint` (tcp://HOST:PORT, sockets.endpoint) are: its
+    host, the next port."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if int(port) >= 65535:
+        raise EdgeInferError(f"port {port}: the master's links take the next port, "
+                             "so a master listens on 65534 at most")
+    return host, int(port) + 1
+
+
 class LinkListener:
     """The master's end: a TCP port that workers open their links to."""
 

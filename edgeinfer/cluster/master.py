@@ -1,8 +1,8 @@
 """The master's side of the wire: `edgeinfer run MODEL --listen [HOST:]PORT --token TOKEN`.
 
 Workers join over ZeroMQ (CURVE); the master takes their hellos, sends each its share to load (and
-the file of it to pull) with the key of a link to open for the all-reduce's partials and sums
-(link.py, on the master's port + 1), starts every step, pings them between requests and drops those
+the file of it to pull) with the key of a link to open for the steps and their partials (link.py,
+on the master's port + 1), starts every step, pings them between requests and drops those
 that fail or go silent. Every receive has a deadline. What the engine runs over the nodes is
 cluster_model.ClusterModel.
 """
@@ -20,7 +20,7 @@ from ..errors import EdgeInferError
 from ..paths import cluster_dir
 from ..storage import open_model
 from .allreduce import NodeLost, StarHub
-from .link import ECHO, STEP, Link, LinkClosed, LinkListener, new_link_keys, wait_any
+from .link import ECHO, STEP, Link, LinkClosed, LinkListener, link_address, new_link_keys, wait_any
 from .node import fingerprint, log
 from .plan import Share
 from .protocol import FILE_CHUNK, Message, ProtocolError, check_hello, decode, encode
@@ -46,6 +46,11 @@ class WorkerInfo:
     def name(self) -> str:
         return f"worker {self.node}"
 
+    def close_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
 
 class Master:
     def __init__(self, listen: str, token: str, timeout: float = 30.0, sync: str = "f4"):
@@ -53,9 +58,8 @@ class Master:
             raise EdgeInferError("the join token must be at least 8 characters")
         self.address, self.token, self.timeout = endpoint(listen), token, timeout
         self.sock, self.monitor, self.public_key = curve_server(zmq.Context.instance(), token, self.address)
-        host, _, port = self.address.removeprefix("tcp://").rpartition(":")
         try:
-            self.links = LinkListener(host, int(port) + 1)
+            self.links = LinkListener(*link_address(self.address))
         except EdgeInferError:
             self.monitor.close()
             self.sock.close(linger=0)
@@ -69,14 +73,11 @@ class Master:
     def name_of(self, identity: bytes) -> str:
         return next((w.name for w in self.workers + self.waiting if w.identity == identity), "an unknown peer")
 
-    def send_frames(self, identity: bytes, frames: list[bytes]) -> None:
+    def send(self, identity: bytes, kind: str, payload=None, **fields) -> None:
         try:
-            self.sock.send_multipart([identity, *frames])
+            self.sock.send_multipart([identity, *encode(kind, payload, **fields)])
         except zmq.ZMQError as e:
             raise NodeLost(identity, f"{self.name_of(identity)} is unreachable: {e}") from None
-
-    def send(self, identity: bytes, kind: str, payload=None, **fields) -> None:
-        self.send_frames(identity, encode(kind, payload, **fields))
 
     def recv(self, deadline: float | None, awaiting: list[bytes] = ()) -> tuple[bytes, Message] | None:
         """The next valid message from a known worker, or None at the deadline (monotonic seconds).
@@ -165,9 +166,7 @@ class Master:
         self.waiting = [w for w in self.waiting if w.identity != identity]
         for w in lost:
             log(f"dropped {w.name}: {reason}")
-            if w.link is not None:
-                w.link.close()
-                w.link = None
+            w.close_link()
             try:
                 self.sock.send_multipart([identity, *encode("bye", reason=reason)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -187,9 +186,7 @@ class Master:
         files = {fp: path}  # what workers may pull, by fingerprint
         keys: dict[bytes, tuple[bytes, WorkerInfo]] = {}  # link id -> its key and worker
         for rank, (w, share) in enumerate(zip(self.workers, shares), 1):
-            if w.link is not None:  # the last plan's: a worker waiting on it learns of the new plan
-                w.link.close()
-                w.link = None
+            w.close_link()  # the last plan's: a worker waiting on it learns of the new plan
             link_id, key = new_link_keys()
             keys[link_id] = key, w
             shard_fp, shard_size = "", 0
@@ -275,7 +272,7 @@ class Master:
         deadline = time.monotonic() + PING_TIMEOUT
         try:
             w.link.send(ECHO, seq, bytes(nbytes))
-            while (m := w.link.take()) is None or m[:2] != (ECHO, seq):
+            while (m := w.link.take()) is None or (m.kind, m.seq) != (ECHO, seq):
                 if m is None and time.monotonic() >= deadline:
                     raise NodeLost(w.identity, f"{w.name} did not echo within {PING_TIMEOUT:g} s")
                 if m is None:
@@ -302,8 +299,7 @@ class Master:
             except zmq.ZMQError:
                 pass
         for w in self.workers + self.waiting:
-            if w.link is not None:
-                w.link.close()
+            w.close_link()
         self.links.close()
         self.monitor.close()
         self.sock.close(linger=1000)

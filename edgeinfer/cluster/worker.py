@@ -5,7 +5,7 @@ holds), gets a share to load (from the model file when it holds it; otherwise fr
 share alone, pulled from the master once into its cache dir, resumable and hash-checked, and reused
 while the plan gives it the same share), then serves steps: for each batch of hidden vectors the master sends,
 it runs the same forward pass as a single node over its shard, and each half-layer's partial sum
-goes through the master's star all-reduce (allreduce.py), on the link each load opens (link.py).
+goes through the all-reduce (allreduce.py), on the link each load opens (link.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ..storage import open_model
 from ..storage.source import WeightSource
 from ..storage.memory_plan import available_memory, process_rss
 from .allreduce import StarMember
-from .link import ECHO, ID_BYTES, KEY_BYTES, STEP, Link, LinkClosed, Received, as_array, open_link, wait_any
+from .link import (ECHO, ID_BYTES, KEY_BYTES, STEP, Link, LinkClosed, Received, as_array, link_address, open_link,
+                   wait_any)
 from .node import cores, disk_speed, gemv_speed, log, sha256_file
 from .plan import Share
 from .protocol import DTYPES, PROTOCOL, Interrupted, Message, ProtocolError, Refused, decode, encode
@@ -193,9 +194,8 @@ class Worker:
             link_id = key = b""
         if (len(link_id), len(key)) != (ID_BYTES, KEY_BYTES):
             raise EdgeInferError("a load with a malformed link id or key")
-        host, _, port = self.address.removeprefix("tcp://").rpartition(":")
         # before loading: the master takes the links once every worker is ready
-        self.link = open_link(host, int(port) + 1, link_id, key, self.timeout)
+        self.link = open_link(*link_address(self.address), link_id, key, self.timeout)
         shard, share, share_file = self._open_share(f)
         self._keep_only(f["fingerprint"], share_file)
         window, pinned = None, ()
