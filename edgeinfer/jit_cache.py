@@ -14,6 +14,7 @@ import importlib
 import mmap
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -65,16 +66,21 @@ def import_numba_without_blas_probe() -> None:
 
 
 def load_cached_kernels_without_registries() -> None:
-    """Load a cached kernel without first installing Numba's compiler registries, and note it.
+    """Load a cached kernel with only what running it needs, and note it. The one place that patches
+    Numba's cache. Idempotent.
 
-    Numba's cache refreshes the target context before every load: it imports some sixty modules of
-    typing and lowering rules (numpy, random, typed containers, ...) and installs them, 0.1-0.35 s
-    of a warm start (measured). A cached kernel is machine code: loading it needs Numba's runtime
-    (NRT), which is initialised here, and not the rules, which only a compile reads. A compile
-    still gets them: Numba's compiler refreshes the contexts itself before it starts.
-    Each kernel loaded, or missed and so compiled, is noted for `save_preload`. Idempotent; the one
-    place that patches Numba's cache."""
-    from numba.core import caching
+    - No compiler registries: Numba's cache refreshes the target context before every load, which
+      imports some sixty modules of typing and lowering rules (numpy, random, typed containers, ...)
+      and installs them, 0.1-0.35 s of a warm start (measured). A cached kernel is machine code:
+      loading it needs Numba's runtime (NRT), which is initialised here, and not the rules, which
+      only a compile reads. Numba's compiler refreshes the contexts itself before a compile.
+    - No LLVM module parsed: a cached library holds its machine code and its functions as bitcode,
+      and Numba parses that bitcode at load (a third of a warm load, measured) only to list the
+      symbols the library defines and to have it ready should a later compile link it in. The
+      symbols are read from the machine code's ELF symbol table instead (the same names, checked
+      on every kernel); the bitcode is parsed when a compile first links the library.
+    Each kernel loaded, or missed and so compiled, is noted for `save_preload`."""
+    from numba.core import caching, codegen
     from numba.core.runtime import rtsys
 
     if getattr(caching.Cache.load_overload, "edgeinfer", False):
@@ -87,8 +93,56 @@ def load_cached_kernels_without_registries() -> None:
         _loaded.append((self._py_func.__module__, self._py_func.__qualname__, sig, data is not None))
         return data
 
+    library = codegen.CPUCodeLibrary
+    unserialize = library._unserialize.__func__
+    module_for_linking = library._get_module_for_linking
+
+    def _unserialize(cls, target_codegen, state):
+        name, kind, data = state
+        symbols = elf_defined_symbols(data[0]) if kind == "object" else None
+        if symbols is None:  # not an ELF object (or bitcode): as Numba does it
+            return unserialize(cls, target_codegen, state)
+        self = target_codegen.create_library(name)
+        self.enable_object_caching()
+        self._set_compiled_object(data[0])
+        self._edgeinfer_bitcode = data[1]
+        self._finalize_final_module()
+        target_codegen._engine._defined_symbols |= symbols
+        return self
+
+    def _get_module_for_linking(self):
+        bitcode = self.__dict__.pop("_edgeinfer_bitcode", None)
+        if bitcode is not None:
+            from llvmlite import binding
+
+            self._shared_module = binding.parse_bitcode(bitcode)
+        return module_for_linking(self)
+
     load_overload.edgeinfer = True
     caching.Cache.load_overload = load_overload
+    library._unserialize = classmethod(_unserialize)
+    library._get_module_for_linking = _get_module_for_linking
+
+
+def elf_defined_symbols(code: bytes) -> set[str] | None:
+    """The names an ELF64 little-endian object defines (functions, data and constants, local ones
+    too; not sections or files), as Numba lists them from the library's module. None for any other
+    object format."""
+    if code[:6] != b"\x7fELF\x02\x01":
+        return None
+    section_table, = struct.unpack_from("<Q", code, 0x28)
+    entry_size, count = struct.unpack_from("<HH", code, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", code, section_table + i * entry_size) for i in range(count)]
+    names = set()
+    for _, kind, _, _, offset, size, link, _, _, _ in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        strings = sections[link][4]
+        for name, info, _, section, _, _ in struct.iter_unpack("<IBBHQQ", code[offset:offset + size]):
+            if name and section != 0 and info & 15 not in (3, 4):  # named, defined, not STT_SECTION/STT_FILE
+                start = strings + name
+                names.add(code[start:code.index(b"\0", start)].decode())
+    return names
 
 
 _loaded: list[tuple[str, str, object, bool]] = []  # (module, qualified name, signature, found in the cache)

@@ -4,9 +4,12 @@ are let go once the kernels are loaded."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 from numba import njit
@@ -71,3 +74,63 @@ def test_llvm_pages_are_let_go_and_a_compile_after_still_works():
 
     assert scaled_sum(x, np.float32(2)) == np.float32(132)  # LLVM maps its pages back and compiles
     assert llvm_resident_kb() > 4096
+
+
+CACHED_MODULE = '''
+import numpy as np
+from numba import njit
+
+@njit(cache=True)
+def total(a):
+    return a.sum() * 2.0
+'''
+
+LOAD_THEN_LINK = '''
+import sys
+import numpy as np
+from llvmlite import binding
+from numba import njit
+import edgeinfer.kernels  # Numba's cache as edgeinfer loads it
+import cached_module
+
+assert cached_module.total(np.arange(4.0)) == 12.0
+library = cached_module.total.overloads[cached_module.total.signatures[0]].library
+loaded = cached_module.total.stats.cache_hits.total() > 0
+if loaded:  # its symbols came from the machine code; its bitcode is not parsed yet
+    module = binding.parse_bitcode(library._edgeinfer_bitcode)
+    numba_s = {v.name for vs in (module.functions, module.global_variables) for v in vs if not v.is_declaration}
+    assert numba_s and numba_s <= library.codegen._engine._defined_symbols, numba_s
+
+@njit
+def calls_it(a):  # a compile that links the loaded library in
+    return cached_module.total(a) + 1.0
+
+assert calls_it(np.arange(4.0)) == 13.0
+assert "_edgeinfer_bitcode" not in library.__dict__
+print("loaded" if loaded else "compiled")
+'''
+
+
+def test_a_cached_kernel_loads_without_its_bitcode_and_links_into_a_compile(tmp_path):
+    (tmp_path / "cached_module.py").write_text(CACHED_MODULE)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", LOAD_THEN_LINK], env=env, capture_output=True, text=True)
+            for _ in range(2)]
+    assert [r.stdout.strip() for r in runs] == ["compiled", "loaded"], [r.stderr[-2000:] for r in runs]
+
+
+def test_the_symbols_an_elf_object_defines():
+    @njit(cache=False)
+    def halves(a):
+        out = np.empty_like(a)
+        for i in range(a.size):
+            out[i] = a[i] / 2
+        return out
+
+    assert halves(np.arange(4.0))[3] == 1.5
+    library = halves.overloads[halves.signatures[0]].library
+    module = library._final_module  # compiled here: what Numba's cache would keep as bitcode
+    names = {v.name for vs in (module.functions, module.global_variables) for v in vs if not v.is_declaration}
+    assert len(names) > 3
+    assert jit_cache.elf_defined_symbols(library.codegen._tm.emit_object(module)) == names
+    assert jit_cache.elf_defined_symbols(b"\xcf\xfa\xed\xfe" + bytes(60)) is None  # Mach-O: Numba's own way
