@@ -43,7 +43,7 @@ def configure() -> None:
 
 def first_run() -> bool:
     """Whether nothing is compiled yet: the kernels will take a while, once."""
-    folder = Path(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
+    folder = _cache_folder()
     return not folder.is_dir() or not any(folder.rglob("*.nbi"))
 
 
@@ -79,9 +79,11 @@ def load_cached_kernels_without_registries() -> None:
       symbols the library defines and to have it ready should a later compile link it in. The
       symbols are read from the machine code's ELF symbol table instead (the same names, checked
       on every kernel); the bitcode is parsed when a compile first links the library.
+    - Numba's runtime (NRT) from a cache too: Numba compiles its LLVM functions at every start
+      (20-30 ms, measured); they are kept beside the kernels, as a kernel is (`_cached_nrt`).
     Each kernel loaded, or missed and so compiled, is noted for `save_preload`."""
     from numba.core import caching, codegen
-    from numba.core.runtime import rtsys
+    from numba.core.runtime import nrtdynmod, rtsys
 
     if getattr(caching.Cache.load_overload, "edgeinfer", False):
         return
@@ -120,8 +122,34 @@ def load_cached_kernels_without_registries() -> None:
 
     load_overload.edgeinfer = True
     caching.Cache.load_overload = load_overload
+    nrtdynmod.compile_nrt_functions = _cached_nrt(nrtdynmod.create_nrt_module)
     library._unserialize = classmethod(_unserialize)
     library._get_module_for_linking = _get_module_for_linking
+
+
+def _cached_nrt(create_nrt_module):
+    """Numba's `compile_nrt_functions`, its library kept in the kernels' cache directory under the
+    Numba and llvmlite versions and the machine code's target (Numba's own key for a cached kernel)."""
+
+    def compile_nrt_functions(ctx):
+        import llvmlite
+        import numba
+
+        target_codegen = ctx.codegen()
+        key = repr((numba.__version__, llvmlite.__version__, target_codegen.magic_tuple()))
+        path = _cache_folder() / "nrt" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        try:
+            return target_codegen.unserialize_library(pickle.loads(path.read_bytes()))
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+            pass
+        module, library = create_nrt_module(ctx)
+        library.enable_object_caching()
+        library.add_ir_module(module)
+        library.finalize()
+        _write_atomically(path, pickle.dumps(library.serialize_using_object_code()))
+        return library
+
+    return compile_nrt_functions
 
 
 def elf_defined_symbols(code: bytes) -> set[str] | None:
@@ -148,9 +176,23 @@ def elf_defined_symbols(code: bytes) -> set[str] | None:
 _loaded: list[tuple[str, str, object, bool]] = []  # (module, qualified name, signature, found in the cache)
 
 
+def _cache_folder() -> Path:
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
+
+
 def _preload_file(key: str) -> Path:
-    folder = Path(os.environ.get("NUMBA_CACHE_DIR") or kernel_cache_dir())
-    return folder / "preload" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _cache_folder() / "preload" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` as the file at `path`, whole or not at all; nothing when the cache is read-only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def preload(key: str) -> bool:
@@ -190,12 +232,9 @@ def save_preload(key: str) -> None:
     try:
         if path.exists() and path.read_bytes() == data:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError:  # a read-only cache: every start loads the kernels after the weights, as before
+    except OSError:
         pass
+    _write_atomically(path, data)  # in a read-only cache, every start loads the kernels after the weights
 
 
 def release_compiler_pages() -> None:

@@ -76,6 +76,8 @@ def open_session(options: SessionOptions, report: Report = to_stderr, progress: 
                          options.load_bits, options.sequences, options.cache_type, preloaded)
     if options.verbose and options.mem_limit is None and engine.memory_plan.window is None:
         report(engine.memory_plan.describe())
+    if preloaded:  # every kernel the warm-up would load is in: their first calls come with the prompt
+        return engine
     if engine.model.path.fused and first_run():  # the float32 path compiles nothing
         report(COMPILING)
     engine.model.warm_up()

@@ -96,6 +96,8 @@ import cached_module
 assert cached_module.total(np.arange(4.0)) == 12.0
 library = cached_module.total.overloads[cached_module.total.signatures[0]].library
 loaded = cached_module.total.stats.cache_hits.total() > 0
+from numba.core.runtime import rtsys
+assert ("_edgeinfer_bitcode" in rtsys.library.__dict__) == loaded  # Numba's runtime came from the cache too
 if loaded:  # its symbols came from the machine code; its bitcode is not parsed yet
     module = binding.parse_bitcode(library._edgeinfer_bitcode)
     numba_s = {v.name for vs in (module.functions, module.global_variables) for v in vs if not v.is_declaration}
@@ -106,12 +108,12 @@ def calls_it(a):  # a compile that links the loaded library in
     return cached_module.total(a) + 1.0
 
 assert calls_it(np.arange(4.0)) == 13.0
-assert "_edgeinfer_bitcode" not in library.__dict__
+assert "_edgeinfer_bitcode" not in library.__dict__ and "_edgeinfer_bitcode" not in rtsys.library.__dict__
 print("loaded" if loaded else "compiled")
 '''
 
 
-def test_a_cached_kernel_loads_without_its_bitcode_and_links_into_a_compile(tmp_path):
+def test_a_cached_kernel_and_numba_s_runtime_load_without_bitcode_and_link_into_a_compile(tmp_path):
     (tmp_path / "cached_module.py").write_text(CACHED_MODULE)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", LOAD_THEN_LINK], env=env, capture_output=True, text=True)

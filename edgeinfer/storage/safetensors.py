@@ -7,6 +7,7 @@ optional "__metadata__": {str: str}), then the data buffer that the offsets inde
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -35,7 +36,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -92,7 +93,7 @@ class SafetensorsFile:
     def array(self, name: str) -> np.ndarray:
         """The tensor as stored (BF16 as uint16), a read-only view into the mapping."""
         entry = self.entries[name]
-        count = int(np.prod(entry.shape, dtype=np.int64))
+        count = math.prod(entry.shape)
         arr = np.frombuffer(self._map, dtype=DTYPES[entry.dtype], count=count, offset=self._offsets[name])
         return arr.reshape(entry.shape)
 
