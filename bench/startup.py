@@ -5,6 +5,11 @@
   --same-file the GGUF, converted at each load) against llama-cpp-python loading the same file at the same context and answering the
   same chat turn with one token. Wall time from process start to exit and the process's peak RSS
   (wait4's ru_maxrss), medians of --rounds.
+- bytecode: an editable install (the README's) keeps no compiled bytecode where the environment sets
+  PYTHONDONTWRITEBYTECODE (this machine's does), so every start compiles edgeinfer's modules again;
+  llama-cpp-python, installed from a wheel, has its bytecode. edgeinfer is also timed with Python's
+  default behaviour (bytecode written once, here into a cache folder of the bench's, so the source
+  tree stays clean): "edgeinfer, bytecode".
 - preflight: `edgeinfer run FILE --ctx 512 -v -n 64` on a prompt of about 430 tokens (so the KV cache
   it counts is used): the memory plan's total against the run's peak RSS (issue 16's goal: within
   10%), and its runtime figure (the process before any weight, plus the kernels' allowance).
@@ -40,10 +45,10 @@ m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, temp
 PROMPT = Path("/usr/share/common-licenses/GPL-3").read_text()[:1800]
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Seconds from start to exit, peak RSS in MiB, stderr; the command must succeed."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
@@ -68,12 +73,15 @@ def main() -> None:
     ours = [str(Path(sys.executable).parent / "edgeinfer"), "run", ours_model, "-p", "hi", "-n", "1", "--temp", "0",
             "-t", "2"]
     peer = [str(peer_python()), "-c", PEER_SCRIPT, path, str(context)]
-    for warm in (ours, peer):  # page cache and compiled kernels warm for both
-        timed(warm)
-    runs: dict[str, list[tuple[float, float]]] = {"edgeinfer": [], "llama.cpp": []}
+    bytecode = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    bytecode["PYTHONPYCACHEPREFIX"] = str(Path.home() / ".cache" / "edgeinfer" / "bench-bytecode")
+    commands = {"llama.cpp": (peer, None), "edgeinfer": (ours, None), "edgeinfer, bytecode": (ours, bytecode)}
+    for cmd, env in commands.values():  # page cache, compiled kernels and bytecode warm for all
+        timed(cmd, env)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.rounds):
-        runs["llama.cpp"].append(timed(peer)[:2])
-        runs["edgeinfer"].append(timed(ours)[:2])
+        for name, (cmd, env) in commands.items():
+            runs[name].append(timed(cmd, env)[:2])
     result: dict = {"model": os.path.basename(path), "edgeinfer_model": os.path.basename(ours_model), "context": context,
                     "rounds": args.rounds}
     for name, rows in runs.items():
@@ -81,6 +89,7 @@ def main() -> None:
                         "peak_rss_mib": round(statistics.median(r[1] for r in rows), 1)}
     for key in ("start_s", "peak_rss_mib"):
         result[f"{key}_ratio"] = round(result["edgeinfer"][key] / result["llama.cpp"][key], 3)
+    result["start_s_ratio_bytecode"] = round(result["edgeinfer, bytecode"]["start_s"] / result["llama.cpp"]["start_s"], 3)
 
     _, peak, err = timed([*ours[:3], "--ctx", "512", "-v", "-n", "64", "--temp", "0", "-t", "2", "-p", PROMPT])
     plan = re.search(r"runtime (\d+) MB; plan: fully resident, (\d+) MB", err)
@@ -90,11 +99,12 @@ def main() -> None:
     result["preflight"] = {"plan_mib": total, "runtime_mib": runtime, "peak_rss_mib": round(peak, 1),
                            "plan_over_peak": round(total / peak, 3)}
     print(json.dumps(result, indent=1))
-    e, l, f = result["edgeinfer"], result["llama.cpp"], result["preflight"]
+    e, b, l, f = result["edgeinfer"], result["edgeinfer, bytecode"], result["llama.cpp"], result["preflight"]
     print(f"{result['model']} (edgeinfer: {result['edgeinfer_model']}), warm start to one token, median of "
           f"{args.rounds} alternating: edgeinfer "
           f"{e['start_s']} s / {e['peak_rss_mib']} MiB peak, llama.cpp {l['start_s']} s / {l['peak_rss_mib']} MiB "
-          f"(x{result['start_s_ratio']} time, x{result['peak_rss_mib_ratio']} memory); preflight at --ctx 512 "
+          f"(x{result['start_s_ratio']} time, x{result['peak_rss_mib_ratio']} memory); with its bytecode kept "
+          f"{b['start_s']} s (x{result['start_s_ratio_bytecode']}); preflight at --ctx 512 "
           f"{f['plan_mib']} MB planned (runtime {f['runtime_mib']}) vs {f['peak_rss_mib']} MiB peak "
           f"(x{f['plan_over_peak']})")
 
