@@ -45,9 +45,13 @@ def instructions(asm: str) -> list[tuple[str, str]]:
     return out
 
 
-def hot_loop(asm: str) -> list[str]:
+SHUFFLES = {"vpshufb", "tbl"}
+
+
+def hot_loop(asm: str, lookups: bool | None = None) -> list[str]:
     """The innermost loop (a backward branch to a label, with no such loop inside it) with the most
-    dot-product instructions, then the most instructions."""
+    dot-product instructions, then the most instructions; with `lookups` True or False, among the
+    loops with or without byte lookups (one q4 kernel holds a loop for Q4_0, for IQ4 and for Q4_1)."""
     lines = instructions(asm)
     where = {label: i for i, (label, _) in enumerate(lines) if label}
     loops = []
@@ -56,6 +60,10 @@ def hot_loop(asm: str) -> list[str]:
         if m and m["label"] in where and where[m["label"]] < i:
             loops.append((where[m["label"]], i))
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    if lookups is not None:
+        innermost = [(a, b) for a, b in innermost
+                     if any(t.split()[0] in SHUFFLES for _, t in lines[a:b + 1] if t) == lookups]
+
     def weight(loop):
         body = [text.split()[0] for _, text in lines[loop[0]:loop[1] + 1] if text]
         return sum(m in DOTS for m in body), len(body)
@@ -63,13 +71,13 @@ def hot_loop(asm: str) -> list[str]:
     return [text for _, text in lines[a:b + 1] if text]
 
 
-def count(kernel, args, unit: str, per_pass: int, passes) -> dict:
+def count(kernel, args, unit: str, per_pass: int, passes, lookups: bool | None = None) -> dict:
     """Compile a fresh copy of `kernel` (no cache: its assembly), run it once, count its hot loop.
     LLVM may unroll the loop: `passes(mnemonics)` says how many passes of the source loop (each
     `per_pass` units of work) one turn of the compiled loop makes."""
     fresh = njit(kernel.py_func)
     fresh(*args)
-    body = hot_loop(fresh.inspect_asm(fresh.signatures[0]))
+    body = hot_loop(fresh.inspect_asm(fresh.signatures[0]), lookups)
     mnemonics = [text.split()[0] for text in body]
     turns = passes(mnemonics)
     return {"loop_instructions": len(body), "source_passes": turns, "dot_instructions": sum(m in DOTS for m in mnemonics),
@@ -83,7 +91,7 @@ LOOKUPS_PER_SHUFFLE = {"vpshufb": 64 if kernel_path() == "avx512-vnni" else 32, 
 
 def prefetch_passes(mnemonics: list[str]) -> float:
     """q4/q8: each pass of the group or chunk loop prefetches 4 weight lines and 2 scale lines."""
-    return sum(m in ("prefetcht0", "prfm") for m in mnemonics) / 6
+    return sum(m in ("prefetcht0", "prefetcht1", "prefetcht2", "prfm") for m in mnemonics) / 6
 
 
 def lookup_passes(mnemonics: list[str]) -> float:
@@ -106,13 +114,16 @@ def main() -> None:
         "kernel_path": kernel_path(),
         # one pass of the source loop: q4 16 rows x 32 columns, q8 4 rows x 64 columns, LUT 64 keys x 2 subspaces
         "q4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.flat, x.scales,
-                                          x.sums, x.starts, out), "512_weights", 512, prefetch_passes),
+                                          x.sums, x.starts, out), "512_weights", 512, prefetch_passes, False),
+        "iq4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, q4.IQ4_FACTOR, x.flat, x.scales,
+                                           x.sums, x.starts, out), "512_weights", 512, prefetch_passes, True),
         "q8_gemv": count(q8._gemv_serial, (m8.packed, m8.scales, m8.offsets, m8.offset_factor, x.flat, x.scales,
                                           x.halves, out), "512_weights", 256, prefetch_passes),
         "lut_sums": count(lut_attention.lut_sums, (tables, codes, 0, blocks, sums), "128_lookups", 128, lookup_passes),
     }
     print(json.dumps(result, indent=1))
     print(f"instructions ({result['kernel_path']}): q4 GEMV {result['q4_gemv']['per_512_weights']} per 512 weights, "
+          f"IQ4 GEMV {result['iq4_gemv']['per_512_weights']}, "
           f"q8 GEMV {result['q8_gemv']['per_512_weights']} per 512 weights, "
           f"LUT {result['lut_sums']['per_128_lookups']} per 128 lookups")
 

@@ -71,7 +71,7 @@ def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
 # d per 256.
 HELD_BITS = {"Q4_0": 4.5, "Q4_1": 5, "Q4_K": 4 + 8 / 32 * 2 + 16 / 256 * 2, "Q6_K": 6 + 8 / 16 + 16 / 256,
              "Q5_0": 6.5, "Q5_1": 7, "Q5_K": 6 + (8 / 32 + 16 / 256) * 2, "Q3_K": 6 + 8 / 16 + 16 / 256,
-             "Q2_K": 8 + (8 / 16 + 16 / 256) * 2, "IQ4_XS": 8 + 8 / 32 + 16 / 256}
+             "Q2_K": 8 + (8 / 16 + 16 / 256) * 2, "IQ4_NL": 4.5, "IQ4_XS": 4 + 8 / 32 + 16 / 256}
 
 
 @pytest.mark.parametrize("kind", sorted(HELD_BITS))
@@ -97,7 +97,7 @@ def test_kernels_equal_the_reference_for_every_type(kind):
     assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("kind", ["Q6_K", "Q2_K", "Q4_K", "Q5_1"])
+@pytest.mark.parametrize("kind", ["Q6_K", "Q2_K", "Q4_K", "Q5_1", "IQ4_XS"])
 def test_column_shards_add_up_bit_for_bit(kind):
     """A cluster splits o_proj/down_proj by columns: the nodes' fixed-point partials add up to one
     node's sums exactly, whatever the groups (16 or 32) and scale types."""
@@ -216,7 +216,7 @@ def test_a_cluster_share_of_k_quants_converts_losslessly(kquant_gguf, tmp_path):
 
 
 def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
-    """A 5/3-bit tensor is held in 6 bits, a 2-bit or IQ4 one as bytes: the preflight counts the
+    """A 5/3-bit tensor is held in 6 bits, a 2-bit one as bytes: the preflight counts the
     matrices as loaded, not the file."""
     from edgeinfer.storage import open_model
 

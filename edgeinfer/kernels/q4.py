@@ -1,5 +1,5 @@
-"""4-bit weights (Q4_0 / Q4_1 / Q4_K groups of 32, rows in blocks of 16) and their GEMV and GEMM
-with int8 activations.
+"""4-bit weights (Q4_0 / Q4_1 / Q4_K and IQ4_NL / IQ4_XS groups of 32, rows in blocks of 16) and
+their GEMV and GEMM with int8 activations.
 
 Group: 32 weights in 16 bytes, byte j holding weight j (low nibble) and weight 16 + j (high
 nibble), GGUF's own order, so importing Q4_0 and Q4_1 only moves bytes. w = scale * nibble +
@@ -18,7 +18,10 @@ products with the group's 32 activations. The float work is one vector per group
     term = float(dot) * (scale * x_scale) + offset * x_sum
 (x_sum = x_scale * sum of the group's int8 activations) for Q4_1 and Q4_K; Q4_0, whose offset is -8
 times its scale, starts the integer dot at -8 times the activations' sum instead, so its term is
-float(dot) * (scale * x_scale), one product, added by an FMA. Each row's terms add up in its lane,
+float(dot) * (scale * x_scale), one product, added by an FMA. IQ4_NL and IQ4_XS (a nibble indexes
+IQ4_VALUES, a fixed non-linear table) take the same path after one byte lookup per load
+(simd.shuffle_bytes) turns the nibbles into the table's values + 128 (1..241, unsigned bytes as the
+dot product wants them): their offset is -128 times the scale, folded likewise. Each row's terms add up in its lane,
 in 4 running sums by group index mod 4 added at the end as ((0 + 1) + (2 + 3)) (the order of the
 4-row layout before this one, so Q4_1 outputs kept their bits): float32, or, when the output array
 is int64, each term rounded to fixed point and added as integers (simd.py): the partial sums a
@@ -36,9 +39,9 @@ from numba import njit, prange
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
 from .simd import (accumulate_product, accumulate_units, accumulator, accumulator4, broadcast4, combine4,
-                   dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1, into2, into3, lane,
-                   lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1, product_into2, product_into3,
-                   splat, splat_i32, store16, to_f32, total4, zeros_i32)
+                   constant_bytes, dpbusd, dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1,
+                   into2, into3, lane, lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1,
+                   product_into2, product_into3, shuffle_bytes, splat, splat_i32, store16, to_f32, total4, zeros_i32)
 from .scales import (ROWS, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      prefetch_scales, scales_nbytes, select_scales)
 
@@ -63,6 +66,9 @@ def from_blocks(packed: np.ndarray, rows: int, width: int, ids: np.ndarray | Non
 
 
 Q4_0_FACTOR = -8.0  # Q4_0's offset is this times its scale (no minima stored)
+IQ4_FACTOR = -128.0  # IQ4_NL / IQ4_XS: w = scale * (IQ4_UNSIGNED[nibble] - 128), the factor marks the lookup
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)  # GGUF's
+IQ4_UNSIGNED = (IQ4_VALUES + 128).astype(np.uint8)  # what the kernels multiply: unsigned bytes
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,15 @@ class Q4Matrix:
     packed: np.ndarray  # (blocks, groups * 256) uint8, groups padded to whole chunks of 128 columns
     scales: object  # (blocks, groups * ROWS) fp16 bits (uint16) or float32, or SuperScales (scales.py)
     offsets: object  # Q4_1, Q4_K: minima, laid out as scales; Q4_0: the scales themselves
-    offset_factor: float  # -8 (Q4_0) or 1 (Q4_1)
+    offset_factor: float  # -8 (Q4_0), 1 (Q4_1, Q4_K) or IQ4_FACTOR (IQ4_NL, IQ4_XS: nibbles index IQ4_VALUES)
     rows: int
     cols: int
     bits = 4
+
+    @property
+    def lookup(self) -> bool:
+        """Whether the nibbles index IQ4_VALUES (IQ4_NL, IQ4_XS) rather than being the values."""
+        return self.offset_factor == IQ4_FACTOR
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,16 +96,20 @@ class Q4Matrix:
         return self.packed.nbytes + scales_nbytes(self.scales) + extra
 
     @classmethod
-    def from_rows(cls, qs: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
+    def from_rows(cls, qs: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None,
+                  lookup: bool = False) -> "Q4Matrix":
         """From row-major nibbles (rows, cols/2), scales (rows, cols/32) and, for Q4_1 and Q4_K,
-        minima: float values, or SuperScales (scales.py)."""
+        minima: float values, or SuperScales (scales.py). `lookup`: the nibbles index IQ4_VALUES."""
         rows, cols = qs.shape[0], qs.shape[1] * 2
         if cols % GROUP:
             raise ValueError(f"{cols} columns: 4-bit rows need a multiple of {GROUP}")
+        if lookup and minima is not None:
+            raise ValueError("IQ4 rows have no minima")
         groups, rows_padded = -(-cols // CHUNK) * CHUNK // GROUP, -(-rows // ROWS) * ROWS
         sc = interleave_scales(scales, rows_padded, groups)
         offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
-        return cls(to_blocks(qs, rows_padded, groups), sc, offsets, Q4_0_FACTOR if minima is None else 1.0, rows, cols)
+        factor = IQ4_FACTOR if lookup else Q4_0_FACTOR if minima is None else 1.0
+        return cls(to_blocks(qs, rows_padded, groups), sc, offsets, factor, rows, cols)
 
     @staticmethod
     def array_shapes(rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -103,11 +118,13 @@ class Q4Matrix:
         return (blocks, groups * 256), (blocks, groups * ROWS)
 
     @classmethod
-    def from_values(cls, q: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None) -> "Q4Matrix":
-        """From nibble values 0..15 (rows, cols), per 32: w = scale * (q - 8), or scale * q + minimum."""
+    def from_values(cls, q: np.ndarray, scales: np.ndarray, minima: np.ndarray | None = None,
+                    lookup: bool = False) -> "Q4Matrix":
+        """From nibble values 0..15 (rows, cols), per 32: w = scale * (q - 8), or scale * q + minimum;
+        with `lookup`, scale * IQ4_VALUES[q]."""
         rows, cols = q.shape
         g = q.astype(np.uint8).reshape(rows, cols // GROUP, GROUP)
-        return cls.from_rows((g[..., :16] | (g[..., 16:] << 4)).reshape(rows, cols // 2), scales, minima)
+        return cls.from_rows((g[..., :16] | (g[..., 16:] << 4)).reshape(rows, cols // 2), scales, minima, lookup)
 
     def row_major(self, ids: np.ndarray | None = None, raw: bool = False) -> tuple:
         """(nibbles (rows, cols/2), scales and minima (rows, cols/32), as float32, or as stored when
@@ -128,11 +145,16 @@ class Q4Matrix:
         qs, scales, minima = self.row_major(raw=True)
         g0, g1 = c0 // GROUP, c1 // GROUP
         return Q4Matrix.from_rows(qs[rows, c0 // 2:c1 // 2], select_scales(scales, rows, g0, g1),
-                                  None if minima is None else select_scales(minima, rows, g0, g1))
+                                  None if minima is None else select_scales(minima, rows, g0, g1), self.lookup)
 
     def offsets_of(self, scales: np.ndarray, minima: np.ndarray | None) -> np.ndarray:
-        """What is added to scale * nibble, per group: the minimum, or -8 * scale for Q4_0."""
+        """What is added to scale * nibble (scale * IQ4_UNSIGNED[nibble] for IQ4), per group: the
+        minimum, or -8 * scale for Q4_0, -128 * scale for IQ4."""
         return np.float32(self.offset_factor) * (scales if minima is None else minima)
+
+    def integers(self, q: np.ndarray) -> np.ndarray:
+        """The integers the kernels multiply for nibbles `q`: the nibbles, or IQ4's unsigned values."""
+        return IQ4_UNSIGNED[q] if self.lookup else q
 
     def matmul(self, x: Q8Activations, out: np.ndarray) -> np.ndarray:
         """One vector (GEMV) or a batch of tokens (GEMM)."""
@@ -144,10 +166,11 @@ class Q4Matrix:
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own
-        dequantisation computes them: d * (q - 8) for Q4_0, scale * q + minimum otherwise."""
+        dequantisation computes them: d * (q - 8) for Q4_0, d * IQ4_VALUES[q] for IQ4, scale * q +
+        minimum otherwise."""
         qs, scales, minima = self.row_major(ids)
         b = qs.reshape(qs.shape[0], self.cols // GROUP, 16)
-        q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)
+        q = self.integers(np.concatenate([b & 15, b >> 4], axis=2)).astype(np.float32)
         if minima is None:
             w = (q + np.float32(self.offset_factor)) * scales[:, :, None]
         else:
@@ -164,19 +187,37 @@ def _nibbles(packed, w):
             hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3))
 
 
+iq4_table = constant_bytes(np.tile(IQ4_UNSIGNED, 4))  # the 16 values in each 16-byte lane
+
+
 @njit(inline="always")
-def _dots(nibbles, x, o, start):
-    """start + the 16 rows' integer dot products with the group of 32 activations at x[o:o + 32]: 8
-    byte dot products, each 4 columns of every row against those 4 activations broadcast."""
+def _looked_up(nibbles):
+    """IQ4: a group step's 8 nibble vectors as IQ4_UNSIGNED's values, one byte lookup each."""
+    t = iq4_table()
     l0, l1, l2, l3, h0, h1, h2, h3 = nibbles
-    d = dpbusd_nibbles(start, l0, broadcast4(x, o))
-    d = dpbusd_nibbles(d, l1, broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, l2, broadcast4(x, o + 8))
-    d = dpbusd_nibbles(d, l3, broadcast4(x, o + 12))
-    d = dpbusd_nibbles(d, h0, broadcast4(x, o + 16))
-    d = dpbusd_nibbles(d, h1, broadcast4(x, o + 20))
-    d = dpbusd_nibbles(d, h2, broadcast4(x, o + 24))
-    return dpbusd_nibbles(d, h3, broadcast4(x, o + 28))
+    return (shuffle_bytes(t, l0), shuffle_bytes(t, l1), shuffle_bytes(t, l2), shuffle_bytes(t, l3),
+            shuffle_bytes(t, h0), shuffle_bytes(t, h1), shuffle_bytes(t, h2), shuffle_bytes(t, h3))
+
+
+def _dots_by(dot):
+    @njit(inline="always")
+    def dots(weights, x, o, start):
+        """start + the 16 rows' integer dot products with the group of 32 activations at x[o:o + 32]: 8
+        byte dot products, each 4 columns of every row against those 4 activations broadcast."""
+        l0, l1, l2, l3, h0, h1, h2, h3 = weights
+        d = dot(start, l0, broadcast4(x, o))
+        d = dot(d, l1, broadcast4(x, o + 4))
+        d = dot(d, l2, broadcast4(x, o + 8))
+        d = dot(d, l3, broadcast4(x, o + 12))
+        d = dot(d, h0, broadcast4(x, o + 16))
+        d = dot(d, h1, broadcast4(x, o + 20))
+        d = dot(d, h2, broadcast4(x, o + 24))
+        return dot(d, h3, broadcast4(x, o + 28))
+    return dots
+
+
+_dots = _dots_by(dpbusd_nibbles)  # nibbles: small bytes, the cheaper form on AVX2 and ARM
+_wide_dots = _dots_by(dpbusd)  # IQ4's looked-up bytes, up to 241
 
 
 @njit(inline="always")
@@ -209,19 +250,31 @@ def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
 # forms it, added by a fused multiply-add: a GEMM's float work per group and token is then a
 # convert, a multiply and an FMA instead of group_term's five operations (1B-shape GEMM, 2 threads:
 # +12% float32 out, +8% fixed point; bench/RESULTS.md). A Q4_0 matrix is one whose offset_factor is
-# Q4_0_FACTOR (from_rows).
+# Q4_0_FACTOR (from_rows). IQ4 (offset_factor IQ4_FACTOR) folds its -128 likewise: 16 times the starts.
 
 
 @njit(inline="always")
-def _folded_dots(nibbles, x, o, start):
-    """Q4_0: the 16 rows' dot products of q - 8 with the group at x[o:o + 32], as float32."""
-    return to_f32(_dots(nibbles, x, o, splat_i32(start)))
+def _folded_weights(w, g, lookup):
+    """Group g's step: its nibbles, or with `lookup` IQ4's values looked up."""
+    n = _nibbles(w, g * 256)
+    if lookup:
+        n = _looked_up(n)
+    return n
 
 
 @njit(inline="always")
-def _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g, into):
-    """acc + Q4_0 group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
-    return into(acc, _folded_dots(_nibbles(w, g * 256), x, g * GROUP, xstarts[g]),
+def _folded_dots(weights, x, o, start, lookup):
+    """The 16 rows' dot products with the group at x[o:o + 32], as float32: of q - 8 (Q4_0), or
+    with `lookup` of IQ4_VALUES[q] (IQ4; start: the activations' Q4_0 start, -8 times their sum)."""
+    if lookup:
+        return to_f32(_wide_dots(weights, x, o, splat_i32(start * 16)))
+    return to_f32(_dots(weights, x, o, splat_i32(start)))
+
+
+@njit(inline="always")
+def _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g, into):
+    """acc + Q4_0 (or IQ4) group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
+    return into(acc, _folded_dots(_folded_weights(w, g, lookup), x, g * GROUP, xstarts[g], lookup),
                 mul(in_units(group_scale(s, g), unit), splat(xscales[g])))
 
 
@@ -266,26 +319,41 @@ def store_passes(out, block, t, p0, p1, p2, p3):
 @njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
 def _block(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out, block, fetch=True):
     """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
-    row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum."""
+    row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum.
+    A loop of its own per kind of offset (its `kind` a constant), so none pays for another's work."""
     w, s = packed[block], block_scales(scales, block)
     m = block_scales(offsets, block)
     acc, unit = accumulator4(out), fixed_unit(out)
-    folded = factor == Q4_0_FACTOR
+    if factor == Q4_0_FACTOR:
+        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, FOLDED)
+    elif factor == IQ4_FACTOR:
+        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, LOOKUP)
+    else:
+        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, MINIMA)
+    store_rows(out, block, total4(acc))
+
+
+MINIMA, FOLDED, LOOKUP = 0, 1, 2  # a loop's kind: a term with an offset, Q4_0's folded offset, IQ4's
+
+
+@njit(inline="always")
+def _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, kind):
     for g in range(0, group_count(s), 4):
         if fetch:
             for k in range(4):
                 prefetch_ahead(w, s, m, (g + k) * 256, g + k)
-        if folded:
-            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g, product_into0)
-            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 1, product_into1)
-            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 2, product_into2)
-            acc = _group_q4_0(acc, w, s, x, xscales, xstarts, unit, g + 3, product_into3)
-        else:
+        if kind == MINIMA:
             acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
             acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
             acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
             acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
-    store_rows(out, block, total4(acc))
+        else:
+            lookup = kind == LOOKUP
+            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g, product_into0)
+            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 1, product_into1)
+            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 2, product_into2)
+            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 3, product_into3)
+    return acc
 
 
 @njit(inline="always")
@@ -296,17 +364,9 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     unit = fixed_unit(out)
     xsums, xstarts = xsums
     if factor == Q4_0_FACTOR:
-        for g in range(k, group_count(s), 4):
-            n, scale, o = _nibbles(w, g * 256), in_units(group_scale(s, g), unit), g * GROUP
-            a0 = accumulate_product(a0, _folded_dots(n, x[t], o, xstarts[t, g]),
-                                    mul(scale, splat(xscales[t, g])))
-            a1 = accumulate_product(a1, _folded_dots(n, x[t + 1], o, xstarts[t + 1, g]),
-                                    mul(scale, splat(xscales[t + 1, g])))
-            a2 = accumulate_product(a2, _folded_dots(n, x[t + 2], o, xstarts[t + 2, g]),
-                                    mul(scale, splat(xscales[t + 2, g])))
-            a3 = accumulate_product(a3, _folded_dots(n, x[t + 3], o, xstarts[t + 3, g]),
-                                    mul(scale, splat(xscales[t + 3, g])))
-        return a0, a1, a2, a3
+        return _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, False, a0, a1, a2, a3)
+    if factor == IQ4_FACTOR:
+        return _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, True, a0, a1, a2, a3)
     for g in range(k, group_count(s), 4):
         n, scale, offset, o = _nibbles(w, g * 256), group_scale(s, g), group_scale(m, g), g * GROUP
         d0 = _dots(n, x[t], o, zeros_i32())
@@ -317,6 +377,22 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
         a2 = accumulate_units(a2, group_term(d2, scale, offset, xscales[t + 2, g], xsums[t + 2, g], factor, unit))
         d3 = _dots(n, x[t + 3], o, zeros_i32())
         a3 = accumulate_units(a3, group_term(d3, scale, offset, xscales[t + 3, g], xsums[t + 3, g], factor, unit))
+    return a0, a1, a2, a3
+
+
+@njit(inline="always")
+def _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, lookup, a0, a1, a2, a3):
+    """_pass4 for Q4_0, or with `lookup` (a constant) for IQ4: each group's weights looked up once
+    for the four tokens."""
+    for g in range(k, group_count(s), 4):
+        n, scale, o = _folded_weights(w, g, lookup), in_units(group_scale(s, g), unit), g * GROUP
+        a0 = accumulate_product(a0, _folded_dots(n, x[t], o, xstarts[t, g], lookup), mul(scale, splat(xscales[t, g])))
+        a1 = accumulate_product(a1, _folded_dots(n, x[t + 1], o, xstarts[t + 1, g], lookup),
+                                mul(scale, splat(xscales[t + 1, g])))
+        a2 = accumulate_product(a2, _folded_dots(n, x[t + 2], o, xstarts[t + 2, g], lookup),
+                                mul(scale, splat(xscales[t + 2, g])))
+        a3 = accumulate_product(a3, _folded_dots(n, x[t + 3], o, xstarts[t + 3, g], lookup),
+                                mul(scale, splat(xscales[t + 3, g])))
     return a0, a1, a2, a3
 
 
@@ -414,6 +490,6 @@ def gemv_reference(m: Q4Matrix, x: Q8Activations) -> np.ndarray:
     offsets = m.offsets_of(scales, minima)
     groups = m.cols // GROUP
     b = qs.reshape(m.rows, groups, 16)
-    q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.int64)
+    q = m.integers(np.concatenate([b & 15, b >> 4], axis=2)).astype(np.int64)
     dots = (q * x.int8()[None, :groups].astype(np.int64)).sum(axis=2)
     return (dots * scales.astype(np.float64) * x.scales[None, :groups] + offsets * x.sums[None, :groups]).sum(axis=1)

@@ -85,6 +85,7 @@ class Q6Matrix:
     rows: int
     cols: int
     bits = 6
+    lookup = False  # (q4.py's IQ4 nibbles index a table; 6-bit fields are their values)
 
     @property
     def group(self) -> int:

@@ -1,13 +1,13 @@
-"""8-bit weights (GGUF Q8_0, and the 5/6/3/2-bit and IQ4 types laid out losslessly as bytes), rows in
-blocks of 16 as in q4.py, and their GEMV and GEMM with int8 activations.
+"""8-bit weights (GGUF Q8_0 and Q2_K laid out losslessly as bytes; files converted before the 6-bit
+and IQ4 layouts hold those types so too), rows in blocks of 16 as in q4.py, and their GEMV and GEMM
+with int8 activations.
 
 A weight is a byte b (0..255) in a group of 32 or 16 weights with a scale and an offset:
-w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127; Q5_0, Q6_K,
-Q3_K, IQ4_NL, IQ4_XS) store them + 128, the offset is the scale itself and the factor -128, so
-w = scale * (b - 128) and no offset is stored; types with a minimum (Q5_1, Q5_K, Q2_K) store the
-unsigned integer, the minimum as the offset and factor 1. Scales and minima are stored as scales.py
-says: fp16 bits when fp16 holds them exactly (Q8_0, Q5_0, Q5_1, IQ4_NL), else the K-quants' (and
-IQ4_XS's) fp16 d per 256 columns times an integer per group.
+w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127) store them + 128,
+the offset is the scale itself and the factor -128, so w = scale * (b - 128) and no offset is
+stored; types with a minimum (Q2_K) store the unsigned integer, the minimum as the offset and factor
+1. Scales and minima are stored as scales.py says: fp16 bits when fp16 holds them exactly (Q8_0),
+else the K-quants' fp16 d per 256 columns times an integer per group.
 
 Layout (q4.py's, with bytes for nibbles): rows in blocks of 16, one lane per row; for each 16
 columns (a unit), 4 loads of 64 bytes, load i holding in lane r row r's bytes 4i..4i+3 of the unit;
@@ -50,6 +50,7 @@ class Q8Matrix:
     rows: int
     cols: int
     bits = 8
+    lookup = False  # (q4.py's IQ4 nibbles index a table; bytes are their values)
 
     @property
     def group(self) -> int:

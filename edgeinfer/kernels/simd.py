@@ -100,6 +100,20 @@ def _bytewise(op: str, constant: int):
     return bytewise
 
 
+def constant_bytes(values):
+    """An intrinsic giving 64 bytes (`values`, 0..255) as a constant vector: a table for
+    `shuffle_bytes`, in a register or a load's operand, never rebuilt."""
+    signed = [int(v) - 256 if v > 127 else int(v) for v in values]
+    assert len(signed) == 64 and all(-128 <= v <= 127 for v in signed)
+
+    @intrinsic
+    def constant(typingctx):
+        def codegen(context, builder, signature, args):
+            return ir.Constant(ir.VectorType(ir.IntType(8), 64), signed)
+        return V64I8(), codegen
+    return constant
+
+
 @intrinsic
 def broadcast4(typingctx, arr, offset):
     """Bytes arr[offset .. offset + 3] repeated in every 4-byte lane of a 64-byte vector (x86: an

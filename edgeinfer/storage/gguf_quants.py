@@ -3,14 +3,15 @@ gguf's own dequantisation gives it (tests/test_gguf_quants.py checks each type).
 
 Every type in scope is, per group of 32 or 16 weights, an integer times a scale plus a minimum:
     Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: d * sc, -dmin * m)
+    IQ4_NL, IQ4_XS                        4-bit nibbles indexing IQ4_VALUES -> q4.Q4Matrix (a lookup)
     Q5_0, Q5_1, Q5_K                      6 bits per 32 (signed, or with minima) -> q6.Q6Matrix
     Q6_K, Q3_K                            6 bits per 16, signed -> q6.Q6Matrix
-    Q8_0, IQ4_NL, IQ4_XS                  signed bytes per 32 -> q8.Q8Matrix
+    Q8_0                                  signed bytes per 32 -> q8.Q8Matrix
     Q2_K                                  bytes per 16, with minima -> q8.Q8Matrix
 The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
 per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
-bytes, 6-bit fields or nibbles: a 5- or 3-bit type takes 6 bits here, Q2_K and the IQ4 types 8
-(bench/RESULTS.md, issue 15, says what that costs and why).
+bytes, 6-bit fields or nibbles: a 5- or 3-bit type takes 6 bits here, Q2_K 8 (bench/RESULTS.md,
+issue 15, says what that costs and why).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..kernels.q4 import Q4Matrix
 from ..kernels.scales import ROWS, SuperScales, concat_scales, super_scales
 from .quantize import MATRIX_TYPES, Matrix
 
 QK = 256  # weights per K-quant super-block
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+LOOKUP_TYPES = ("IQ4_NL", "IQ4_XS")  # their nibbles index q4.IQ4_VALUES
 
 # A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), scales and
 # minima (n, groups per block): float32, or SuperScales of d (n, 1) and the integers; minima None
@@ -88,15 +90,15 @@ def _q5_1(b: np.ndarray) -> Decoded:
     return q, _half(b[:, :2]), _half(b[:, 2:4])
 
 
-def _iq4_nl(b: np.ndarray) -> Decoded:
-    return IQ4_VALUES[_nibbles_in_halves(b[:, 2:], 32)], _half(b[:, :2]), None
+def _iq4_nl(b: np.ndarray) -> Decoded:  # nibbles: indices into IQ4_VALUES
+    return _nibbles_in_halves(b[:, 2:], 32).astype(np.int16), _half(b[:, :2]), None
 
 
 def _iq4_xs(b: np.ndarray) -> Decoded:
     d, high = _half(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view(np.uint16)
     low = _nibbles_in_halves(b[:, 4:8], 2)  # sub-block j's low 4 bits: byte j // 2, nibble j % 2
     ls = low.astype(np.int16) | (((high >> (2 * np.arange(8, dtype=np.uint16))[None, :]) & 3) << 4).astype(np.int16)
-    return IQ4_VALUES[_nibbles_in_halves(b[:, 8:], 32)], super_scales(d, ls - 32), None
+    return _nibbles_in_halves(b[:, 8:], 32).astype(np.int16), super_scales(d, ls - 32), None
 
 
 def _q4_k(b: np.ndarray) -> Decoded:
@@ -137,8 +139,8 @@ def _q2_k(b: np.ndarray) -> Decoded:
 # type -> (weights per block, bytes per block, bits of the matrix it becomes, decoder)
 DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
     "Q4_0": (32, 18, 4, _q4_0), "Q4_1": (32, 20, 4, _q4_1), "Q8_0": (32, 34, 8, _q8_0),
-    "Q5_0": (32, 22, 6, _q5_0), "Q5_1": (32, 24, 6, _q5_1), "IQ4_NL": (32, 18, 8, _iq4_nl),
-    "IQ4_XS": (QK, 136, 8, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 6, _q5_k),
+    "Q5_0": (32, 22, 6, _q5_0), "Q5_1": (32, 24, 6, _q5_1), "IQ4_NL": (32, 18, 4, _iq4_nl),
+    "IQ4_XS": (QK, 136, 4, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 6, _q5_k),
     "Q6_K": (QK, 210, 6, _q6_k), "Q3_K": (QK, 110, 6, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),
 }
 SLAB_ROWS = 2048  # rows decoded at a time: the integers' temporaries stay a few tens of MB
@@ -171,7 +173,8 @@ def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, 
         values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
         if decoded is not None:
             decoded(r, min(r + SLAB_ROWS, rows))
-        slab = MATRIX_TYPES[bits].from_values(values, scales, minima)
+        slab = (Q4Matrix.from_values(values, scales, minima, lookup=True) if kind in LOOKUP_TYPES
+                else MATRIX_TYPES[bits].from_values(values, scales, minima))
         if rows <= SLAB_ROWS:
             return slab
         if packed is None:

@@ -6,10 +6,11 @@ NAME.minima; scales in two levels (kernels/scales.py: SuperScales, "k") are NAME
 NAME.scales_d (F16), and the minima likewise. The file's metadata `quantized` maps each NAME to
 [layout, rows, cols].
 
-Layouts: Q4_0 (w = d * (n - 8)), Q4_1 (w = d * n + m), Q8_0 (w = d * q), groups of 32 along a
-row, fp16 scales; and the layouts GGUF's other types come in as (gguf_quants.py), named
-q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}], e.g. q8g16-sk for Q6_K. Every GGUF type
-in GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
+Layouts: Q4_0 (w = d * (n - 8)), Q4_1 (w = d * n + m), Q8_0 (w = d * q), IQ4_NL (w = d *
+IQ4_VALUES[n]), groups of 32 along a row, fp16 scales; and the layouts GGUF's other types come in as
+(gguf_quants.py), named q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}][-iq4], e.g. q6g16-sk
+for Q6_K, q4g32-sk-iq4 for IQ4_XS (-iq4: the nibbles index IQ4_VALUES). Every GGUF type in
+GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
-from ..kernels.q4 import Q4Matrix
+from ..kernels.q4 import IQ4_FACTOR, Q4Matrix
 from ..kernels.q6 import Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
@@ -39,6 +40,7 @@ class Layout:
     group: int  # weights per scale: 32 or 16
     scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
     minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
+    lookup: bool = False  # 4-bit nibbles that index IQ4_VALUES (IQ4_NL, IQ4_XS)
 
     @property
     def name(self) -> str:
@@ -46,7 +48,12 @@ class Layout:
         if self in named:
             return named[self]
         minima = f"-m{_dtype_tag(self.minima_dtype)}" if self.minima_dtype else ""
-        return f"q{self.bits}g{self.group}-s{_dtype_tag(self.scale_dtype)}{minima}"
+        return f"q{self.bits}g{self.group}-s{_dtype_tag(self.scale_dtype)}{minima}{'-iq4' if self.lookup else ''}"
+
+    @property
+    def factor(self) -> float:
+        """The matrices' offset factor: 1 with minima, else the signed integers' offset."""
+        return 1.0 if self.minima_dtype else IQ4_FACTOR if self.lookup else SIGNED_FACTORS[self.bits]
 
 
 def _dtype_tag(dtype: str) -> str:
@@ -57,12 +64,14 @@ def _tag_dtype(tag: str) -> str:
     return "K" if tag == "k" else f"F{tag}"
 
 
-NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None)}
-_LAYOUT_RE = re.compile(r"q([468])g(16|32)-s(16|32|k)(?:-m(16|32|k))?$")
+NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None),
+         "IQ4_NL": Layout(4, 32, "F16", None, lookup=True)}
+_LAYOUT_RE = re.compile(r"q([468])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
-# written before its matrices are decoded.
-GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q6g32-s16", "IQ4_NL": "Q8_0",
-                "Q4_K": "q4g32-sk-mk", "Q5_1": "q6g32-s16-m16", "Q5_K": "q6g32-sk-mk", "IQ4_XS": "q8g32-sk",
+# written before its matrices are decoded. (Files written before IQ4 ran as nibbles hold IQ4_NL as
+# Q8_0 and IQ4_XS as q8g32-sk: they still load.)
+GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q6g32-s16", "IQ4_NL": "IQ4_NL",
+                "Q4_K": "q4g32-sk-mk", "Q5_1": "q6g32-s16-m16", "Q5_K": "q6g32-sk-mk", "IQ4_XS": "q4g32-sk-iq4",
                 "Q6_K": "q6g16-sk", "Q3_K": "q6g16-sk", "Q2_K": "q8g16-sk-mk"}
 
 
@@ -72,9 +81,10 @@ def layout_of(kind: str) -> Layout | None:
     if kind in NAMED:
         return NAMED[kind]
     m = _LAYOUT_RE.match(kind)
-    if not m or (m.group(1) == "4" and m.group(2) != "32"):
+    if not m or (m.group(1) == "4" and m.group(2) != "32") or (m.group(5) and (m.group(1) != "4" or m.group(4))):
         return None
-    return Layout(int(m.group(1)), int(m.group(2)), _tag_dtype(m.group(3)), _tag_dtype(m.group(4)) if m.group(4) else None)
+    return Layout(int(m.group(1)), int(m.group(2)), _tag_dtype(m.group(3)), _tag_dtype(m.group(4)) if m.group(4) else None,
+                  bool(m.group(5)))
 
 
 def plain_type(kind: str) -> str:
@@ -85,7 +95,7 @@ def plain_type(kind: str) -> str:
         return kind
     plain = lambda dtype: "F32" if dtype == "K" else dtype  # noqa: E731
     return Layout(layout.bits, layout.group, plain(layout.scale_dtype),
-                  layout.minima_dtype and plain(layout.minima_dtype)).name
+                  layout.minima_dtype and plain(layout.minima_dtype), layout.lookup).name
 
 
 
@@ -149,8 +159,7 @@ def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], 
         return kernel(arrays[at]), at + 1
     scales, at = scales_from(1, layout.scale_dtype)
     offsets = scales_from(at, layout.minima_dtype)[0] if layout.minima_dtype else scales
-    factor = 1.0 if layout.minima_dtype else SIGNED_FACTORS[layout.bits]
-    return MATRIX_TYPES[layout.bits](arrays[0], scales, offsets, factor, rows, cols)
+    return MATRIX_TYPES[layout.bits](arrays[0], scales, offsets, layout.factor, rows, cols)
 
 
 def fits(m: Matrix, kind: str) -> bool:
@@ -159,6 +168,7 @@ def fits(m: Matrix, kind: str) -> bool:
     group = GROUP if isinstance(m, Q4Matrix) else m.group
     has_minima = m.offsets is not m.scales
     return (layout is not None and layout.bits == m.bits and layout.group == group
+            and layout.lookup == m.lookup
             and bool(layout.minima_dtype) == has_minima and _holds(layout.scale_dtype, m.scales)
             and (not has_minima or _holds(layout.minima_dtype, m.offsets)))
 
