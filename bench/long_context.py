@@ -51,9 +51,9 @@ def filled_cache(model: Model, codebooks: list[np.ndarray] | None, cache_type: s
         if codebooks is None:  # keys and values in the cache's type, as the kernels write them
             cache.append(layer, 0, np.resize(keys, (kv_heads, depth, hd)), values)
         else:  # LUT attention keeps float keys for the first positions only, random codes for the rest
-            kept = min(depth, cache.k.shape[2])
-            cache.k[layer, :, :kept] = np.resize(keys, (kv_heads, kept, hd))
-            cache.v[layer, :, :depth] = values.astype(np.float16).view(np.uint16)
+            kept = min(depth, cache.k[layer].shape[1])
+            cache.k[layer][:, :kept] = np.resize(keys, (kv_heads, kept, hd))
+            cache.v[layer][:, :depth] = values.astype(np.float16).view(np.uint16)
             codes = cache.lut[layer][1]
             codes[:, :depth // 64] = rng.integers(0, 256, codes[:, :depth // 64].shape, dtype=np.uint8)
     cache.commit(depth)

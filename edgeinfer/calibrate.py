@@ -35,7 +35,7 @@ def collect_keys(model: Model, ids: list[int], ctx: int, max_tokens: int) -> tup
     c = model.config
     per_layer: list[list[np.ndarray]] = [[] for _ in range(c.num_layers)]
     positions = []
-    cache = model.new_cache(ctx)
+    cache = model.new_cache(ctx, rings=False)  # every key, the local layers' too
     for start in range(0, len(ids), ctx):
         window = np.asarray(ids[start:start + ctx])
         cache.truncate(0)

@@ -162,11 +162,10 @@ def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
 
 def prefill(model: Model, cache, cached: Sequence[int], prompt: Sequence[int]) -> tuple[np.ndarray, int]:
     """Logits after `prompt` in `cache`, which holds `cached` (a chat resends the whole conversation:
-    the shared prefix is kept); and how many prompt tokens had to be computed. In chunks of
-    PREFILL_CHUNK tokens on the op-by-op path, whose rows do not depend on their neighbours: the same
-    bits however much was cached and however the prompt is split."""
-    reuse = common_prefix(cached, prompt)
-    cache.truncate(reuse)
+    the shared prefix is kept, as far as the cache can keep it); and how many prompt tokens had to
+    be computed. In chunks of PREFILL_CHUNK tokens on the op-by-op path, whose rows do not depend on
+    their neighbours: the same bits however much was cached and however the prompt is split."""
+    reuse = cache.truncate(common_prefix(cached, prompt))  # a local layer's ring may keep less
     for start in range(reuse, len(prompt), PREFILL_CHUNK):
         logits = model.prefill(np.asarray(prompt[start:start + PREFILL_CHUNK]), cache)
     return logits, len(prompt) - reuse

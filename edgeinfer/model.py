@@ -19,7 +19,6 @@ from .config import rope_table
 from .errors import EdgeInferError, UnsupportedModelError
 from .kernels.decode_layer import (DecodeScratch, batch_scratch, decode_attention, decode_layer, decode_layer_batch,
                                    decode_mlp, decode_scratch)
-from .kernels.kv_rows import rows_at
 from .kernels.lut_attention import attend_causal_lut
 from .kernels.ops import LANES, attend_causal, gated_activation_rows, rmsnorm_into, rope_rows, round_rows_like
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
@@ -74,9 +73,10 @@ class Model:
             self._ropes[context] = [table[i in c.local_layers] for i in range(c.num_layers)]
         return self._ropes[context]
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, rings: bool = True) -> KVCache:
+        """A KV cache of `capacity` positions; its local layers hold only their window unless not `rings`."""
         return KVCache(self.config, capacity, self.codebooks, cache_type=self.path.cache_type,
-                       kernels=self.path.fused)
+                       kernels=self.path.fused, rings=rings)
 
     def _scratch_for(self, cache: KVCache) -> DecodeScratch:
         """The fused path's buffers, whose attention scores are as long as the longest cache yet."""
@@ -110,7 +110,7 @@ class Model:
         h = np.ascontiguousarray(self.embed(np.asarray(tokens)))
         for i in range(c.num_layers):
             _, args = self.weights.layer(i)
-            decode_layer_batch(h, args, rows_at(caches.k, i), rows_at(caches.v, i), lut, slot_ids, positions,
+            decode_layer_batch(h, args, caches.k[i], caches.v[i], lut, slot_ids, positions,
                                ropes[i], c.rms_norm_eps, b)
             self.weights.done(i)
         for s in slots:
@@ -236,23 +236,25 @@ class Model:
         rope_rows(k, cos, sin, self.config.head_dim)
         start, kv_heads = cache.length, self.config.num_kv_heads
         new_keys = np.ascontiguousarray(self._per_head(k, kv_heads))
-        cache.append(layer, start, new_keys, self._per_head(v, kv_heads))
-        keys, values, (books, codes, tables, sums) = cache.layer(layer)
+        new_values = self._per_head(v, kv_heads)
         out = np.empty_like(q)
         if self.path.lut:
+            cache.append(layer, start, new_keys, new_values)
+            keys, values, (books, codes, tables, sums) = cache.layer(layer)
             attend_causal_lut(q, new_keys, books, codes, keys, values, start, tables, sums,
                               self._scratch_for(cache).scores, out)
         else:
+            keys, values, first = cache.add(layer, start, new_keys, new_values)
             round_rows_like(q, keys)  # to fp16 precision with an fp16 cache, as the fused step rounds them
-            attend_causal(q, keys, values, start, self.config.window(layer), self.config.attention_scale, out)
+            attend_causal(q, keys, values, start - first, self.config.window(layer), self.config.attention_scale, out)
         return out
 
     def _attend_float(self, q, k, v, cache: KVCache, layer: int, cos, sin) -> np.ndarray:
         """The float32 path, in numpy (OpenBLAS for its products: mixing its thread pool with
         Numba's on few cores makes both spin-wait)."""
         c, start, count = self.config, cache.length, q.shape[0]
-        cache.append(layer, start, apply_rope(self._per_head(k, c.num_kv_heads), cos, sin),
-                     self._per_head(v, c.num_kv_heads))
-        out = causal_attention(apply_rope(self._per_head(q, c.num_heads), cos, sin), *cache.fetch(layer, start + count),
-                               start, c.window(layer), c.attention_scale)
+        keys, values, first = cache.add(layer, start, apply_rope(self._per_head(k, c.num_kv_heads), cos, sin),
+                                        self._per_head(v, c.num_kv_heads))
+        out = causal_attention(apply_rope(self._per_head(q, c.num_heads), cos, sin), keys, values, start - first,
+                               c.window(layer), c.attention_scale)
         return out.transpose(1, 0, 2).reshape(count, c.q_size)

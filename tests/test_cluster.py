@@ -485,7 +485,8 @@ def test_a_cluster_cache_keeps_the_calls_that_filled_it():
 
     from edgeinfer.cluster.cluster_model import ClusterCache
 
-    cache = ClusterCache(SimpleNamespace(local=SimpleNamespace(new_cache=lambda capacity: None), plan_id=0), 64)
+    shard = SimpleNamespace(truncate=lambda length: length)  # a shard's cache that keeps what it is asked to
+    cache = ClusterCache(SimpleNamespace(local=SimpleNamespace(new_cache=lambda capacity: shard), plan_id=0), 64)
     cache.tokens, cache.calls = list(range(12)), [8, 1, 1, 1, 1]
     cache.truncate(10)
     assert cache.calls == [8, 1, 1] and cache.length == 10

@@ -207,15 +207,15 @@ def test_caches_hold_what_the_memory_plan_counts(calibrated):
     for attention in ("exact", "lut"):
         model = Model(open_model(str(path)), True, attention=attention)
         cache = model.new_cache(200)
-        held = cache.k.nbytes + cache.v.nbytes + sum(lut[1].nbytes for lut in cache.lut)
-        assert cache.v.dtype == np.uint16 and cache.k.dtype == (np.float32 if attention == "lut" else np.uint16)
+        held = cache.nbytes + sum(lut[1].nbytes for lut in cache.lut)
+        assert cache.v[0].dtype == np.uint16 and cache.k[0].dtype == (np.float32 if attention == "lut" else np.uint16)
         assert held == cache_bytes(source, 200, choose_path(source, True, attention))
-        assert cache.k.shape[2] == (200 if attention == "exact" else EXACT_SLOTS)
+        assert cache.k[0].shape[1] == (200 if attention == "exact" else EXACT_SLOTS)
     f32 = Model(open_model(str(path)), True, cache_type="f32").new_cache(200)
-    assert f32.k.dtype == f32.v.dtype == np.float32
-    assert f32.k.nbytes * 2 == cache_bytes(source, 200, choose_path(source, True, cache_type="f32"))
+    assert f32.k[0].dtype == f32.v[0].dtype == np.float32
+    assert f32.nbytes == cache_bytes(source, 200, choose_path(source, True, cache_type="f32"))
     assert cache_bytes(source, 200, choose_path(source, False)) == KVCache.size(model.config, 200, "f32", None) == \
-        Model(open_model(str(path)), False).new_cache(200).k.nbytes * 2
+        Model(open_model(str(path)), False).new_cache(200).nbytes
     with pytest.raises(EdgeInferError, match="4/8-bit path"):  # the float path has no LUT attention
         choose_path(source, False, "lut")
 

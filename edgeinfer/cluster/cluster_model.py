@@ -46,7 +46,10 @@ class ClusterCache:
     def length(self) -> int:
         return len(self.tokens)
 
-    def truncate(self, length: int) -> None:
+    def truncate(self, length: int) -> int:
+        """Forget the tokens past `length`; the length kept, as the shards' caches keep it (a local
+        layer's ring may keep less: kv_cache.KVCache.truncate, the same on every node)."""
+        length = self.local.truncate(length)
         del self.tokens[length:]
         kept, total = [], 0
         for n in self.calls:
@@ -55,6 +58,7 @@ class ClusterCache:
             kept.append(min(n, length - total))
             total += kept[-1]
         self.calls = kept
+        return length
 
 
 class ClusterModel:

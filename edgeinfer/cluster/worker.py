@@ -314,7 +314,8 @@ class Worker:
         if h is None or not h.shape[0]:
             raise EdgeInferError(f"a step of {len(m.data)} bytes as {m.wire}: not hidden vectors of "
                                  f"{self.model.config.hidden_size} floats")
-        self.cache.truncate(start)
+        if self.cache.truncate(start) != start:
+            raise EdgeInferError(f"the step starts at {start}, which this node's cache no longer holds")
         self.member.begin(m.seq)
         t0, waited = time.perf_counter(), self.member.wait_s
         self.model.run_layers(h, self.cache)

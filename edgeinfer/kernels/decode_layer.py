@@ -130,7 +130,8 @@ def attend_token(weights, q, k, v, keys, values, lut, position, rope, eps, score
     if lut[0].shape[0]:
         attend_token_lut(q, k, keys, values, lut, position, scores, att)
     else:
-        attend_one(q, keys, values, window_start(position, window), position + 1, scale, scores, att)
+        first, end = attended_rows(position, window, rows_shape(values)[1])
+        attend_one(q, keys, values, first, end, scale, scores, att)
 
 
 def attend_token_lut(q, k, keys, values, lut, position, scores, att):
@@ -154,7 +155,8 @@ def _attend_token_lut(q, k, keys, values, lut, position, scores, att):
 @njit(cache=True)
 def store_token(weights, q, k, v, keys, values, lut, position, rope, eps):
     """A token's projections made ready, in place: biases, query/key norms, RoPE; its key and value
-    into the cache at `position`; the queries rounded as the cache's keys are (ops.round_like)."""
+    into the cache at `position` (row position % rows: a local layer's ring, kv_cache.py); the
+    queries rounded as the cache's keys are (ops.round_like)."""
     (_, _, q_norm, k_norm, _, _), _, (bq, bk, bv), _ = weights
     kv_heads, _, hd = rows_shape(keys)
     add_bias(q, bq)
@@ -165,14 +167,19 @@ def store_token(weights, q, k, v, keys, values, lut, position, rope, eps):
         rmsnorm_heads_in_place(k, kv_heads, k_norm, eps)
     rope_in_place(q, q.shape[0] // hd, rope, position)
     rope_in_place(k, kv_heads, rope, position)
-    append_kv(keys, values, lut, k.reshape((kv_heads, 1, hd)), v.reshape((kv_heads, 1, hd)), position)
+    append_kv(keys, values, lut, k.reshape((kv_heads, 1, hd)), v.reshape((kv_heads, 1, hd)),
+              position % rows_shape(values)[1])
     round_like(q, keys)
 
 
 @njit(inline="always")
-def window_start(position, window):
-    """The first position a token at `position` attends to: all, or a local layer's window."""
-    return max(0, position + 1 - window) if window > 0 else 0
+def attended_rows(position, window, rows):
+    """The cache rows first..end-1 a token at `position` attends over: its positions' (all before
+    it, or a local layer's window), or, once a local layer's ring of `window` rows has wrapped,
+    every row (each holds one of the window's positions)."""
+    if position >= rows:
+        return 0, rows
+    return (max(0, position + 1 - window) if window > 0 else 0), position + 1
 
 
 @njit(cache=True)
@@ -236,13 +243,13 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, rope, ep
     matmul(wq, b.xq, b.q)
     matmul(wk, b.xq, b.k)
     matmul(wv, b.xq, b.v)
-    firsts = np.empty(rows, np.int64)
+    firsts, ends = np.empty(rows, np.int64), np.empty(rows, np.int64)
     for r in range(rows):
         slot = slots[r]
         store_token(weights, b.q[r], b.k[r], b.v[r], rows_at(keys, slot), rows_at(values, slot), lut, positions[r],
                     rope, eps)
-        firsts[r] = window_start(positions[r], window)
-    attend_rows(b.q, keys, values, slots, firsts, positions + 1, scale, b.scores, b.att)
+        firsts[r], ends[r] = attended_rows(positions[r], window, rows_shape(values)[2])
+    attend_rows(b.q, keys, values, slots, firsts, ends, scale, b.scores, b.att)
     for r in range(rows):
         quantize_row(b.att, b.attq, r)
     matmul(wo, b.attq, b.fixed)
