@@ -11,7 +11,7 @@ the model (run_path.py): the fused 4/8-bit kernels, or float32 in numpy.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -145,6 +145,17 @@ class Model:
         logits = self.weights.head()(rmsnorm(h, self.norm, self.config.rms_norm_eps))
         self.weights.done(HEAD)
         return logits if all_logits else logits[0]
+
+    def logit_blocks(self, h: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+        """The logits of h's rows, `rows` at a time, the head taken once (a streamed head is read
+        once): every row's at once would take rows x vocabulary floats, 2 GB for a 2048-token
+        window of Gemma's 262k pieces."""
+        head = self.weights.head()
+        try:
+            for r in range(0, h.shape[0], rows):
+                yield head(rmsnorm(h[r:r + rows], self.norm, self.config.rms_norm_eps))
+        finally:
+            self.weights.done(HEAD)
 
     def run_layers(self, h: np.ndarray, cache: KVCache, fused: bool = True) -> np.ndarray:
         """The hidden vectors (count, hidden) of tokens at the cache's next positions through every

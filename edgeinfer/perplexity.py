@@ -24,7 +24,8 @@ from .errors import EdgeInferError
 from .model import Model
 
 
-SCORE_ROWS = 128
+SCORE_BYTES = 64 << 20  # float64 log-probabilities scored at a time (rows of the vocabulary's width)
+SCORE_ROWS = 128  # at most
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,15 @@ def perplexity(model: Model, ids: list[int], ctx: int, kl_base: str | None = Non
     base = _KLBase(kl_base, scored, model.config.vocab_size) if kl_base else None
     nll = np.empty(scored)
     cache = model.new_cache(ctx)
+    block = max(1, min(SCORE_ROWS, SCORE_BYTES // (8 * model.config.vocab_size)))
     try:
         for w, tokens in enumerate(windows):
             cache.truncate(0)
-            logits = model.forward(tokens, cache, all_logits=True)
-            for r in range(0, ctx - 1, SCORE_ROWS):  # float64 a block at a time: a 262k vocabulary is large
-                n = min(SCORE_ROWS, ctx - 1 - r)
-                logprobs = log_softmax(logits[r:r + n].astype(np.float64))
+            h = model.run_layers(model.embed(tokens), cache)
+            # A block of rows at a time, logits too: a window's at once take 2 GB with a 262k vocabulary.
+            for i, logits in enumerate(model.logit_blocks(h[:ctx - 1], block)):
+                r, n = i * block, logits.shape[0]
+                logprobs = log_softmax(logits.astype(np.float64))
                 rows = slice(w * (ctx - 1) + r, w * (ctx - 1) + r + n)
                 nll[rows] = -logprobs[np.arange(n), tokens[r + 1:r + 1 + n]]
                 if base:
