@@ -6,6 +6,7 @@ import numpy as np
 
 from .kernels.activations import quantize_activations
 from .kernels.reference import linear
+from .kernels.scales import activation_span
 from .kernels.simd import FIXED_BITS
 from .run_path import quantizable_at_load
 from .storage.quantize import Matrix, quantize_q4_1, quantize_q8_0
@@ -41,16 +42,20 @@ class QuantLinear:
         self.matrix, self.bias, self.bits = matrix, bias, matrix.bits
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.matrix.matmul(quantize_activations(x), np.empty((x.shape[0], self.matrix.rows), np.float32))
+        out = self.matrix.matmul(self.quantize(x), np.empty((x.shape[0], self.matrix.rows), np.float32))
         return out + self.bias if self.bias is not None else out
 
     def partial(self, x: np.ndarray) -> np.ndarray:
         """x W^T as fixed-point sums (int64, kernels/simd.py), for a product whose columns a cluster
         splits over its nodes (o_proj, down_proj): the nodes' partials add up exactly to this."""
-        out = self.matrix.matmul(quantize_activations(x), np.empty((x.shape[0], self.matrix.rows), np.int64))
+        out = self.matrix.matmul(self.quantize(x), np.empty((x.shape[0], self.matrix.rows), np.int64))
         if self.bias is not None:
             out += np.round(self.bias.astype(np.float64) * 2.0 ** FIXED_BITS).astype(np.int64)
         return out
+
+    def quantize(self, x: np.ndarray):
+        """x as int8, a scale per 32 values or, for a K-quant, per 256 (as llama.cpp's Q8_K)."""
+        return quantize_activations(x, span=activation_span(self.matrix.scales))
 
     def zero_partial(self, count: int) -> np.ndarray:
         return np.zeros((count, self.matrix.rows), np.int64)

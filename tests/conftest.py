@@ -78,8 +78,10 @@ TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2)
 
 
-def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards: int = 1, **overrides) -> Path:
-    """A tiny random model saved by transformers as a HF folder with our trained tokenizer."""
+def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards: int = 1, random_norms: bool = False,
+                  **overrides) -> Path:
+    """A tiny random model saved by transformers as a HF folder with our trained tokenizer; with
+    `random_norms`, norm weights in 0.5 .. 1.5 as a trained model's, not transformers' ones."""
     import torch
     import transformers
 
@@ -97,6 +99,8 @@ def make_hf_model(folder: Path, tokenizer_json: str, arch: str = "llama", shards
         for name, p in model.named_parameters():
             if arch == "gemma3" and name.endswith("norm.weight"):
                 p.copy_(torch.rand_like(p) - 0.5)
+            elif random_norms and name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) + 0.5)
     folder.mkdir(parents=True, exist_ok=True)
     size = None if shards == 1 else f"{sum(p.numel() for p in model.parameters()) * 4 // shards // 1000 + 1}KB"
     model.save_pretrained(folder, **({"max_shard_size": size} if size else {}))

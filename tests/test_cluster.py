@@ -23,7 +23,7 @@ import pytest
 import zmq
 from conftest import edgeinfer_cli
 
-from edgeinfer.cluster.plan import Share, plan_shares, split
+from edgeinfer.cluster.plan import Share, column_step, plan_shares, split
 from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
@@ -55,6 +55,18 @@ def test_plan_covers_every_head_and_column_once():
     uneven = plan_shares(c, [3.0, 1.0])
     assert uneven[0].columns == 3 * uneven[1].columns  # shares follow the weights
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_a_k_quant_down_projection_splits_on_whole_super_blocks():
+    """A K-quant's activations quantise per 256 columns: down_proj's shares are whole 256-column
+    super-blocks, so each node quantises its columns as one node would, while there are enough
+    blocks for every node; otherwise (and for the other types) whole 128-column chunks."""
+    c = smol_config()  # 1536 columns: 6 super-blocks
+    assert [column_step(c, n, True) for n in (1, 2, 6, 7)] == [256, 256, 256, 128]
+    assert column_step(c, 2, False) == 128 and column_step(smol_config(intermediate_size=1664), 2, True) == 128
+    for weights in ([1.0, 1.0], [3.0, 1.0], [1.0, 2.0, 1.0, 0.5]):
+        shares = plan_shares(c, weights, column_step(c, len(weights), True))
+        assert all(s.columns > 0 and s.col_start % 256 == 0 for s in shares) and shares[-1].col_end == 1536
 
 
 def test_a_plan_around_held_shards_gives_the_master_the_rest():

@@ -12,7 +12,7 @@ from edgeinfer.kernels.q4 import Q4Matrix, gemv_reference
 from edgeinfer.kernels.q6 import Q6Matrix
 from edgeinfer.kernels.q8 import Q8Matrix, gemv8_reference
 from edgeinfer.storage.gguf_quants import DECODERS, gguf_matrix
-from edgeinfer.kernels.scales import SuperScales
+from edgeinfer.kernels.scales import SuperScales, activation_span
 from edgeinfer.storage.quantize import (GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries,
                                         plain_type)
 
@@ -97,6 +97,36 @@ def test_kernels_equal_the_reference_for_every_type(kind):
     assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
 
 
+def test_k_quants_take_activations_per_256_as_llama_cpps_q8_k():
+    """llama.cpp quantises the activations of a K-quant's (and IQ4_XS's) dot products per 256 values
+    (Q8_K), of the other types' per 32 (Q8_0). Each matrix takes its input so, in a prompt's
+    products and in the fused decode step, which quantises an input once for the projections that
+    share its span (q, k, v) and again where their types differ."""
+    from edgeinfer.kernels.decode_layer import activation_buffers, project
+    from edgeinfer.layers import QuantLinear
+
+    rows, cols = 21, 768
+    x = (np.random.default_rng(8).standard_normal(cols) * np.repeat([1, 5, 0.1], 256)).astype(np.float32)
+    a = quantize_activations(x, span=256)
+    d = np.abs(x).reshape(3, 256).max(axis=1) / np.float32(127)
+    np.testing.assert_array_equal(a.scales[:24], np.repeat(d, 8))  # each group of 32 holds its block's scale
+    np.testing.assert_array_equal(a.flat[:cols], np.rint(x / np.repeat(d, 256)).astype(np.int8))
+    fine = quantize_activations(x)
+    assert not np.array_equal(fine.scales, a.scales)
+
+    xq, held = activation_buffers(cols), 0
+    for kind in ["Q8_0", "Q4_K", "Q6_K", "IQ4_XS", "Q5_0", "IQ4_NL", "Q2_K"]:
+        m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=9), cols)
+        span = activation_span(m.scales)
+        assert span == (256 if kind.endswith("_K") or kind == "IQ4_XS" else 32)
+        expected = m.matmul(quantize_activations(x, span=span), np.empty(rows, np.float32))
+        np.testing.assert_array_equal(QuantLinear(m, None)(x[None])[0], expected)
+        out = np.empty(rows, np.float32)
+        held = project(m.kernel_args(), x, xq, held, out)
+        assert held == span
+        np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("kind", ["Q6_K", "Q2_K", "Q4_K", "Q5_1", "IQ4_XS"])
 def test_column_shards_add_up_bit_for_bit(kind):
     """A cluster splits o_proj/down_proj by columns: the nodes' fixed-point partials add up to one
@@ -147,7 +177,11 @@ def kquant_gguf(tmp_path_factory, tokenizer_json):
     from conftest import make_hf_model, write_gguf
     from safetensors.numpy import load_file
 
-    folder = make_hf_model(tmp_path_factory.mktemp("kquant_hf"), tokenizer_json, hidden_size=256,
+    # Trained norms: with transformers' unit ones, the first layer's inputs are the embedding's
+    # integers times one factor, whose 256-value activation blocks meet exact rounding ties (e.g.
+    # 127 * 16 / 32 = 63.5) that a prompt's norm and the decode step's, a last bit apart, break
+    # either way. A trained model's norm weights leave no such ties.
+    folder = make_hf_model(tmp_path_factory.mktemp("kquant_hf"), tokenizer_json, random_norms=True, hidden_size=256,
                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     shapes = {k: v.shape for k, v in load_file(folder / "model.safetensors").items()}
     raw = {}

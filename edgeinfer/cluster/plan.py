@@ -16,6 +16,8 @@ from ..config import ModelConfig
 from ..errors import EdgeInferError
 
 COLUMN_STEP = 128  # MLP columns go in whole 4-bit chunks, so every share is a kernel-sized matrix
+SUPER_STEP = 256  # ... and in whole super-blocks when down_proj is a K-quant: its activations quantise
+# per 256 columns (kernels/scales.activation_span), which a node then does on its share as one node would
 
 
 @dataclass(frozen=True)
@@ -73,18 +75,26 @@ def split(total: int, weights: list[float], step: int = 1, minimum: int = 0) -> 
     return ranges
 
 
-def plan_shares(config: ModelConfig, weights: list[float]) -> list[Share]:
-    """Node i's share, in proportion to weights[i] (> 0). Every node gets at least one block of MLP
-    columns; heads may run out first."""
+def column_step(config: ModelConfig, nodes: int, super_blocks: bool) -> int:
+    """The MLP columns' unit: whole super-blocks when down_proj has them (`super_blocks`) and there
+    are enough of them for every node, else whole 4-bit chunks (the nodes' sums then round slightly
+    differently from one node's)."""
+    fits = config.intermediate_size % SUPER_STEP == 0 and config.intermediate_size // SUPER_STEP >= nodes
+    return SUPER_STEP if super_blocks and fits else COLUMN_STEP
+
+
+def plan_shares(config: ModelConfig, weights: list[float], step: int = COLUMN_STEP) -> list[Share]:
+    """Node i's share, in proportion to weights[i] (> 0). Every node gets at least one block of
+    `step` MLP columns; heads may run out first."""
     if not weights or min(weights) <= 0:
         raise EdgeInferError("every node needs a positive weight")
-    steps = -(-config.intermediate_size // COLUMN_STEP)
+    steps = -(-config.intermediate_size // step)
     if len(weights) > steps:
         raise EdgeInferError(f"{len(weights)} nodes are more than the {steps} MLP column blocks of this model")
     if config.head_dim % 32:
         raise EdgeInferError(f"head dimension {config.head_dim} does not split on 32-wide quantisation groups")
     heads = split(config.num_kv_heads, weights)
-    columns = split(config.intermediate_size, weights, COLUMN_STEP, minimum=1)
+    columns = split(config.intermediate_size, weights, step, minimum=1)
     return [Share(k0, k1, c0, c1) for (k0, k1), (c0, c1) in zip(heads, columns)]
 
 

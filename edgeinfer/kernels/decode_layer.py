@@ -10,8 +10,9 @@ themselves on a small model. Here the layer reads like model.py's forward pass:
 
 with the family's options (config.py) in brackets: a norm the layer lacks is an empty array. A
 layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a matrix as (bits,
-packed, scales, offsets, offset_factor): 4-bit (q4.py), 6-bit (q6.py) or 8-bit (q8.py), so one
-compiled function serves any mix of them.
+activation span, packed, scales, offsets, offset_factor): 4-bit (q4.py), 6-bit (q6.py) or 8-bit
+(q8.py), its input quantised per 32 or 256 values (scales.activation_span), so one compiled
+function serves any mix of them.
 
 Both release the GIL: a server's event loop answers while a step computes. Every product runs on
 all threads, even the small ones: between the parallel regions of one call
@@ -61,14 +62,26 @@ def decode_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, he
 
 
 @njit(cache=True)
-def quantize(x, xq):
+def quantize(x, xq, span):
     flat, scales, sums, halves, starts = xq
-    _quantize(x, flat, scales, sums, halves, starts)
+    _quantize(x, flat, scales, sums, halves, starts, span)
+
+
+@njit(cache=True)
+def project(m, x, xq, held, out):
+    """out = m x, with x quantised into xq at the matrix's activation span unless xq holds it so
+    already (`held`: the span xq holds, 0 for none; the one returned). Projections of one input
+    (q, k, v; gate, up) share the quantising unless their types differ (a K-quant beside Q8_0)."""
+    span = m[1]
+    if span != held:
+        quantize(x, xq, span)
+    matvec(m, xq, out)
+    return span
 
 
 @njit(cache=True)
 def matvec(m, xq, out):
-    bits, packed, scales, offsets, factor = m
+    bits, _, packed, scales, offsets, factor = m
     flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
         q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
@@ -112,13 +125,11 @@ def decode_attention(h, weights, keys, values, lut, position, rope, eps, s):
     it is a partial sum, which adds up over the nodes exactly as one node's)."""
     (attn_norm, _, _, _, _, _), (wq, wk, wv, wo, _, _, _), _, _ = weights
     rmsnorm_into(h, attn_norm, eps, s.x)
-    quantize(s.x, s.xq)
-    matvec(wq, s.xq, s.q)
-    matvec(wk, s.xq, s.k)
-    matvec(wv, s.xq, s.v)
+    held = project(wq, s.x, s.xq, 0, s.q)
+    held = project(wk, s.x, s.xq, held, s.k)
+    project(wv, s.x, s.xq, held, s.v)
     attend_token(weights, s.q, s.k, s.v, keys, values, lut, position, rope, eps, s.scores, s.att)
-    quantize(s.att, s.attq)
-    matvec(wo, s.attq, s.fixed)
+    project(wo, s.att, s.attq, 0, s.fixed)
 
 
 @njit(cache=True)
@@ -187,12 +198,10 @@ def decode_mlp(h, weights, eps, s):
     """s.fixed = the MLP half's output for h (not yet added)."""
     (_, mlp_norm, _, _, _, _), (_, _, _, _, wgate, wup, wdown), _, (_, gelu, _) = weights
     rmsnorm_into(h, mlp_norm, eps, s.x)
-    quantize(s.x, s.xq)
-    matvec(wgate, s.xq, s.gate)
-    matvec(wup, s.xq, s.up)
+    held = project(wgate, s.x, s.xq, 0, s.gate)
+    project(wup, s.x, s.xq, held, s.up)
     gated_activation_into(s.gate, s.up, gelu, s.act)
-    quantize(s.act, s.actq)
-    matvec(wdown, s.actq, s.fixed)
+    project(wdown, s.act, s.actq, 0, s.fixed)
 
 
 # The same layer for a batch of tokens, each of its own sequence (the server's decode step): row r
@@ -213,14 +222,25 @@ def batch_scratch(hidden: int, q_size: int, kv_size: int, intermediate: int, hea
 
 
 @njit(cache=True)
-def quantize_row(x, xq, r):
+def quantize_row(x, xq, r, span):
     flat, scales, sums, halves, starts = xq
-    _quantize(x[r], flat[r], scales[r], sums[r], halves[r], starts[r])
+    _quantize(x[r], flat[r], scales[r], sums[r], halves[r], starts[r], span)
+
+
+@njit(cache=True)
+def project_rows(m, x, xq, held, out):
+    """project() for every row of x."""
+    span = m[1]
+    if span != held:
+        for r in range(x.shape[0]):
+            quantize_row(x, xq, r, span)
+    matmul(m, xq, out)
+    return span
 
 
 @njit(cache=True)
 def matmul(m, xq, out):
-    bits, packed, scales, offsets, factor = m
+    bits, _, packed, scales, offsets, factor = m
     flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
         q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
@@ -239,10 +259,9 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, rope, ep
     rows = h.shape[0]
     for r in range(rows):
         rmsnorm_into(h[r], attn_norm, eps, b.x[r])
-        quantize_row(b.x, b.xq, r)
-    matmul(wq, b.xq, b.q)
-    matmul(wk, b.xq, b.k)
-    matmul(wv, b.xq, b.v)
+    held = project_rows(wq, b.x, b.xq, 0, b.q)
+    held = project_rows(wk, b.x, b.xq, held, b.k)
+    project_rows(wv, b.x, b.xq, held, b.v)
     firsts, ends = np.empty(rows, np.int64), np.empty(rows, np.int64)
     for r in range(rows):
         slot = slots[r]
@@ -250,18 +269,14 @@ def decode_layer_batch(h, weights, keys, values, lut, slots, positions, rope, ep
                     rope, eps)
         firsts[r], ends[r] = attended_rows(positions[r], window, rows_shape(values)[2])
     attend_rows(b.q, keys, values, slots, firsts, ends, scale, b.scores, b.att)
-    for r in range(rows):
-        quantize_row(b.att, b.attq, r)
-    matmul(wo, b.attq, b.fixed)
+    project_rows(wo, b.att, b.attq, 0, b.fixed)
     for r in range(rows):
         add_output(h[r], b.fixed[r], post_attn, eps, b.x[r])
         rmsnorm_into(h[r], mlp_norm, eps, b.x[r])
-        quantize_row(b.x, b.xq, r)
-    matmul(wgate, b.xq, b.gate)
-    matmul(wup, b.xq, b.up)
+    held = project_rows(wgate, b.x, b.xq, 0, b.gate)
+    project_rows(wup, b.x, b.xq, held, b.up)
     for r in range(rows):
         gated_activation_into(b.gate[r], b.up[r], gelu, b.act[r])
-        quantize_row(b.act, b.actq, r)
-    matmul(wdown, b.actq, b.fixed)
+    project_rows(wdown, b.act, b.actq, 0, b.fixed)
     for r in range(rows):
         add_output(h[r], b.fixed[r], post_mlp, eps, b.x[r])

@@ -42,7 +42,7 @@ from .simd import (accumulate_product, accumulate_units, accumulator, accumulato
                    constant_bytes, dpbusd, dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1,
                    into2, into3, lane, lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1,
                    product_into2, product_into3, shuffle_bytes, splat, splat_i32, store16, to_f32, total4, zeros_i32)
-from .scales import (ROWS, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
+from .scales import (ROWS, activation_span, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      prefetch_scales, scales_nbytes, select_scales)
 
 
@@ -162,7 +162,7 @@ class Q4Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return 4, self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return 4, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own

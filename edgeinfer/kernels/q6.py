@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from .activations import GROUP, Q8Activations
 from .q4 import check_operands, gemm_block, group_term, store_rows
-from .scales import (ROWS, SuperScales, block_scales, deinterleave_scales, group_count, group_scale,
+from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale,
                      interleave_scales, prefetch_scales, scales_nbytes, select_scales)
 from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd_nibbles, fixed_unit, hi_nibbles, high_bits0, high_bits1, high_bits2, high_bits3, into0, into1, into2, into3, lo_nibbles,
                    load_i8, prefetch, total4, zeros_i32)
@@ -151,7 +151,7 @@ class Q6Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return 6, self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return 6, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids`, as GGUF's own dequantisation

@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from .activations import GROUP, Q8Activations
 from .q4 import check_operands, from_blocks, gemm_block, group_term, prefetch_ahead, store_rows, to_blocks
-from .scales import (ROWS, SuperScales, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
+from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      scales_nbytes, select_scales)
 from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd, fixed_unit, into0, into1, into2, into3, load_i8, total4, zeros_i32)
 
@@ -115,7 +115,7 @@ class Q8Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return 8, self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return 8, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own

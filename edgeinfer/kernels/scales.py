@@ -101,6 +101,13 @@ def deinterleave_scales(s, rows: int, groups: int, ids: np.ndarray | None = None
     return scale_values(deinterleave(s, 1, rows, groups, ROWS, ids))
 
 
+def activation_span(s) -> int:
+    """Values per activation scale for a matrix with scales `s`: 256 for a K-quant's (SuperScales),
+    as llama.cpp quantises the activations of its K-quant dot products (Q8_K), so that a file's
+    output is llama.cpp's; 32 otherwise (Q8_0's blocks)."""
+    return SUPER if isinstance(s, SuperScales) else 32
+
+
 def keeps_super_scales(c0: int, c1: int) -> bool:
     """Whether columns c0 .. c1 - 1 of a matrix keep its two-level scales (whole super-blocks)."""
     return c0 % SUPER == 0 and c1 % SUPER == 0

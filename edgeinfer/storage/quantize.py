@@ -99,6 +99,12 @@ def plain_type(kind: str) -> str:
 
 
 
+def has_super_scales(kind: str) -> bool:
+    """Whether a tensor stored as `kind` has a K-quant's two-level scales (256-column super-blocks)."""
+    layout = layout_of(kind)
+    return layout is not None and layout.scale_dtype == "K"
+
+
 def is_quantized_type(kind: str) -> bool:
     """Whether a tensor stored as `kind` runs on the 4/8-bit kernels."""
     return layout_of(kind) is not None
