@@ -24,10 +24,11 @@ import pytest
 import zmq
 from conftest import edgeinfer_cli
 
-from edgeinfer.cluster.plan import Share, column_step, plan_shares, split
+from edgeinfer.cluster.plan import Share, column_step, head_step, plan_shares, split
 from edgeinfer.cluster.protocol import MAX_HEADER, ProtocolError, decode, encode
 from edgeinfer.cluster.sockets import curve_client, curve_server
 from edgeinfer.config import ModelConfig
+from edgeinfer.errors import EdgeInferError
 from edgeinfer.kernels.q4 import Q4Matrix
 from edgeinfer.kernels.q8 import Q8Matrix
 
@@ -58,16 +59,26 @@ def test_plan_covers_every_head_and_column_once():
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
 
 
-def test_a_k_quant_down_projection_splits_on_whole_super_blocks():
-    """A K-quant's activations quantise per 256 columns: down_proj's shares are whole 256-column
-    super-blocks, so each node quantises its columns as one node would, while there are enough
-    blocks for every node; otherwise (and for the other types) whole 128-column chunks."""
-    c = smol_config()  # 1536 columns: 6 super-blocks
+def test_k_quant_projections_split_on_whole_super_blocks():
+    """A K-quant's activations quantise per 256 columns: the shares of a K-quant down_proj are whole
+    256-column super-blocks while there are enough for every node (otherwise, and for the other
+    types, whole 128-column chunks), and those of a K-quant o_proj hold as many KV heads at a time
+    as make its columns whole super-blocks, so each node quantises its columns as one node would."""
+    c = smol_config()  # 1536 MLP columns: 6 super-blocks; 192 o_proj columns per KV head
     assert [column_step(c, n, True) for n in (1, 2, 6, 7)] == [256, 256, 256, 128]
     assert column_step(c, 2, False) == 128 and column_step(smol_config(intermediate_size=1664), 2, True) == 128
-    for weights in ([1.0, 1.0], [3.0, 1.0], [1.0, 2.0, 1.0, 0.5]):
-        shares = plan_shares(c, weights, column_step(c, len(weights), True))
-        assert all(s.columns > 0 and s.col_start % 256 == 0 for s in shares) and shares[-1].col_end == 1536
+    with pytest.raises(EdgeInferError, match="13 nodes are more than the 12 MLP column blocks"):
+        plan_shares(c, [1.0] * 13)
+    phi3 = smol_config(hidden_size=3072, intermediate_size=8192, num_heads=32, num_kv_heads=32, head_dim=96)
+    llama1b = smol_config(hidden_size=2048, intermediate_size=8192, num_heads=32, num_kv_heads=8, head_dim=64)
+    assert head_step(phi3, True) == 8 and head_step(phi3, False) == 1 and head_step(llama1b, True) == 1
+    for config, kv_heads in ((llama1b, 8), (phi3, 32)):
+        for weights in ([1.0, 1.0], [3.0, 1.0], [1.0, 2.0, 1.0, 0.5]):
+            shares = plan_shares(config, weights, (True, True))
+            width = config.head_dim * config.num_heads // config.num_kv_heads
+            assert all(s.columns > 0 and s.col_start % 256 == 0 for s in shares)
+            assert all(s.kv_start * width % 256 == 0 for s in shares) and shares[-1].kv_end == kv_heads
+            assert shares[-1].col_end == config.intermediate_size
 
 
 def test_a_plan_around_held_shards_gives_the_master_the_rest():

@@ -26,7 +26,7 @@ from ..storage.quantize import has_super_scales
 from .allreduce import NodeLost
 from .master import Master, WorkerInfo
 from .node import fingerprint, gemv_speed, log
-from .plan import Share, column_step, node_weight, plan_around, plan_shares
+from .plan import Share, node_weight, plan_around, plan_shares
 from .shard import ShardSource, remove_stale_shards, shard_file, shard_name, written_shards
 
 
@@ -74,8 +74,9 @@ class ClusterModel:
         self.mem_limit, self.cache_type = mem_limit, cache_type
         source = open_model(path)
         self.config = source.config
-        self.super_blocks = any(has_super_scales(source.stored_type(n)) for n in source.names()
-                                if n.endswith("mlp.down_proj.weight"))
+        k_quant = lambda end: any(has_super_scales(source.stored_type(n)) for n in source.names()  # noqa: E731
+                                  if n.endswith(end))
+        self.super_blocks = (k_quant("self_attn.o_proj.weight"), k_quant("mlp.down_proj.weight"))
         self.fingerprint = fingerprint(path)
         self.size = os.path.getsize(path)
         self.weight = gemv_speed()
@@ -102,8 +103,7 @@ class ClusterModel:
                 own = node_weight(self.weight, min(available_memory(), self.mem_limit or 1 << 62), self.size, len(workers) + 1)
                 # not less for the master for running the head: every half-layer's all-reduce waits
                 # for the slowest node, and the head runs while the workers wait anyway
-                weights = [own] + [w.weight for w in workers]
-                shares = plan_shares(self.config, weights, column_step(self.config, len(weights), self.super_blocks))
+                shares = plan_shares(self.config, [own] + [w.weight for w in workers], self.super_blocks)
             self.local = None  # the previous plan's shard goes before the new one is loaded
             self.local = self._local_model(shares[0], alone=not workers)
             self.local.allreduce = partial_to_float  # compile both halves at load, not at a token

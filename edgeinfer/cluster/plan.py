@@ -10,14 +10,14 @@ columns. The embedding and the head stay on the master (node 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import EdgeInferError
 
 COLUMN_STEP = 128  # MLP columns go in whole 4-bit chunks, so every share is a kernel-sized matrix
-SUPER_STEP = 256  # ... and in whole super-blocks when down_proj is a K-quant: its activations quantise
-# per 256 columns (kernels/scales.activation_span), which a node then does on its share as one node would
+SUPER = 256  # a K-quant's super-block: its activations quantise per 256 columns (kernels/scales.activation_span)
 
 
 @dataclass(frozen=True)
@@ -75,27 +75,38 @@ def split(total: int, weights: list[float], step: int = 1, minimum: int = 0) -> 
     return ranges
 
 
-def column_step(config: ModelConfig, nodes: int, super_blocks: bool) -> int:
-    """The MLP columns' unit: whole super-blocks when down_proj has them (`super_blocks`) and there
-    are enough of them for every node, else whole 4-bit chunks (the nodes' sums then round slightly
-    differently from one node's)."""
-    fits = config.intermediate_size % SUPER_STEP == 0 and config.intermediate_size // SUPER_STEP >= nodes
-    return SUPER_STEP if super_blocks and fits else COLUMN_STEP
-
-
-def plan_shares(config: ModelConfig, weights: list[float], step: int = COLUMN_STEP) -> list[Share]:
-    """Node i's share, in proportion to weights[i] (> 0). Every node gets at least one block of
-    `step` MLP columns; heads may run out first."""
+def plan_shares(config: ModelConfig, weights: list[float], super_blocks: tuple[bool, bool] = (False, False)) -> list[Share]:
+    """Node i's share, in proportion to weights[i] (> 0). Every node gets at least one block of MLP
+    columns; heads may run out first. `super_blocks`: whether o_proj and down_proj are K-quants,
+    whose inputs quantise per 256 columns; their shares' columns are then whole super-blocks where
+    the model allows, so each node quantises its columns as one node would."""
     if not weights or min(weights) <= 0:
         raise EdgeInferError("every node needs a positive weight")
-    steps = -(-config.intermediate_size // step)
-    if len(weights) > steps:
-        raise EdgeInferError(f"{len(weights)} nodes are more than the {steps} MLP column blocks of this model")
     if config.head_dim % 32:
         raise EdgeInferError(f"head dimension {config.head_dim} does not split on 32-wide quantisation groups")
-    heads = split(config.num_kv_heads, weights)
+    heads = split(config.num_kv_heads, weights, head_step(config, super_blocks[0]))
+    step = column_step(config, len(weights), super_blocks[1])
     columns = split(config.intermediate_size, weights, step, minimum=1)
     return [Share(k0, k1, c0, c1) for (k0, k1), (c0, c1) in zip(heads, columns)]
+
+
+def head_step(config: ModelConfig, super_blocks: bool) -> int:
+    """KV heads per unit of the attention's split: one, or for a K-quant o_proj as many as make its
+    columns (the heads' queries) whole super-blocks (Phi-3's 96-wide heads: 8 at a time)."""
+    width = config.head_dim * (config.num_heads // config.num_kv_heads)
+    return SUPER // math.gcd(width, SUPER) if super_blocks else 1
+
+
+def column_step(config: ModelConfig, nodes: int, super_blocks: bool) -> int:
+    """The MLP columns' unit: whole super-blocks for a K-quant down_proj while there are enough of
+    them for every node, else whole 4-bit chunks (the nodes' sums then round slightly differently
+    from one node's)."""
+    size = config.intermediate_size
+    if super_blocks and size % SUPER == 0 and size // SUPER >= nodes:
+        return SUPER
+    if len(range(0, size, COLUMN_STEP)) < nodes:
+        raise EdgeInferError(f"{nodes} nodes are more than the {len(range(0, size, COLUMN_STEP))} MLP column blocks of this model")
+    return COLUMN_STEP
 
 
 def node_weight(gemv_gbs: float, free_bytes: int, model_bytes: int, nodes: int) -> float:
