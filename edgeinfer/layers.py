@@ -20,10 +20,12 @@ class DenseLinear:
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None):
         self.weight, self.bias = weight, bias
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, held: dict | None = None) -> np.ndarray:
         return linear(x, self.weight, self.bias)
 
-    partial = __call__  # float32: a cluster adds these partials in node order
+    def partial(self, x: np.ndarray) -> np.ndarray:
+        """float32: a cluster adds these partials in node order."""
+        return linear(x, self.weight, self.bias)
 
     def zero_partial(self, count: int) -> np.ndarray:
         """The partial of a node that holds none of the input columns."""
@@ -41,8 +43,8 @@ class QuantLinear:
     def __init__(self, matrix: Matrix, bias: np.ndarray | None):
         self.matrix, self.bias, self.bits = matrix, bias, matrix.bits
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.matrix.matmul(self.quantize(x), np.empty((x.shape[0], self.matrix.rows), np.float32))
+    def __call__(self, x: np.ndarray, held: dict | None = None) -> np.ndarray:
+        out = self.matrix.matmul(self.quantize(x, held), np.empty((x.shape[0], self.matrix.rows), np.float32))
         return out + self.bias if self.bias is not None else out
 
     def partial(self, x: np.ndarray) -> np.ndarray:
@@ -53,9 +55,15 @@ class QuantLinear:
             out += np.round(self.bias.astype(np.float64) * 2.0 ** FIXED_BITS).astype(np.int64)
         return out
 
-    def quantize(self, x: np.ndarray):
-        """x as int8, a scale per 32 values or, for a K-quant, per 256 (as llama.cpp's Q8_K)."""
-        return quantize_activations(x, span=activation_span(self.matrix.scales))
+    def quantize(self, x: np.ndarray, held: dict | None = None):
+        """x as int8, a scale per 32 values or, for a K-quant, per 256 (as llama.cpp's Q8_K).
+        `held`: the quantisations of this x made so far, by span (apply_each), added to here."""
+        span = activation_span(self.matrix.scales)
+        if held is None:
+            return quantize_activations(x, span=span)
+        if span not in held:
+            held[span] = quantize_activations(x, span=span)
+        return held[span]
 
     def zero_partial(self, count: int) -> np.ndarray:
         return np.zeros((count, self.matrix.rows), np.int64)
@@ -65,6 +73,13 @@ class QuantLinear:
 
 
 Linear = DenseLinear | QuantLinear
+
+
+def apply_each(x: np.ndarray, *linears: Linear) -> list[np.ndarray]:
+    """Each of `linears` applied to x (q, k, v; gate, up), x quantised once per activation span
+    they take, as the decode step does, not once per matrix."""
+    held: dict = {}
+    return [lin(x, held) for lin in linears]
 
 
 def load_linear(source: WeightSource, name: str, quantized: bool, load_bits: int | None = None) -> DenseLinear | QuantLinear:

@@ -24,6 +24,7 @@ from .kernels.ops import LANES, attend_causal, gated_activation_rows, rmsnorm_in
 from .kernels.reference import GATED_ACTIVATIONS, apply_rope, causal_attention, rmsnorm, rmsnorm_heads, rope_tables
 from .kernels.simd import partial_to_float
 from .kv_cache import KVCache, SlotCaches
+from .layers import apply_each
 from .run_path import choose_path
 from .storage.source import WeightSource
 from .storage.tensor_names import FINAL_NORM_WEIGHT, HEAD, ROPE_FREQS
@@ -222,13 +223,13 @@ class Model:
         in; o_proj's output as this node's partial sum."""
         if not self.config.num_kv_heads:  # a cluster node holding MLP columns only
             return w.o.zero_partial(x.shape[0])
-        q, k = w.q(x), w.k(x)
+        q, k, v = apply_each(x, w.q, w.k, w.v)
         if w.q_norm is not None:
             q, k = rmsnorm_heads(q, w.q_norm, self.config.rms_norm_eps), rmsnorm_heads(k, w.k_norm, self.config.rms_norm_eps)
-        return w.o.partial(self.attend(q, k, w.v(x), cache, layer, cos, sin))
+        return w.o.partial(self.attend(q, k, v, cache, layer, cos, sin))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
-        gate, up = w.gate(x), w.up(x)
+        gate, up = apply_each(x, w.gate, w.up)
         if self.path.quantized:  # the kernel's activation (one pass, vectorised) where the path is not exact
             act = np.empty_like(gate)
             gated_activation_rows(gate, up, self.config.hidden_act == "gelu_tanh", act)
