@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..errors import EdgeInferError
+from ..kernels.scales import SUPER  # a K-quant's super-block: its activations quantise per 256 columns
 
 COLUMN_STEP = 128  # MLP columns go in whole 4-bit chunks, so every share is a kernel-sized matrix
-SUPER = 256  # a K-quant's super-block: its activations quantise per 256 columns (kernels/scales.activation_span)
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,9 @@ def column_step(config: ModelConfig, nodes: int, super_blocks: bool) -> int:
     size = config.intermediate_size
     if super_blocks and size % SUPER == 0 and size // SUPER >= nodes:
         return SUPER
-    if len(range(0, size, COLUMN_STEP)) < nodes:
-        raise EdgeInferError(f"{nodes} nodes are more than the {len(range(0, size, COLUMN_STEP))} MLP column blocks of this model")
+    chunks = -(-size // COLUMN_STEP)
+    if chunks < nodes:
+        raise EdgeInferError(f"{nodes} nodes are more than the {chunks} MLP column blocks of this model")
     return COLUMN_STEP
 
 
