@@ -329,7 +329,12 @@ class GGUFSource(WeightSource):
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.stored_shape(name))
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
-        return np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
+        w = np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
+        if np.may_share_memory(w, t.data):  # an F32 tensor: a copy, not a view whose pages map the file
+            w = w.copy()                       # (a large folio around it: 40 MB of SmolLM2's Q4_K_M file)
+            w.flags.writeable = False          # read-only as the view was: the kernels' compiled types
+        self._reader.release(t)
+        return w
 
     def quantized(self, name: str) -> Matrix | None:
         t = self._tensors[name]
