@@ -162,6 +162,24 @@ def _with_high_bits(field: int):
 high_bits0, high_bits1, high_bits2, high_bits3 = (_with_high_bits(f) for f in range(4))
 
 
+def _with_high_bit(bit: int):
+    """(nibbles | (bit `bit` of each byte of `plane`) << 4) + bias (splat_i8): 5-bit values (q6.py),
+    moved by the bias into the 6-bit range a signed type's integers have in 6 bits."""
+    @intrinsic
+    def with_high_bit(typingctx, nibbles, plane, bias):
+        def codegen(context, builder, signature, args):
+            const = lambda k: ir.Constant(ir.VectorType(ir.IntType(8), 64), [k] * 64)  # noqa: E731
+            shift, p = 4 - bit, args[1]
+            p = builder.shl(p, const(shift)) if shift > 0 else builder.lshr(p, const(-shift)) if shift < 0 else p
+            return builder.add(builder.or_(args[0], builder.and_(p, const(0x10))), args[2])
+        return V64I8(V64I8, V64I8, V64I8), codegen
+    return with_high_bit
+
+
+high_bit0, high_bit1, high_bit2, high_bit3, high_bit4, high_bit5, high_bit6, high_bit7 = (
+    _with_high_bit(b) for b in range(8))
+
+
 def _dpbusd(small: bool):
     """acc + sum of 4 adjacent u8(a) * s8(b) per i32 lane. x86: vpdpbusd on AVX-512 VNNI; on AVX2,
     vpmaddubsw on bytes a <= 63 (its 16-bit pair sums cannot saturate: 2 * 63 * 128 < 2**15) then
@@ -345,6 +363,19 @@ def splat(typingctx, x):
     return V16F32(types.float32), codegen
 
 
+
+
+@intrinsic
+def splat_i8(typingctx, x):
+    """An integer scalar (it must fit 8 bits) in all 64 bytes."""
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        byte = builder.trunc(args[0], i8) if args[0].type.width > 8 else args[0]
+        v64 = ir.VectorType(i8, 64)
+        one = builder.insert_element(ir.Constant(v64, ir.Undefined), byte, ir.IntType(32)(0))
+        return builder.shuffle_vector(one, ir.Constant(v64, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+    return V64I8(x), codegen
 
 
 @intrinsic

@@ -1,6 +1,6 @@
-"""4- and 8-bit matrices in edgeinfer's single file, and round-to-nearest quantisation of floats.
+"""4-, 5-, 6- and 8-bit matrices in edgeinfer's single file, and round-to-nearest quantisation of floats.
 
-A quantised matrix NAME is stored as the kernels' own arrays (kernels/q4.py, q8.py), so loading is
+A quantised matrix NAME is stored as the kernels' own arrays (kernels/q4.py, q6.py, q8.py), so loading is
 a copy, not a repacking: NAME.packed (U8), NAME.scales (F16 or F32) and, for layouts with minima,
 NAME.minima; scales in two levels (kernels/scales.py: SuperScales, "k") are NAME.scales (I8) and
 NAME.scales_d (F16), and the minima likewise. The file's metadata `quantized` maps each NAME to
@@ -9,7 +9,7 @@ NAME.scales_d (F16), and the minima likewise. The file's metadata `quantized` ma
 Layouts: Q4_0 (w = d * (n - 8)), Q4_1 (w = d * n + m), Q8_0 (w = d * q), IQ4_NL (w = d *
 IQ4_VALUES[n]), groups of 32 along a row, fp16 scales; and the layouts GGUF's other types come in as
 (gguf_quants.py), named q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}][-iq4], e.g. q6g16-sk
-for Q6_K, q4g32-sk-iq4 for IQ4_XS (-iq4: the nibbles index IQ4_VALUES). Every GGUF type in
+for Q6_K, q5g32-s16 for Q5_0, q4g32-sk-iq4 for IQ4_XS (-iq4: the nibbles index IQ4_VALUES). Every GGUF type in
 GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
 """
 
@@ -24,19 +24,19 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
 from ..kernels.q4 import IQ4_FACTOR, Q4Matrix
-from ..kernels.q6 import Q6Matrix
+from ..kernels.q6 import Q5Matrix, Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
 from .safetensors import TensorEntry
 
-Matrix = Q4Matrix | Q6Matrix | Q8Matrix
-MATRIX_TYPES = {4: Q4Matrix, 6: Q6Matrix, 8: Q8Matrix}
-SIGNED_FACTORS = {4: -8.0, 6: -32.0, 8: -128.0}  # offset factor of the layouts without minima
+Matrix = Q4Matrix | Q5Matrix | Q6Matrix | Q8Matrix
+MATRIX_TYPES = {4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}
+SIGNED_FACTORS = {4: -8.0, 5: -32.0, 6: -32.0, 8: -128.0}  # 5 bits: the integer + 16, and + 16 in the kernel (q6.py)  # offset factor of the layouts without minima
 
 
 @dataclass(frozen=True)
 class Layout:
-    bits: int  # 4: nibbles (q4.py); 6: nibbles and 2-bit planes (q6.py); 8: bytes (q8.py)
+    bits: int  # 4: nibbles (q4.py); 5, 6: nibbles and 1- or 2-bit planes (q6.py); 8: bytes (q8.py)
     group: int  # weights per scale: 32 or 16
     scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
     minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
@@ -66,12 +66,12 @@ def _tag_dtype(tag: str) -> str:
 
 NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None),
          "IQ4_NL": Layout(4, 32, "F16", None, lookup=True)}
-_LAYOUT_RE = re.compile(r"q([468])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
+_LAYOUT_RE = re.compile(r"q([4568])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
 # written before its matrices are decoded. (Files written before IQ4 ran as nibbles hold IQ4_NL as
 # Q8_0 and IQ4_XS as q8g32-sk: they still load.)
-GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q6g32-s16", "IQ4_NL": "IQ4_NL",
-                "Q4_K": "q4g32-sk-mk", "Q5_1": "q6g32-s16-m16", "Q5_K": "q6g32-sk-mk", "IQ4_XS": "q4g32-sk-iq4",
+GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q5g32-s16", "IQ4_NL": "IQ4_NL",
+                "Q4_K": "q4g32-sk-mk", "Q5_1": "q5g32-s16-m16", "Q5_K": "q5g32-sk-mk", "IQ4_XS": "q4g32-sk-iq4",
                 "Q6_K": "q6g16-sk", "Q3_K": "q6g16-sk", "Q2_K": "q8g16-sk-mk"}
 
 
