@@ -9,11 +9,11 @@ import pytest
 
 from edgeinfer.kernels.activations import quantize_activations
 from edgeinfer.kernels.q4 import Q4Matrix, gemv_reference
-from edgeinfer.kernels.q6 import Q5Matrix, Q6Matrix
+from edgeinfer.kernels.q6 import Q2Matrix, Q3Matrix, Q5Matrix, Q6Matrix
 from edgeinfer.kernels.q8 import Q8Matrix, gemv8_reference
 from edgeinfer.storage.gguf_quants import DECODERS, gguf_matrix
 from edgeinfer.kernels.scales import SuperScales, activation_span
-from edgeinfer.storage.quantize import (GGUF_LAYOUTS, fits, layout_of, matrix_from_parts, matrix_parts, part_entries,
+from edgeinfer.storage.quantize import (GGUF_LAYOUTS, MATRIX_TYPES, fits, layout_of, matrix_from_parts, matrix_parts, part_entries,
                                         plain_type)
 
 # Where each type keeps its fp16 fields (d, and dmin or m): random bytes anywhere else are a valid block.
@@ -68,10 +68,11 @@ def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
 
 # Bits per weight held, by type (rows in whole blocks of 16): the integers' nibbles, 5- or 6-bit
 # fields or bytes, and the scales: fp16 per 32 for the plain types; the K-quants' own int8 per group
-# and fp16 d per 256. Each type's file holds as many but for Q3_K (3.4375) and Q2_K (2.625).
+# and fp16 d per 256; Q3_K's and Q2_K's integers in nibbles. Each type's file holds as many but for
+# Q3_K (3.4375) and Q2_K (2.625).
 HELD_BITS = {"Q4_0": 4.5, "Q4_1": 5, "Q4_K": 4 + 8 / 32 * 2 + 16 / 256 * 2, "Q6_K": 6 + 8 / 16 + 16 / 256,
-             "Q5_0": 5.5, "Q5_1": 6, "Q5_K": 5 + (8 / 32 + 16 / 256) * 2, "Q3_K": 6 + 8 / 16 + 16 / 256,
-             "Q2_K": 8 + (8 / 16 + 16 / 256) * 2, "IQ4_NL": 4.5, "IQ4_XS": 4 + 8 / 32 + 16 / 256}
+             "Q5_0": 5.5, "Q5_1": 6, "Q5_K": 5 + (8 / 32 + 16 / 256) * 2, "Q3_K": 4 + 8 / 16 + 16 / 256,
+             "Q2_K": 4 + (8 / 16 + 16 / 256) * 2, "IQ4_NL": 4.5, "IQ4_XS": 4 + 8 / 32 + 16 / 256}
 
 
 @pytest.mark.parametrize("kind", sorted(HELD_BITS))
@@ -158,7 +159,7 @@ def test_the_single_files_layout_round_trips(kind):
                                                                                        "F32": "float32"}[e.dtype])
                                                          for e in entries]
     back = matrix_from_parts(layout, rows, cols, parts)
-    assert isinstance(back, {4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}[m.bits])
+    assert isinstance(back, {2: Q2Matrix, 3: Q3Matrix, 4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}[m.bits])
     np.testing.assert_array_equal(back.dequantize(), m.dequantize())
 
 
@@ -203,7 +204,7 @@ def test_a_model_mixing_the_types_runs_fused_and_tracks_float32(kquant_gguf):
 
     source = open_model(str(kquant_gguf))
     exact, quant = Model(source), Model(source, quantized=True)
-    assert quant.path.fused and quant.precision == "q4" and exact.precision == "f32"
+    assert quant.path.fused and quant.precision == "q2" and exact.precision == "f32"  # its narrowest: Q2_K
     ids = np.arange(5, 37)
     lf = exact.forward(ids, exact.new_cache(40), all_logits=True)
     lq = quant.forward(ids, quant.new_cache(40), all_logits=True)
@@ -260,7 +261,7 @@ def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
     assert source.resident_bytes() == held > source.file_size()
 
 
-@pytest.mark.parametrize("kind", ["Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q3_K"])
+@pytest.mark.parametrize("kind", ["Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q3_K", "Q2_K"])
 def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kind):
     """These types were held in bytes (q8.py) before the 5- and 6-bit layouts: the same integers'
     dots, but a signed type's offset term is -32 times the activations' sum here against -128 times
@@ -268,7 +269,7 @@ def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kin
     (closer for the signed types: less cancellation); a batch's row is the single token's bits."""
     rows, cols = 40, 1280
     m = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=9), cols)
-    assert type(m) is (Q5Matrix if kind.startswith("Q5") else Q6Matrix)
+    assert type(m) is {"Q5": Q5Matrix, "Q3": Q3Matrix, "Q2": Q2Matrix}.get(kind[:2], Q6Matrix)
     values, scales, minima = m.row_major(raw=True)
     as_bytes = Q8Matrix.from_values(values, scales, minima)
     rng = np.random.default_rng(10)
@@ -285,19 +286,21 @@ def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kin
     np.testing.assert_array_equal(m.dequantize(np.array([39, 2])), as_bytes.dequantize(np.array([39, 2])))
 
 
-@pytest.mark.parametrize("kind", ["Q5_0", "Q5_1", "Q5_K"])
-def test_five_bit_types_held_in_six_bits_before_still_load_and_agree(kind):
-    """Single files converted before the 5-bit layout hold Q5_0/Q5_1/Q5_K in 6 bits (q6g32-...):
-    they load as such, with the same integers and values as the 5-bit matrix, and the two give the
-    same products bit for bit (a signed type's 5-bit integers are moved to the 6-bit range in the
-    kernel), in the GEMV and the GEMM."""
+@pytest.mark.parametrize("kind,old", [("Q5_0", "q6g32-s16"), ("Q5_1", "q6g32-s16-m16"), ("Q5_K", "q6g32-sk-mk"),
+                                      ("Q3_K", "q6g16-sk"), ("Q2_K", "q8g16-sk-mk")])
+def test_narrow_types_held_wider_before_still_load_and_agree(kind, old):
+    """Single files converted before the narrower layouts hold Q5_0/Q5_1/Q5_K and Q3_K in 6 bits,
+    Q2_K in bytes: they load as such, with the same integers and values as the narrower matrix, and
+    the two give the same products bit for bit (a signed type's integers are moved to the 6-bit
+    range in the kernel; the bytes' kernel adds its units' terms in the same order), in the GEMV and
+    the GEMM."""
     rows, cols = 40, 1280
     five = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=4), cols)
     values, scales, minima = five.row_major(raw=True)
-    six = Q6Matrix.from_values(values, scales, minima)
-    old = GGUF_LAYOUTS[kind].replace("q5", "q6")
-    back = matrix_from_parts(old, rows, cols, matrix_parts(six, old))
-    assert type(back) is Q6Matrix and back.nbytes > five.nbytes
+    wide = layout_of(old)
+    back = matrix_from_parts(old, rows, cols, matrix_parts(MATRIX_TYPES[wide.bits].from_values(values, scales, minima),
+                                                           old))
+    assert back.bits == wide.bits and back.nbytes > five.nbytes
     np.testing.assert_array_equal(back.dequantize(), five.dequantize())
     np.testing.assert_array_equal(back.row_major()[0], five.row_major()[0])
     x = np.random.default_rng(5).standard_normal((5, cols)).astype(np.float32)

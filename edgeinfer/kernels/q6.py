@@ -1,28 +1,31 @@
-"""5- and 6-bit weights (GGUF Q6_K and Q3_K in 6 bits; Q5_0, Q5_1 and Q5_K in 5), rows in blocks of
-16 as in q4.py, and their GEMV and GEMM with int8 activations.
+"""Weights of 6, 5, 3 and 2 bits (GGUF Q6_K; Q5_0, Q5_1, Q5_K; Q3_K; Q2_K) held in 6, 5, 4 and 4
+bits (the widths: nibbles and 2, 1 or no high-bit planes), rows in blocks of 16 as in q4.py, and
+their GEMV and GEMM with int8 activations, on groups of 16 or 32 columns.
 
 A weight is an integer b (0..63) in a group of 16 or 32 weights with a scale and an offset:
-w = scale * b + factor * offset. Types whose integers are signed (Q6_K: -32..31, Q3_K; Q5_0:
--16..15) have them + 32 as b, the offset is the scale itself and the factor -32: 6 bits store b, 5
-bits store b - 16 (the integer + 16), and the kernel adds the 16 back before the dot product
-(simd.high_bit*'s bias), so a 5-bit matrix computes the very sums it would in 6 bits, bit for bit.
-Types with a minimum (Q5_1, Q5_K) store the unsigned integer, the minimum as the offset and factor 1.
-Scales and minima as scales.py says.
+w = scale * b + factor * offset. Types whose integers are signed (Q6_K: -32..31; Q5_0: -16..15;
+Q3_K: -4..3) have them + 32 as b, the offset is the scale itself and the factor -32: a width of 6
+stores b, 5 stores the integer + 16 and 4 the integer + 8, and the kernel adds the rest (16, 24)
+back before the dot product (its `bias`), so every width computes the very sums 6 bits would, bit
+for bit. Types with a minimum (Q5_1, Q5_K, Q2_K) store the unsigned integer, the minimum as the
+offset and factor 1. Scales and minima as scales.py says.
 
 Layout: per 32 columns (a group step), q4.py's 4 loads of 64 bytes holding the low 4 bits (load i,
 lane r: row r's bytes 4i..4i+3 of the group, byte j holding column j in its low nibble and column
 16 + j in its high one), then the high bits:
 - 6 bits: 2 loads; in load h, lane r, byte b, the bits 2i, 2i+1 are the high bits of column
   16h + 4i + b, i.e. of the same lane and byte of nibble vector i of half h;
-- 5 bits: 1 load; in lane r, byte b, bit 4h + i is the high bit of column 16h + 4i + b.
+- 5 bits: 1 load; in lane r, byte b, bit 4h + i is the high bit of column 16h + 4i + b;
+- 4 bits (Q3_K, Q2_K): none.
 A nibble vector ORed with its shifted bits is the 5- or 6-bit vector (simd.high_bits*, high_bit*),
 and the byte dot product takes it as it takes 4-bit nibbles. Columns are padded to whole 64s.
-A 5-bit type held in 6 bits (files converted before the 5-bit layout) still loads and runs.
+Files converted before the narrower widths hold the 5- and 3-bit types in 6 bits and Q2_K in bytes
+(q8.py): they still load and run.
 
 Kernel: each 16-column unit (a half group) is q8.py's unit, term for term:
     term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
 in 4 running sums by unit index mod 4, added as ((0 + 1) + (2 + 3)). The integers' dots are those
-of the same matrix held in bytes (q8.py), at 5 or 6 bits per weight (plus scales) instead of 8; a
+of the same matrix held in bytes (q8.py), at 4 to 6 bits per weight (plus scales) instead of 8; a
 signed type's offset term is -32 times the activations' sum, there -128 times: outputs agree with
 the bytes layout's to float32 rounding, not bit for bit, and are closer to the exact product (less
 cancellation; tests/test_gguf_quants.py).
@@ -39,29 +42,33 @@ from .activations import GROUP, Q8Activations
 from .q4 import check_operands, gemm_block, group_term, store_rows
 from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale,
                      interleave_scales, prefetch_scales, scales_nbytes, select_scales)
-from .simd import (accumulate_units, accumulator, accumulator4, broadcast4, dpbusd_nibbles, fixed_unit, hi_nibbles, high_bit0,
+from .simd import (accumulate_units, accumulator, accumulator4, add_i8, broadcast4, dpbusd_nibbles, fixed_unit, hi_nibbles, high_bit0,
                    high_bit1, high_bit2, high_bit3, high_bit4, high_bit5, high_bit6, high_bit7, high_bits0, high_bits1,
                    high_bits2, high_bits3, into0, into1, into2, into3, lo_nibbles, load_i8, prefetch, splat_i8, total4,
                    zeros_i32)
 
 UNIT = 16  # columns per unit: half a group step
 WEIGHTS_PER_STEP = 64  # columns are padded to whole 64s: two group steps per turn
-SIGNED_FACTOR = -32.0  # a signed type's integers + 32 (6 bits), or + 16 (5 bits) and + BIAS in the kernel
-BIAS = 16
+SIGNED_FACTOR = -32.0  # a signed type's integers + 32 in the kernel's bytes, whatever the width
 PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs more than it saves
 # Group steps (7.5 KB) prefetched ahead, as in q4.py: from memory 4 steps read 68-77% of the
 # streaming read, 20 steps 91-113% (1B FFN shapes, 2 threads; bench/RESULTS.md)
 PREFETCH_STEPS = 20
 
 
+def width(bits: int) -> int:
+    """The bits a weight of `bits` bits is held in: nibbles at least."""
+    return max(bits, 4)
+
+
 def step_bytes(bits: int) -> int:
-    """A group step of 16 rows x 32 columns: 4 loads of low nibbles, then 1 (5 bits) or 2 (6 bits)
-    of high bits."""
-    return 64 * bits
+    """A group step of 16 rows x 32 columns: 4 loads of low nibbles, then 0, 1 (5 bits) or 2 (6
+    bits) of high bits."""
+    return 64 * width(bits)
 
 
 def pack(values: np.ndarray, rows_padded: int, steps: int, bits: int) -> np.ndarray:
-    """5- or 6-bit integers (rows, cols) -> the blocks' group steps (blocks, steps * step_bytes)."""
+    """Integers below 2**width(bits) (rows, cols) -> the blocks' group steps (blocks, steps * step_bytes)."""
     v = np.zeros((rows_padded, steps * GROUP), np.uint8)
     v[:values.shape[0], :values.shape[1]] = values
     g = v.reshape(rows_padded, steps, GROUP)
@@ -71,6 +78,8 @@ def pack(values: np.ndarray, rows_padded: int, steps: int, bits: int) -> np.ndar
     if bits == 6:  # bits 2i, 2i + 1 of plane h's byte
         planes = (h[:, :, :, 0] | (h[:, :, :, 1] << 2) | (h[:, :, :, 2] << 4) | (h[:, :, :, 3] << 6)).reshape(
             rows_padded, steps, 8)
+    elif bits <= 4:  # nibbles only
+        planes = np.zeros((rows_padded, steps, 0), np.uint8)
     else:  # bit 4h + i of the byte
         planes = (h << np.arange(8, dtype=np.uint8).reshape(2, 4, 1)).sum(axis=(2, 3), dtype=np.uint8)
     blocks, lanes = rows_padded // ROWS, planes.shape[2] // 4
@@ -88,10 +97,12 @@ def unpack(packed: np.ndarray, rows: int, cols: int, bits: int, ids: np.ndarray 
     blocks, steps = packed.shape[0], packed.shape[1] // step_bytes(bits)
     a = packed.reshape(blocks, steps, step_bytes(bits))
     nibbles = a[..., :256].reshape(blocks, steps, 4, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(blocks * ROWS, steps, 16)
-    lanes = bits - 4
+    lanes = width(bits) - 4
     planes = a[..., 256:].reshape(blocks, steps, lanes, ROWS, 4).transpose(0, 3, 1, 2, 4)
     if bits == 6:  # (rows, steps, half, i, byte)
         high = (planes.reshape(blocks * ROWS, steps, 2, 1, 4) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    elif bits <= 4:
+        high = np.zeros((blocks * ROWS, steps, GROUP), np.uint8)
     else:
         high = (planes.reshape(blocks * ROWS, steps, 1, 1, 4) >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)) & 1
     low = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
@@ -106,8 +117,8 @@ class Q6Matrix:
     offset_factor: float  # -32 (signed) or 1 (minima)
     rows: int
     cols: int
-    bits = 6  # Q5Matrix: 5
-    lookup = False  # (q4.py's IQ4 nibbles index a table; 6-bit fields are their values)
+    bits = 6  # the integers' (Q5Matrix: 5, Q3Matrix: 3, Q2Matrix: 2), held in width(bits)
+    lookup = False  # (q4.py's IQ4 nibbles index a table; these fields are their values)
 
     @property
     def group(self) -> int:
@@ -124,17 +135,18 @@ class Q6Matrix:
     @classmethod
     def from_values(cls, values: np.ndarray, scales, minima=None) -> "Q6Matrix":
         """From integers (rows, cols) and per-group scales (rows, cols/group, group 32 or 16): signed
-        integers (-32..31; 5 bits: -16..15) without minima, w = scale * value; unsigned (0..63;
-        0..31) with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales."""
+        integers of `bits` bits (6: -32..31) without minima, w = scale * value; unsigned (6: 0..63)
+        with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales."""
         rows, cols = values.shape
         per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
         group = cols // per_row if per_row else GROUP
         if cols % GROUP or group not in (16, 32):
             raise ValueError(f"{cols} columns in groups of {group}: {cls.bits}-bit rows need whole groups of 32 or 16")
-        top = 1 << cls.bits
-        v = values.astype(np.int16) + (top // 2 if minima is None else 0)
-        if v.size and (v.min() < 0 or v.max() >= top):
+        top, v = 1 << cls.bits, values.astype(np.int16)
+        low = 0 if minima is not None else -top // 2
+        if v.size and (v.min() < low or v.max() >= low + top):
             raise ValueError(f"{cls.bits}-bit rows hold integers {-top // 2}..{top // 2 - 1} (or 0..{top - 1} with minima)")
+        v = v + (0 if minima is not None else 1 << (width(cls.bits) - 1))
         padded, rows_padded = -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP, -(-rows // ROWS) * ROWS
         groups = padded // group
         sc = interleave_scales(scales, rows_padded, groups)
@@ -155,7 +167,7 @@ class Q6Matrix:
         values = unpack(self.packed, self.rows, self.cols, self.bits, ids).astype(np.int16)
         scales = deinterleave_scales(self.scales, self.rows, groups, ids, raw)
         if self.offsets is self.scales:
-            return values - (1 << (self.bits - 1)), scales, None
+            return values - (1 << (width(self.bits) - 1)), scales, None
         return values, scales, deinterleave_scales(self.offsets, self.rows, groups, ids, raw)
 
     def select(self, rows: slice, cols: slice) -> "Q6Matrix":
@@ -193,6 +205,18 @@ class Q5Matrix(Q6Matrix):
     bits = 5
 
 
+@dataclass(frozen=True)
+class Q3Matrix(Q6Matrix):
+    """Q3_K's signed 3-bit integers in nibbles (+ 8)."""
+    bits = 3
+
+
+@dataclass(frozen=True)
+class Q2Matrix(Q6Matrix):
+    """Q2_K's unsigned 2-bit integers (with minima) in nibbles."""
+    bits = 2
+
+
 @njit(inline="always")
 def _loads6(w, step, bias):
     at = step * 384
@@ -205,6 +229,33 @@ def _loads5(w, step, bias):
     """A step's 5 loads, and the bias its 5-bit values take (splat_i8: 16 for a signed type)."""
     at = step * 320
     return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192), load_i8(w, at + 256), bias
+
+
+@njit(inline="always")
+def _loads4(w, step, bias):
+    at = step * 256
+    return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192), bias
+
+
+@njit(inline="always")
+def _nibble_dots(v0, v1, v2, v3, b, x, o):
+    """4 nibble vectors plus the bias against x[o:o + 16]."""
+    d = dpbusd_nibbles(zeros_i32(), add_i8(v0, b), broadcast4(x, o))
+    d = dpbusd_nibbles(d, add_i8(v1, b), broadcast4(x, o + 4))
+    d = dpbusd_nibbles(d, add_i8(v2, b), broadcast4(x, o + 8))
+    return dpbusd_nibbles(d, add_i8(v3, b), broadcast4(x, o + 12))
+
+
+@njit(inline="always")
+def _low_dots4(loads, x, o):
+    n0, n1, n2, n3, b = loads
+    return _nibble_dots(lo_nibbles(n0), lo_nibbles(n1), lo_nibbles(n2), lo_nibbles(n3), b, x, o)
+
+
+@njit(inline="always")
+def _high_dots4(loads, x, o):
+    n0, n1, n2, n3, b = loads
+    return _nibble_dots(hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3), b, x, o)
 
 
 @njit(inline="always")
@@ -259,8 +310,9 @@ def _term(dots, s, m, xscales, xhalves, factor, unit, u, shift):
 
 def _kernels(bits, loads, low_dots, high_dots):
     """One width's block kernels: the GEMV's (one token) and the GEMM's (every whole four tokens),
-    each width with a loop of its own (as q4.py's kinds of offset)."""
-    size = step_bytes(bits)
+    each width with a loop of its own (as q4.py's kinds of offset). A signed type's integers are
+    stored + 2**(bits - 1) and moved by `signed` to + 32."""
+    size, signed = step_bytes(bits), 32 - (1 << (bits - 1))
 
     @njit(inline="always")
     def shift_of(w, s):
@@ -282,7 +334,7 @@ def _kernels(bits, loads, low_dots, high_dots):
         unit into its own sum."""
         w, s = packed[block], block_scales(scales, block)
         m = block_scales(offsets, block)
-        shift, bias = shift_of(w, s), splat_i8(BIAS if factor < 0 else 0)
+        shift, bias = shift_of(w, s), splat_i8(signed if factor < 0 else 0)
         acc, unit = accumulator4(out), fixed_unit(out)
         for step in range(0, w.shape[0] // size, 2):
             if fetch:
@@ -304,7 +356,7 @@ def _kernels(bits, loads, low_dots, high_dots):
     @njit(inline="always")
     def pass4(w, s, m, x, xscales, xhalves, factor, t, k, out):
         """Tokens t .. t + 3: the sums of the units whose index is k mod 4, each unit's loads shared."""
-        shift, bias = shift_of(w, s), splat_i8(BIAS if factor < 0 else 0)
+        shift, bias = shift_of(w, s), splat_i8(signed if factor < 0 else 0)
         a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
         unit, high = fixed_unit(out), k & 1
         for u in range(k, 2 * (w.shape[0] // size), 4):
@@ -324,14 +376,17 @@ def _kernels(bits, loads, low_dots, high_dots):
 
 _block6, _block_tokens6 = _kernels(6, _loads6, _low_dots6, _high_dots6)
 _block5, _block_tokens5 = _kernels(5, _loads5, _low_dots5, _high_dots5)
+_block4, _block_tokens4 = _kernels(4, _loads4, _low_dots4, _high_dots4)
 
 
 @njit(inline="always")
 def _block(bits, packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch=True):
-    if bits == 5:
+    if bits == 6:
+        _block6(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
+    elif bits == 5:
         _block5(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
     else:
-        _block6(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
+        _block4(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
 
 
 @njit(parallel=True, cache=True)
@@ -356,16 +411,18 @@ def _gemm(bits, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     tokens = xflat.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in q4.py)
-        if bits == 5:
+        if bits == 6:
+            _block_tokens6(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        elif bits == 5:
             _block_tokens5(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         else:
-            _block_tokens6(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+            _block_tokens4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         for t in range(tokens - tokens % 4, tokens):
             _block(bits, packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
 
 def gemv6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out = W @ x, W 5- or 6-bit, x int8 (quantised by quantize_activations)."""
+    """out = W @ x, W of 2 to 6 bits, x int8 (quantised by quantize_activations)."""
     check_operands(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
     kernel(m.bits, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)

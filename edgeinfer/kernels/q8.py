@@ -1,6 +1,6 @@
-"""8-bit weights (GGUF Q8_0 and Q2_K laid out losslessly as bytes; files converted before the 6-bit
-and IQ4 layouts hold those types so too), rows in blocks of 16 as in q4.py, and their GEMV and GEMM
-with int8 activations.
+"""8-bit weights (GGUF Q8_0 laid out losslessly as bytes; files converted before the narrower
+layouts (q6.py, IQ4 in q4.py) hold Q2_K, Q3_K, the 5-bit and IQ4 types so too), rows in blocks of 16
+as in q4.py, and their GEMV and GEMM with int8 activations.
 
 A weight is a byte b (0..255) in a group of 32 or 16 weights with a scale and an offset:
 w = scale * b + factor * offset. Types whose integers are signed (Q8_0: -127..127) store them + 128,

@@ -594,6 +594,14 @@ def add_i16(typingctx, a, b):
     return V32I16(V32I16, V32I16), codegen
 
 
+@intrinsic
+def add_i8(typingctx, a, b):
+    """Bytes added lane by lane (wrapping)."""
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+    return V64I8(V64I8, V64I8), codegen
+
+
 store_f32, store_i16 = _storer(V16F32), _storer(V32I16)
 zeros_f32, zeros_i32, zeros_i16 = _zeros(V16F32), _zeros(V16I32), _zeros(V32I16)
 

@@ -5,13 +5,14 @@ Every type in scope is, per group of 32 or 16 weights, an integer times a scale 
     Q4_0, Q4_1, Q4_K                      4-bit nibbles -> q4.Q4Matrix (Q4_K: d * sc, -dmin * m)
     IQ4_NL, IQ4_XS                        4-bit nibbles indexing IQ4_VALUES -> q4.Q4Matrix (a lookup)
     Q5_0, Q5_1, Q5_K                      5 bits per 32 (signed, or with minima) -> q6.Q5Matrix
-    Q6_K, Q3_K                            6 bits per 16, signed -> q6.Q6Matrix
+    Q6_K                                  6 bits per 16, signed -> q6.Q6Matrix
+    Q3_K                                  3 bits per 16, signed, in nibbles -> q6.Q3Matrix
     Q8_0                                  signed bytes per 32 -> q8.Q8Matrix
-    Q2_K                                  bytes per 16, with minima -> q8.Q8Matrix
+    Q2_K                                  2 bits per 16, with minima, in nibbles -> q6.Q2Matrix
 The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
 per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
-bytes, 5- or 6-bit fields or nibbles: a 3-bit type takes 6 bits here, Q2_K 8 (bench/RESULTS.md,
-issue 15, says what that costs and why).
+bytes, 5- or 6-bit fields or nibbles: Q3_K and Q2_K take 4 bits here, the rest as many as in their
+files (bench/RESULTS.md, issue 15, says what that costs).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
     "Q4_0": (32, 18, 4, _q4_0), "Q4_1": (32, 20, 4, _q4_1), "Q8_0": (32, 34, 8, _q8_0),
     "Q5_0": (32, 22, 5, _q5_0), "Q5_1": (32, 24, 5, _q5_1), "IQ4_NL": (32, 18, 4, _iq4_nl),
     "IQ4_XS": (QK, 136, 4, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 5, _q5_k),
-    "Q6_K": (QK, 210, 6, _q6_k), "Q3_K": (QK, 110, 6, _q3_k), "Q2_K": (QK, 84, 8, _q2_k),
+    "Q6_K": (QK, 210, 6, _q6_k), "Q3_K": (QK, 110, 3, _q3_k), "Q2_K": (QK, 84, 2, _q2_k),
 }
 SLAB_ROWS = 2048  # rows decoded at a time: the integers' temporaries stay a few tens of MB
 

@@ -1,4 +1,4 @@
-"""4-, 5-, 6- and 8-bit matrices in edgeinfer's single file, and round-to-nearest quantisation of floats.
+"""Quantised matrices (2 to 8 bits) in edgeinfer's single file, and round-to-nearest quantisation of floats.
 
 A quantised matrix NAME is stored as the kernels' own arrays (kernels/q4.py, q6.py, q8.py), so loading is
 a copy, not a repacking: NAME.packed (U8), NAME.scales (F16 or F32) and, for layouts with minima,
@@ -24,19 +24,19 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..kernels.activations import GROUP
 from ..kernels.q4 import IQ4_FACTOR, Q4Matrix
-from ..kernels.q6 import Q5Matrix, Q6Matrix
+from ..kernels.q6 import Q2Matrix, Q3Matrix, Q5Matrix, Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
 from .safetensors import TensorEntry
 
-Matrix = Q4Matrix | Q5Matrix | Q6Matrix | Q8Matrix
-MATRIX_TYPES = {4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}
-SIGNED_FACTORS = {4: -8.0, 5: -32.0, 6: -32.0, 8: -128.0}  # 5 bits: the integer + 16, and + 16 in the kernel (q6.py)  # offset factor of the layouts without minima
+Matrix = Q2Matrix | Q3Matrix | Q4Matrix | Q5Matrix | Q6Matrix | Q8Matrix
+MATRIX_TYPES = {2: Q2Matrix, 3: Q3Matrix, 4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}
+SIGNED_FACTORS = {3: -32.0, 4: -8.0, 5: -32.0, 6: -32.0, 8: -128.0}  # q6.py's widths: + 32 in the kernel  # offset factor of the layouts without minima
 
 
 @dataclass(frozen=True)
 class Layout:
-    bits: int  # 4: nibbles (q4.py); 5, 6: nibbles and 1- or 2-bit planes (q6.py); 8: bytes (q8.py)
+    bits: int  # 4: nibbles (q4.py); 2, 3: nibbles, 5, 6: nibbles and 1- or 2-bit planes (q6.py); 8: bytes (q8.py)
     group: int  # weights per scale: 32 or 16
     scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
     minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
@@ -66,13 +66,13 @@ def _tag_dtype(tag: str) -> str:
 
 NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None),
          "IQ4_NL": Layout(4, 32, "F16", None, lookup=True)}
-_LAYOUT_RE = re.compile(r"q([4568])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
+_LAYOUT_RE = re.compile(r"q([234568])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
 # written before its matrices are decoded. (Files written before IQ4 ran as nibbles hold IQ4_NL as
 # Q8_0 and IQ4_XS as q8g32-sk: they still load.)
 GGUF_LAYOUTS = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q8_0": "Q8_0", "Q5_0": "q5g32-s16", "IQ4_NL": "IQ4_NL",
                 "Q4_K": "q4g32-sk-mk", "Q5_1": "q5g32-s16-m16", "Q5_K": "q5g32-sk-mk", "IQ4_XS": "q4g32-sk-iq4",
-                "Q6_K": "q6g16-sk", "Q3_K": "q6g16-sk", "Q2_K": "q8g16-sk-mk"}
+                "Q6_K": "q6g16-sk", "Q3_K": "q3g16-sk", "Q2_K": "q2g16-sk-mk"}
 
 
 def layout_of(kind: str) -> Layout | None:

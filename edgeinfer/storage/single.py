@@ -25,7 +25,7 @@ from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
 FORMAT_VERSION = "6"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too;
-# 5: layouts added (K-quants' two-level scales, 6-bit rows), none changed; 6: 5-bit rows added, none changed
+# 5: layouts added (K-quants' two-level scales, 6-bit rows), none changed; 6: 5-, 3- and 2-bit rows added, none changed
 READABLE_VERSIONS = ("4", "5", "6")  # whose layouts this version reads as they were written
 
 
@@ -119,8 +119,9 @@ class SingleFileSource(SafetensorsSource):
 def target_type(source: WeightSource, name: str, bits: int | None) -> str | None:
     """The quantised layout `name` gets in the file, or None for float. bits None keeps what the
     source stores (its quantised matrices come in losslessly, gguf_quants.py); 4 puts projections
-    in 4 bits (keeping a source's own 4-bit layout, else Q4_1) and the embedding and head in 8; 8
-    puts all in 8 (keeping a source's own 8- or 6-bit layout, else Q8_0); 16, none."""
+    in 4 bits (keeping a source's own layout of at most 4 bits, else Q4_1) and the embedding and head
+    in 8; 8 puts all in 8 (keeping a source's own layout but for the 4-bit ones, else Q8_0: the
+    GGUF types it kept when the 5-, 3- and 2-bit ones were held in 6 and 8 bits); 16, none."""
     shape, stored = source.stored_shape(name), layout_of(source.stored_type(name))
     if len(shape) != 2 or name == ROPE_FREQS or shape[1] % GROUP:
         return None
@@ -129,8 +130,8 @@ def target_type(source: WeightSource, name: str, bits: int | None) -> str | None
     if bits == 16:
         return None
     if bits == 8 or name in ENDS:  # embedding and head: 8 bits when the rest is 4 (a 6-bit layout is kept)
-        return stored.name if stored and stored.bits >= 6 else "Q8_0"
-    return stored.name if stored and stored.bits == 4 else "Q4_1"
+        return stored.name if stored and stored.bits != 4 else "Q8_0"
+    return stored.name if stored and stored.bits <= 4 else "Q4_1"
 
 
 def quantized_as(source: WeightSource, name: str, kind: str) -> Matrix:
