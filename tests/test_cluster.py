@@ -8,6 +8,7 @@ exact float32 path adds float partials in node order; its text is checked on 2 n
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -59,13 +60,15 @@ def test_plan_covers_every_head_and_column_once():
     assert split(10, [1.0, 1.0, 1.0]) == [(0, 4), (4, 7), (7, 10)]
 
 
-def test_k_quant_projections_split_on_whole_super_blocks():
+def test_k_quant_projections_split_on_whole_super_blocks(caplog):
     """A K-quant's activations quantise per 256 columns: the shares of a K-quant down_proj are whole
     256-column super-blocks while there are enough for every node (otherwise, and for the other
     types, whole 128-column chunks), and those of a K-quant o_proj hold as many KV heads at a time
     as make its columns whole super-blocks, so each node quantises its columns as one node would."""
     c = smol_config()  # 1536 MLP columns: 6 super-blocks; 192 o_proj columns per KV head
+    caplog.set_level(logging.INFO, logger="edgeinfer.cluster")
     assert [column_step(c, n, True) for n in (1, 2, 6, 7)] == [256, 256, 256, 128]
+    assert caplog.text.count("128-column chunks") == 1 and "over 7 nodes" in caplog.text  # the fallback is said
     assert column_step(c, 2, False) == 128 and column_step(smol_config(intermediate_size=1664), 2, True) == 128
     with pytest.raises(EdgeInferError, match="13 nodes are more than the 12 MLP column blocks"):
         plan_shares(c, [1.0] * 13)

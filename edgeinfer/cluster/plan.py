@@ -10,6 +10,7 @@ columns. The embedding and the head stay on the master (node 0).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ..errors import EdgeInferError
 from ..kernels.scales import SUPER  # a K-quant's super-block: its activations quantise per 256 columns
 
 COLUMN_STEP = 128  # MLP columns go in whole 4-bit chunks, so every share is a kernel-sized matrix
+log = logging.getLogger("edgeinfer.cluster")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ def column_step(config: ModelConfig, nodes: int, super_blocks: bool) -> int:
     chunks = -(-size // COLUMN_STEP)
     if chunks < nodes:
         raise EdgeInferError(f"{nodes} nodes are more than the {chunks} MLP column blocks of this model")
+    if super_blocks:
+        log.info("down_proj's %d columns do not split into whole 256-column super-blocks over %d nodes: its "
+                 "shares go in 128-column chunks, and their sums round slightly differently from one node's", size, nodes)
     return COLUMN_STEP
 
 
