@@ -10,7 +10,7 @@ themselves on a small model. Here the layer reads like model.py's forward pass:
 
 with the family's options (config.py) in brackets: a norm the layer lacks is an empty array. A
 layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a matrix as (bits,
-activation span, packed, scales, offsets, offset_factor): 4-bit (q4.py), 5- or 6-bit (q6.py) or 8-bit
+activation span, packed, scales, offsets, offset_factor): 4-bit (q4.py), 2- to 6-bit (q6.py) or 8-bit
 (q8.py), its input quantised per 32 or 256 values (scales.activation_span), so one compiled
 function serves any mix of them.
 
@@ -85,7 +85,7 @@ def matvec(m, xq, out):
     flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
         q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
-    elif bits <= 6:  # 5 or 6
+    elif bits <= 6:  # 2, 3, 5 or 6 (q6.py's widths)
         q6_gemv(bits, packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:
         q8_gemv(packed, scales, offsets, factor, flat, xscales, xhalves, out)
@@ -244,7 +244,7 @@ def matmul(m, xq, out):
     flat, xscales, xsums, xhalves, xstarts = xq
     if bits == 4:
         q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
-    elif bits <= 6:  # 5 or 6
+    elif bits <= 6:  # 2, 3, 5 or 6 (q6.py's widths)
         q6_gemm(bits, packed, scales, offsets, factor, flat, xscales, xhalves, out)
     else:
         q8_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
