@@ -238,67 +238,60 @@ def _loads4(w, step, bias):
 
 
 @njit(inline="always")
-def _nibble_dots(v0, v1, v2, v3, b, x, o):
-    """4 nibble vectors plus the bias against x[o:o + 16]."""
-    d = dpbusd_nibbles(zeros_i32(), add_i8(v0, b), broadcast4(x, o))
-    d = dpbusd_nibbles(d, add_i8(v1, b), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, add_i8(v2, b), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, add_i8(v3, b), broadcast4(x, o + 12))
+def _dots(v0, v1, v2, v3, x, o):
+    """A unit's 4 byte vectors (columns o..o + 15, 4 per vector) against x[o:o + 16]."""
+    d = dpbusd_nibbles(zeros_i32(), v0, broadcast4(x, o))
+    d = dpbusd_nibbles(d, v1, broadcast4(x, o + 4))
+    d = dpbusd_nibbles(d, v2, broadcast4(x, o + 8))
+    return dpbusd_nibbles(d, v3, broadcast4(x, o + 12))
 
 
 @njit(inline="always")
 def _low_dots4(loads, x, o):
+    """Columns 0..15 of a group step (its even unit): nibbles plus the bias."""
     n0, n1, n2, n3, b = loads
-    return _nibble_dots(lo_nibbles(n0), lo_nibbles(n1), lo_nibbles(n2), lo_nibbles(n3), b, x, o)
+    return _dots(add_i8(lo_nibbles(n0), b), add_i8(lo_nibbles(n1), b), add_i8(lo_nibbles(n2), b),
+                 add_i8(lo_nibbles(n3), b), x, o)
 
 
 @njit(inline="always")
 def _high_dots4(loads, x, o):
+    """Columns 16..31 of a group step (its odd unit)."""
     n0, n1, n2, n3, b = loads
-    return _nibble_dots(hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3), b, x, o)
-
-
-@njit(inline="always")
-def _six_bit_dots(v0, v1, v2, v3, planes, x, o):
-    """4 nibble vectors with their high bits from `planes` (fields 0..3) against x[o:o + 16]."""
-    d = dpbusd_nibbles(zeros_i32(), high_bits0(v0, planes), broadcast4(x, o))
-    d = dpbusd_nibbles(d, high_bits1(v1, planes), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, high_bits2(v2, planes), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, high_bits3(v3, planes), broadcast4(x, o + 12))
-
-
-@njit(inline="always")
-def _low_dots6(loads, x, o):
-    """Columns 0..15 of a group step (its even unit) against x[o:o + 16]."""
-    n0, n1, n2, n3, p, _ = loads
-    return _six_bit_dots(lo_nibbles(n0), lo_nibbles(n1), lo_nibbles(n2), lo_nibbles(n3), p, x, o)
-
-
-@njit(inline="always")
-def _high_dots6(loads, x, o):
-    """Columns 16..31 of a group step (its odd unit) against x[o:o + 16]."""
-    n0, n1, n2, n3, _, p = loads
-    return _six_bit_dots(hi_nibbles(n0), hi_nibbles(n1), hi_nibbles(n2), hi_nibbles(n3), p, x, o)
+    return _dots(add_i8(hi_nibbles(n0), b), add_i8(hi_nibbles(n1), b), add_i8(hi_nibbles(n2), b),
+                 add_i8(hi_nibbles(n3), b), x, o)
 
 
 @njit(inline="always")
 def _low_dots5(loads, x, o):
-    """Columns 0..15 of a group step, their high bits 0..3 of the plane."""
+    """Columns 0..15, their high bits 0..3 of the plane."""
     n0, n1, n2, n3, p, b = loads
-    d = dpbusd_nibbles(zeros_i32(), high_bit0(lo_nibbles(n0), p, b), broadcast4(x, o))
-    d = dpbusd_nibbles(d, high_bit1(lo_nibbles(n1), p, b), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, high_bit2(lo_nibbles(n2), p, b), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, high_bit3(lo_nibbles(n3), p, b), broadcast4(x, o + 12))
+    return _dots(high_bit0(lo_nibbles(n0), p, b), high_bit1(lo_nibbles(n1), p, b), high_bit2(lo_nibbles(n2), p, b),
+                 high_bit3(lo_nibbles(n3), p, b), x, o)
 
 
 @njit(inline="always")
 def _high_dots5(loads, x, o):
-    """Columns 16..31 of a group step, their high bits 4..7 of the plane."""
+    """Columns 16..31, their high bits 4..7 of the plane."""
     n0, n1, n2, n3, p, b = loads
-    d = dpbusd_nibbles(zeros_i32(), high_bit4(hi_nibbles(n0), p, b), broadcast4(x, o))
-    d = dpbusd_nibbles(d, high_bit5(hi_nibbles(n1), p, b), broadcast4(x, o + 4))
-    d = dpbusd_nibbles(d, high_bit6(hi_nibbles(n2), p, b), broadcast4(x, o + 8))
-    return dpbusd_nibbles(d, high_bit7(hi_nibbles(n3), p, b), broadcast4(x, o + 12))
+    return _dots(high_bit4(hi_nibbles(n0), p, b), high_bit5(hi_nibbles(n1), p, b), high_bit6(hi_nibbles(n2), p, b),
+                 high_bit7(hi_nibbles(n3), p, b), x, o)
+
+
+@njit(inline="always")
+def _low_dots6(loads, x, o):
+    """Columns 0..15, their high bits fields 0..3 of the first plane."""
+    n0, n1, n2, n3, p, _ = loads
+    return _dots(high_bits0(lo_nibbles(n0), p), high_bits1(lo_nibbles(n1), p), high_bits2(lo_nibbles(n2), p),
+                 high_bits3(lo_nibbles(n3), p), x, o)
+
+
+@njit(inline="always")
+def _high_dots6(loads, x, o):
+    """Columns 16..31, their high bits fields 0..3 of the second plane."""
+    n0, n1, n2, n3, _, p = loads
+    return _dots(high_bits0(hi_nibbles(n0), p), high_bits1(hi_nibbles(n1), p), high_bits2(hi_nibbles(n2), p),
+                 high_bits3(hi_nibbles(n3), p), x, o)
 
 
 @njit(inline="always")
