@@ -113,11 +113,11 @@ def main() -> None:
     result = {
         "kernel_path": kernel_path(),
         # one pass of the source loop: q4 16 rows x 32 columns, q8 4 rows x 64 columns, LUT 64 keys x 2 subspaces
-        "q4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.flat, x.scales,
+        "q4_gemv": count(q4._gemv_serial, (m4.kind, m4.packed, m4.scales, m4.offsets, m4.offset_factor, x.flat, x.scales,
                                           x.sums, x.starts, out), "512_weights", 512, prefetch_passes, False),
-        "iq4_gemv": count(q4._gemv_serial, (m4.packed, m4.scales, m4.offsets, q4.IQ4_FACTOR, x.flat, x.scales,
+        "iq4_gemv": count(q4._gemv_serial, (q4.LOOKUP, m4.packed, m4.scales, m4.offsets, q4.IQ4_FACTOR, x.flat, x.scales,
                                            x.sums, x.starts, out), "512_weights", 512, prefetch_passes, True),
-        "q8_gemv": count(q8._gemv_serial, (m8.packed, m8.scales, m8.offsets, m8.offset_factor, x.flat, x.scales,
+        "q8_gemv": count(q8._gemv_serial, (m8.kind, m8.packed, m8.scales, m8.offsets, m8.offset_factor, x.flat, x.scales,
                                           x.halves, out), "512_weights", 256, prefetch_passes),
         "lut_sums": count(lut_attention.lut_sums, (tables, codes, 0, blocks, sums), "128_lookups", 128, lookup_passes),
     }

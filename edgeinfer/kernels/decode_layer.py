@@ -9,10 +9,10 @@ themselves on a small model. Here the layer reads like model.py's forward pass:
     x = rmsnorm(h);  h += [rmsnorm] Wdown (act(Wgate x) * Wup x)
 
 with the family's options (config.py) in brackets: a norm the layer lacks is an empty array. A
-layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a matrix as (bits,
+layer is passed as (norms, matrices, biases, (window, gelu, attention scale)); a matrix as (kind,
 activation span, packed, scales, offsets, offset_factor): 4-bit (q4.py), 2- to 6-bit (q6.py) or 8-bit
-(q8.py), its input quantised per 32 or 256 values (scales.activation_span), so one compiled
-function serves any mix of them.
+(q8.py), its input quantised per 32 or 256 values (scales.activation_span); its kind (kinds.py)
+picks its kernel's loop when the layer compiles.
 
 Both release the GIL: a server's event loop answers while a step computes. Every product runs on
 all threads, even the small ones: between the parallel regions of one call
@@ -34,12 +34,8 @@ from .kv_store import append_kv
 from .lut_attention import attend_causal_lut
 from .ops import (attend_one, attend_rows, gated_activation_into, rmsnorm_heads_in_place, rmsnorm_into, rope_in_place,
                   round_like)
-from .q4 import _gemm as q4_gemm
-from .q4 import _gemv_parallel as q4_gemv
-from .q6 import _gemm as q6_gemm
-from .q6 import _gemv_parallel as q6_gemv
-from .q8 import _gemm as q8_gemm
-from .q8 import _gemv_parallel as q8_gemv
+from . import q4, q6, q8
+from .kinds import by_kind
 from .simd import FIXED_SCALE
 
 # Buffers of one decode step, made once per model: floats, then quantised activations as
@@ -79,16 +75,32 @@ def project(m, x, xq, held, out):
     return span
 
 
+# A matrix's GEMV and GEMM by its kind (kinds.py): each compiled decode layer holds the kernels of
+# its own matrices' kinds and no others. Every kernel takes the kind first, and of the activations
+# (flat, scales, sums, halves, starts) q4.py's take the sums and starts, q6.py's and q8.py's the halves.
+def _with_sums(kernel):
+    @njit
+    def call(kind, packed, scales, offsets, factor, xq, out):
+        kernel(kind, packed, scales, offsets, factor, xq[0], xq[1], xq[2], xq[4], out)
+    return call
+
+
+def _with_halves(kernel):
+    @njit
+    def call(kind, packed, scales, offsets, factor, xq, out):
+        kernel(kind, packed, scales, offsets, factor, xq[0], xq[1], xq[3], out)
+    return call
+
+
+_gemv = by_kind({**{k: _with_sums(q4._gemv_parallel) for k in q4.KINDS},
+                 **{k: _with_halves(m._gemv_parallel) for m in (q6, q8) for k in m.KINDS}})
+_gemm = by_kind({**{k: _with_sums(q4._gemm) for k in q4.KINDS}, **{k: _with_halves(m._gemm) for m in (q6, q8) for k in m.KINDS}})
+
+
 @njit(cache=True)
 def matvec(m, xq, out):
-    bits, _, packed, scales, offsets, factor = m
-    flat, xscales, xsums, xhalves, xstarts = xq
-    if bits == 4:
-        q4_gemv(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
-    elif bits <= 6:  # 2, 3, 5 or 6 (q6.py's widths)
-        q6_gemv(bits, packed, scales, offsets, factor, flat, xscales, xhalves, out)
-    else:
-        q8_gemv(packed, scales, offsets, factor, flat, xscales, xhalves, out)
+    kind, _, packed, scales, offsets, factor = m
+    _gemv(kind, kind, packed, scales, offsets, factor, xq, out)
 
 
 @njit(cache=True)
@@ -240,14 +252,8 @@ def project_rows(m, x, xq, held, out):
 
 @njit(cache=True)
 def matmul(m, xq, out):
-    bits, _, packed, scales, offsets, factor = m
-    flat, xscales, xsums, xhalves, xstarts = xq
-    if bits == 4:
-        q4_gemm(packed, scales, offsets, factor, flat, xscales, xsums, xstarts, out)
-    elif bits <= 6:  # 2, 3, 5 or 6 (q6.py's widths)
-        q6_gemm(bits, packed, scales, offsets, factor, flat, xscales, xhalves, out)
-    else:
-        q8_gemm(packed, scales, offsets, factor, flat, xscales, xhalves, out)
+    kind, _, packed, scales, offsets, factor = m
+    _gemm(kind, kind, packed, scales, offsets, factor, xq, out)
 
 
 @njit(cache=True, nogil=True)

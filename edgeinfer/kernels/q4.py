@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from ..errors import EdgeInferError
 from .activations import CHUNK, GROUP, Q8Activations
+from .kinds import by_kind, kind
 from .simd import (accumulate_product, accumulate_units, accumulator, accumulator4, broadcast4, combine4,
                    constant_bytes, dpbusd, dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1,
                    into2, into3, lane, lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1,
@@ -85,6 +86,11 @@ class Q4Matrix:
     def lookup(self) -> bool:
         """Whether the nibbles index IQ4_VALUES (IQ4_NL, IQ4_XS) rather than being the values."""
         return self.offset_factor == IQ4_FACTOR
+
+    @property
+    def kind(self) -> np.dtype:
+        """Which loop the kernels run (kinds.py)."""
+        return LOOKUP if self.lookup else FOLDED if self.offset_factor == Q4_0_FACTOR else MINIMA
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -162,7 +168,7 @@ class Q4Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return 4, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return self.kind, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own
@@ -254,28 +260,28 @@ def _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into):
 
 
 @njit(inline="always")
-def _folded_weights(w, g, lookup):
-    """Group g's step: its nibbles, or with `lookup` IQ4's values looked up."""
-    n = _nibbles(w, g * 256)
-    if lookup:
-        n = _looked_up(n)
-    return n
+def _q4_0_weights(w, g):
+    """Group g's step: its nibbles."""
+    return _nibbles(w, g * 256)
 
 
 @njit(inline="always")
-def _folded_dots(weights, x, o, start, lookup):
-    """The 16 rows' dot products with the group at x[o:o + 32], as float32: of q - 8 (Q4_0), or
-    with `lookup` of IQ4_VALUES[q] (IQ4; start: the activations' Q4_0 start, -8 times their sum)."""
-    if lookup:
-        return to_f32(_wide_dots(weights, x, o, splat_i32(start * 16)))
+def _iq4_weights(w, g):
+    """Group g's step: IQ4's values of its nibbles, looked up."""
+    return _looked_up(_nibbles(w, g * 256))
+
+
+@njit(inline="always")
+def _q4_0_dots(weights, x, o, start):
+    """The 16 rows' dot products of q - 8 with the group at x[o:o + 32], as float32 (start: the
+    activations' Q4_0 start, -8 times their sum)."""
     return to_f32(_dots(weights, x, o, splat_i32(start)))
 
 
 @njit(inline="always")
-def _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g, into):
-    """acc + Q4_0 (or IQ4) group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
-    return into(acc, _folded_dots(_folded_weights(w, g, lookup), x, g * GROUP, xstarts[g], lookup),
-                mul(in_units(group_scale(s, g), unit), splat(xscales[g])))
+def _iq4_dots(weights, x, o, start):
+    """Of IQ4_VALUES[q]: the looked-up bytes are the values + 128, so the start is 16 times Q4_0's."""
+    return to_f32(_wide_dots(weights, x, o, splat_i32(start * 16)))
 
 
 # Software prefetch this many group steps (4 KB of a block's weights) ahead, into L2: the matrices of
@@ -316,44 +322,13 @@ def store_passes(out, block, t, p0, p1, p2, p3):
     store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
 
 
-@njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
-def _block(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out, block, fetch=True):
-    """Rows 16*block .. 16*block+15 for one token: one pass over the block's streams, one lane per
-    row, four groups per turn (their counts are whole chunks of 128 columns), each into its own sum.
-    A loop of its own per kind of offset (its `kind` a constant), so none pays for another's work."""
-    w, s = packed[block], block_scales(scales, block)
-    m = block_scales(offsets, block)
-    acc, unit = accumulator4(out), fixed_unit(out)
-    if factor == Q4_0_FACTOR:
-        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, FOLDED)
-    elif factor == IQ4_FACTOR:
-        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, LOOKUP)
-    else:
-        acc = _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, MINIMA)
-    store_rows(out, block, total4(acc))
-
-
-MINIMA, FOLDED, LOOKUP = 0, 1, 2  # a loop's kind: a term with an offset, Q4_0's folded offset, IQ4's
-
-
 @njit(inline="always")
-def _block_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, fetch, kind):
-    for g in range(0, group_count(s), 4):
-        if fetch:
-            for k in range(4):
-                prefetch_ahead(w, s, m, (g + k) * 256, g + k)
-        if kind == MINIMA:
-            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
-            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
-            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
-            acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
-        else:
-            lookup = kind == LOOKUP
-            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g, product_into0)
-            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 1, product_into1)
-            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 2, product_into2)
-            acc = _group_folded(acc, w, s, x, xscales, xstarts, unit, lookup, g + 3, product_into3)
-    return acc
+def _minima_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, g):
+    """Groups g .. g + 3 of Q4_1 / Q4_K (a term with an offset), each into its own sum."""
+    acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
+    acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 1, into1)
+    acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 2, into2)
+    return _group(acc, w, s, m, x, xscales, xsums, factor, unit, g + 3, into3)
 
 
 @njit(inline="always")
@@ -362,11 +337,7 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     nibble splits shared by the four tokens. xsums: the activations' (sums, starts)."""
     a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
     unit = fixed_unit(out)
-    xsums, xstarts = xsums
-    if factor == Q4_0_FACTOR:
-        return _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, False, a0, a1, a2, a3)
-    if factor == IQ4_FACTOR:
-        return _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, True, a0, a1, a2, a3)
+    xsums, _ = xsums
     for g in range(k, group_count(s), 4):
         n, scale, offset, o = _nibbles(w, g * 256), group_scale(s, g), group_scale(m, g), g * GROUP
         d0 = _dots(n, x[t], o, zeros_i32())
@@ -380,20 +351,36 @@ def _pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
     return a0, a1, a2, a3
 
 
-@njit(inline="always")
-def _folded_pass4(w, s, x, xscales, xstarts, t, k, unit, lookup, a0, a1, a2, a3):
-    """_pass4 for Q4_0, or with `lookup` (a constant) for IQ4: each group's weights looked up once
-    for the four tokens."""
-    for g in range(k, group_count(s), 4):
-        n, scale, o = _folded_weights(w, g, lookup), in_units(group_scale(s, g), unit), g * GROUP
-        a0 = accumulate_product(a0, _folded_dots(n, x[t], o, xstarts[t, g], lookup), mul(scale, splat(xscales[t, g])))
-        a1 = accumulate_product(a1, _folded_dots(n, x[t + 1], o, xstarts[t + 1, g], lookup),
-                                mul(scale, splat(xscales[t + 1, g])))
-        a2 = accumulate_product(a2, _folded_dots(n, x[t + 2], o, xstarts[t + 2, g], lookup),
-                                mul(scale, splat(xscales[t + 2, g])))
-        a3 = accumulate_product(a3, _folded_dots(n, x[t + 3], o, xstarts[t + 3, g], lookup),
-                                mul(scale, splat(xscales[t + 3, g])))
-    return a0, a1, a2, a3
+def _folded(weights_of, dots_of):
+    """Q4_0's (or IQ4's) groups and GEMM pass, from how a group's weights are formed and dotted."""
+    @njit(inline="always")
+    def group(acc, w, s, x, xscales, xstarts, unit, g, into):
+        """acc + group g's term for 16 rows against one token (`into`: simd.product_into0 .. 3)."""
+        return into(acc, dots_of(weights_of(w, g), x, g * GROUP, xstarts[g]),
+                    mul(in_units(group_scale(s, g), unit), splat(xscales[g])))
+
+    @njit(inline="always")
+    def groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, g):
+        acc = group(acc, w, s, x, xscales, xstarts, unit, g, product_into0)
+        acc = group(acc, w, s, x, xscales, xstarts, unit, g + 1, product_into1)
+        acc = group(acc, w, s, x, xscales, xstarts, unit, g + 2, product_into2)
+        return group(acc, w, s, x, xscales, xstarts, unit, g + 3, product_into3)
+
+    @njit(inline="always")
+    def pass4(w, s, m, x, xscales, xsums, factor, t, k, out):
+        """_pass4's work, each group's weights formed once for the four tokens."""
+        a0, a1, a2, a3 = accumulator(out), accumulator(out), accumulator(out), accumulator(out)
+        unit = fixed_unit(out)
+        _, xstarts = xsums
+        for g in range(k, group_count(s), 4):
+            n, scale, o = weights_of(w, g), in_units(group_scale(s, g), unit), g * GROUP
+            a0 = accumulate_product(a0, dots_of(n, x[t], o, xstarts[t, g]), mul(scale, splat(xscales[t, g])))
+            a1 = accumulate_product(a1, dots_of(n, x[t + 1], o, xstarts[t + 1, g]), mul(scale, splat(xscales[t + 1, g])))
+            a2 = accumulate_product(a2, dots_of(n, x[t + 2], o, xstarts[t + 2, g]), mul(scale, splat(xscales[t + 2, g])))
+            a3 = accumulate_product(a3, dots_of(n, x[t + 3], o, xstarts[t + 3, g]), mul(scale, splat(xscales[t + 3, g])))
+        return a0, a1, a2, a3
+
+    return groups, pass4
 
 
 def gemm_block(pass4):
@@ -416,23 +403,49 @@ def gemm_block(pass4):
     return block_tokens
 
 
-_block_tokens = gemm_block(_pass4)
+def _kernels(groups, pass4):
+    """A kind's block kernels: the GEMV's (rows 16*block .. 16*block+15 for one token: one pass over
+    the block's streams, one lane per row, four groups per turn (their counts are whole chunks of 128
+    columns), each into its own sum) and the GEMM's."""
+    @njit  # not inlined into the parallel loops: Numba's array analysis there trips on the vector tuples
+    def gemv_block(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out, block, fetch=True):
+        w, s = packed[block], block_scales(scales, block)
+        m = block_scales(offsets, block)
+        acc, unit = accumulator4(out), fixed_unit(out)
+        for g in range(0, group_count(s), 4):
+            if fetch:
+                for k in range(4):
+                    prefetch_ahead(w, s, m, (g + k) * 256, g + k)
+            acc = groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, g)
+        store_rows(out, block, total4(acc))
+
+    return gemv_block, gemm_block(pass4)
+
+
+# One kind per kind of offset (kinds.py), each with its own loop, so none pays for another's work
+# and a compiled kernel holds only its matrix's loop: a minimum per group (Q4_1, Q4_K), Q4_0's
+# folded offset, IQ4's lookup.
+MINIMA, FOLDED, LOOKUP = KINDS = kind("q4"), kind("q4_0"), kind("iq4")
+_blocks = {MINIMA: _kernels(_minima_groups, _pass4), FOLDED: _kernels(*_folded(_q4_0_weights, _q4_0_dots)),
+           LOOKUP: _kernels(*_folded(_iq4_weights, _iq4_dots))}
+_block = by_kind({k: gemv_block for k, (gemv_block, _) in _blocks.items()})
+_block_tokens = by_kind({k: tokens_block for k, (_, tokens_block) in _blocks.items()})
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
+def _gemv_parallel(kind, packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
         # the index as int64, as the serial loops pass it: Numba types a prange index uint64 in the
         # parallel body (and int64 when it first types the function), so _block would compile twice
-        _block(packed, scales, offsets, f, x, xscales, xsums, xstarts, out, np.int64(block))
+        _block(kind, packed, scales, offsets, f, x, xscales, xsums, xstarts, out, np.int64(block))
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
+def _gemv_serial(kind, packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     f = np.float32(factor)
     for block in range(packed.shape[0]):
-        _block(packed, scales, offsets, f, x, xscales, xsums, xstarts, out, block)
+        _block(kind, packed, scales, offsets, f, x, xscales, xsums, xstarts, out, block)
 
 
 # Below this size a GEMV called on its own from Python runs on one core: the worker threads fall
@@ -442,7 +455,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
+def _gemm(kind, packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, whose weights
     come from memory once and stay in cache while the tokens pass, four at a time (the rest one by
     one). Every row's sum is formed as the GEMV forms it, so a token's output has the same bits in
@@ -451,9 +464,9 @@ def _gemm(packed, scales, offsets, factor, x, xscales, xsums, xstarts, out):
     tokens = x.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in _gemv_parallel)
-        _block_tokens(packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block)
+        _block_tokens(kind, packed, scales, offsets, f, x, xscales, (xsums, xstarts), out, block)
         for t in range(tokens - tokens % 4, tokens):
-            _block(packed, scales, offsets, f, x[t], xscales[t], xsums[t], xstarts[t], out[t], block, t == 0)
+            _block(kind, packed, scales, offsets, f, x[t], xscales[t], xsums[t], xstarts[t], out[t], block, t == 0)
 
 
 def check_operands(m, x: Q8Activations) -> None:
@@ -472,14 +485,14 @@ def gemv(m: Q4Matrix, x: Q8Activations, out: np.ndarray, parallel: bool | None =
     check_operands(m, x)
     parallel = m.nbytes >= PARALLEL_MIN_BYTES if parallel is None else parallel
     kernel = _gemv_parallel if parallel else _gemv_serial
-    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
+    kernel(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
     return out
 
 
 def gemm(m: Q4Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     check_operands(m, x)
-    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
+    _gemm(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.sums, x.starts, out)
     return out
 
 

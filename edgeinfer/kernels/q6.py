@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import GROUP, Q8Activations
+from .kinds import by_kind, kind
 from .q4 import check_operands, gemm_block, group_term, store_rows
 from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale,
                      interleave_scales, prefetch_scales, scales_nbytes, select_scales)
@@ -128,6 +129,11 @@ class Q6Matrix:
         return GROUP * steps // groups if groups else GROUP
 
     @property
+    def kind(self) -> np.dtype:
+        """Which loop the kernels run (kinds.py): the width's."""
+        return {6: WIDTH6, 5: WIDTH5, 4: WIDTH4}[width(self.bits)]
+
+    @property
     def nbytes(self) -> int:
         extra = 0 if self.offsets is self.scales else scales_nbytes(self.offsets)
         return self.packed.nbytes + scales_nbytes(self.scales) + extra
@@ -186,7 +192,7 @@ class Q6Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return self.bits, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return self.kind, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids`, as GGUF's own dequantisation
@@ -367,63 +373,51 @@ def _kernels(bits, loads, low_dots, high_dots):
     return gemv_block, gemm_block(pass4)
 
 
-_block6, _block_tokens6 = _kernels(6, _loads6, _low_dots6, _high_dots6)
-_block5, _block_tokens5 = _kernels(5, _loads5, _low_dots5, _high_dots5)
-_block4, _block_tokens4 = _kernels(4, _loads4, _low_dots4, _high_dots4)
-
-
-@njit(inline="always")
-def _block(bits, packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch=True):
-    if bits == 6:
-        _block6(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
-    elif bits == 5:
-        _block5(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
-    else:
-        _block4(packed, scales, offsets, factor, x, xscales, xhalves, out, block, fetch)
+# One kind per width (kinds.py): a compiled GEMV or GEMM holds the loop of its matrix's width only.
+KINDS = WIDTH6, WIDTH5, WIDTH4 = kind("q6-6bit"), kind("q6-5bit"), kind("q6-4bit")
+_blocks = {WIDTH6: _kernels(6, _loads6, _low_dots6, _high_dots6), WIDTH5: _kernels(5, _loads5, _low_dots5, _high_dots5),
+           WIDTH4: _kernels(4, _loads4, _low_dots4, _high_dots4)}
+_block = by_kind({k: gemv_block for k, (gemv_block, _) in _blocks.items()})
+_block_tokens = by_kind({k: tokens_block for k, (_, tokens_block) in _blocks.items()})
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(bits, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemv_parallel(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
-        _block(bits, packed, scales, offsets, f, xflat, xscales, xhalves, out, np.int64(block))  # (int64: as in q4.py)
+        _block(kind, packed, scales, offsets, f, xflat, xscales, xhalves, out, np.int64(block))  # (int64: as in q4.py)
 
 
 @njit(cache=True)
-def _gemv_serial(bits, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemv_serial(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = np.float32(factor)
     for block in range(packed.shape[0]):
-        _block(bits, packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        _block(kind, packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(parallel=True, cache=True)
-def _gemm(bits, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemm(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, four tokens at a
     time (the rest one by one); a token's rows are the GEMV's bit for bit."""
     f = np.float32(factor)
     tokens = xflat.shape[0]
     for i in prange(packed.shape[0]):
         block = np.int64(i)  # (as in q4.py)
-        if bits == 6:
-            _block_tokens6(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
-        elif bits == 5:
-            _block_tokens5(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
-        else:
-            _block_tokens4(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
+        _block_tokens(kind, packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
         for t in range(tokens - tokens % 4, tokens):
-            _block(bits, packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
+            _block(kind, packed, scales, offsets, f, xflat[t], xscales[t], xhalves[t], out[t], block, t == 0)
 
 
 def gemv6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W of 2 to 6 bits, x int8 (quantised by quantize_activations)."""
     check_operands(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
-    kernel(m.bits, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
+    kernel(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 
 
 def gemm6(m: Q6Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     check_operands(m, x)
-    _gemm(m.bits, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
+    _gemm(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out

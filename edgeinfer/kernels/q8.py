@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import GROUP, Q8Activations
+from .kinds import kind
 from .q4 import check_operands, from_blocks, gemm_block, group_term, prefetch_ahead, store_rows, to_blocks
 from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      scales_nbytes, select_scales)
@@ -41,6 +42,9 @@ PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs mo
 SIGNED_FACTOR = -128.0  # bytes holding int8 + 128
 
 
+KINDS = (kind("q8"),)
+
+
 @dataclass(frozen=True)
 class Q8Matrix:
     packed: np.ndarray  # (blocks, units * 256) uint8
@@ -50,6 +54,7 @@ class Q8Matrix:
     rows: int
     cols: int
     bits = 8
+    kind = KINDS[0]  # its kernels' one loop (kinds.py)
     lookup = False  # (q4.py's IQ4 nibbles index a table; bytes are their values)
 
     @property
@@ -115,7 +120,7 @@ class Q8Matrix:
 
     def kernel_args(self) -> tuple:
         """The matrix as the fused decode layer takes it (decode_layer.py)."""
-        return 8, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
+        return self.kind, activation_span(self.scales), self.packed, self.scales, self.offsets, float(self.offset_factor)
 
     def dequantize(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Float32 values of all rows, or of the rows in `ids` (an embedding lookup), as GGUF's own
@@ -202,21 +207,21 @@ _block_tokens = gemm_block(_pass4)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_parallel(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemv_parallel(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = np.float32(factor)
     for block in prange(packed.shape[0]):
         _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, np.int64(block))  # (int64: as in q4.py)
 
 
 @njit(cache=True)
-def _gemv_serial(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemv_serial(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     f = np.float32(factor)
     for block in range(packed.shape[0]):
         _block(packed, scales, offsets, f, xflat, xscales, xhalves, out, block)
 
 
 @njit(parallel=True, cache=True)
-def _gemm(packed, scales, offsets, factor, xflat, xscales, xhalves, out):
+def _gemm(kind, packed, scales, offsets, factor, xflat, xscales, xhalves, out):
     """out[t] = W x[t] for every token of a batch: each thread takes a 16-row block, four tokens at a
     time (the rest one by one); a token's rows are the GEMV's bit for bit."""
     f = np.float32(factor)
@@ -232,14 +237,14 @@ def gemv8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out = W @ x, W 8-bit, x int8 (quantised by quantize_activations)."""
     check_operands(m, x)
     kernel = _gemv_parallel if m.nbytes >= PARALLEL_MIN_BYTES else _gemv_serial
-    kernel(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
+    kernel(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 
 
 def gemm8(m: Q8Matrix, x: Q8Activations, out: np.ndarray) -> np.ndarray:
     """out (tokens, rows) = x W^T for a batch quantised by quantize_activations."""
     check_operands(m, x)
-    _gemm(m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
+    _gemm(m.kind, m.packed, m.scales, m.offsets, m.offset_factor, x.flat, x.scales, x.halves, out)
     return out
 
 
