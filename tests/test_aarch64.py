@@ -2,8 +2,9 @@
 nothing (root on Debian: qemu-user-static, an arm64 userland, aarch64 wheels; a few minutes once).
 One emulated CPU per ARM path: Neoverse N2 (usdot, i8mm), Neoverse N1 (sdot, dotprod) and Cortex-A72
 (ARMv8.0: plain NEON), and an unnamed one. On each, a cluster shard's fixed-point partials are x86's
-bit for bit; on the first three the kernel tests pass against the same numpy references as on x86;
-on N2 and A72 a 4-bit model's greedy tokens equal x86's. Two CPUs are emulated at a time (one per core). Deselect with
+bit for bit; on N2 and A72 every kernel test passes against the same numpy references as on x86,
+on N1 those of the byte dot product's two forms (nibbles and bytes), and a 4-bit model's greedy
+tokens equal x86's. Two CPUs are emulated at a time (one per core). Deselect with
 -m "not aarch64"."""
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "scripts" / "aarch64.sh")
 KERNEL_TESTS = ["tests/test_ops.py", "tests/test_q4.py", "tests/test_q8.py", "tests/test_lut_attention.py",
                 "tests/test_gguf_quants.py", "tests/test_quantize.py"]
-DOT_TESTS = ["tests/test_q4.py", "tests/test_q8.py", "tests/test_gguf_quants.py"]  # what the byte dot product reaches
-# cpu: (the path it must take, its kernel tests, whether it runs the model too). N1 differs from N2
-# only in the byte dot product (sdot for usdot); "generic" is what LLVM sees under qemu when no CPU
-# is named (Numba's own default there): the ARMv8.0 path, compiled for no CPU in particular.
+# N1 differs from N2 only in the byte dot product (sdot for usdot): its two forms, on nibbles and on
+# bytes, are what test_q4.py and test_q8.py check against numpy. Every other loop is the same code
+# around it (test_gguf_quants.py's layouts, 960 s of emulation cold), and N1's probe checks a shard of
+# each kernel family (q4, its IQ4 lookup, q6, q8) against x86 bit for bit.
+DOT_TESTS = ["tests/test_q4.py", "tests/test_q8.py"]
+# cpu: (the path it must take, its kernel tests, whether it runs the model too). "generic" is what
+# LLVM sees under qemu when no CPU is named (Numba's own default there): the ARMv8.0 path, compiled
+# for no CPU in particular.
 CPUS = {"neoverse-n2": ("neon-i8mm", KERNEL_TESTS, True), "cortex-a72": ("neon", KERNEL_TESTS, True),
         "neoverse-n1": ("neon-dotprod", DOT_TESTS, False), "generic": ("neon", [], False)}
 
@@ -53,8 +58,8 @@ def probe_on(cpu: str, share: Path, model: Path) -> subprocess.CompletedProcess:
 # a time (one per core), longest first, and a CPU's kernel tests in two: test_gguf_quants.py (every
 # GGUF layout's kernels compile: about half a CPU's kernel tests) beside the rest, whose process then
 # runs the probe on the kernels they compiled (a CPU's processes share its kernel cache). Measured
-# on emulated Neoverse N2 / Cortex-A72, cold (bench/RESULTS.md): test_gguf_quants.py about 1400 s
-# each, the other five files about 1300 s.
+# on emulated Neoverse N2 / Cortex-A72, cold (bench/RESULTS.md, twentieth session): test_gguf_quants.py
+# 1080 / 1260 s, the other five files 780 / 900 s, a probe 300-600 s.
 SPLIT = "tests/test_gguf_quants.py"
 
 
