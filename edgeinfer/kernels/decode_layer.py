@@ -100,7 +100,7 @@ _gemm = by_kind({**{k: _with_sums(q4._gemm) for k in q4.KINDS}, **{k: _with_halv
 @njit(cache=True)
 def matvec(m, xq, out):
     kind, _, packed, scales, offsets, factor = m
-    _gemv(kind, kind, packed, scales, offsets, factor, xq, out)
+    _gemv(kind, kind, packed, scales, offsets, factor, xq, out)  # (the first chooses, the second is passed on)
 
 
 @njit(cache=True)

@@ -4,8 +4,8 @@ q4.py has a loop per kind of offset (minima, Q4_0's folded one, IQ4's lookup), q
 (6, 5 or 4 bits held), q8.py one. A matrix passes its kind to the kernels as their first argument
 (kernel_args()[0]), and `by_kind` picks the loop from the kind's Numba type: a compiled function
 holds only the loops of the kinds it is called with. Were the kind a plain number, every compiled
-GEMV, GEMM and decode layer would hold all seven loops, whatever its matrices (their compile time
-and code: tens of MB of a process, and most of what CI's emulated ARM CPUs spend).
+GEMV, GEMM and decode layer would hold all seven loops, whatever its matrices: about three times
+the compile time (bench/RESULTS.md, twentieth session), most of what CI's emulated ARM CPUs spend.
 
 A kind is a one-field numpy record dtype named for it, because Numba's dispatcher types a dtype in
 C, as it types arrays and numbers: a decode layer's arguments take 2 us to type, against 300 us
