@@ -2,9 +2,9 @@
 nothing (root on Debian: qemu-user-static, an arm64 userland, aarch64 wheels; a few minutes once).
 One emulated CPU per ARM path: Neoverse N2 (usdot, i8mm), Neoverse N1 (sdot, dotprod) and Cortex-A72
 (ARMv8.0: plain NEON), and an unnamed one. On each, a cluster shard's fixed-point partials are x86's
-bit for bit; on N2 and A72 every kernel test passes against the same numpy references as on x86,
-on N1 those of the byte dot product's two forms (nibbles and bytes), and a 4-bit model's greedy
-tokens equal x86's. Two CPUs are emulated at a time (one per core). Deselect with
+bit for bit; on N2 and A72 every kernel test passes against the same numpy references as on x86
+and a 4-bit model's greedy tokens equal x86's; on N1 the tests of the byte dot product's two forms
+(nibbles and bytes) pass. Two CPUs are emulated at a time (one per core). Deselect with
 -m "not aarch64"."""
 
 from __future__ import annotations
