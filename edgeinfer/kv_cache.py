@@ -185,12 +185,12 @@ def cache_bytes(source: WeightSource, capacity: int, path: RunPath) -> int:
 
 def model_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
                       attention: str = "exact", sequences: int = 1, cache_type: str = "f16",
-                      kernels_loaded: bool = False) -> MemoryPlan:
+                      kernels_loaded: bool = False, tokenizer_built: bool = True) -> MemoryPlan:
     """What a model of `source` needs at `context` and how it fits `limit` (storage/memory_plan.py),
     its KV cache sized for the path it will run, `sequences` times (a server's slots)."""
     path = choose_path(source, quantized, attention, cache_type=cache_type)
     return plan_memory(source, context, limit, sequences * cache_bytes(source, context, path),
-                       kernels_loaded=kernels_loaded)
+                       kernels_loaded=kernels_loaded, tokenizer_built=tokenizer_built)
 
 
 class SlotCaches:
@@ -218,21 +218,22 @@ CONTEXT_STEP = 256
 
 def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, quantized: bool,
                         attention: str = "exact", sequences: int = 1, cache_type: str = "f16",
-                        kernels_loaded: bool = False) -> tuple[MemoryPlan, int]:
+                        kernels_loaded: bool = False, tokenizer_built: bool = True) -> tuple[MemoryPlan, int]:
     """model_memory_plan at `context`, or, when the KV cache at that context leaves no plan that
     fits, at a smaller context (a multiple of CONTEXT_STEP, at least SMALLEST_CONTEXT): the largest
     at which the weights stay resident, else the largest at which they stream. (plan, context);
     MemoryLimitError when not even the smallest context fits."""
     def plan(n: int) -> MemoryPlan | None:
         try:
-            return model_memory_plan(source, n, limit, quantized, attention, sequences, cache_type, kernels_loaded)
+            return model_memory_plan(source, n, limit, quantized, attention, sequences, cache_type, kernels_loaded,
+                                     tokenizer_built)
         except MemoryLimitError:
             return None
 
     found = plan(context)
     if found is not None or context <= SMALLEST_CONTEXT:
         return found or model_memory_plan(source, context, limit, quantized, attention, sequences, cache_type,
-                                          kernels_loaded), context
+                                          kernels_loaded, tokenizer_built), context
     steps = range(SMALLEST_CONTEXT // CONTEXT_STEP, (context - 1) // CONTEXT_STEP + 1)
     for resident_only in (True, False):
         fits = lambda k: (p := plan(k * CONTEXT_STEP)) is not None and (p.window is None or not resident_only)  # noqa: E731
@@ -244,5 +245,5 @@ def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, q
             n = steps[low] * CONTEXT_STEP
             return plan(n), n
     # its error says what the smallest context needs
-    return (model_memory_plan(source, SMALLEST_CONTEXT, limit, quantized, attention, sequences, cache_type),
-            SMALLEST_CONTEXT)
+    return (model_memory_plan(source, SMALLEST_CONTEXT, limit, quantized, attention, sequences, cache_type,
+                              kernels_loaded, tokenizer_built), SMALLEST_CONTEXT)

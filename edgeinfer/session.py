@@ -111,13 +111,10 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
     source = open_model(path)
     if source.config.layers_only:
         raise EdgeInferError(f"{source.path} holds a cluster worker's share of the layers, not a whole model")
-    tokenizer = Tokenizer(source.tokenizer)  # before the plan, which counts the process as it stands
-    if tokenizer.spec.note and report:
-        report(tokenizer.spec.note)
     if context is None:  # the default context, or less where its KV cache would not fit
         wanted = default_context(source.config)
         plan, context = fitting_memory_plan(source, wanted, mem_limit, not float32, attention, sequences,
-                                            cache_type, kernels_loaded)
+                                            cache_type, kernels_loaded, tokenizer_built=False)
         if context < wanted and report:
             where = f"--mem-limit {mem_limit / 2**20:.0f} MB" if mem_limit else "the memory available"
             kind = "with every weight resident" if plan.window is None else "that fits"
@@ -125,9 +122,14 @@ def open_engine(path: str, context: int | None = None, float32: bool = False, me
                    f"{kind} (give --ctx to choose)")
     else:
         plan = model_memory_plan(source, context, mem_limit, not float32, attention, sequences, cache_type,
-                                 kernels_loaded)
+                                 kernels_loaded, tokenizer_built=False)
     if report and (mem_limit is not None or plan.window is not None):
         report(plan.describe())
+    if plan.window is None and not float32:  # the weights come in while the tokenizer is built
+        source.read_ahead()
+    tokenizer = Tokenizer(source.tokenizer)
+    if tokenizer.spec.note and report:
+        report(tokenizer.spec.note)
     model = Model(source, not float32, plan.window, attention, plan.pinned, load_bits, cache_type)
     engine = Engine(model, tokenizer, context)
     engine.memory_plan = plan

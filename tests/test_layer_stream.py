@@ -69,7 +69,8 @@ def test_the_preflight_picks_a_window_within_the_limit(tiny_q4, monkeypatch):
     # tokenizer and a model, which would move it by more than the half slot of room given.
     monkeypatch.setattr(memory_plan, "held_rss", lambda: 100 << 20)
     source = open_model(str(tiny_q4))
-    free = plan_memory(source, 64, None, cache_bytes(source, 64, choose_path(source, True)))
+    # as open_engine plans, before it builds the tokenizer (counted by its estimate)
+    free = plan_memory(source, 64, None, cache_bytes(source, 64, choose_path(source, True)), tokenizer_built=False)
     assert free.window is None  # no limit: it fits in this machine's memory
     limit = free.runtime + free.kv_cache + free.scratch + 2 * free.slot + free.slot // 2
     engine = open_engine(str(tiny_q4), 64, mem_limit=limit)

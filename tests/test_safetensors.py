@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 
 import numpy as np
@@ -102,3 +104,62 @@ def test_writer_leaves_nothing_when_interrupted(tmp_path):
     with pytest.raises(ValueError, match="declared"):
         write_safetensors(out, entries, [np.zeros(4, np.float32), np.zeros(5, np.float32)], {})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit(tmp_path_factory, tiny_hf):
+    """A single file with 4- and 8-bit matrices (their parts: packed integers, scales) between float norms."""
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.single import convert
+
+    out = tmp_path_factory.mktemp("tiny_4bit") / "tiny.safetensors"
+    convert(open_model(str(tiny_hf)), str(out), bits=4)
+    return out
+
+
+def _matrix_parts(path) -> list[str]:
+    from edgeinfer.storage import open_model
+
+    source = open_model(str(path))
+    return [e.name for n in source.model_tensor_names() if (q := source.quantized_parts(n)) for e in q[1]]
+
+
+@pytest.mark.parametrize("limits", [None, (3, 1 << 30, 0), (1024, 4096, 1 << 20)],
+                         ids=["default", "3 buffers a call, no gap read through", "4 KB a call"])
+def test_read_ahead_hands_over_what_plain_reads_give(tiny_4bit, monkeypatch, limits):
+    """The single file's matrices read ahead in a thread, in calls split by buffer count, bytes and gaps
+    (its float tensors lie between them), equal the plain reads, each handed over once."""
+    from edgeinfer.storage import safetensors
+
+    if limits:
+        for name, value in zip(("READ_BUFFERS", "READ_BYTES", "READ_THROUGH"), limits):
+            monkeypatch.setattr(safetensors, name, value)
+    names = _matrix_parts(tiny_4bit)
+    plain, ahead = SafetensorsFile(tiny_4bit), SafetensorsFile(tiny_4bit)
+    ends = sorted((plain.offset(n), plain.offset(n) + plain.entries[n].nbytes) for n in names)
+    assert len(names) > 20 and any(end < start for (_, end), (start, _) in zip(ends, ends[1:]))  # gaps
+    ahead.read_ahead(names)
+    for name in reversed(names):  # in any order
+        got = ahead.read(name)
+        np.testing.assert_array_equal(got, plain.read(name))
+        assert got.flags.writeable and got.base is None  # an array of its own, not a view of a shared block
+    assert not ahead._ahead
+    np.testing.assert_array_equal(ahead.read(names[0]), plain.read(names[0]))  # a second read reads again
+    ahead.close()
+
+
+def test_read_ahead_of_a_file_cut_short_says_which_tensor(tiny_4bit, tmp_path):
+    """A file that ends early under a read ahead (cut after it was opened): the tensors before the cut
+    are handed over, the first past it gets the plain read's one-line error naming it."""
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(tiny_4bit.read_bytes())
+    names = _matrix_parts(path)
+    f = SafetensorsFile(path)
+    cut = names[len(names) // 2]
+    os.truncate(path, f.offset(cut) + 1)
+    f.read_ahead(names)
+    with pytest.raises(ModelFormatError, match=f"ends inside tensor '{re.escape(cut)}'"):
+        for name in names:
+            f.read(name)
+    plain = SafetensorsFile(tiny_4bit)
+    np.testing.assert_array_equal(f.read(names[0]), plain.read(names[0]))

@@ -57,8 +57,8 @@ def available_memory() -> int:
 
 # What loading the compiled kernels and their first calls add to the process: Numba's lowering
 # registries and LLVM's code pages (measured, warm-up over the loaded model: 54-60 MB on SmolLM2,
-# Gemma 3 270M and the 1B shape), with a little room. The tokenizer is loaded before the plan and
-# counted in the process as it stands. Kernels loaded before the plan (jit_cache.preload) are in
+# Gemma 3 270M and the 1B shape), with a little room. A tokenizer built before the plan is counted
+# in the process as it stands, one still to build by its estimate. Kernels loaded before the plan (jit_cache.preload) are in
 # the process already; their first calls add 5 MB (measured on SmolLM2). A GGUF converted at load
 # gives back each slab's file pages as it goes (storage/gguf_quants.gguf_matrix), so its load peaks
 # within a few MB of what it then holds.
@@ -124,18 +124,20 @@ def pin_units(units: list[Unit], room: int, slots: int) -> tuple[list[Unit], lis
 
 
 def plan_memory(source: WeightSource, context: int, limit: int | None, kv_cache: int, batch: int = 512,
-                kernels_loaded: bool = False) -> MemoryPlan:
+                kernels_loaded: bool = False, tokenizer_built: bool = True) -> MemoryPlan:
     """What running `source` at `context` needs, and how: resident if it fits the limit (or, with no
     limit, the memory available now), else the units that fit pinned and the others streamed through
     STREAM_SLOTS slots (one if two do not fit). kv_cache: its bytes at `context`
     (kv_cache.cache_bytes). A layers-only source (a cluster worker's share) has no embedding or head
-    to hold."""
+    to hold. tokenizer_built: the process holds the tokenizer already; else it is counted by its
+    estimate."""
     c = source.config
     units = file_units(source, c.layers_only) if source.can_stream else None
     weights = sum(u.size for u in units) if units and c.layers_only else source.resident_bytes()
     tokens = min(batch, context)
     scratch = 4 * (tokens * (8 * c.hidden_size + 4 * c.intermediate_size) + c.num_heads * context + 2 * c.vocab_size)
-    runtime = held_rss() + (FIRST_CALLS_ALLOWANCE if kernels_loaded else KERNELS_ALLOWANCE)
+    runtime = held_rss() + (FIRST_CALLS_ALLOWANCE if kernels_loaded else KERNELS_ALLOWANCE) + \
+        (0 if tokenizer_built else source.tokenizer.held_bytes)
     slot = max(u.size for u in units) if units else weights
     plan = MemoryPlan(weights, slot, c.num_layers + (not c.layers_only), kv_cache, scratch, runtime, limit, None)
     budget = limit if limit is not None else available_memory()

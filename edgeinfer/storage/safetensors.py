@@ -11,6 +11,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -26,6 +27,9 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 MAX_HEADER = 100 * 1024 * 1024
+# One read-ahead call: at most this many buffers (Linux's IOV_MAX) and bytes (below the 2 GB one call
+# returns), and it reads through a gap between tensors no larger than READ_THROUGH.
+READ_BUFFERS, READ_BYTES, READ_THROUGH = 1024, 1 << 30, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class SafetensorsFile:
             self.entries[name] = entry
             self._offsets[name] = self.data_start + begin
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._ahead: dict[str, np.ndarray] = {}  # tensors read ahead, not yet handed over
+        self._reader: threading.Thread | None = None  # the read-ahead
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as stored (BF16 as uint16), a read-only view into the mapping."""
@@ -102,24 +108,84 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor copied into memory with plain reads, not through the mapping: a mapped page read
-        stays in the process's resident set, so a copy through it would count the weights twice."""
+        stays in the process's resident set, so a copy through it would count the weights twice.
+        A tensor read ahead (read_ahead) is handed over once its read is done."""
+        if name in self._ahead:
+            assert self._reader is not None
+            self._reader.join()
+            if name in self._ahead:  # not when the read ahead failed: read it here, and say why
+                return self._ahead.pop(name)
         entry = self.entries[name]
         out = np.empty(entry.shape, DTYPES[entry.dtype])
-        view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
-        while got < entry.nbytes:
-            n = os.preadv(self._file.fileno(), [view[got:]], self._offsets[name] + got)
-            if n == 0:
-                raise ModelFormatError(f"{self.path}: the file ends inside tensor {name!r} (truncated)")
-            got += n
+        if not _read_into(self._file.fileno(), [memoryview(out.reshape(-1).view(np.uint8))], self._offsets[name]):
+            raise ModelFormatError(f"{self.path}: the file ends inside tensor {name!r} (truncated)")
         return out
+
+    def read_ahead(self, names: Iterable[str]) -> None:
+        """Start reading `names` into arrays of their own in a thread, in file order, a few large
+        reads (os.preadv, which lets go of the interpreter while it reads): the caller goes on with
+        other work, a tokenizer's parse say, and `read` hands each array over. Every array is
+        allocated here, as reading them one by one would: call it only for tensors the caller will
+        read."""
+        names = sorted((n for n in names if self.entries[n].nbytes), key=self._offsets.__getitem__)
+        ahead = {n: np.empty(self.entries[n].shape, DTYPES[self.entries[n].dtype]) for n in names}
+        batches: list[tuple[int, list[memoryview]]] = []  # (offset, buffers) per call
+        gap, end, size = memoryview(bytearray(READ_THROUGH)), 0, 0
+        for n in names:
+            start, buffer = self._offsets[n], memoryview(ahead[n].reshape(-1).view(np.uint8))
+            through = start - end  # the bytes between this tensor and the last, read and dropped
+            if batches and 0 <= through <= READ_THROUGH and len(batches[-1][1]) + 2 <= READ_BUFFERS \
+                    and size + through + len(buffer) <= READ_BYTES:
+                batches[-1][1].extend([gap[:through], buffer] if through else [buffer])
+                size += through + len(buffer)
+            else:
+                batches.append((start, [buffer]))
+                size = len(buffer)
+            end = start + len(buffer)
+
+        def read() -> None:
+            try:
+                if all(_read_into(self._file.fileno(), buffers, offset) for offset, buffers in batches):
+                    return
+            except OSError:
+                pass
+            for n in ahead:  # the file ended early or would not read: `read` reads each again, and says why
+                self._ahead.pop(n, None)
+
+        if self._reader is not None:
+            self._reader.join()
+        self._ahead.update(ahead)
+        self._reader = threading.Thread(target=read, name="read-ahead", daemon=True)
+        self._reader.start()
 
     def offset(self, name: str) -> int:
         """Where the tensor's data begins in the file."""
         return self._offsets[name]
 
     def close(self) -> None:
-        # Views handed out keep the mapping alive; closing the file object is always safe.
+        # Views handed out keep the mapping alive; closing the file object is safe once no read is on.
+        if self._reader is not None:
+            self._reader.join()
+        self._ahead.clear()
         self._file.close()
+
+
+def _read_into(fd: int, buffers: list[memoryview], offset: int) -> bool:
+    """Fill `buffers`, in order, from the file at `offset`, in as few calls as the OS allows (one
+    may return fewer bytes than asked). False when the file ends first."""
+    first = 0
+    buffers = list(buffers)
+    while first < len(buffers):
+        n = os.preadv(fd, buffers[first:], offset)
+        if n == 0:
+            return False
+        offset += n
+        while first < len(buffers) and n >= len(buffers[first]):
+            n -= len(buffers[first])
+            first += 1
+        if n:
+            buffers[first] = buffers[first][n:]
+    return True
 
 
 def _validate_metadata(path: str, meta: object) -> dict[str, str]:

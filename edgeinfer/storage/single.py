@@ -102,6 +102,9 @@ class SingleFileSource(SafetensorsSource):
         kind, rows, cols = self._quantized[name]
         return matrix_from_parts(kind, rows, cols, [self._file.read(e.name) for e in self._parts[name]], copy=False)
 
+    def read_ahead(self) -> None:
+        self._file.read_ahead(e.name for parts in self._parts.values() for e in parts)
+
     @property
     def file(self) -> SafetensorsFile:
         return self._file

@@ -61,6 +61,10 @@ class WeightSource:
     def has(self, name: str) -> bool:
         raise NotImplementedError
 
+    def read_ahead(self) -> None:
+        """Start reading, in the background, the quantised matrices a resident load will take with
+        `quantized`, while the caller does other work; nothing where there is nothing to read ahead."""
+
     def key_codebooks(self) -> KeyCodebooks | None:
         """LUT attention's codebooks, if the file holds them (edgeinfer calibrate)."""
         return None
