@@ -148,6 +148,18 @@ def test_read_ahead_hands_over_what_plain_reads_give(tiny_4bit, monkeypatch, lim
     ahead.close()
 
 
+def test_an_empty_tensor_reads_as_empty(tmp_path):
+    """A cluster share can hold no rows of a matrix (a node without KV heads): its tensor reads as an
+    empty array, alone or among others read ahead."""
+    path = tmp_path / "t.safetensors"
+    _write(path, {"a": np.ones((4, 8), np.float32), "empty": np.zeros((0, 8), np.float32),
+                  "b": np.full((2, 8), 2, np.float32)})
+    f = SafetensorsFile(path)
+    assert f.read("empty").shape == (0, 8)
+    f.read_ahead(["a", "empty", "b"])
+    assert f.read("empty").shape == (0, 8) and f.read("b").sum() == 32 and f.read("a").sum() == 32
+
+
 def test_read_ahead_of_a_file_cut_short_says_which_tensor(tiny_4bit, tmp_path):
     """A file that ends early under a read ahead (cut after it was opened): the tensors before the cut
     are handed over, the first past it gets the plain read's one-line error naming it."""

@@ -174,7 +174,7 @@ def _read_into(fd: int, buffers: list[memoryview], offset: int) -> bool:
     """Fill `buffers`, in order, from the file at `offset`, in as few calls as the OS allows (one
     may return fewer bytes than asked). False when the file ends first."""
     first = 0
-    buffers = list(buffers)
+    buffers = [b for b in buffers if len(b)]  # an empty one would read as the file's end
     while first < len(buffers):
         n = os.preadv(fd, buffers[first:], offset)
         if n == 0:
