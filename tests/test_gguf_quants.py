@@ -51,7 +51,7 @@ def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
 
     data = random_blocks(kind, 37, 256, seed=1)
     whole = gguf_matrix(kind, data, 256)
-    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)  # one block of rows (kernels/q4.py ROWS)
+    monkeypatch.setattr(gguf_quants, "SLAB_WEIGHTS", 1)  # one block of rows a slab (kernels/q4.py ROWS)
     slabbed = gguf_matrix(kind, data, 256)
     assert type(whole) is type(slabbed) and (whole.rows, whole.cols) == (slabbed.rows, slabbed.cols)
     assert (whole.offsets is whole.scales) == (slabbed.offsets is slabbed.scales)
@@ -319,7 +319,7 @@ def test_a_tensors_file_pages_go_slab_by_slab_as_it_converts(monkeypatch, kquant
     from conftest import mappings
     from edgeinfer.storage import gguf_quants, open_model
 
-    monkeypatch.setattr(gguf_quants, "SLAB_ROWS", 16)
+    monkeypatch.setattr(gguf_quants, "SLAB_WEIGHTS", 1)  # one block of rows a slab
     data = random_blocks("Q6_K", 37, 256, seed=1)
     told = []
     slabbed = gguf_matrix("Q6_K", data, 256, lambda first, end: told.append((first, end)))

@@ -144,7 +144,11 @@ DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
     "IQ4_XS": (QK, 136, 4, _iq4_xs), "Q4_K": (QK, 144, 4, _q4_k), "Q5_K": (QK, 176, 5, _q5_k),
     "Q6_K": (QK, 210, 6, _q6_k), "Q3_K": (QK, 110, 3, _q3_k), "Q2_K": (QK, 84, 2, _q2_k),
 }
-SLAB_ROWS = 2048  # rows decoded at a time: the integers' temporaries stay a few tens of MB
+# Weights decoded at a time (whole 16-row blocks, at least one): decoding holds about 7 bytes of
+# temporaries a weight (int16 integers, their parts, the packing's copies), which the load's peak
+# carries. 2048 rows of SmolLM2 (1.2M weights) put 8 MB on its K-quant files' peak; a slab costs
+# some 20 us, which at this size is under 0.3 s over a 1B model's load.
+SLAB_WEIGHTS = 1 << 16
 
 
 def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
@@ -169,14 +173,15 @@ def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, 
     them can go at once (Gemma 3's 170 MB embedding: its file pages beside its copy were most of
     the load's peak, 101 MB above what the model then holds)."""
     bits, rows = DECODERS[kind][2], data.shape[0]
+    step = max(ROWS, SLAB_WEIGHTS // cols // ROWS * ROWS)
     packed, slabs = None, []
-    for r in range(0, rows, SLAB_ROWS):
-        values, scales, minima = decode_rows(kind, data[r:r + SLAB_ROWS], cols)
+    for r in range(0, rows, step):
+        values, scales, minima = decode_rows(kind, data[r:r + step], cols)
         if decoded is not None:
-            decoded(r, min(r + SLAB_ROWS, rows))
+            decoded(r, min(r + step, rows))
         slab = (Q4Matrix.from_values(values, scales, minima, lookup=True) if kind in LOOKUP_TYPES
                 else MATRIX_TYPES[bits].from_values(values, scales, minima))
-        if rows <= SLAB_ROWS:
+        if rows <= step:
             return slab
         if packed is None:
             packed = np.empty((-(-rows // ROWS), slab.packed.shape[1]), slab.packed.dtype)
