@@ -58,10 +58,10 @@ def available_memory() -> int:
 # What loading the compiled kernels and their first calls add to the process: Numba's lowering
 # registries and LLVM's code pages (measured, warm-up over the loaded model: 54-60 MB on SmolLM2,
 # Gemma 3 270M and the 1B shape), with a little room. A tokenizer built before the plan is counted
-# in the process as it stands, one still to build by its estimate. Kernels loaded before the plan (jit_cache.preload) are in
-# the process already; their first calls add 5 MB (measured on SmolLM2). A GGUF converted at load
-# gives back each slab's file pages as it goes (storage/gguf_quants.gguf_matrix), so its load peaks
-# within a few MB of what it then holds.
+# in the process as it stands, one still to build by its estimate (TokenizerSpec.held_bytes).
+# Kernels loaded before the plan (jit_cache.preload) are in the process already; their first calls
+# add 5 MB (measured on SmolLM2). A GGUF converted at load gives back each slab's file pages as it
+# goes (storage/gguf_quants.gguf_matrix), so its load peaks within a few MB of what it then holds.
 KERNELS_ALLOWANCE = 64 << 20
 FIRST_CALLS_ALLOWANCE = 8 << 20
 
