@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib
+import itertools
 import mmap
 import os
 import pickle
@@ -21,10 +22,13 @@ from pathlib import Path
 from .paths import home
 
 KERNELS = Path(__file__).parent / "kernels"
+# How compiled functions are named (unique_function_ids): a cache written under another scheme may
+# hold names that collide, and is not read.
+NAMING = b"function ids unique across processes"
 
 
 def kernel_cache_dir() -> Path:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(NAMING)
     for path in sorted(KERNELS.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return home() / "kernels" / digest.hexdigest()[:16]
@@ -63,6 +67,33 @@ def import_numba_without_blas_probe() -> None:
     finally:
         if blocked:
             del sys.modules[probe]
+
+
+def unique_function_ids() -> None:
+    """Number the functions Numba compiles from a random start in each process, not from 1.
+
+    A compiled function's symbol is its qualified name, its argument types and that number, and a
+    cached kernel carries the functions it calls, compiled in whatever process compiled it. Two
+    closures from one factory (q4.py's per-kind loops, simd.py's per-slot helpers) share a qualified
+    name and can share argument types; numbered from 1 in two processes they could get one symbol
+    for two bodies, and a process that loaded both kernels ran the first one's body in the second:
+    a Q4_1 GEMM into fixed point loaded after a Q4_0 one computed with Q4_0's loop (found by a test
+    order; reproduced by numbering two compiles alike). From a random 40-bit start, two processes'
+    numbers do not meet (tests/test_start.py). Idempotent."""
+    from numba.core import bytecode
+
+    if not isinstance(bytecode.FunctionIdentity._unique_ids, _RandomStart):
+        bytecode.FunctionIdentity._unique_ids = _RandomStart()
+
+
+class _RandomStart:
+    """Ids counted up from a random 40-bit start."""
+
+    def __init__(self):
+        self._ids = itertools.count(int.from_bytes(os.urandom(5), "little") << 16)
+
+    def __next__(self) -> int:
+        return next(self._ids)
 
 
 def load_cached_kernels_without_registries() -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -136,3 +137,63 @@ def test_the_symbols_an_elf_object_defines():
     assert len(names) > 3
     assert jit_cache.elf_defined_symbols(library.codegen._tm.emit_object(module)) == names
     assert jit_cache.elf_defined_symbols(b"\xcf\xfa\xed\xfe" + bytes(60)) is None  # Mach-O: Numba's own way
+
+
+FIXED_POINT_GEMM = '''
+import sys
+import numpy as np
+from edgeinfer.kernels import q4
+from edgeinfer.kernels.activations import Q8Activations
+from edgeinfer.kernels.simd import FIXED_SCALE
+from edgeinfer.storage.quantize import quantize_q4_1
+
+rng = np.random.default_rng(0)
+x = Q8Activations.empty(128, 37)  # filled here, not by the quantising kernel: the GEMM is all a run compiles
+x.flat[:] = rng.integers(-127, 128, x.flat.shape)
+x.scales[:] = rng.random(x.scales.shape) / 100
+groups = x.flat.reshape(37, -1, 2, 16).astype(np.int32)
+x.sums[:], x.starts[:] = x.scales * groups.sum(axis=(2, 3)), -8 * groups.sum(axis=(2, 3))
+x.halves[:] = (np.repeat(x.scales, 2, axis=1) * groups.sum(axis=3).reshape(37, -1))
+matrices = {"q4_0": q4.Q4Matrix.from_rows(rng.integers(0, 256, (64, 64), dtype=np.uint8),  # fp16 scales, as Q4_1's
+                                          (rng.random((64, 4)) / 50).astype(np.float16).astype(np.float32)),
+            "q4": quantize_q4_1(rng.standard_normal((64, 128)).astype(np.float32))}
+for name in sys.argv[1:]:  # each one's sums into fixed point, against numpy over the same integers
+    m = matrices[name]
+    sums = m.matmul(x, np.empty((37, 64), np.int64)) * FIXED_SCALE
+    expected = (x.flat * np.repeat(x.scales, 32, axis=-1)) @ m.dequantize().T
+    assert np.abs(sums - expected).max() < 1e-4 * np.abs(expected).max(), (name, np.abs(sums - expected).max())
+print(q4._gemm.stats.cache_hits.total(), q4._gemm.stats.cache_misses.total())
+'''
+
+
+def function_symbols(cache: Path, qualname: str) -> list[set[str]]:
+    """Per cached specialisation of `qualname` (module.function) under `cache`: the functions its
+    machine code defines (not its constants or Numba's runtime)."""
+    found = []
+    for index in cache.rglob(f"{qualname}-*.nbi"):
+        for data in index.parent.glob(index.name.removesuffix(".nbi") + ".*.nbc"):
+            state, stack = [pickle.loads(data.read_bytes())], []
+            while state:
+                o = state.pop()
+                if isinstance(o, bytes) and o[:4] == b"\x7fELF":
+                    stack.append(o)
+                elif isinstance(o, (tuple, list)):
+                    state.extend(o)
+            found.append({s for code in stack for s in jit_cache.elf_defined_symbols(code) if s.startswith("_ZN")})
+    return found
+
+
+def test_kernels_compiled_in_two_processes_name_no_function_alike(tmp_path):
+    """A Q4_0 and a Q4_1 GEMM into fixed point, compiled in two processes: the functions each carries
+    (its kind's loop among them, a closure of one factory for both) have names of their own
+    (jit_cache.unique_function_ids), and a process loading both gets each one's own sums."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = lambda *kinds: subprocess.run([sys.executable, "-c", FIXED_POINT_GEMM, *kinds], env=env,  # noqa: E731
+                                        capture_output=True, text=True)
+    for kind in ("q4_0", "q4"):
+        r = run(kind)
+        assert r.returncode == 0 and r.stdout.split() == ["0", "1"], r.stderr[-2000:]  # compiled
+    first, second = function_symbols(tmp_path, "q4._gemm")
+    assert first and second and not first & second
+    r = run("q4_0", "q4")
+    assert r.returncode == 0 and r.stdout.split() == ["2", "0"], r.stderr[-2000:]  # both loaded
