@@ -12,7 +12,9 @@ Every type in scope is, per group of 32 or 16 weights, an integer times a scale 
 The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
 per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
 bytes, 5- or 6-bit fields or nibbles: Q3_K and Q2_K take 4 bits here, the rest as many as in their
-files (bench/RESULTS.md, issue 15, says what that costs).
+files (bench/RESULTS.md, issue 15, says what that costs). The 4-bit types' nibbles go as bytes in
+q4.py's pairing (byte j of a group of 32: weights j and 16 + j), which Q4_0, Q4_1 and the IQ4s store
+already and Q4_K's runs of 64 take four byte operations to reach: never widened to integers.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from .quantize import MATRIX_TYPES, Matrix
 QK = 256  # weights per K-quant super-block
 LOOKUP_TYPES = ("IQ4_NL", "IQ4_XS")  # their nibbles index q4.IQ4_VALUES
 
-# A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), scales and
-# minima (n, groups per block): float32, or SuperScales of d (n, 1) and the integers; minima None
-# when the integers are signed).
+# A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), or for a
+# 4-bit type its nibbles (n, weights per block / 2) as q4.py pairs them; scales and minima (n,
+# groups per block): float32, or SuperScales of d (n, 1) and the integers; minima None when the
+# integers are signed).
 Decoded = tuple[np.ndarray, np.ndarray | SuperScales, np.ndarray | SuperScales | None]
 
 
@@ -69,12 +72,21 @@ def _q5_high(qh: np.ndarray) -> np.ndarray:
     return (((bits >> np.arange(32, dtype=np.uint32)[None, :]) & 1) << 4).astype(np.int16)
 
 
+def _pairs_of_runs_64(qs: np.ndarray) -> np.ndarray:
+    """Q4_K's nibbles, runs of 32 bytes whose low nibbles are weights 0..31 of a run of 64 and high
+    nibbles 32..63, as q4.py pairs them: byte j of a group of 32 holds weights j and 16 + j."""
+    r = qs.reshape(qs.shape[0], -1, 2, 16)
+    low = (r[:, :, 0] & 15) | ((r[:, :, 1] & 15) << 4)
+    high = (r[:, :, 0] >> 4) | (r[:, :, 1] & 0xF0)
+    return np.stack([low, high], axis=2).reshape(qs.shape[0], -1)
+
+
 def _q4_0(b: np.ndarray) -> Decoded:
-    return _nibbles_in_halves(b[:, 2:], 32).astype(np.int16), _half(b[:, :2]), None
+    return b[:, 2:], _half(b[:, :2]), None
 
 
 def _q4_1(b: np.ndarray) -> Decoded:
-    return _nibbles_in_halves(b[:, 4:], 32).astype(np.int16), _half(b[:, :2]), _half(b[:, 2:4])
+    return b[:, 4:], _half(b[:, :2]), _half(b[:, 2:4])
 
 
 def _q8_0(b: np.ndarray) -> Decoded:
@@ -92,20 +104,20 @@ def _q5_1(b: np.ndarray) -> Decoded:
 
 
 def _iq4_nl(b: np.ndarray) -> Decoded:  # nibbles: indices into IQ4_VALUES
-    return _nibbles_in_halves(b[:, 2:], 32).astype(np.int16), _half(b[:, :2]), None
+    return b[:, 2:], _half(b[:, :2]), None
 
 
 def _iq4_xs(b: np.ndarray) -> Decoded:
     d, high = _half(b[:, :2]), np.ascontiguousarray(b[:, 2:4]).view(np.uint16)
     low = _nibbles_in_halves(b[:, 4:8], 2)  # sub-block j's low 4 bits: byte j // 2, nibble j % 2
     ls = low.astype(np.int16) | (((high >> (2 * np.arange(8, dtype=np.uint16))[None, :]) & 3) << 4).astype(np.int16)
-    return _nibbles_in_halves(b[:, 8:], 32).astype(np.int16), super_scales(d, ls - 32), None
+    return b[:, 8:], super_scales(d, ls - 32), None
 
 
 def _q4_k(b: np.ndarray) -> Decoded:
     d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
-    return _nibbles_in_halves(b[:, 16:], 64).astype(np.int16), super_scales(d, sc), super_scales(-dmin, mn)
+    return _pairs_of_runs_64(b[:, 16:]), super_scales(d, sc), super_scales(-dmin, mn)
 
 
 def _q5_k(b: np.ndarray) -> Decoded:
@@ -152,7 +164,8 @@ SLAB_WEIGHTS = 1 << 16
 
 
 def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
-    """Rows of GGUF blocks (rows, bytes per row) -> (integers (rows, cols), scales, minima (rows, groups))."""
+    """Rows of GGUF blocks (rows, bytes per row) -> (integers (rows, cols), or a 4-bit type's nibbles
+    (rows, cols / 2), scales, minima (rows, groups))."""
     per_block, size, _, decoder = DECODERS[kind]
     rows = data.shape[0]
     values, scales, minima = decoder(np.asarray(data, np.uint8).reshape(-1, size))
@@ -162,7 +175,7 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
         if isinstance(s, SuperScales):
             return SuperScales(s.d.reshape(rows, blocks), s.q.reshape(rows, -1), s.shift)
         return s.reshape(rows, -1)
-    return values.reshape(rows, cols), by_row(scales), None if minima is None else by_row(minima)
+    return values.reshape(rows, -1), by_row(scales), None if minima is None else by_row(minima)
 
 
 def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, int], None] | None = None) -> Matrix:
@@ -179,7 +192,7 @@ def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, 
         values, scales, minima = decode_rows(kind, data[r:r + step], cols)
         if decoded is not None:
             decoded(r, min(r + step, rows))
-        slab = (Q4Matrix.from_values(values, scales, minima, lookup=True) if kind in LOOKUP_TYPES
+        slab = (Q4Matrix.from_rows(values, scales, minima, lookup=kind in LOOKUP_TYPES) if bits == 4
                 else MATRIX_TYPES[bits].from_values(values, scales, minima))
         if rows <= step:
             return slab
