@@ -143,7 +143,7 @@ class SafetensorsFile:
                 size = len(buffer)
             end = start + len(buffer)
 
-        def read() -> None:
+        def fill() -> None:
             try:
                 if all(_read_into(self._file.fileno(), buffers, offset) for offset, buffers in batches):
                     return
@@ -155,7 +155,7 @@ class SafetensorsFile:
         if self._reader is not None:
             self._reader.join()
         self._ahead.update(ahead)
-        self._reader = threading.Thread(target=read, name="read-ahead", daemon=True)
+        self._reader = threading.Thread(target=fill, name="read-ahead", daemon=True)
         self._reader.start()
 
     def offset(self, name: str) -> int:
