@@ -158,8 +158,8 @@ DECODERS: dict[str, tuple[int, int, int, Callable[[np.ndarray], Decoded]]] = {
 }
 # Weights decoded at a time (whole 16-row blocks, at least one): decoding holds about 7 bytes of
 # temporaries a weight (int16 integers, their parts, the packing's copies), which the load's peak
-# carries. 2048 rows of SmolLM2 (1.2M weights) put 8 MB on its K-quant files' peak; a slab costs
-# some 20 us, which at this size is under 0.3 s over a 1B model's load.
+# carries. 2048 rows of SmolLM2 (1.2M weights) put 8 MB on its K-quant files' peak; the smaller
+# slabs made a whole file's conversion 5-15% slower there (measured), some 20 us a slab.
 SLAB_WEIGHTS = 1 << 16
 
 
