@@ -66,13 +66,13 @@ def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
             np.testing.assert_array_equal(a, b)
 
 
-# Bits per weight held, by type (rows in whole blocks of 16): the integers' nibbles, 5- or 6-bit
-# fields or bytes, and the scales: fp16 per 32 for the plain types; the K-quants' own int8 per group
-# and fp16 d per 256; Q3_K's and Q2_K's integers in nibbles. Each type's file holds as many but for
-# Q3_K (3.4375) and Q2_K (2.625).
+# Bits per weight held, by type (rows in whole blocks of 16): the integers in as many bits as the
+# file's (2 to 6, or bytes), and the scales: fp16 per 32 for the plain types; the K-quants' own int8
+# per group and fp16 d per 256. Each type's file holds as many but for Q3_K (3.4375) and Q2_K
+# (2.625), whose 6- and 4-bit scales take a byte here.
 HELD_BITS = {"Q4_0": 4.5, "Q4_1": 5, "Q4_K": 4 + 8 / 32 * 2 + 16 / 256 * 2, "Q6_K": 6 + 8 / 16 + 16 / 256,
-             "Q5_0": 5.5, "Q5_1": 6, "Q5_K": 5 + (8 / 32 + 16 / 256) * 2, "Q3_K": 4 + 8 / 16 + 16 / 256,
-             "Q2_K": 4 + (8 / 16 + 16 / 256) * 2, "IQ4_NL": 4.5, "IQ4_XS": 4 + 8 / 32 + 16 / 256}
+             "Q5_0": 5.5, "Q5_1": 6, "Q5_K": 5 + (8 / 32 + 16 / 256) * 2, "Q3_K": 3 + 8 / 16 + 16 / 256,
+             "Q2_K": 2 + (8 / 16 + 16 / 256) * 2, "IQ4_NL": 4.5, "IQ4_XS": 4 + 8 / 32 + 16 / 256}
 
 
 @pytest.mark.parametrize("kind", sorted(HELD_BITS))
@@ -163,6 +163,18 @@ def test_the_single_files_layout_round_trips(kind):
     np.testing.assert_array_equal(back.dequantize(), m.dequantize())
 
 
+def test_format_6_files_name_their_2_and_3_bit_layouts_as_held_in_nibbles():
+    import json
+
+    from edgeinfer.storage.quantize import read_index
+
+    index = {"a": ["q3g16-sk", 32, 256], "b": ["q2g16-sk-mk", 32, 256], "c": ["q6g16-sk", 32, 256]}
+    for version, expected in (("6", ["q3g16-sk-w4", "q2g16-sk-mk-w4", "q6g16-sk"]), ("7", ["q3g16-sk", "q2g16-sk-mk", "q6g16-sk"])):
+        read = read_index({"format_version": version, "quantized": json.dumps(index)}, "f")
+        assert [read[n][0] for n in "abc"] == expected
+        assert [e.shape for e in part_entries("a", read["a"][0], 32, 256)][0] == (2, 8 * 64 * (4 if version == "6" else 3))
+
+
 def test_unknown_layouts_are_not_quantised():
     assert layout_of("IQ2_XXS") is None and layout_of("q4g16-s32") is None and layout_of("q8g16-s32-m16")
 
@@ -251,8 +263,8 @@ def test_a_cluster_share_of_k_quants_converts_losslessly(kquant_gguf, tmp_path):
 
 
 def test_the_memory_plan_counts_what_the_types_expand_to(kquant_gguf):
-    """A 5/3-bit tensor is held in 6 bits, a 2-bit one as bytes: the preflight counts the
-    matrices as loaded, not the file."""
+    """The preflight counts the matrices as loaded (Q3_K's and Q2_K's scales in bytes, the padding
+    to whole blocks), not the file."""
     from edgeinfer.storage import open_model
 
     source = open_model(str(kquant_gguf))
@@ -287,20 +299,23 @@ def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kin
 
 
 @pytest.mark.parametrize("kind,old", [("Q5_0", "q6g32-s16"), ("Q5_1", "q6g32-s16-m16"), ("Q5_K", "q6g32-sk-mk"),
-                                      ("Q3_K", "q6g16-sk"), ("Q2_K", "q8g16-sk-mk")])
+                                      ("Q3_K", "q6g16-sk"), ("Q2_K", "q8g16-sk-mk"), ("Q3_K", "q3g16-sk-w4"),
+                                      ("Q2_K", "q2g16-sk-mk-w4")])
 def test_narrow_types_held_wider_before_still_load_and_agree(kind, old):
     """Single files converted before the narrower layouts hold Q5_0/Q5_1/Q5_K and Q3_K in 6 bits,
-    Q2_K in bytes: they load as such, with the same integers and values as the narrower matrix, and
-    the two give the same products bit for bit (a signed type's integers are moved to the 6-bit
-    range in the kernel; the bytes' kernel adds its units' terms in the same order), in the GEMV and
-    the GEMM."""
+    Q2_K in bytes, and (format 6) Q3_K and Q2_K in nibbles: they load as such, with the same
+    integers and values as the narrower matrix, and the two give the same products bit for bit (a
+    signed type's integers are moved to the 6-bit range in the kernel; the bytes' kernel adds its
+    units' terms in the same order), in the GEMV and the GEMM."""
     rows, cols = 40, 1280
     five = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=4), cols)
     values, scales, minima = five.row_major(raw=True)
     wide = layout_of(old)
-    back = matrix_from_parts(old, rows, cols, matrix_parts(MATRIX_TYPES[wide.bits].from_values(values, scales, minima),
-                                                           old))
+    held = {"width": wide.width} if wide.width else {}
+    back = matrix_from_parts(old, rows, cols, matrix_parts(
+        MATRIX_TYPES[wide.bits].from_values(values, scales, minima, **held), old))
     assert back.bits == wide.bits and back.nbytes > five.nbytes
+    assert getattr(back, "width", 8) == (wide.width or wide.bits) and fits(back, old) and not fits(five, old)
     np.testing.assert_array_equal(back.dequantize(), five.dequantize())
     np.testing.assert_array_equal(back.row_major()[0], five.row_major()[0])
     x = np.random.default_rng(5).standard_normal((5, cols)).astype(np.float32)

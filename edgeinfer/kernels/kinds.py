@@ -1,7 +1,7 @@
 """A matrix's kind: which of the kernels' loops it runs, known when they compile.
 
 q4.py has a loop per kind of offset (minima, Q4_0's folded one, IQ4's lookup), q6.py one per width
-(6, 5 or 4 bits held), q8.py one. A matrix passes its kind to the kernels as their first argument
+(6 to 2 bits held), q8.py one. A matrix passes its kind to the kernels as their first argument
 (kernel_args()[0]), and `by_kind` picks the loop from the kind's Numba type: a compiled function
 holds only the loops of the kinds it is called with. Were the kind a plain number, every compiled
 GEMV, GEMM and decode layer would hold all seven loops, whatever its matrices: about three times

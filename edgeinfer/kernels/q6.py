@@ -1,34 +1,39 @@
-"""Weights of 6, 5, 3 and 2 bits (GGUF Q6_K; Q5_0, Q5_1, Q5_K; Q3_K; Q2_K) held in 6, 5, 4 and 4
-bits (the widths: nibbles and 2, 1 or no high-bit planes), rows in blocks of 16 as in q4.py, and
-their GEMV and GEMM with int8 activations, on groups of 16 or 32 columns.
+"""Weights of 6, 5, 3 and 2 bits (GGUF Q6_K; Q5_0, Q5_1, Q5_K; Q3_K; Q2_K) held in as many bits
+(the widths), rows in blocks of 16 as in q4.py, and their GEMV and GEMM with int8 activations, on
+groups of 16 or 32 columns.
 
 A weight is an integer b (0..63) in a group of 16 or 32 weights with a scale and an offset:
 w = scale * b + factor * offset. Types whose integers are signed (Q6_K: -32..31; Q5_0: -16..15;
 Q3_K: -4..3) have them + 32 as b, the offset is the scale itself and the factor -32: a width of 6
-stores b, 5 stores the integer + 16 and 4 the integer + 8, and the kernel adds the rest (16, 24)
-back before the dot product (its `bias`), so every width computes the very sums 6 bits would, bit
-for bit. Types with a minimum (Q5_1, Q5_K, Q2_K) store the unsigned integer, the minimum as the
-offset and factor 1. Scales and minima as scales.py says.
+stores b, 5 stores the integer + 16, 4 the integer + 8 and 3 the integer + 4, and the kernel adds
+the rest (16, 24, 28) back before the dot product (its `bias`), so every width computes the very
+sums 6 bits would, bit for bit. Types with a minimum (Q5_1, Q5_K, Q2_K) store the unsigned integer,
+the minimum as the offset and factor 1. Scales and minima as scales.py says.
 
-Layout: per 32 columns (a group step), q4.py's 4 loads of 64 bytes holding the low 4 bits (load i,
-lane r: row r's bytes 4i..4i+3 of the group, byte j holding column j in its low nibble and column
-16 + j in its high one), then the high bits:
+Layout, per 32 columns (a group step), 64 bytes per bit. Widths 4 to 6: q4.py's 4 loads of 64 bytes
+holding the low 4 bits (load i, lane r: row r's bytes 4i..4i+3 of the group, byte j holding column
+j in its low nibble and column 16 + j in its high one), then the high bits:
 - 6 bits: 2 loads; in load h, lane r, byte b, the bits 2i, 2i+1 are the high bits of column
   16h + 4i + b, i.e. of the same lane and byte of nibble vector i of half h;
 - 5 bits: 1 load; in lane r, byte b, bit 4h + i is the high bit of column 16h + 4i + b;
-- 4 bits (Q3_K, Q2_K): none.
-A nibble vector ORed with its shifted bits is the 5- or 6-bit vector (simd.high_bits*, high_bit*),
-and the byte dot product takes it as it takes 4-bit nibbles. Columns are padded to whole 64s.
-Files converted before the narrower widths hold the 5- and 3-bit types in 6 bits and Q2_K in bytes
-(q8.py): they still load and run.
+- 4 bits: none (Q3_K and Q2_K in files of format 6).
+Widths 2 and 3: 2 loads of 2-bit fields (load c, lane r, byte b: field 2h + k holds column
+16h + 8c + 4k + b, so fields 0, 1 of the loads are a unit's 4 vectors and fields 2, 3 the next
+unit's), then for 3 bits the 5-bit width's plane, its bit going to bit 2.
+A vector of low bits ORed with its shifted high bits (simd.high_bits*, high_bit*, third_bit*) is
+the whole integers' vector, and the byte dot product takes it as it takes 4-bit nibbles. Columns
+are padded to whole 64s. Files converted before the narrower widths hold the 5- and 3-bit types in
+6 bits and Q2_K in bytes (q8.py), or (format 6) Q3_K and Q2_K in nibbles: they still load and run.
 
 Kernel: each 16-column unit (a half group) is q8.py's unit, term for term:
     term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
 in 4 running sums by unit index mod 4, added as ((0 + 1) + (2 + 3)). The integers' dots are those
-of the same matrix held in bytes (q8.py), at 4 to 6 bits per weight (plus scales) instead of 8; a
+of the same matrix held in bytes (q8.py), at 2 to 6 bits per weight (plus scales) instead of 8; a
 signed type's offset term is -32 times the activations' sum, there -128 times: outputs agree with
 the bytes layout's to float32 rounding, not bit for bit, and are closer to the exact product (less
-cancellation; tests/test_gguf_quants.py).
+cancellation; tests/test_gguf_quants.py). The 2- and 3-bit loops take more operations a vector
+than the nibbles' (a field's shift and mask, the third bit's): from memory they read a quarter or
+half fewer bytes at about the same time; from cache they run slower (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ from .kinds import by_kind, kind
 from .q4 import check_operands, gemm_block, group_term, store_rows
 from .scales import (ROWS, SuperScales, activation_span, block_scales, deinterleave_scales, group_count, group_scale,
                      interleave_scales, prefetch_scales, scales_nbytes, select_scales)
-from .simd import (accumulate_units, accumulator, accumulator4, add_i8, broadcast4, dpbusd_nibbles, fixed_unit, hi_nibbles, high_bit0,
-                   high_bit1, high_bit2, high_bit3, high_bit4, high_bit5, high_bit6, high_bit7, high_bits0, high_bits1,
-                   high_bits2, high_bits3, into0, into1, into2, into3, lo_nibbles, load_i8, prefetch, splat_i8, total4,
-                   zeros_i32)
+from .simd import (accumulate_units, accumulator, accumulator4, add_i8, broadcast4, crumb0, crumb1, crumb2, crumb3,
+                   dpbusd_nibbles, fixed_unit, hi_nibbles, high_bit0, high_bit1, high_bit2, high_bit3, high_bit4, high_bit5,
+                   high_bit6, high_bit7, high_bits0, high_bits1, high_bits2, high_bits3, into0, into1, into2, into3,
+                   lo_nibbles, load_i8, prefetch, splat_i8, third_bit0, third_bit1, third_bit2, third_bit3, third_bit4,
+                   third_bit5, third_bit6, third_bit7, total4, zeros_i32)
 
 UNIT = 16  # columns per unit: half a group step
 WEIGHTS_PER_STEP = 64  # columns are padded to whole 64s: two group steps per turn
@@ -57,81 +63,99 @@ PARALLEL_MIN_BYTES = 4 << 20  # as in q4.py: below this, waking threads costs mo
 PREFETCH_STEPS = 20
 
 
-def width(bits: int) -> int:
-    """The bits a weight of `bits` bits is held in: nibbles at least."""
-    return max(bits, 4)
+def step_bytes(width: int) -> int:
+    """A group step of 16 rows x 32 columns held in `width` bits: 64 bytes per bit."""
+    return 64 * width
 
 
-def step_bytes(bits: int) -> int:
-    """A group step of 16 rows x 32 columns: 4 loads of low nibbles, then 0, 1 (5 bits) or 2 (6
-    bits) of high bits."""
-    return 64 * width(bits)
+def _base(width: int) -> int:
+    """The low bits a width's vectors are built on: nibbles (4 to 6 bits) or 2-bit fields (2, 3)."""
+    return 4 if width >= 4 else 2
 
 
-def pack(values: np.ndarray, rows_padded: int, steps: int, bits: int) -> np.ndarray:
-    """Integers below 2**width(bits) (rows, cols) -> the blocks' group steps (blocks, steps * step_bytes)."""
+def pack(values: np.ndarray, rows_padded: int, steps: int, width: int) -> np.ndarray:
+    """Integers below 2**width (rows, cols) -> the blocks' group steps (blocks, steps * step_bytes)."""
     v = np.zeros((rows_padded, steps * GROUP), np.uint8)
     v[:values.shape[0], :values.shape[1]] = values
     g = v.reshape(rows_padded, steps, GROUP)
-    low, high = g & 15, g >> 4
-    nibbles = low[..., :16] | (low[..., 16:] << 4)  # (rows, steps, 16): byte j = columns j and 16 + j
+    base = _base(width)
+    low, high = g & ((1 << base) - 1), g >> base
+    if base == 4:  # (rows, steps, load i, byte b): columns 4i + b and 16 + 4i + b
+        lows = (low[..., :16] | (low[..., 16:] << 4)).reshape(rows_padded, steps, 4, 4)
+    else:  # (rows, steps, load c, byte b): field 2h + k is column 16h + 8c + 4k + b
+        f = low.reshape(rows_padded, steps, 2, 2, 2, 4)  # (h, c, k, b)
+        lows = f[:, :, 0, :, 0] | (f[:, :, 0, :, 1] << 2) | (f[:, :, 1, :, 0] << 4) | (f[:, :, 1, :, 1] << 6)
     h = high.reshape(rows_padded, steps, 2, 4, 4)  # (half, i, byte)
-    if bits == 6:  # bits 2i, 2i + 1 of plane h's byte
+    if width - base == 2:  # bits 2i, 2i + 1 of plane h's byte
         planes = (h[:, :, :, 0] | (h[:, :, :, 1] << 2) | (h[:, :, :, 2] << 4) | (h[:, :, :, 3] << 6)).reshape(
             rows_padded, steps, 8)
-    elif bits <= 4:  # nibbles only
+    elif width == base:  # the low bits only
         planes = np.zeros((rows_padded, steps, 0), np.uint8)
     else:  # bit 4h + i of the byte
         planes = (h << np.arange(8, dtype=np.uint8).reshape(2, 4, 1)).sum(axis=(2, 3), dtype=np.uint8)
-    blocks, lanes = rows_padded // ROWS, planes.shape[2] // 4
-    nibbles = nibbles.reshape(blocks, ROWS, steps, 4, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, steps, 256)
+    blocks, loads, lanes = rows_padded // ROWS, lows.shape[2], planes.shape[2] // 4
+    lows = lows.reshape(blocks, ROWS, steps, loads, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, steps, loads * 64)
     planes = planes.reshape(blocks, ROWS, steps, lanes, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, steps, lanes * 64)
-    return np.ascontiguousarray(np.concatenate([nibbles, planes], axis=2).reshape(blocks, steps * step_bytes(bits)))
+    return np.ascontiguousarray(np.concatenate([lows, planes], axis=2).reshape(blocks, steps * step_bytes(width)))
 
 
-def unpack(packed: np.ndarray, rows: int, cols: int, bits: int, ids: np.ndarray | None = None) -> np.ndarray:
+def unpack(packed: np.ndarray, rows: int, cols: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
     """pack undone: the integers of all rows, or of the rows in `ids`, (n, cols) uint8."""
     if ids is not None:
         ids = np.asarray(ids)
-        every = unpack(packed[ids // ROWS], len(ids) * ROWS, cols, bits)
+        every = unpack(packed[ids // ROWS], len(ids) * ROWS, cols, width)
         return every[np.arange(len(ids)) * ROWS + ids % ROWS]
-    blocks, steps = packed.shape[0], packed.shape[1] // step_bytes(bits)
-    a = packed.reshape(blocks, steps, step_bytes(bits))
-    nibbles = a[..., :256].reshape(blocks, steps, 4, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(blocks * ROWS, steps, 16)
-    lanes = width(bits) - 4
-    planes = a[..., 256:].reshape(blocks, steps, lanes, ROWS, 4).transpose(0, 3, 1, 2, 4)
-    if bits == 6:  # (rows, steps, half, i, byte)
-        high = (planes.reshape(blocks * ROWS, steps, 2, 1, 4) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
-    elif bits <= 4:
-        high = np.zeros((blocks * ROWS, steps, GROUP), np.uint8)
+    blocks, steps = packed.shape[0], packed.shape[1] // step_bytes(width)
+    n, base = blocks * ROWS, _base(width)
+    a = packed.reshape(blocks, steps, step_bytes(width))
+    loads = base  # 64-byte loads of low bits: 4 of nibbles, 2 of 2-bit fields
+    lows = a[..., :loads * 64].reshape(blocks, steps, loads, ROWS, 4).transpose(0, 3, 1, 2, 4).reshape(n, steps, loads, 4)
+    if base == 4:
+        nibbles = lows.reshape(n, steps, 16)
+        low = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
+    else:  # fields 2h + k of (load c, byte b) -> column 16h + 8c + 4k + b
+        fields = np.stack([(lows >> (2 * f)) & 3 for f in range(4)], axis=2)  # (n, steps, f, c, b)
+        low = fields.reshape(n, steps, 2, 2, 2, 4).transpose(0, 1, 2, 4, 3, 5).reshape(n, steps, GROUP)
+    lanes = width - base
+    planes = a[..., loads * 64:].reshape(blocks, steps, lanes, ROWS, 4).transpose(0, 3, 1, 2, 4)
+    if lanes == 2:  # (rows, steps, half, i, byte)
+        high = (planes.reshape(n, steps, 2, 1, 4) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    elif lanes == 0:
+        high = np.zeros((n, steps, GROUP), np.uint8)
     else:
-        high = (planes.reshape(blocks * ROWS, steps, 1, 1, 4) >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)) & 1
-    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
-    return (low | (high.reshape(blocks * ROWS, steps, GROUP) << 4)).reshape(blocks * ROWS, -1)[:rows, :cols]
+        high = (planes.reshape(n, steps, 1, 1, 4) >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)) & 1
+    return (low | (high.reshape(n, steps, GROUP) << base)).reshape(n, -1)[:rows, :cols]
 
 
 @dataclass(frozen=True)
 class Q6Matrix:
-    packed: np.ndarray  # (blocks, steps * step_bytes(bits)) uint8
+    packed: np.ndarray  # (blocks, steps * step_bytes(width)) uint8
     scales: object  # (blocks, groups * ROWS) fp16 bits (uint16) or float32, or SuperScales (scales.py)
     offsets: object  # minima laid out as scales, or the scales themselves (signed integers)
     offset_factor: float  # -32 (signed) or 1 (minima)
     rows: int
     cols: int
-    bits = 6  # the integers' (Q5Matrix: 5, Q3Matrix: 3, Q2Matrix: 2), held in width(bits)
+    bits = 6  # the integers' (Q5Matrix: 5, Q3Matrix: 3, Q2Matrix: 2), held in `width`
     lookup = False  # (q4.py's IQ4 nibbles index a table; these fields are their values)
+
+    @property
+    def width(self) -> int:
+        """The bits an integer is held in, 64 bytes a group step each: `bits`, or 4 for the 2- and
+        3-bit types in files written before their own widths (storage/quantize.py)."""
+        steps = -(-self.cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP // GROUP
+        return self.packed.shape[1] // (64 * steps) if steps else self.bits
 
     @property
     def group(self) -> int:
         """Weights per scale: 32 or 16."""
         q = self.scales.q if isinstance(self.scales, SuperScales) else self.scales
-        steps, groups = self.packed.shape[1] // step_bytes(self.bits), q.shape[1] // ROWS
+        steps, groups = self.packed.shape[1] // step_bytes(self.width), q.shape[1] // ROWS
         return GROUP * steps // groups if groups else GROUP
 
     @property
     def kind(self) -> np.dtype:
         """Which loop the kernels run (kinds.py): the width's."""
-        return {6: WIDTH6, 5: WIDTH5, 4: WIDTH4}[width(self.bits)]
+        return KINDS[6 - self.width]
 
     @property
     def nbytes(self) -> int:
@@ -139,10 +163,11 @@ class Q6Matrix:
         return self.packed.nbytes + scales_nbytes(self.scales) + extra
 
     @classmethod
-    def from_values(cls, values: np.ndarray, scales, minima=None) -> "Q6Matrix":
+    def from_values(cls, values: np.ndarray, scales, minima=None, width: int | None = None) -> "Q6Matrix":
         """From integers (rows, cols) and per-group scales (rows, cols/group, group 32 or 16): signed
         integers of `bits` bits (6: -32..31) without minima, w = scale * value; unsigned (6: 0..63)
-        with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales."""
+        with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales.
+        `width`: the bits they are held in, `bits` unless given (4: a file's older layout)."""
         rows, cols = values.shape
         per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
         group = cols // per_row if per_row else GROUP
@@ -152,28 +177,31 @@ class Q6Matrix:
         low = 0 if minima is not None else -top // 2
         if v.size and (v.min() < low or v.max() >= low + top):
             raise ValueError(f"{cls.bits}-bit rows hold integers {-top // 2}..{top // 2 - 1} (or 0..{top - 1} with minima)")
-        v = v + (0 if minima is not None else 1 << (width(cls.bits) - 1))
+        width = width or cls.bits
+        v = v + (0 if minima is not None else 1 << (width - 1))
         padded, rows_padded = -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP, -(-rows // ROWS) * ROWS
         groups = padded // group
         sc = interleave_scales(scales, rows_padded, groups)
         offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
-        return cls(pack(v.astype(np.uint8), rows_padded, padded // GROUP, cls.bits), sc, offsets,
+        return cls(pack(v.astype(np.uint8), rows_padded, padded // GROUP, width), sc, offsets,
                    SIGNED_FACTOR if minima is None else 1.0, rows, cols)
 
     @classmethod
-    def array_shapes(cls, rows: int, cols: int, group: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix in groups of `group`."""
+    def array_shapes(cls, rows: int, cols: int, group: int,
+                     width: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix in groups of
+        `group`, held in `width` bits (`bits` unless given)."""
         blocks, padded = -(-rows // ROWS), -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP
-        return (blocks, padded // GROUP * step_bytes(cls.bits)), (blocks, padded // group * ROWS)
+        return (blocks, padded // GROUP * step_bytes(width or cls.bits)), (blocks, padded // group * ROWS)
 
     def row_major(self, ids: np.ndarray | None = None, raw: bool = False) -> tuple:
         """(integers as int16 (rows, cols), scales and minima (rows, cols/group) as float32, or as
         stored when `raw`) of all rows or of `ids`; minima None for signed integers."""
         groups = self.cols // self.group
-        values = unpack(self.packed, self.rows, self.cols, self.bits, ids).astype(np.int16)
+        values = unpack(self.packed, self.rows, self.cols, self.width, ids).astype(np.int16)
         scales = deinterleave_scales(self.scales, self.rows, groups, ids, raw)
         if self.offsets is self.scales:
-            return values - (1 << (width(self.bits) - 1)), scales, None
+            return values - (1 << (self.width - 1)), scales, None
         return values, scales, deinterleave_scales(self.offsets, self.rows, groups, ids, raw)
 
     def select(self, rows: slice, cols: slice) -> "Q6Matrix":
@@ -213,13 +241,13 @@ class Q5Matrix(Q6Matrix):
 
 @dataclass(frozen=True)
 class Q3Matrix(Q6Matrix):
-    """Q3_K's signed 3-bit integers in nibbles (+ 8)."""
+    """Q3_K's signed 3-bit integers (+ 4): 2-bit fields and one high-bit plane."""
     bits = 3
 
 
 @dataclass(frozen=True)
 class Q2Matrix(Q6Matrix):
-    """Q2_K's unsigned 2-bit integers (with minima) in nibbles."""
+    """Q2_K's unsigned 2-bit integers (with minima): 2-bit fields only."""
     bits = 2
 
 
@@ -241,6 +269,18 @@ def _loads5(w, step, bias):
 def _loads4(w, step, bias):
     at = step * 256
     return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192), bias
+
+
+@njit(inline="always")
+def _loads3(w, step, bias):
+    at = step * 192
+    return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), bias
+
+
+@njit(inline="always")
+def _loads2(w, step, bias):
+    at = step * 128
+    return load_i8(w, at), load_i8(w, at + 64), bias
 
 
 @njit(inline="always")
@@ -301,17 +341,47 @@ def _high_dots6(loads, x, o):
 
 
 @njit(inline="always")
+def _low_dots3(loads, x, o):
+    """Columns 0..15: fields 0 and 1 of the two loads, their third bits 0..3 of the plane."""
+    c0, c1, p, b = loads
+    return _dots(third_bit0(crumb0(c0), p, b), third_bit1(crumb1(c0), p, b), third_bit2(crumb0(c1), p, b),
+                 third_bit3(crumb1(c1), p, b), x, o)
+
+
+@njit(inline="always")
+def _high_dots3(loads, x, o):
+    """Columns 16..31: fields 2 and 3, third bits 4..7."""
+    c0, c1, p, b = loads
+    return _dots(third_bit4(crumb2(c0), p, b), third_bit5(crumb3(c0), p, b), third_bit6(crumb2(c1), p, b),
+                 third_bit7(crumb3(c1), p, b), x, o)
+
+
+@njit(inline="always")
+def _low_dots2(loads, x, o):
+    """Columns 0..15: fields 0 and 1 of the two loads, plus the bias."""
+    c0, c1, b = loads
+    return _dots(add_i8(crumb0(c0), b), add_i8(crumb1(c0), b), add_i8(crumb0(c1), b), add_i8(crumb1(c1), b), x, o)
+
+
+@njit(inline="always")
+def _high_dots2(loads, x, o):
+    """Columns 16..31: fields 2 and 3."""
+    c0, c1, b = loads
+    return _dots(add_i8(crumb2(c0), b), add_i8(crumb3(c0), b), add_i8(crumb2(c1), b), add_i8(crumb3(c1), b), x, o)
+
+
+@njit(inline="always")
 def _term(dots, s, m, xscales, xhalves, factor, unit, u, shift):
     """Unit u's term for 16 rows; 2**shift units share a group's scale."""
     g = u >> shift
     return group_term(dots, group_scale(s, g), group_scale(m, g), xscales[u >> 1], xhalves[u], factor, unit)
 
 
-def _kernels(bits, loads, low_dots, high_dots):
+def _kernels(width, loads, low_dots, high_dots):
     """One width's block kernels: the GEMV's (one token) and the GEMM's (every whole four tokens),
     each width with a loop of its own (as q4.py's kinds of offset). A signed type's integers are
-    stored + 2**(bits - 1) and moved by `signed` to + 32."""
-    size, signed = step_bytes(bits), 32 - (1 << (bits - 1))
+    stored + 2**(width - 1) and moved by `signed` to + 32."""
+    size, signed = step_bytes(width), 32 - (1 << (width - 1))
 
     @njit(inline="always")
     def shift_of(w, s):
@@ -321,7 +391,7 @@ def _kernels(bits, loads, low_dots, high_dots):
     @njit(inline="always")
     def fetch_ahead(w, s, m, step, shift):
         ahead = (step + PREFETCH_STEPS) * size
-        for line in range(bits):  # a step is `bits` 64-byte lines
+        for line in range(width):  # a step is `width` 64-byte lines
             prefetch(w, ahead + line * 64)
         g = (2 * (step + PREFETCH_STEPS)) >> shift
         prefetch_scales(s, g)
@@ -373,10 +443,13 @@ def _kernels(bits, loads, low_dots, high_dots):
     return gemv_block, gemm_block(pass4)
 
 
-# One kind per width (kinds.py): a compiled GEMV or GEMM holds the loop of its matrix's width only.
-KINDS = WIDTH6, WIDTH5, WIDTH4 = kind("q6-6bit"), kind("q6-5bit"), kind("q6-4bit")
+# One kind per width, 6 down to 2 (kinds.py): a compiled GEMV or GEMM holds the loop of its matrix's
+# width only.
+KINDS = WIDTH6, WIDTH5, WIDTH4, WIDTH3, WIDTH2 = (kind("q6-6bit"), kind("q6-5bit"), kind("q6-4bit"), kind("q6-3bit"),
+                                                 kind("q6-2bit"))
 _blocks = {WIDTH6: _kernels(6, _loads6, _low_dots6, _high_dots6), WIDTH5: _kernels(5, _loads5, _low_dots5, _high_dots5),
-           WIDTH4: _kernels(4, _loads4, _low_dots4, _high_dots4)}
+           WIDTH4: _kernels(4, _loads4, _low_dots4, _high_dots4), WIDTH3: _kernels(3, _loads3, _low_dots3, _high_dots3),
+           WIDTH2: _kernels(2, _loads2, _low_dots2, _high_dots2)}
 _block = by_kind({k: gemv_block for k, (gemv_block, _) in _blocks.items()})
 _block_tokens = by_kind({k: tokens_block for k, (_, tokens_block) in _blocks.items()})
 

@@ -131,18 +131,29 @@ def broadcast4(typingctx, arr, offset):
 lo_nibbles = _bytewise("and_", 0x0F)
 
 
+def _shift_bytes(builder, v, shift: int):
+    """Each byte shifted left by `shift` (right when negative), for a caller that then masks each
+    byte to bits that came from the same byte. x86 has no byte shift: LLVM's choice for one, with
+    GFNI, is vgf2p8affineqb, which takes the pipes the byte dot products run on (Zen 4); a 16-bit
+    shift, whose bits crossing into the next byte the mask drops, runs beside them (the 4-bit GEMM
+    into float32: +4-5% on one thread, +3-13% on two, bench/RESULTS.md; the 3-, 5- and 6-bit loops
+    had 12-13 vgf2p8affineqb each, now none). aarch64 shifts bytes."""
+    if shift == 0:
+        return v
+    if _target()[0] == "aarch64":
+        count = ir.Constant(v.type, [abs(shift)] * 64)
+        return builder.shl(v, count) if shift > 0 else builder.lshr(v, count)
+    w = ir.VectorType(ir.IntType(16), 32)
+    count = ir.Constant(w, [abs(shift)] * 32)
+    words = builder.bitcast(v, w)
+    return builder.bitcast(builder.shl(words, count) if shift > 0 else builder.lshr(words, count), v.type)
+
+
 @intrinsic
 def hi_nibbles(typingctx, v):
-    """Each byte's high nibble. x86 has no byte shift: LLVM's choice for one, with GFNI, is
-    vgf2p8affineqb, which takes the pipes the byte dot products run on (Zen 4); a 16-bit shift and a
-    mask run beside them (the 4-bit GEMM into float32: +4-5% on one thread, +3-13% on two;
-    bench/RESULTS.md). aarch64 shifts bytes."""
+    """Each byte's high nibble."""
     def codegen(context, builder, signature, args):
-        if _target()[0] == "aarch64":
-            return builder.lshr(args[0], ir.Constant(args[0].type, [4] * 64))
-        w = ir.VectorType(ir.IntType(16), 32)
-        shifted = builder.bitcast(builder.lshr(builder.bitcast(args[0], w), ir.Constant(w, [4] * 32)), args[0].type)
-        return builder.and_(shifted, ir.Constant(args[0].type, [0x0F] * 64))
+        return builder.and_(_shift_bytes(builder, args[0], -4), ir.Constant(args[0].type, [0x0F] * 64))
     return V64I8(V64I8), codegen
 
 
@@ -152,9 +163,7 @@ def _with_high_bits(field: int):
     def with_high_bits(typingctx, nibbles, planes):
         def codegen(context, builder, signature, args):
             const = lambda k: ir.Constant(ir.VectorType(ir.IntType(8), 64), [k] * 64)  # noqa: E731
-            shift, p = 4 - 2 * field, args[1]
-            p = builder.shl(p, const(shift)) if shift > 0 else builder.lshr(p, const(-shift)) if shift < 0 else p
-            return builder.or_(args[0], builder.and_(p, const(0x30)))
+            return builder.or_(args[0], builder.and_(_shift_bytes(builder, args[1], 4 - 2 * field), const(0x30)))
         return V64I8(V64I8, V64I8), codegen
     return with_high_bits
 
@@ -162,22 +171,38 @@ def _with_high_bits(field: int):
 high_bits0, high_bits1, high_bits2, high_bits3 = (_with_high_bits(f) for f in range(4))
 
 
-def _with_high_bit(bit: int):
-    """(nibbles | (bit `bit` of each byte of `plane`) << 4) + bias (splat_i8): 5-bit values (q6.py),
-    moved by the bias into the 6-bit range a signed type's integers have in 6 bits."""
+def _with_high_bit(bit: int, at: int):
+    """(low | (bit `bit` of each byte of `plane`) << at) + bias (splat_i8): 5-bit values from
+    nibbles (at 4), 3-bit ones from 2-bit fields (at 2) (q6.py), moved by the bias into the 6-bit
+    range a signed type's integers have in 6 bits."""
     @intrinsic
-    def with_high_bit(typingctx, nibbles, plane, bias):
+    def with_high_bit(typingctx, low, plane, bias):
         def codegen(context, builder, signature, args):
             const = lambda k: ir.Constant(ir.VectorType(ir.IntType(8), 64), [k] * 64)  # noqa: E731
-            shift, p = 4 - bit, args[1]
-            p = builder.shl(p, const(shift)) if shift > 0 else builder.lshr(p, const(-shift)) if shift < 0 else p
-            return builder.add(builder.or_(args[0], builder.and_(p, const(0x10))), args[2])
+            p = builder.and_(_shift_bytes(builder, args[1], at - bit), const(1 << at))
+            return builder.add(builder.or_(args[0], p), args[2])
         return V64I8(V64I8, V64I8, V64I8), codegen
     return with_high_bit
 
 
 high_bit0, high_bit1, high_bit2, high_bit3, high_bit4, high_bit5, high_bit6, high_bit7 = (
-    _with_high_bit(b) for b in range(8))
+    _with_high_bit(b, 4) for b in range(8))
+third_bit0, third_bit1, third_bit2, third_bit3, third_bit4, third_bit5, third_bit6, third_bit7 = (
+    _with_high_bit(b, 2) for b in range(8))
+
+
+def _crumb(field: int):
+    """Each byte's 2-bit field `field` (bits 2 field, 2 field + 1), as a byte: the 2- and 3-bit
+    widths' low bits (q6.py)."""
+    @intrinsic
+    def crumb(typingctx, v):
+        def codegen(context, builder, signature, args):
+            return builder.and_(_shift_bytes(builder, args[0], -2 * field), ir.Constant(args[0].type, [3] * 64))
+        return V64I8(V64I8), codegen
+    return crumb
+
+
+crumb0, crumb1, crumb2, crumb3 = (_crumb(f) for f in range(4))
 
 
 def _dpbusd(small: bool):

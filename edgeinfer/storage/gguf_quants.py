@@ -6,13 +6,12 @@ Every type in scope is, per group of 32 or 16 weights, an integer times a scale 
     IQ4_NL, IQ4_XS                        4-bit nibbles indexing IQ4_VALUES -> q4.Q4Matrix (a lookup)
     Q5_0, Q5_1, Q5_K                      5 bits per 32 (signed, or with minima) -> q6.Q5Matrix
     Q6_K                                  6 bits per 16, signed -> q6.Q6Matrix
-    Q3_K                                  3 bits per 16, signed, in nibbles -> q6.Q3Matrix
+    Q3_K                                  3 bits per 16, signed -> q6.Q3Matrix
     Q8_0                                  signed bytes per 32 -> q8.Q8Matrix
-    Q2_K                                  2 bits per 16, with minima, in nibbles -> q6.Q2Matrix
+    Q2_K                                  2 bits per 16, with minima -> q6.Q2Matrix
 The K-quants (and IQ4_XS) keep their two-level scales, a 256-weight block's fp16 d times an integer
 per group (kernels/scales.py: SuperScales; the minima likewise, with -dmin); the integers go to whole
-bytes, 5- or 6-bit fields or nibbles: Q3_K and Q2_K take 4 bits here, the rest as many as in their
-files (bench/RESULTS.md, issue 15, says what that costs). The 4-bit types' nibbles go as bytes in
+bytes or fields of as many bits as in their files (q6.py). The 4-bit types' nibbles go as bytes in
 q4.py's pairing (byte j of a group of 32: weights j and 16 + j), which Q4_0, Q4_1 and the IQ4s store
 already and Q4_K's runs of 64 take four byte operations to reach: never widened to integers.
 """

@@ -8,16 +8,17 @@ NAME.scales_d (F16), and the minima likewise. The file's metadata `quantized` ma
 
 Layouts: Q4_0 (w = d * (n - 8)), Q4_1 (w = d * n + m), Q8_0 (w = d * q), IQ4_NL (w = d *
 IQ4_VALUES[n]), groups of 32 along a row, fp16 scales; and the layouts GGUF's other types come in as
-(gguf_quants.py), named q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}][-iq4], e.g. q6g16-sk
+(gguf_quants.py), named q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}][-iq4][-w4], e.g. q6g16-sk
 for Q6_K, q5g32-s16 for Q5_0, q4g32-sk-iq4 for IQ4_XS (-iq4: the nibbles index IQ4_VALUES). Every GGUF type in
-GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0).
+GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0). -w4: 2- or 3-bit
+integers held in nibbles, as files of format 6 hold them (read_index names their layouts so).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,11 +37,12 @@ SIGNED_FACTORS = {3: -32.0, 4: -8.0, 5: -32.0, 6: -32.0, 8: -128.0}  # q6.py's w
 
 @dataclass(frozen=True)
 class Layout:
-    bits: int  # 4: nibbles (q4.py); 2, 3: nibbles, 5, 6: nibbles and 1- or 2-bit planes (q6.py); 8: bytes (q8.py)
+    bits: int  # 4: nibbles (q4.py); 2 to 6: as many bits (q6.py); 8: bytes (q8.py)
     group: int  # weights per scale: 32 or 16
     scale_dtype: str  # "F16", "F32" or "K" (SuperScales)
     minima_dtype: str | None  # likewise; None: no minima (the offset is a multiple of the scale)
     lookup: bool = False  # 4-bit nibbles that index IQ4_VALUES (IQ4_NL, IQ4_XS)
+    width: int | None = None  # the bits the integers are held in when not `bits`: 4 (format 6's 2 and 3 bits)
 
     @property
     def name(self) -> str:
@@ -48,7 +50,8 @@ class Layout:
         if self in named:
             return named[self]
         minima = f"-m{_dtype_tag(self.minima_dtype)}" if self.minima_dtype else ""
-        return f"q{self.bits}g{self.group}-s{_dtype_tag(self.scale_dtype)}{minima}{'-iq4' if self.lookup else ''}"
+        held = f"-w{self.width}" if self.width else ""
+        return f"q{self.bits}g{self.group}-s{_dtype_tag(self.scale_dtype)}{minima}{'-iq4' if self.lookup else ''}{held}"
 
     @property
     def factor(self) -> float:
@@ -66,7 +69,7 @@ def _tag_dtype(tag: str) -> str:
 
 NAMED = {"Q4_0": Layout(4, 32, "F16", None), "Q4_1": Layout(4, 32, "F16", "F16"), "Q8_0": Layout(8, 32, "F16", None),
          "IQ4_NL": Layout(4, 32, "F16", None, lookup=True)}
-_LAYOUT_RE = re.compile(r"q([234568])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?$")
+_LAYOUT_RE = re.compile(r"q([234568])g(16|32)-s(16|32|k)(?:-m(16|32|k))?(-iq4)?(-w4)?$")
 # The layout each GGUF type comes in as (gguf_quants.py), fixed per type so a file's index can be
 # written before its matrices are decoded. (Files written before IQ4 ran as nibbles hold IQ4_NL as
 # Q8_0 and IQ4_XS as q8g32-sk: they still load.)
@@ -81,10 +84,11 @@ def layout_of(kind: str) -> Layout | None:
     if kind in NAMED:
         return NAMED[kind]
     m = _LAYOUT_RE.match(kind)
-    if not m or (m.group(1) == "4" and m.group(2) != "32") or (m.group(5) and (m.group(1) != "4" or m.group(4))):
+    if (not m or (m.group(1) == "4" and m.group(2) != "32") or (m.group(5) and (m.group(1) != "4" or m.group(4)))
+            or (m.group(6) and m.group(1) not in "23")):
         return None
     return Layout(int(m.group(1)), int(m.group(2)), _tag_dtype(m.group(3)), _tag_dtype(m.group(4)) if m.group(4) else None,
-                  bool(m.group(5)))
+                  bool(m.group(5)), 4 if m.group(6) else None)
 
 
 def plain_type(kind: str) -> str:
@@ -95,7 +99,7 @@ def plain_type(kind: str) -> str:
         return kind
     plain = lambda dtype: "F32" if dtype == "K" else dtype  # noqa: E731
     return Layout(layout.bits, layout.group, plain(layout.scale_dtype),
-                  layout.minima_dtype and plain(layout.minima_dtype), layout.lookup).name
+                  layout.minima_dtype and plain(layout.minima_dtype), layout.lookup, layout.width).name
 
 
 
@@ -114,7 +118,8 @@ def part_entries(name: str, kind: str, rows: int, cols: int) -> list[TensorEntry
     """The safetensors entries that hold one quantised matrix, in file order."""
     layout = layout_of(kind)
     packed, scales = (Q4Matrix.array_shapes(rows, cols) if layout.bits == 4
-                      else MATRIX_TYPES[layout.bits].array_shapes(rows, cols, layout.group))
+                      else Q8Matrix.array_shapes(rows, cols, layout.group) if layout.bits == 8
+                      else MATRIX_TYPES[layout.bits].array_shapes(rows, cols, layout.group, layout.width))
     supers = (scales[0], -(-scales[1] // ROWS // (SUPER // layout.group)) * ROWS)
     parts = [TensorEntry(f"{name}.packed", "U8", packed)]
     for part, dtype in (("scales", layout.scale_dtype), ("minima", layout.minima_dtype)):
@@ -174,7 +179,7 @@ def fits(m: Matrix, kind: str) -> bool:
     group = GROUP if isinstance(m, Q4Matrix) else m.group
     has_minima = m.offsets is not m.scales
     return (layout is not None and layout.bits == m.bits and layout.group == group
-            and layout.lookup == m.lookup
+            and layout.lookup == m.lookup and (layout.width or m.bits) == getattr(m, "width", m.bits)
             and bool(layout.minima_dtype) == has_minima and _holds(layout.scale_dtype, m.scales)
             and (not has_minima or _holds(layout.minima_dtype, m.offsets)))
 
@@ -187,12 +192,17 @@ def _holds(dtype: str, scales) -> bool:
 
 
 def read_index(metadata: dict[str, str], path: str) -> dict[str, tuple[str, int, int]]:
-    """The file's quantised matrices: NAME -> (type, rows, cols)."""
+    """The file's quantised matrices: NAME -> (type, rows, cols); a format 6 file's 2- and 3-bit
+    layouts named as held in nibbles (-w4), as that format held them."""
     try:
         index = json.loads(metadata.get("quantized", "{}"))
-        return {name: (str(k), int(r), int(c)) for name, (k, r, c) in index.items() if layout_of(str(k))}
+        index = {name: (str(k), int(r), int(c)) for name, (k, r, c) in index.items() if layout_of(str(k))}
     except (ValueError, TypeError):
         raise ModelFormatError(f"{path}: the metadata's list of quantised tensors is malformed") from None
+    if metadata.get("format_version") == "6":
+        held = lambda k: replace(layout_of(k), width=4).name if layout_of(k).bits in (2, 3) else k  # noqa: E731
+        index = {name: (held(k), r, c) for name, (k, r, c) in index.items()}
+    return index
 
 
 def quantize_q4_1(w: np.ndarray) -> Q4Matrix:

@@ -24,9 +24,10 @@ from .source import KeyCodebooks, SafetensorsSource, WeightSource
 from .tensor_names import ENDS, ROPE_FREQS, codebook_name, unit_of
 
 FORMAT = "edgeinfer"
-FORMAT_VERSION = "6"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too;
-# 5: layouts added (K-quants' two-level scales, 6-bit rows), none changed; 6: 5-, 3- and 2-bit rows added, none changed
-READABLE_VERSIONS = ("4", "5", "6")  # whose layouts this version reads as they were written
+FORMAT_VERSION = "7"  # 2: quantised matrices; 3: 4-bit rows in blocks of 16 (kernels/q4.py); 4: 8-bit too;
+# 5: layouts added (K-quants' two-level scales, 6-bit rows), none changed; 6: 5-, 3- and 2-bit rows added, none changed;
+# 7: 3- and 2-bit rows held in 3 and 2 bits, not nibbles (read_index names 6's as "-w4" layouts)
+READABLE_VERSIONS = ("4", "5", "6", "7")  # whose layouts this version reads as they were written
 
 
 def is_single_file(f: SafetensorsFile) -> bool:
