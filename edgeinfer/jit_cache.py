@@ -17,6 +17,7 @@ import os
 import pickle
 import struct
 import sys
+import threading
 from pathlib import Path
 
 from .paths import home
@@ -105,11 +106,13 @@ def load_cached_kernels_without_registries() -> None:
       and installs them, 0.1-0.35 s of a warm start (measured). A cached kernel is machine code:
       loading it needs Numba's runtime (NRT), which is initialised here, and not the rules, which
       only a compile reads. Numba's compiler refreshes the contexts itself before a compile.
-    - No LLVM module parsed: a cached library holds its machine code and its functions as bitcode,
-      and Numba parses that bitcode at load (a third of a warm load, measured) only to list the
-      symbols the library defines and to have it ready should a later compile link it in. The
-      symbols are read from the machine code's ELF symbol table instead (the same names, checked
-      on every kernel); the bitcode is parsed when a compile first links the library.
+    - No LLVM module parsed, no bitcode held: a cached library holds its machine code and its
+      functions as bitcode, and Numba parses that bitcode at load (a third of a warm load,
+      measured) only to list the symbols the library defines and to have it ready should a later
+      compile link it in. The symbols are read from the machine code's ELF symbol table instead
+      (the same names, checked on every kernel); the bitcode is read again from the cache file
+      and parsed when a compile first links the library. Held, it was 2.4 MiB of a SmolLM2 Q4_1
+      run and 4.5 of a Q3_K_M one, with two decode layers (measured).
     - Numba's runtime (NRT) from a cache too: Numba compiles its LLVM functions at every start
       (20-30 ms, measured); they are kept beside the kernels, as a kernel is (`_cached_nrt`).
     Each kernel loaded, or missed and so compiled, is noted for `save_preload`."""
@@ -119,10 +122,19 @@ def load_cached_kernels_without_registries() -> None:
     if getattr(caching.Cache.load_overload, "edgeinfer", False):
         return
 
+    load_data = caching.IndexDataCacheFile._load_data
+
+    def _load_data(self, name):
+        _reading.source = (self._data_path(name), 0)  # the library's data: the first of the file's fields
+        return load_data(self, name)
+
     def load_overload(self, sig, target_context):
         rtsys.initialize(target_context)
-        with self._guard_against_spurious_io_errors():
-            data = self._load_overload(sig, target_context)
+        try:
+            with self._guard_against_spurious_io_errors():
+                data = self._load_overload(sig, target_context)
+        finally:
+            _reading.source = None
         _loaded.append((self._py_func.__module__, self._py_func.__qualname__, sig, data is not None))
         return data
 
@@ -133,18 +145,24 @@ def load_cached_kernels_without_registries() -> None:
     def _unserialize(cls, target_codegen, state):
         name, kind, data = state
         symbols = elf_defined_symbols(data[0]) if kind == "object" else None
+        source, _reading.source = getattr(_reading, "source", None), None
         if symbols is None:  # not an ELF object (or bitcode): as Numba does it
             return unserialize(cls, target_codegen, state)
         self = target_codegen.create_library(name)
         self.enable_object_caching()
         self._set_compiled_object(data[0])
-        self._edgeinfer_bitcode = data[1]
+        if source is None:  # (not read from a file: held, as before)
+            self._edgeinfer_bitcode = data[1]
+        else:
+            self._edgeinfer_bitcode_source = source
         self._finalize_final_module()
         target_codegen._engine._defined_symbols |= symbols
         return self
 
     def _get_module_for_linking(self):
-        bitcode = self.__dict__.pop("_edgeinfer_bitcode", None)
+        bitcode = library_bitcode(self)
+        self.__dict__.pop("_edgeinfer_bitcode", None)
+        self.__dict__.pop("_edgeinfer_bitcode_source", None)
         if bitcode is not None:
             from llvmlite import binding
 
@@ -153,6 +171,7 @@ def load_cached_kernels_without_registries() -> None:
 
     load_overload.edgeinfer = True
     caching.Cache.load_overload = load_overload
+    caching.IndexDataCacheFile._load_data = _load_data
     nrtdynmod.compile_nrt_functions = _cached_nrt(nrtdynmod.create_nrt_module)
     library._unserialize = classmethod(_unserialize)
     library._get_module_for_linking = _get_module_for_linking
@@ -170,7 +189,12 @@ def _cached_nrt(create_nrt_module):
         key = repr((numba.__version__, llvmlite.__version__, target_codegen.magic_tuple()))
         path = _cache_folder() / "nrt" / hashlib.sha256(key.encode()).hexdigest()[:16]
         try:
-            return target_codegen.unserialize_library(pickle.loads(path.read_bytes()))
+            data = pickle.loads(path.read_bytes())
+            _reading.source = (path, None)  # the file is the library's data
+            try:
+                return target_codegen.unserialize_library(data)
+            finally:
+                _reading.source = None
         except (OSError, EOFError, pickle.UnpicklingError, ValueError):
             pass
         module, library = create_nrt_module(ctx)
@@ -205,6 +229,25 @@ def elf_defined_symbols(code: bytes) -> set[str] | None:
 
 
 _loaded: list[tuple[str, str, object, bool]] = []  # (module, qualified name, signature, found in the cache)
+_reading = threading.local()  # .source: the cache file a library is being loaded from, as library_bitcode reads it
+
+
+def library_bitcode(library) -> bytes | None:
+    """A library loaded from the cache: its functions as bitcode, read again from its file (the
+    data Numba pickled: the library's (name, kind, (machine code, bitcode)), or a tuple whose first
+    field that is). None for any other library. A compile that links the library in needs it; a
+    cache file gone by then fails that compile with its name."""
+    held = library.__dict__.get("_edgeinfer_bitcode")
+    source = library.__dict__.get("_edgeinfer_bitcode_source")
+    if held is not None or source is None:
+        return held
+    path, field = source
+    try:
+        data = pickle.loads(Path(path).read_bytes())
+        return (data if field is None else data[field])[2][1]
+    except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as exc:
+        raise RuntimeError(f"{path}: a cached kernel's bitcode, which a compile that calls it needs, cannot be "
+                           f"read ({exc}); remove {_cache_folder()} and start again") from None
 
 
 def _cache_folder() -> Path:

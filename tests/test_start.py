@@ -98,9 +98,12 @@ assert cached_module.total(np.arange(4.0)) == 12.0
 library = cached_module.total.overloads[cached_module.total.signatures[0]].library
 loaded = cached_module.total.stats.cache_hits.total() > 0
 from numba.core.runtime import rtsys
-assert ("_edgeinfer_bitcode" in rtsys.library.__dict__) == loaded  # Numba's runtime came from the cache too
-if loaded:  # its symbols came from the machine code; its bitcode is not parsed yet
-    module = binding.parse_bitcode(library._edgeinfer_bitcode)
+from edgeinfer.jit_cache import library_bitcode
+for lib in (library, rtsys.library):  # (Numba's runtime came from the cache too)
+    assert "_edgeinfer_bitcode" not in lib.__dict__  # no bitcode held in memory
+    assert (library_bitcode(lib) is not None) == loaded and (lib._shared_module is None or not loaded)
+if loaded:  # its symbols came from the machine code; its bitcode, read again from the cache, is not parsed yet
+    module = binding.parse_bitcode(library_bitcode(library))
     numba_s = {v.name for vs in (module.functions, module.global_variables) for v in vs if not v.is_declaration}
     assert numba_s and numba_s <= library.codegen._engine._defined_symbols, numba_s
 
@@ -109,7 +112,7 @@ def calls_it(a):  # a compile that links the loaded library in
     return cached_module.total(a) + 1.0
 
 assert calls_it(np.arange(4.0)) == 13.0
-assert "_edgeinfer_bitcode" not in library.__dict__ and "_edgeinfer_bitcode" not in rtsys.library.__dict__
+assert all(library_bitcode(lib) is None and lib._shared_module is not None for lib in (library, rtsys.library))
 print("loaded" if loaded else "compiled")
 '''
 
