@@ -241,6 +241,44 @@ def test_convert_keeps_every_type_losslessly(kquant_gguf, tmp_path):
         np.testing.assert_array_equal(back.float32(name), source.float32(name))
 
 
+def test_a_format_6_file_with_2_and_3_bit_rows_in_nibbles_loads_and_converts_to_their_own_width(kquant_gguf, tmp_path):
+    """Format 6 held Q3_K and Q2_K in nibbles under the names format 7 gives their own widths: such a
+    file (made here from a conversion, its 2/3-bit rows written again in nibbles) loads them repacked,
+    the very matrices, and converts into the file a GGUF converts into."""
+    import json
+
+    from edgeinfer.kernels.q6 import Q6Matrix
+    from edgeinfer.storage import open_model
+    from edgeinfer.storage.safetensors import SafetensorsFile, TensorEntry, write_safetensors
+    from edgeinfer.storage.single import convert
+
+    new = tmp_path / "v7.safetensors"
+    convert(open_model(str(kquant_gguf)), str(new))
+    f = SafetensorsFile(new)
+    index = json.loads(f.metadata["quantized"])
+    narrow = {name: (k, r, c) for name, (k, r, c) in index.items() if layout_of(k).bits in (2, 3)}
+    assert {layout_of(k).bits for k, _, _ in narrow.values()} == {2, 3}
+    source = open_model(str(new))
+    nibbles = {}
+    for name in narrow:
+        m = source.quantized(name)
+        nibbles[f"{name}.packed"] = type(m).from_values(*m.row_major(raw=True), width=4).packed
+    entries = [TensorEntry(e.name, e.dtype, nibbles[e.name].shape) if e.name in nibbles else e for e in f.entries.values()]
+    old = tmp_path / "v6.safetensors"
+    write_safetensors(old, entries, (nibbles.get(e.name, f.array(e.name)) for e in entries),
+                      {**f.metadata, "format_version": "6"})
+    legacy = open_model(str(old))
+    again = tmp_path / "v7-again.safetensors"
+    convert(legacy, str(again))
+    back = open_model(str(again))
+    for name, (kind, _, _) in narrow.items():
+        assert legacy.stored_type(name) == f"{kind}-w4" and back.stored_type(name) == kind
+        for m in (legacy.quantized(name), back.quantized(name)):
+            assert isinstance(m, Q6Matrix) and m.width == m.bits
+            np.testing.assert_array_equal(m.packed, source.quantized(name).packed)
+        np.testing.assert_array_equal(legacy.float32(name), source.float32(name))
+
+
 def test_a_cluster_share_of_k_quants_converts_losslessly(kquant_gguf, tmp_path):
     """A node's share file (cluster/shard.py): columns cut off the 256-column super-blocks take plain
     float32 scales, whole super-blocks keep the type's own; every value as the source's."""
@@ -303,19 +341,24 @@ def test_six_bit_layout_is_as_close_to_the_exact_product_as_the_bytes_layout(kin
                                       ("Q2_K", "q2g16-sk-mk-w4")])
 def test_narrow_types_held_wider_before_still_load_and_agree(kind, old):
     """Single files converted before the narrower layouts hold Q5_0/Q5_1/Q5_K and Q3_K in 6 bits,
-    Q2_K in bytes, and (format 6) Q3_K and Q2_K in nibbles: they load as such, with the same
-    integers and values as the narrower matrix, and the two give the same products bit for bit (a
-    signed type's integers are moved to the 6-bit range in the kernel; the bytes' kernel adds its
-    units' terms in the same order), in the GEMV and the GEMM."""
+    Q2_K in bytes: they load as such, with the same integers and values as the narrower matrix, and
+    the two give the same products bit for bit (a signed type's integers are moved to the 6-bit
+    range in the kernel; the bytes' kernel adds its units' terms in the same order), in the GEMV and
+    the GEMM. Format 6's Q3_K and Q2_K in nibbles (-w4) are repacked at load into the very matrix a
+    conversion now gives."""
     rows, cols = 40, 1280
     five = gguf_matrix(kind, random_blocks(kind, rows, cols, seed=4), cols)
     values, scales, minima = five.row_major(raw=True)
     wide = layout_of(old)
     held = {"width": wide.width} if wide.width else {}
-    back = matrix_from_parts(old, rows, cols, matrix_parts(
-        MATRIX_TYPES[wide.bits].from_values(values, scales, minima, **held), old))
-    assert back.bits == wide.bits and back.nbytes > five.nbytes
-    assert getattr(back, "width", 8) == (wide.width or wide.bits) and fits(back, old) and not fits(five, old)
+    stored = MATRIX_TYPES[wide.bits].from_values(values, scales, minima, **held)
+    assert fits(stored, old) and not fits(five, old)
+    back = matrix_from_parts(old, rows, cols, matrix_parts(stored, old))
+    if wide.width:
+        assert stored.nbytes > five.nbytes and back.width == back.bits == five.bits
+        np.testing.assert_array_equal(back.packed, five.packed)
+    else:
+        assert back.bits == wide.bits and back.nbytes > five.nbytes
     np.testing.assert_array_equal(back.dequantize(), five.dequantize())
     np.testing.assert_array_equal(back.row_major()[0], five.row_major()[0])
     x = np.random.default_rng(5).standard_normal((5, cols)).astype(np.float32)

@@ -16,14 +16,14 @@ j in its low nibble and column 16 + j in its high one), then the high bits:
 - 6 bits: 2 loads; in load h, lane r, byte b, the bits 2i, 2i+1 are the high bits of column
   16h + 4i + b, i.e. of the same lane and byte of nibble vector i of half h;
 - 5 bits: 1 load; in lane r, byte b, bit 4h + i is the high bit of column 16h + 4i + b;
-- 4 bits: none (Q3_K and Q2_K in files of format 6).
+- 4 bits: none (how files of format 6 held Q3_K and Q2_K: storage/quantize.py repacks those at load).
 Widths 2 and 3: 2 loads of 2-bit fields (load c, lane r, byte b: field 2h + k holds column
 16h + 8c + 4k + b, so fields 0, 1 of the loads are a unit's 4 vectors and fields 2, 3 the next
 unit's), then for 3 bits the 5-bit width's plane, its bit going to bit 2.
 A vector of low bits ORed with its shifted high bits (simd.high_bits*, high_bit*, third_bit*) is
 the whole integers' vector, and the byte dot product takes it as it takes 4-bit nibbles. Columns
 are padded to whole 64s. Files converted before the narrower widths hold the 5- and 3-bit types in
-6 bits and Q2_K in bytes (q8.py), or (format 6) Q3_K and Q2_K in nibbles: they still load and run.
+6 bits and Q2_K in bytes (q8.py): they still load and run.
 
 Kernel: each 16-column unit (a half group) is q8.py's unit, term for term:
     term = scale * x_scale * (b . x) + offset * factor * x_scale * (1 . x)
@@ -141,7 +141,7 @@ class Q6Matrix:
     @property
     def width(self) -> int:
         """The bits an integer is held in, 64 bytes a group step each: `bits`, or 4 for the 2- and
-        3-bit types in files written before their own widths (storage/quantize.py)."""
+        3-bit types as files of format 6 hold them (no kernel runs those: narrowed() first)."""
         steps = -(-self.cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP // GROUP
         return self.packed.shape[1] // (64 * steps) if steps else self.bits
 
@@ -155,7 +155,7 @@ class Q6Matrix:
     @property
     def kind(self) -> np.dtype:
         """Which loop the kernels run (kinds.py): the width's."""
-        return KINDS[6 - self.width]
+        return {6: WIDTH6, 5: WIDTH5, 3: WIDTH3, 2: WIDTH2}[self.width]
 
     @property
     def nbytes(self) -> int:
@@ -167,7 +167,7 @@ class Q6Matrix:
         """From integers (rows, cols) and per-group scales (rows, cols/group, group 32 or 16): signed
         integers of `bits` bits (6: -32..31) without minima, w = scale * value; unsigned (6: 0..63)
         with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales.
-        `width`: the bits they are held in, `bits` unless given (4: a file's older layout)."""
+        `width`: the bits they are held in, `bits` unless given (4: format 6's 2- and 3-bit layout)."""
         rows, cols = values.shape
         per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
         group = cols // per_row if per_row else GROUP
@@ -203,6 +203,10 @@ class Q6Matrix:
         if self.offsets is self.scales:
             return values - (1 << (self.width - 1)), scales, None
         return values, scales, deinterleave_scales(self.offsets, self.rows, groups, ids, raw)
+
+    def narrowed(self) -> "Q6Matrix":
+        """The matrix held in its own width (`bits`), the very integers and scales."""
+        return self if self.width == self.bits else type(self).from_values(*self.row_major(raw=True))
 
     def select(self, rows: slice, cols: slice) -> "Q6Matrix":
         """The block of rows x cols as a matrix of its own, bit for bit (columns by whole groups)."""
@@ -266,12 +270,6 @@ def _loads5(w, step, bias):
 
 
 @njit(inline="always")
-def _loads4(w, step, bias):
-    at = step * 256
-    return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), load_i8(w, at + 192), bias
-
-
-@njit(inline="always")
 def _loads3(w, step, bias):
     at = step * 192
     return load_i8(w, at), load_i8(w, at + 64), load_i8(w, at + 128), bias
@@ -290,22 +288,6 @@ def _dots(v0, v1, v2, v3, x, o):
     d = dpbusd_nibbles(d, v1, broadcast4(x, o + 4))
     d = dpbusd_nibbles(d, v2, broadcast4(x, o + 8))
     return dpbusd_nibbles(d, v3, broadcast4(x, o + 12))
-
-
-@njit(inline="always")
-def _low_dots4(loads, x, o):
-    """Columns 0..15 of a group step (its even unit): nibbles plus the bias."""
-    n0, n1, n2, n3, b = loads
-    return _dots(add_i8(lo_nibbles(n0), b), add_i8(lo_nibbles(n1), b), add_i8(lo_nibbles(n2), b),
-                 add_i8(lo_nibbles(n3), b), x, o)
-
-
-@njit(inline="always")
-def _high_dots4(loads, x, o):
-    """Columns 16..31 of a group step (its odd unit)."""
-    n0, n1, n2, n3, b = loads
-    return _dots(add_i8(hi_nibbles(n0), b), add_i8(hi_nibbles(n1), b), add_i8(hi_nibbles(n2), b),
-                 add_i8(hi_nibbles(n3), b), x, o)
 
 
 @njit(inline="always")
@@ -443,13 +425,10 @@ def _kernels(width, loads, low_dots, high_dots):
     return gemv_block, gemm_block(pass4)
 
 
-# One kind per width, 6 down to 2 (kinds.py): a compiled GEMV or GEMM holds the loop of its matrix's
-# width only.
-KINDS = WIDTH6, WIDTH5, WIDTH4, WIDTH3, WIDTH2 = (kind("q6-6bit"), kind("q6-5bit"), kind("q6-4bit"), kind("q6-3bit"),
-                                                 kind("q6-2bit"))
+# One kind per width (kinds.py): a compiled GEMV or GEMM holds the loop of its matrix's width only.
+KINDS = WIDTH6, WIDTH5, WIDTH3, WIDTH2 = kind("q6-6bit"), kind("q6-5bit"), kind("q6-3bit"), kind("q6-2bit")
 _blocks = {WIDTH6: _kernels(6, _loads6, _low_dots6, _high_dots6), WIDTH5: _kernels(5, _loads5, _low_dots5, _high_dots5),
-           WIDTH4: _kernels(4, _loads4, _low_dots4, _high_dots4), WIDTH3: _kernels(3, _loads3, _low_dots3, _high_dots3),
-           WIDTH2: _kernels(2, _loads2, _low_dots2, _high_dots2)}
+           WIDTH3: _kernels(3, _loads3, _low_dots3, _high_dots3), WIDTH2: _kernels(2, _loads2, _low_dots2, _high_dots2)}
 _block = by_kind({k: gemv_block for k, (gemv_block, _) in _blocks.items()})
 _block_tokens = by_kind({k: tokens_block for k, (_, tokens_block) in _blocks.items()})
 

@@ -11,7 +11,8 @@ IQ4_VALUES[n]), groups of 32 along a row, fp16 scales; and the layouts GGUF's ot
 (gguf_quants.py), named q{bits}g{group}-s{scale bits or k}[-m{minimum bits or k}][-iq4][-w4], e.g. q6g16-sk
 for Q6_K, q5g32-s16 for Q5_0, q4g32-sk-iq4 for IQ4_XS (-iq4: the nibbles index IQ4_VALUES). Every GGUF type in
 GGUF_LAYOUTS comes in losslessly; a float tensor is quantised to nearest (Q4_1 or Q8_0). -w4: 2- or 3-bit
-integers held in nibbles, as files of format 6 hold them (read_index names their layouts so).
+integers held in nibbles, as files of format 6 hold them (read_index names their layouts so); they are
+repacked to their own width at load, the very integers.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], 
         return kernel(arrays[at]), at + 1
     scales, at = scales_from(1, layout.scale_dtype)
     offsets = scales_from(at, layout.minima_dtype)[0] if layout.minima_dtype else scales
-    return MATRIX_TYPES[layout.bits](arrays[0], scales, offsets, layout.factor, rows, cols)
+    m = MATRIX_TYPES[layout.bits](arrays[0], scales, offsets, layout.factor, rows, cols)
+    return m.narrowed() if layout.width else m
 
 
 def fits(m: Matrix, kind: str) -> bool:

@@ -8,6 +8,7 @@ so the file alone is enough to run. Tensors go layer by layer.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -127,6 +128,8 @@ def target_type(source: WeightSource, name: str, bits: int | None) -> str | None
     in 8; 8 puts all in 8 (keeping a source's own layout but for the 4-bit ones, else Q8_0: the
     GGUF types it kept when the 5-, 3- and 2-bit ones were held in 6 and 8 bits); 16, none."""
     shape, stored = source.stored_shape(name), layout_of(source.stored_type(name))
+    if stored and stored.width:  # format 6's 2- and 3-bit rows in nibbles: loaded, and written, in their own width
+        stored = replace(stored, width=None)
     if len(shape) != 2 or name == ROPE_FREQS or shape[1] % GROUP:
         return None
     if bits is None:
