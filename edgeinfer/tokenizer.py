@@ -39,6 +39,9 @@ class TokenizerSpec:
     # Special-token strings a chat template may refer to (bos_token, eos_token, ...).
     template_vars: dict[str, str] = field(default_factory=dict)
     note: str | None = None  # what a user should hear about how it was rebuilt (not stored)
+    # The "hf" tokenizer `data` was written from, when one was built to write it (a GGUF vocabulary):
+    # Tokenizer takes it instead of parsing `data` again (75-100 ms; not stored).
+    built: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def held_bytes(self) -> int:
@@ -86,7 +89,7 @@ class Tokenizer:
     def __init__(self, spec: TokenizerSpec):
         self.spec = spec
         if spec.kind == "hf":
-            self._backend: _Backend = _HFBackend(spec.data)
+            self._backend: _Backend = _HFBackend(spec.data, spec.built)
         elif spec.kind == "spm":
             self._backend = _SPMBackend(spec.data)
         else:
@@ -173,11 +176,11 @@ class _Backend:
 
 
 class _HFBackend(_Backend):
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, built=None):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            self._tok = HFTokenizer.from_str(data.decode())
+            self._tok = built if built is not None else HFTokenizer.from_str(data.decode())
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise TokenizerError(f"tokenizer.json cannot be loaded: {exc}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

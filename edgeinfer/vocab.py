@@ -64,8 +64,10 @@ def spec_from_gguf_vocab(v: GGUFVocab) -> TokenizerSpec:
         raise TokenizerError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     types = list(v.token_types) if v.token_types else [NORMAL] * len(v.tokens)
     note = None
+    built = None
     if v.model == "gpt2":
-        data, kind, add_bos = _byte_level_bpe(v, types), "hf", bool(v.add_bos)
+        built = _byte_level_bpe(v, types)
+        data, kind, add_bos = built.to_str().encode(), "hf", bool(v.add_bos)
         if v.pre not in SPLIT_REGEX and v.pre not in DIGIT_SPLIT and v.pre not in GPT2_SPLIT:
             note = (f"tokenizer: the file's pre-tokenizer {v.pre!r} is not one edgeinfer knows; it splits text "
                     "as GPT-2 does, so its tokens may differ from llama.cpp's")
@@ -79,10 +81,12 @@ def spec_from_gguf_vocab(v: GGUFVocab) -> TokenizerSpec:
     names = {"bos_token": v.bos_id, "eos_token": v.eos_id, "unk_token": v.unk_id, "pad_token": v.pad_id}
     template_vars = {k: v.tokens[i] for k, i in names.items() if i is not None and 0 <= i < len(v.tokens)}
     return TokenizerSpec(kind=kind, data=data, bos_id=v.bos_id, eos_ids=tuple(dict.fromkeys(eos)),
-                         add_bos=add_bos, chat_template=v.chat_template, template_vars=template_vars, note=note)
+                         add_bos=add_bos, chat_template=v.chat_template, template_vars=template_vars, note=note,
+                         built=built)
 
 
-def _byte_level_bpe(v: GGUFVocab, types: list[int]) -> bytes:
+def _byte_level_bpe(v: GGUFVocab, types: list[int]):
+    """The `tokenizers` BPE a gpt2 vocabulary describes."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     if v.merges is None:
@@ -111,7 +115,7 @@ def _byte_level_bpe(v: GGUFVocab, types: list[int]) -> bytes:
                             for t, ty in zip(v.tokens, types) if ty == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(v.tokens, types) if ty == USER_DEFINED])
-    return tok.to_str().encode()
+    return tok
 
 
 def _sentencepiece_proto(v: GGUFVocab, types: list[int]) -> bytes:
