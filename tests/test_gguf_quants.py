@@ -43,7 +43,7 @@ def test_every_type_dequantises_to_ggufs_values(kind):
     assert fits(m, GGUF_LAYOUTS[kind]) and m.bits == layout_of(GGUF_LAYOUTS[kind]).bits
 
 
-@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_slabs_join_into_the_same_matrix(monkeypatch, kind):
     """A tensor decoded a slab of rows at a time (filling one array) is the matrix decoded at once:
     blocks, scales, minima, and Q4_0/Q8_0's offsets that are their scales."""

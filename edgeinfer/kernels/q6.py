@@ -91,12 +91,21 @@ def pack(values: np.ndarray, rows_padded: int, steps: int, width: int) -> np.nda
             rows_padded, steps, 8)
     elif width == base:  # the low bits only
         planes = np.zeros((rows_padded, steps, 0), np.uint8)
-    else:  # bit 4h + i of the byte
-        planes = (h << np.arange(8, dtype=np.uint8).reshape(2, 4, 1)).sum(axis=(2, 3), dtype=np.uint8)
-    blocks, loads, lanes = rows_padded // ROWS, lows.shape[2], planes.shape[2] // 4
-    lows = lows.reshape(blocks, ROWS, steps, loads, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, steps, loads * 64)
-    planes = planes.reshape(blocks, ROWS, steps, lanes, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, steps, lanes * 64)
-    return np.ascontiguousarray(np.concatenate([lows, planes], axis=2).reshape(blocks, steps * step_bytes(width)))
+    else:  # bit 4h + i of the byte (ORed term by term: a sum over the small axes took a third of a Q5_0 file's conversion)
+        planes = np.zeros((rows_padded, steps, 4), np.uint8)
+        for bit in range(8):
+            planes |= h[:, :, bit // 4, bit % 4] << bit
+    return interleave(np.concatenate([lows.reshape(rows_padded, steps, -1), planes], axis=2))
+
+
+def interleave(fields: np.ndarray) -> np.ndarray:
+    """Each row's bytes of each group step, the low bits' then the high bits' ((rows, steps,
+    step_bytes / 16), rows in whole blocks of 16) -> the blocks' group steps, whose every 64-byte
+    load holds 4 of those bytes of each of the block's 16 rows."""
+    rows, steps, n = fields.shape
+    blocks = rows // ROWS
+    return np.ascontiguousarray(fields.reshape(blocks, ROWS, steps, n // 4, 4).transpose(0, 2, 3, 1, 4).reshape(
+        blocks, steps * n * ROWS))
 
 
 def unpack(packed: np.ndarray, rows: int, cols: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
@@ -185,6 +194,24 @@ class Q6Matrix:
         offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
         return cls(pack(v.astype(np.uint8), rows_padded, padded // GROUP, width), sc, offsets,
                    SIGNED_FACTOR if minima is None else 1.0, rows, cols)
+
+    @classmethod
+    def from_fields(cls, fields: np.ndarray, scales, minima, cols: int) -> "Q6Matrix":
+        """As from_values, from integers already as the layout holds them, each row's bytes of each
+        group step ((rows, cols / 32, step_bytes / 16): for 5 bits the 16 nibble bytes as q4.py
+        pairs them, then the plane's 4), stored as from_values stores them (a signed type's + 16):
+        what a Q5_0 or Q5_1 block holds (storage/gguf_quants.py), so never widened to integers."""
+        rows, steps, _ = fields.shape
+        per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
+        if steps * GROUP != cols or cols % per_row or cols // per_row not in (16, 32):
+            raise ValueError(f"{cols} columns in {steps} group steps, {per_row} scales a row: not this layout")
+        rows_padded, padded = -(-rows // ROWS) * ROWS, -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP
+        whole = np.zeros((rows_padded, padded // GROUP, fields.shape[2]), np.uint8)
+        whole[:rows, :steps] = fields
+        groups = padded // (cols // per_row)
+        sc = interleave_scales(scales, rows_padded, groups)
+        offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
+        return cls(interleave(whole), sc, offsets, SIGNED_FACTOR if minima is None else 1.0, rows, cols)
 
     @classmethod
     def array_shapes(cls, rows: int, cols: int, group: int,

@@ -29,9 +29,11 @@ from .quantize import MATRIX_TYPES, Matrix
 
 QK = 256  # weights per K-quant super-block
 LOOKUP_TYPES = ("IQ4_NL", "IQ4_XS")  # their nibbles index q4.IQ4_VALUES
+LAID_OUT_TYPES = ("Q5_0", "Q5_1")  # decoded to q6.py's 5-bit bytes (20 a group of 32), not integers
 
 # A decoder: (blocks (n, bytes per block) uint8) -> (integers (n, weights per block), or for a
-# 4-bit type its nibbles (n, weights per block / 2) as q4.py pairs them; scales and minima (n,
+# 4-bit type its nibbles (n, weights per block / 2) as q4.py pairs them, or for LAID_OUT_TYPES the
+# 5-bit layout's bytes (n, 20) as q6.py holds them; scales and minima (n,
 # groups per block): float32, or SuperScales of d (n, 1) and the integers; minima None when the
 # integers are signed).
 Decoded = tuple[np.ndarray, np.ndarray | SuperScales, np.ndarray | SuperScales | None]
@@ -65,10 +67,25 @@ def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _q5_high(qh: np.ndarray) -> np.ndarray:
-    """Q5_0/Q5_1's 32 high bits (a little-endian uint32) -> (n, 32) of 0 or 16."""
-    bits = np.ascontiguousarray(qh).view(np.uint32)
-    return (((bits >> np.arange(32, dtype=np.uint32)[None, :]) & 1) << 4).astype(np.int16)
+def _plane_bits() -> np.ndarray:
+    """(4, 256) uint32: byte k of a Q5_0/Q5_1 block's high bits (weights 8k..8k+7), value v -> those
+    bits where q6.py's 5-bit plane puts them: weight 16h + 4i + b's in bit 4h + i of byte b."""
+    table = np.zeros((4, 256), np.uint32)
+    for k in range(4):
+        for t in range(8):
+            j = 8 * k + t
+            table[k, (np.arange(256) >> t) & 1 == 1] |= np.uint32(1 << (8 * (j % 4) + 4 * (j // 16) + (j % 16) // 4))
+    return table
+
+
+PLANE_BITS = _plane_bits()
+
+
+def _q5_fields(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's nibbles (16 bytes: byte j holds weights j and 16 + j, as q4.py pairs them) and
+    32 high bits -> q6.py's 5-bit bytes of the group: the nibbles, then the plane's 4 bytes."""
+    plane = PLANE_BITS[0][qh[:, 0]] | PLANE_BITS[1][qh[:, 1]] | PLANE_BITS[2][qh[:, 2]] | PLANE_BITS[3][qh[:, 3]]
+    return np.concatenate([qs, plane.view(np.uint8).reshape(-1, 4)], axis=1)
 
 
 def _pairs_of_runs_64(qs: np.ndarray) -> np.ndarray:
@@ -92,14 +109,12 @@ def _q8_0(b: np.ndarray) -> Decoded:
     return np.ascontiguousarray(b[:, 2:]).view(np.int8), _half(b[:, :2]), None
 
 
-def _q5_0(b: np.ndarray) -> Decoded:
-    q = _nibbles_in_halves(b[:, 6:], 32).astype(np.int16) | _q5_high(b[:, 2:6])
-    return q - 16, _half(b[:, :2]), None
+def _q5_0(b: np.ndarray) -> Decoded:  # the 5-bit layout's bytes: the integer + 16, as the file has it
+    return _q5_fields(b[:, 6:], b[:, 2:6]), _half(b[:, :2]), None
 
 
 def _q5_1(b: np.ndarray) -> Decoded:
-    q = _nibbles_in_halves(b[:, 8:], 32).astype(np.int16) | _q5_high(b[:, 4:8])
-    return q, _half(b[:, :2]), _half(b[:, 2:4])
+    return _q5_fields(b[:, 8:], b[:, 4:8]), _half(b[:, :2]), _half(b[:, 2:4])
 
 
 def _iq4_nl(b: np.ndarray) -> Decoded:  # nibbles: indices into IQ4_VALUES
@@ -191,8 +206,12 @@ def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, 
         values, scales, minima = decode_rows(kind, data[r:r + step], cols)
         if decoded is not None:
             decoded(r, min(r + step, rows))
-        slab = (Q4Matrix.from_rows(values, scales, minima, lookup=kind in LOOKUP_TYPES) if bits == 4
-                else MATRIX_TYPES[bits].from_values(values, scales, minima))
+        if bits == 4:
+            slab = Q4Matrix.from_rows(values, scales, minima, lookup=kind in LOOKUP_TYPES)
+        elif kind in LAID_OUT_TYPES:
+            slab = MATRIX_TYPES[bits].from_fields(values.reshape(values.shape[0], -1, 20), scales, minima, cols)
+        else:
+            slab = MATRIX_TYPES[bits].from_values(values, scales, minima)
         if rows <= step:
             return slab
         if packed is None:
