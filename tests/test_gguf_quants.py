@@ -163,6 +163,15 @@ def test_the_single_files_layout_round_trips(kind):
     np.testing.assert_array_equal(back.dequantize(), m.dequantize())
 
 
+@pytest.mark.parametrize("kind", ["Q6_K", "Q5_0", "Q5_K", "Q3_K", "Q2_K"])
+def test_a_share_holding_no_rows_of_a_matrix_gets_an_empty_one(kind):
+    """A cluster node without KV heads takes none of k_proj's and v_proj's rows (tests/test_cluster.py)."""
+    m = gguf_matrix(kind, random_blocks(kind, 32, 256, seed=3), 256)
+    empty = m.select(slice(0, 0), slice(0, 256))
+    assert type(empty) is type(m) and (empty.rows, empty.cols, empty.packed.shape[0]) == (0, 256, 0)
+    assert empty.dequantize().shape == (0, 256)
+
+
 def test_format_6_files_name_their_2_and_3_bit_layouts_as_held_in_nibbles():
     import json
 

@@ -95,7 +95,7 @@ def pack(values: np.ndarray, rows_padded: int, steps: int, width: int) -> np.nda
         planes = np.zeros((rows_padded, steps, 4), np.uint8)
         for bit in range(8):
             planes |= h[:, :, bit // 4, bit % 4] << bit
-    return interleave(np.concatenate([lows.reshape(rows_padded, steps, -1), planes], axis=2))
+    return interleave(np.concatenate([lows.reshape(rows_padded, steps, 4 * lows.shape[2]), planes], axis=2))
 
 
 def interleave(fields: np.ndarray) -> np.ndarray:
@@ -133,7 +133,7 @@ def unpack(packed: np.ndarray, rows: int, cols: int, width: int, ids: np.ndarray
         high = np.zeros((n, steps, GROUP), np.uint8)
     else:
         high = (planes.reshape(n, steps, 1, 1, 4) >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)) & 1
-    return (low | (high.reshape(n, steps, GROUP) << base)).reshape(n, -1)[:rows, :cols]
+    return (low | (high.reshape(n, steps, GROUP) << base)).reshape(n, steps * GROUP)[:rows, :cols]
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class Q6Matrix:
         computes them: scale * value (+ minimum)."""
         values, scales, minima = self.row_major(ids)
         n, g = values.shape[0], self.group
-        w = values.reshape(n, -1, g).astype(np.float32) * scales[:, :, None]
+        w = values.reshape(n, self.cols // g, g).astype(np.float32) * scales[:, :, None]
         if minima is not None:
             w = w + minima[:, :, None]
         return w.reshape(n, self.cols)

@@ -52,10 +52,10 @@ def deinterleave(a: np.ndarray, per_chunk: int, rows: int, width: int, block_row
     if ids is None:
         blocks = a.shape[0]
         return (a.reshape(blocks, chunks, block_rows, per_chunk).transpose(0, 2, 1, 3)
-                .reshape(blocks * block_rows, -1)[:rows, :width])
+                .reshape(blocks * block_rows, chunks * per_chunk)[:rows, :width])  # (also no rows)
     ids = np.asarray(ids)
     picked = a[ids // block_rows].reshape(len(ids), chunks, block_rows, per_chunk)[np.arange(len(ids)), :, ids % block_rows, :]
-    return picked.reshape(len(ids), -1)[:, :width]
+    return picked.reshape(len(ids), chunks * per_chunk)[:, :width]
 
 
 def stored_scales(a: np.ndarray) -> np.ndarray:
