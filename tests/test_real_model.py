@@ -298,3 +298,15 @@ def test_four_bit_perplexity_matches_llama_cpp(smollm2_single):
     result = json.loads(r.stdout)
     assert result["tokens_scored"] == 14 * 511
     assert abs(result["ppl"] / 23.26 - 1) < 0.005, result
+
+
+def test_a_gguf_header_leaves_no_pages_in_the_process(smollm2_gguf):
+    """The header (SmolLM2's vocabulary: 1.7 MB) is parsed once; its file pages then leave the
+    process's resident memory, while the file stays mapped for its tensors."""
+    from conftest import mappings
+
+    source = open_model(str(smollm2_gguf))
+    header = min(t.offset for t in source._reader.tensors)
+    assert header > 1 << 20 and source.tokenizer.data
+    resident_kb = sum(int(stats["Rss:"]) for path, _, stats in mappings() if path == str(smollm2_gguf))
+    assert resident_kb < 64, resident_kb
