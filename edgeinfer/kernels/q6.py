@@ -136,6 +136,20 @@ def unpack(packed: np.ndarray, rows: int, cols: int, width: int, ids: np.ndarray
     return (low | (high.reshape(n, steps, GROUP) << base)).reshape(n, steps * GROUP)[:rows, :cols]
 
 
+def _padded(cols: int) -> int:
+    """Columns padded to whole 64s (two group steps a turn)."""
+    return -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP
+
+
+def _group(scales, cols: int, bits: int) -> int:
+    """Weights per scale (16 or 32) of a row of `cols` with these scales; refused otherwise."""
+    per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
+    group = cols // per_row if per_row else GROUP
+    if cols % GROUP or group not in (16, 32):
+        raise ValueError(f"{cols} columns in groups of {group}: {bits}-bit rows need whole groups of 32 or 16")
+    return group
+
+
 @dataclass(frozen=True)
 class Q6Matrix:
     packed: np.ndarray  # (blocks, steps * step_bytes(width)) uint8
@@ -151,7 +165,7 @@ class Q6Matrix:
     def width(self) -> int:
         """The bits an integer is held in, 64 bytes a group step each: `bits`, or 4 for the 2- and
         3-bit types as files of format 6 hold them (no kernel runs those: narrowed() first)."""
-        steps = -(-self.cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP // GROUP
+        steps = _padded(self.cols) // GROUP
         return self.packed.shape[1] // (64 * steps) if steps else self.bits
 
     @property
@@ -178,22 +192,15 @@ class Q6Matrix:
         with them, w = scale * value + minimum. Scales and minima: float values, or SuperScales.
         `width`: the bits they are held in, `bits` unless given (4: format 6's 2- and 3-bit layout)."""
         rows, cols = values.shape
-        per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
-        group = cols // per_row if per_row else GROUP
-        if cols % GROUP or group not in (16, 32):
-            raise ValueError(f"{cols} columns in groups of {group}: {cls.bits}-bit rows need whole groups of 32 or 16")
+        _group(scales, cols, cls.bits)
         top, v = 1 << cls.bits, values.astype(np.int16)
         low = 0 if minima is not None else -top // 2
         if v.size and (v.min() < low or v.max() >= low + top):
             raise ValueError(f"{cls.bits}-bit rows hold integers {-top // 2}..{top // 2 - 1} (or 0..{top - 1} with minima)")
         width = width or cls.bits
         v = v + (0 if minima is not None else 1 << (width - 1))
-        padded, rows_padded = -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP, -(-rows // ROWS) * ROWS
-        groups = padded // group
-        sc = interleave_scales(scales, rows_padded, groups)
-        offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
-        return cls(pack(v.astype(np.uint8), rows_padded, padded // GROUP, width), sc, offsets,
-                   SIGNED_FACTOR if minima is None else 1.0, rows, cols)
+        packed = pack(v.astype(np.uint8), -(-rows // ROWS) * ROWS, _padded(cols) // GROUP, width)
+        return cls._with_scales(packed, scales, minima, rows, cols)
 
     @classmethod
     def from_fields(cls, fields: np.ndarray, scales, minima, cols: int) -> "Q6Matrix":
@@ -202,23 +209,28 @@ class Q6Matrix:
         pairs them, then the plane's 4), stored as from_values stores them (a signed type's + 16):
         what a Q5_0 or Q5_1 block holds (storage/gguf_quants.py), so never widened to integers."""
         rows, steps, _ = fields.shape
-        per_row = scales.q.shape[1] if isinstance(scales, SuperScales) else scales.shape[1]
-        if steps * GROUP != cols or cols % per_row or cols // per_row not in (16, 32):
-            raise ValueError(f"{cols} columns in {steps} group steps, {per_row} scales a row: not this layout")
-        rows_padded, padded = -(-rows // ROWS) * ROWS, -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP
-        whole = np.zeros((rows_padded, padded // GROUP, fields.shape[2]), np.uint8)
+        _group(scales, cols, cls.bits)
+        if steps * GROUP != cols:
+            raise ValueError(f"{cols} columns in {steps} group steps of {GROUP}")
+        whole = np.zeros((-(-rows // ROWS) * ROWS, _padded(cols) // GROUP, fields.shape[2]), np.uint8)
         whole[:rows, :steps] = fields
-        groups = padded // (cols // per_row)
+        return cls._with_scales(interleave(whole), scales, minima, rows, cols)
+
+    @classmethod
+    def _with_scales(cls, packed: np.ndarray, scales, minima, rows: int, cols: int) -> "Q6Matrix":
+        """The matrix of `packed` (whole blocks, whole steps) and its scales and minima, laid out
+        beside it (scales.py)."""
+        rows_padded, groups = -(-rows // ROWS) * ROWS, _padded(cols) // _group(scales, cols, cls.bits)
         sc = interleave_scales(scales, rows_padded, groups)
         offsets = sc if minima is None else interleave_scales(minima, rows_padded, groups)
-        return cls(interleave(whole), sc, offsets, SIGNED_FACTOR if minima is None else 1.0, rows, cols)
+        return cls(packed, sc, offsets, SIGNED_FACTOR if minima is None else 1.0, rows, cols)
 
     @classmethod
     def array_shapes(cls, rows: int, cols: int, group: int,
                      width: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
         """The shapes of `packed` and of `scales` (and minima) for a rows x cols matrix in groups of
         `group`, held in `width` bits (`bits` unless given)."""
-        blocks, padded = -(-rows // ROWS), -(-cols // WEIGHTS_PER_STEP) * WEIGHTS_PER_STEP
+        blocks, padded = -(-rows // ROWS), _padded(cols)
         return (blocks, padded // GROUP * step_bytes(width or cls.bits)), (blocks, padded // group * ROWS)
 
     def row_major(self, ids: np.ndarray | None = None, raw: bool = False) -> tuple:
