@@ -73,12 +73,49 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class FileRows:
+    """A tensor's bytes in its file as (rows, bytes per row), read when asked for (`rows[a:b]`,
+    `read()`) with pread into arrays of the process's own, never mapped.
+
+    Mapped, a tensor's file pages counted in the process's resident memory, and letting them go
+    (MADV_DONTNEED) did not keep them out: once the page cache holds a file in large folios (as it
+    does once the file has been read, and so on every start after the first), touching one byte maps
+    its whole folio, 1-2 MB, the pages of tensors already let go included (measured: SmolLM2's Q4_1
+    GGUF held 51 MB of its 94 in the process after loading, against 6 MB for a file freshly written).
+    Read, the pages stay in the page cache and out of the process."""
+
+    def __init__(self, file, offset: int, rows: int, row_bytes: int):
+        self._file, self.offset, self.shape = file, offset, (rows, row_bytes)
+        self.nbytes = rows * row_bytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def part(self, first: int, end: int) -> FileRows:
+        """Rows first..end-1 as a tensor of their own, not read."""
+        return FileRows(self._file, self.offset + first * self.shape[1], end - first, self.shape[1])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        first, end, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("FileRows reads a run of rows")
+        return self.part(first, max(first, end)).read()
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        got = os.preadv(self._file.fileno(), [out], self.offset) if out.size else 0
+        if got != out.size:
+            raise ModelFormatError(f"{self._file.name}: {out.size - got} bytes of a tensor at {self.offset} cannot be "
+                                   f"read: the file changed or was truncated")
+        return out
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
     tensor_type: "gguf.GGMLQuantizationType"  # noqa: F821
     shape: tuple[int, ...]  # GGUF order: ne0 (the row length) first
-    data: np.ndarray  # uint8 (rows, bytes per row), a view into the file's mapping
+    data: FileRows  # (rows, bytes per row), read on demand
     offset: int = 0  # of the data in the file
 
 
@@ -88,21 +125,33 @@ _LENGTH = struct.Struct("<Q")  # a string's byte count
 
 
 class GGUFFile:
-    """The header (metadata and tensor index) of a GGUF file, parsed with struct; tensor data mapped.
+    """The header (metadata and tensor index) of a GGUF file, parsed with struct from a mapping of
+    the file that is closed once it is parsed; tensor data read on demand (FileRows).
 
     gguf-py's GGUFReader builds a numpy view per metadata element, which takes seconds for a 50k-token
     vocabulary; this reads the same header in a fraction of that.
     """
 
     def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "rb")
+        try:
+            file_size = os.fstat(self._file.fileno()).st_size
+            if file_size < 4 or self._file.read(4) != b"GGUF":
+                raise ModelFormatError(f"{path}: not a GGUF file")
+            with mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) as header:
+                # unmapped once parsed: its pages (a vocabulary: 1.7 MB of SmolLM2's file) leave the process
+                with memoryview(header) as self._buf:
+                    self._pos = 4
+                    self._parse(file_size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse(self, file_size: int) -> None:
         import gguf
 
-        self.path = path
-        with open(path, "rb") as f:
-            self._map = np.memmap(f, dtype=np.uint8, mode="r") if os.fstat(f.fileno()).st_size else None
-        if self._map is None or bytes(self._map[:4]) != b"GGUF":
-            raise ModelFormatError(f"{path}: not a GGUF file")
-        self._buf, self._pos = memoryview(self._map), 4
+        path = self.path
         version, n_tensors, n_kv = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
         if version not in (2, 3):
             raise UnsupportedModelError(f"{path}: GGUF version {version} (supported: 2, 3)")
@@ -115,9 +164,6 @@ class GGUFFile:
             name, ndim = self._string(), self._unpack("<I")
             shape = tuple(self._unpack("<Q") for _ in range(ndim))
             infos.append((name, self._unpack("<I"), shape, self._unpack("<Q")))
-        # The header's pages, read once (a vocabulary: 1.7 MB of SmolLM2's file), would stay in the
-        # process's resident memory for as long as the file is mapped: let them go.
-        self._map._mmap.madvise(mmap.MADV_DONTNEED, 0, self._pos // mmap.PAGESIZE * mmap.PAGESIZE)
         align = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self._pos // align) * align
         self.tensors = []
@@ -130,21 +176,9 @@ class GGUFFile:
             rows = int(np.prod(shape[1:], dtype=np.int64))
             row_bytes = shape[0] // block * size
             begin = data_start + offset
-            if begin + rows * row_bytes > len(self._map):
+            if begin + rows * row_bytes > file_size:
                 raise ModelFormatError(f"{path}: tensor {name} lies past the end of the file: truncated")
-            data = self._map[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
-            self.tensors.append(GGUFTensor(name, qtype, shape, data, begin))
-
-    def release(self, t: GGUFTensor, rows: tuple[int, int] | None = None) -> None:
-        """Drop the mapping's pages of a tensor already copied out, or of its rows `rows` (first,
-        end): they would count in the process's resident memory beside the copy (the file stays
-        mapped read-only; a page read in again if touched, as one shared with the next rows is)."""
-        begin, end = t.offset, t.offset + t.data.nbytes
-        if rows is not None:
-            row_bytes = t.data.nbytes // t.data.shape[0]
-            begin, end = t.offset + rows[0] * row_bytes, min(end, t.offset + rows[1] * row_bytes)
-        first = begin // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
+            self.tensors.append(GGUFTensor(name, qtype, shape, FileRows(self._file, begin, rows, row_bytes), begin))
 
     def value(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -276,7 +310,7 @@ class GGUFSource(WeightSource):
             t = self._tensors.pop(name)
             for part, r0, r1 in split_fused(name, self.config):
                 self._tensors[part] = GGUFTensor(
-                    t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data[r0:r1], t.offset + r0 * t.data.shape[1])
+                    t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data.part(r0, r1), t.offset + r0 * t.data.shape[1])
 
     def _family_options(self, arch: str, hidden: int, layers: int) -> dict:
         """Gemma 3's and Phi-3's options; Gemma's GGUF stores norm weights with the + 1 already added."""
@@ -301,7 +335,7 @@ class GGUFSource(WeightSource):
             if len(factors) != 2:
                 raise ModelFormatError(f"{self.path}: LongRoPE needs both {ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT}")
             scaling = {"rope_type": "longrope", "attention_factor": self._reader.value(f"{arch}.rope.scaling.attn_factor"),
-                       **{key: gguf.quants.dequantize(factors[name].data, factors[name].tensor_type).reshape(-1).tolist()
+                       **{key: gguf.quants.dequantize(factors[name].data.read(), factors[name].tensor_type).reshape(-1).tolist()
                           for key, name in (("long_factor", ROPE_FACTORS_LONG), ("short_factor", ROPE_FACTORS_SHORT))}}
             return {**scaling, **longrope_attention(scaling, self._reader.value(f"{arch}.context_length"),
                                                     self._reader.value(f"{arch}.rope.scaling.original_context_length"))}
@@ -329,14 +363,12 @@ class GGUFSource(WeightSource):
 
         t = self._tensors[name]
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.stored_shape(name))
+            w = gguf.quants.dequantize(t.data.read(), t.tensor_type).reshape(self.stored_shape(name))
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
         w = np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
-        if np.may_share_memory(w, t.data):  # an F32 tensor: a copy, not a view whose pages map the file
-            w = w.copy()                       # (a large folio around it: 40 MB of SmolLM2's Q4_K_M file)
-            w.flags.writeable = False          # read-only as the view was: the kernels' compiled types
-        self._reader.release(t)
+        if t.tensor_type.name == "F32":  # read-only, as the single file's (mapped) tensors are: the
+            w.flags.writeable = False      # kernels compiled for a model's norms take one array type
         return w
 
     def quantized(self, name: str) -> Matrix | None:
@@ -345,18 +377,17 @@ class GGUFSource(WeightSource):
         if kind not in DECODERS or len(t.shape) != 2:
             return None
         rows, cols = self.stored_shape(name)
-        matrix = gguf_matrix(kind, self._in_hf_row_order(name, np.asarray(t.data).reshape(rows, -1)), cols,
-                             lambda first, end: self._reader.release(t, (first, end)))
-        self._reader.release(t)
-        return matrix
+        data = self._in_hf_row_order(name, t.data.read()) if self._permutes(name) else t.data  # (whole, or by slabs)
+        return gguf_matrix(kind, data, cols)
+
+    def _permutes(self, name: str) -> bool:
+        return self._permuted and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
 
     def _in_hf_row_order(self, name: str, w: np.ndarray) -> np.ndarray:
         """Undo llama.cpp's Q/K row permutation (of values, or of whole rows of blocks)."""
-        if self._permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            return unpermute_rope_rows(w, self.config.num_heads)
-        if self._permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            return unpermute_rope_rows(w, self.config.num_kv_heads)
-        return w
+        if not self._permutes(name):
+            return w
+        return unpermute_rope_rows(w, self.config.num_heads if ".q_proj." in name else self.config.num_kv_heads)
 
     def storable_type(self, name: str) -> str:
         return "F16" if self.stored_type(name) == "F16" else "F32"

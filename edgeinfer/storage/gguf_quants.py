@@ -192,20 +192,17 @@ def decode_rows(kind: str, data: np.ndarray, cols: int) -> Decoded:
     return values.reshape(rows, -1), by_row(scales), None if minima is None else by_row(minima)
 
 
-def gguf_matrix(kind: str, data: np.ndarray, cols: int, decoded: Callable[[int, int], None] | None = None) -> Matrix:
+def gguf_matrix(kind: str, data, cols: int) -> Matrix:
     """A GGUF tensor of a type in DECODERS as the kernels' matrix, decoded a slab of rows at a time
     (whole 16-row blocks), each slab's blocks copied into the matrix's one array as they come: the
     slabs are never held all at once beside it (a 128k-row head would be held twice at load).
-    `decoded(first, end)` is told each slab's rows once they are read, so that the file's pages of
-    them can go at once (Gemma 3's 170 MB embedding: its file pages beside its copy were most of
-    the load's peak, 101 MB above what the model then holds)."""
+    `data`: the blocks (rows, bytes per row), an array or anything that reads a run of its rows when
+    sliced (gguf.FileRows: then only a slab of the file is ever in the process beside the matrix)."""
     bits, rows = DECODERS[kind][2], data.shape[0]
     step = max(ROWS, SLAB_WEIGHTS // cols // ROWS * ROWS)
     packed, slabs = None, []
     for r in range(0, rows, step):
         values, scales, minima = decode_rows(kind, data[r:r + step], cols)
-        if decoded is not None:
-            decoded(r, min(r + step, rows))
         if bits == 4:
             slab = Q4Matrix.from_rows(values, scales, minima, lookup=kind in LOOKUP_TYPES)
         elif kind in LAID_OUT_TYPES:
