@@ -172,6 +172,7 @@ def test_gguf_tokenizer_matches_trained_tokenizer(tiny_gguf, tokenizer_json):
     ref = HFTokenizer.from_str(tokenizer_json)
     source = open_model(str(tiny_gguf))
     assert source.tokenizer.built is not None  # built once, from the vocabulary: Tokenizer takes it as it is
+    assert not {"tokenizer.ggml.tokens", "tokenizer.ggml.merges"} & set(source._reader.metadata)  # not held twice
     tok = Tokenizer(source.tokenizer)
     rebuilt = Tokenizer(replace(source.tokenizer, built=None))  # as a converted file's start builds it
     assert source.tokenizer.eos_ids[0] == 2 and source.tokenizer.add_bos is False

@@ -183,7 +183,15 @@ class GGUFFile:
     def value(self, key: str, default=None):
         return self.metadata.get(key, default)
 
-    def vocab(self) -> GGUFVocab:
+    def take_vocab(self) -> GGUFVocab:
+        """The vocabulary, its arrays taken out of the metadata: built into a tokenizer, they are
+        garbage (SmolLM2's tokens and merges: 6 MB of Python strings, held through a load's peak)."""
+        vocab = self._vocab()
+        for key in ("tokens", "token_type", "scores", "merges"):
+            self.metadata.pop(f"tokenizer.ggml.{key}", None)
+        return vocab
+
+    def _vocab(self) -> GGUFVocab:
         v = lambda key, default=None: self.value(f"tokenizer.ggml.{key}", default)  # noqa: E731
         return GGUFVocab(
             model=v("model", ""), pre=v("pre", "default"), tokens=v("tokens", []), token_types=v("token_type", []),
@@ -241,7 +249,7 @@ class GGUFFile:
 
 def read_gguf_tokenizer(path: str) -> TokenizerSpec:
     """The tokenizer of any GGUF file, whether or not its architecture runs here."""
-    return spec_from_gguf_vocab(GGUFFile(path).vocab())
+    return spec_from_gguf_vocab(GGUFFile(path).take_vocab())
 
 
 class GGUFSource(WeightSource):
@@ -266,7 +274,7 @@ class GGUFSource(WeightSource):
             self._tensors[name] = t
         self.config = self._config(arch)
         self._split_fused()
-        self.tokenizer = spec_from_gguf_vocab(self._reader.vocab())
+        self.tokenizer = spec_from_gguf_vocab(self._reader.take_vocab())
         if self.tokenizer.chat_template is None and arch in FAMILY_TEMPLATES:
             self.tokenizer = dataclasses.replace(self.tokenizer, chat_template=FAMILY_TEMPLATES[arch])
 
