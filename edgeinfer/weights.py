@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import typeof
 
 from .layers import Linear, QuantLinear, load_linear
 from .run_path import RunPath
@@ -61,6 +62,41 @@ class LayerWeights:
                 (self.window, self.gelu, float(self.attention_scale)))
 
 
+def one_decode_type(layers: list[tuple | None]) -> list[tuple | None]:
+    """The layers' fused-kernel arguments (decode_args) with each matrix slot whose type differs
+    between layers (a file mixing quant types by layer) as its alternatives: a tuple of one matrix
+    per type, the layer's own in its place and the others empty (kernels/decode_layer.each_matrix).
+    Then every layer has one type, and one decode layer is compiled and loaded for the model."""
+    if any(args is None for args in layers):
+        return layers
+    slots = []
+    for j in range(len(layers[0][1])):
+        kinds = {}  # a type -> a matrix of it with no rows
+        for args in layers:
+            kinds.setdefault(typeof(args[1][j]), _no_rows(args[1][j]))
+        slots.append(kinds)
+    if all(len(kinds) == 1 for kinds in slots):
+        return layers
+
+    def slot(m, kinds):
+        if len(kinds) == 1:
+            return m
+        own = typeof(m)
+        return tuple(m if t == own else empty for t, empty in kinds.items())
+    return [(norms, tuple(slot(m, kinds) for m, kinds in zip(matrices, slots)), biases, options)
+            for norms, matrices, biases, options in layers]
+
+
+def _no_rows(value):
+    """A matrix's kernel arguments with every array cut to no rows (its other fields as they are):
+    the same Numba type as the matrix's."""
+    if isinstance(value, np.ndarray) and value.ndim:
+        return value[:0]
+    if isinstance(value, tuple):
+        return type(value)(*map(_no_rows, value)) if hasattr(value, "_fields") else tuple(map(_no_rows, value))
+    return value
+
+
 class ResidentWeights:
     """Every layer in memory, loaded once; without embedding and head for a layers-only source (a
     cluster worker's share: the master keeps them)."""
@@ -71,7 +107,7 @@ class ResidentWeights:
         self.layers = [LayerWeights.load(source, i, q, bits) for i in range(c.num_layers)]
         self._head = None if c.layers_only else self.embedding if c.tie_embeddings else \
             load_linear(source, output_weight(c), q, bits)
-        self._decode_args = [layer.decode_args() for layer in self.layers]
+        self._decode_args = one_decode_type([layer.decode_args() for layer in self.layers])
 
     def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
         return self.layers[i], self._decode_args[i]

@@ -28,11 +28,32 @@ def _model(tmp_path, tokenizer_json, kind: str) -> Model:
     arch, q8_cache = kind.split("-")[0], kind.endswith("q8_0-cache")
     heads = {"num_attention_heads": 2, "num_key_value_heads": 1} if q8_cache else {}  # q8_0: 32 per head
     hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch, **heads)
-    return Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, PROJECTIONS, arch))),
+    types = {**LAYERED, **PROJECTIONS} if kind.endswith("layered") else PROJECTIONS
+    return Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, types, arch))),
                  quantized=True, cache_type="q8_0" if q8_cache else "f16")
 
 
-@pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load", "llama-q4-q8_0-cache"])
+# Projections whose type differs between layers, as llama.cpp's mixes hold some layers' ffn_down
+# or attn_v in a wider type: each slot's alternatives in the fused kernels (weights.one_decode_type).
+LAYERED = {"blk.1.ffn_down.weight": "Q8_0", "blk.0.attn_v.weight": "Q5_0"}
+
+
+def test_layers_of_different_types_pass_the_fused_kernels_one_type(tmp_path, tokenizer_json):
+    from numba import typeof
+
+    hf = make_hf_model(tmp_path / "llama", tokenizer_json)
+    source = open_model(str(write_gguf(tmp_path / "layered.gguf", hf, tokenizer_json, {**LAYERED, **PROJECTIONS})))
+    model = Model(source, quantized=True)
+    stored = lambda i, name: source.stored_type(f"model.layers.{i}.{name}.weight")  # noqa: E731
+    assert stored(0, "mlp.down_proj") != stored(1, "mlp.down_proj") and stored(0, "self_attn.v_proj") != stored(1, "self_attn.v_proj")
+    layers = [model.weights.layer(i)[1] for i in range(model.config.num_layers)]
+    assert len({typeof(args) for args in layers}) == 1  # one decode layer compiles for them all
+    q, k, v, o, gate, up, down = layers[0][1]
+    assert len(v) == len(down) == 2 and [m[2].shape[0] == 0 for m in down] == [False, True]
+    assert [m[2].shape[0] == 0 for m in layers[1][1][6]] == [True, False] and len(q) == 6  # q: one matrix
+
+
+@pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load", "llama-q4-q8_0-cache", "llama-layered"])
 def test_batched_decode_rows_equal_each_sequence_alone(tmp_path, tokenizer_json, kind):
     """Model.decode_batch reads each weight once for all rows; every row's logits equal, bit for bit,
     those of its sequence decoded alone, whichever sequences share the step."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
-from numba import njit
+from numba import literal_unroll, njit, types
 from numba.extending import overload
 
 from .activations import Q8Activations, _quantize
@@ -67,12 +67,31 @@ def quantize(x, xq, span):
 def project(m, x, xq, held, out):
     """out = m x, with x quantised into xq at the matrix's activation span unless xq holds it so
     already (`held`: the span xq holds, 0 for none; the one returned). Projections of one input
-    (q, k, v; gate, up) share the quantising unless their types differ (a K-quant beside Q8_0)."""
-    span = m[1]
-    if span != held:
-        quantize(x, xq, span)
-    matvec(m, xq, out)
-    return span
+    (q, k, v; gate, up) share the quantising unless their types differ (a K-quant beside Q8_0).
+    `m` may be a matrix slot's alternatives (each_matrix): the one with rows runs."""
+    for one in literal_unroll(each_matrix(m)):
+        if one[2].shape[0]:
+            span = one[1]
+            if span != held:
+                quantize(x, xq, span)
+            matvec(one, xq, out)
+            held = span
+    return held
+
+
+def each_matrix(m):
+    """A matrix slot of a layer as a tuple of matrices: (m,), or m itself when it is the slot's
+    alternatives, one matrix per kind with all but one empty. A model whose layers differ in a
+    matrix's kind (IQ4_NL files hold some layers' ffn_down as Q5_K) passes every layer that way
+    (weights.one_decode_type), so one compiled decode layer runs them all: a second one cost
+    1-2.5 MB resident (its machine code, MCJIT's copy of it and their bookkeeping, measured)."""
+
+
+@overload(each_matrix)
+def _each_matrix(m):
+    if isinstance(m, types.BaseTuple) and isinstance(m[0], types.BaseTuple):  # (a matrix's first field: its kind)
+        return lambda m: m
+    return lambda m: (m,)
 
 
 # A matrix's GEMV and GEMM by its kind (kinds.py): each compiled decode layer holds the kernels of
@@ -242,12 +261,15 @@ def quantize_row(x, xq, r, span):
 @njit(cache=True)
 def project_rows(m, x, xq, held, out):
     """project() for every row of x."""
-    span = m[1]
-    if span != held:
-        for r in range(x.shape[0]):
-            quantize_row(x, xq, r, span)
-    matmul(m, xq, out)
-    return span
+    for one in literal_unroll(each_matrix(m)):
+        if one[2].shape[0]:
+            span = one[1]
+            if span != held:
+                for r in range(x.shape[0]):
+                    quantize_row(x, xq, r, span)
+            matmul(one, xq, out)
+            held = span
+    return held
 
 
 @njit(cache=True)
