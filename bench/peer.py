@@ -15,18 +15,28 @@ PEER_VERSION = "0.3.36"
 PEER_HOME = Path(os.environ.get("EDGEINFER_PEER_HOME") or Path.home() / ".cache" / "edgeinfer-peer")
 
 
+# Native, but without AMX: a VM may advertise it (CPUID, /proc/cpuinfo) and still fault on its first
+# tile instruction (seen here: SIGILL on `tilezero` in libggml-cpu at the first eval, with the
+# kernel granting the tile permission). GCC keeps an explicit -mno-* over -march=native's set.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS = f"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='{NO_AMX}' -DCMAKE_CXX_FLAGS='{NO_AMX}'"
+
+
 def peer_python() -> Path:
-    """The peer venv's python, building llama-cpp-python into it first if needed."""
-    python = PEER_HOME / "venv" / "bin" / "python"
+    """The peer venv's python, building llama-cpp-python into it first if needed (or again, if it
+    was built with other CMAKE_ARGS)."""
+    python, built = PEER_HOME / "venv" / "bin" / "python", PEER_HOME / "venv" / "edgeinfer-cmake-args"
     check = [str(python), "-c", f"import llama_cpp; assert llama_cpp.__version__ == '{PEER_VERSION}'"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    if python.exists() and built.exists() and built.read_text() == CMAKE_ARGS and \
+            subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    print(f"building llama-cpp-python=={PEER_VERSION} (GGML_NATIVE, about 10 minutes, once) in {PEER_HOME}",
+    print(f"building llama-cpp-python=={PEER_VERSION} ({CMAKE_ARGS}, about 10 minutes, once) in {PEER_HOME}",
           file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(PEER_HOME / "venv")], check=True)
-    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_HOME / "venv")], check=True)
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     subprocess.run([str(python), "-m", "pip", "install", "--no-cache-dir", f"llama-cpp-python=={PEER_VERSION}"],
                    check=True, env=env)
+    built.write_text(CMAKE_ARGS)
     return python
 
 
