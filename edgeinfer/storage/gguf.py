@@ -103,10 +103,13 @@ class FileRows:
 
     def read(self) -> np.ndarray:
         out = np.empty(self.shape, np.uint8)
-        got = os.preadv(self._file.fileno(), [out], self.offset) if out.size else 0
-        if got != out.size:
-            raise ModelFormatError(f"{self._file.name}: {out.size - got} bytes of a tensor at {self.offset} cannot be "
-                                   f"read: the file changed or was truncated")
+        view, got = memoryview(out.reshape(-1)), 0
+        while got < out.size:  # (Linux reads at most 2 GB a call: an F16 embedding of a large model is more)
+            step = os.preadv(self._file.fileno(), [view[got:]], self.offset + got)
+            if step == 0:
+                raise ModelFormatError(f"{self._file.name}: {out.size - got} bytes of a tensor at {self.offset} "
+                                       f"cannot be read: the file changed or was truncated")
+            got += step
         return out
 
 
