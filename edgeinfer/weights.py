@@ -67,24 +67,22 @@ def one_decode_type(layers: list[tuple | None]) -> list[tuple | None]:
     between layers (a file mixing quant types by layer) as its alternatives: a tuple of one matrix
     per type, the layer's own in its place and the others empty (kernels/decode_layer.each_matrix).
     Then every layer has one type, and one decode layer is compiled and loaded for the model."""
-    if any(args is None for args in layers):
+    if not layers or any(args is None for args in layers):
         return layers
-    slots = []
-    for j in range(len(layers[0][1])):
-        kinds = {}  # a type -> a matrix of it with no rows
-        for args in layers:
-            kinds.setdefault(typeof(args[1][j]), _no_rows(args[1][j]))
+    types = [[typeof(m) for m in args[1]] for args in layers]
+    slots = []  # per slot: each type of it (in the order first met) -> a matrix of it with no rows
+    for j in range(len(types[0])):
+        kinds = {}
+        for args, own in zip(layers, types):
+            kinds.setdefault(own[j], _no_rows(args[1][j]))
         slots.append(kinds)
     if all(len(kinds) == 1 for kinds in slots):
         return layers
 
-    def slot(m, kinds):
-        if len(kinds) == 1:
-            return m
-        own = typeof(m)
-        return tuple(m if t == own else empty for t, empty in kinds.items())
-    return [(norms, tuple(slot(m, kinds) for m, kinds in zip(matrices, slots)), biases, options)
-            for norms, matrices, biases, options in layers]
+    def slot(m, own, kinds):
+        return m if len(kinds) == 1 else tuple(m if t == own else empty for t, empty in kinds.items())
+    return [(norms, tuple(slot(m, t, kinds) for m, t, kinds in zip(matrices, own, slots)), biases, options)
+            for (norms, matrices, biases, options), own in zip(layers, types)]
 
 
 def _no_rows(value):

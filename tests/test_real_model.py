@@ -306,7 +306,7 @@ def test_a_gguf_header_leaves_no_pages_in_the_process(smollm2_gguf):
     from conftest import mappings
 
     source = open_model(str(smollm2_gguf))
-    header = min(t.offset for t in source._reader.tensors)
+    header = min(t.data.offset for t in source._reader.tensors)
     assert header > 1 << 20 and source.tokenizer.data
     resident_kb = sum(int(stats["Rss:"]) for path, _, stats in mappings() if path == str(smollm2_gguf))
     assert resident_kb < 64, resident_kb

@@ -88,9 +88,6 @@ class FileRows:
         self._file, self.offset, self.shape = file, offset, (rows, row_bytes)
         self.nbytes = rows * row_bytes
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def part(self, first: int, end: int) -> FileRows:
         """Rows first..end-1 as a tensor of their own, not read."""
         return FileRows(self._file, self.offset + first * self.shape[1], end - first, self.shape[1])
@@ -118,8 +115,7 @@ class GGUFTensor:
     name: str
     tensor_type: "gguf.GGMLQuantizationType"  # noqa: F821
     shape: tuple[int, ...]  # GGUF order: ne0 (the row length) first
-    data: FileRows  # (rows, bytes per row), read on demand
-    offset: int = 0  # of the data in the file
+    data: FileRows  # (rows, bytes per row), read on demand; data.offset: where in the file
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -181,7 +177,7 @@ class GGUFFile:
             begin = data_start + offset
             if begin + rows * row_bytes > file_size:
                 raise ModelFormatError(f"{path}: tensor {name} lies past the end of the file: truncated")
-            self.tensors.append(GGUFTensor(name, qtype, shape, FileRows(self._file, begin, rows, row_bytes), begin))
+            self.tensors.append(GGUFTensor(name, qtype, shape, FileRows(self._file, begin, rows, row_bytes)))
 
     def value(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -320,8 +316,7 @@ class GGUFSource(WeightSource):
         for name in [n for n in self._tensors if split_fused(n, self.config)]:
             t = self._tensors.pop(name)
             for part, r0, r1 in split_fused(name, self.config):
-                self._tensors[part] = GGUFTensor(
-                    t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data.part(r0, r1), t.offset + r0 * t.data.shape[1])
+                self._tensors[part] = GGUFTensor(t.name, t.tensor_type, (t.shape[0], r1 - r0), t.data.part(r0, r1))
 
     def _family_options(self, arch: str, hidden: int, layers: int) -> dict:
         """Gemma 3's and Phi-3's options; Gemma's GGUF stores norm weights with the + 1 already added."""
