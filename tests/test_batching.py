@@ -22,15 +22,19 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def _model(tmp_path, tokenizer_json, kind: str) -> Model:
+    return _model_and_source(tmp_path, tokenizer_json, kind)[0]
+
+
+def _model_and_source(tmp_path, tokenizer_json, kind: str):
     if kind == "gemma3-q8-at-load":  # local layers, q/k and output norms, GELU; 8-bit matrices
-        return Model(open_model(str(make_hf_model(tmp_path / kind, tokenizer_json, arch="gemma3",
-                                                  sliding_window=4))), quantized=True)
+        source = open_model(str(make_hf_model(tmp_path / kind, tokenizer_json, arch="gemma3", sliding_window=4)))
+        return Model(source, quantized=True), source
     arch, q8_cache = kind.split("-")[0], kind.endswith("q8_0-cache")
     heads = {"num_attention_heads": 2, "num_key_value_heads": 1} if q8_cache else {}  # q8_0: 32 per head
     hf = make_hf_model(tmp_path / arch, tokenizer_json, arch=arch, **heads)
     types = {**LAYERED, **PROJECTIONS} if kind.endswith("layered") else PROJECTIONS
-    return Model(open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, types, arch))),
-                 quantized=True, cache_type="q8_0" if q8_cache else "f16")
+    source = open_model(str(write_gguf(tmp_path / f"{arch}.gguf", hf, tokenizer_json, types, arch)))
+    return Model(source, quantized=True, cache_type="q8_0" if q8_cache else "f16"), source
 
 
 # Projections whose type differs between layers, as llama.cpp's mixes hold some layers' ffn_down
@@ -41,9 +45,7 @@ LAYERED = {"blk.1.ffn_down.weight": "Q8_0", "blk.0.attn_v.weight": "Q5_0"}
 def test_layers_of_different_types_pass_the_fused_kernels_one_type(tmp_path, tokenizer_json):
     from numba import typeof
 
-    hf = make_hf_model(tmp_path / "llama", tokenizer_json)
-    source = open_model(str(write_gguf(tmp_path / "layered.gguf", hf, tokenizer_json, {**LAYERED, **PROJECTIONS})))
-    model = Model(source, quantized=True)
+    model, source = _model_and_source(tmp_path, tokenizer_json, "llama-layered")
     stored = lambda i, name: source.stored_type(f"model.layers.{i}.{name}.weight")  # noqa: E731
     assert stored(0, "mlp.down_proj") != stored(1, "mlp.down_proj") and stored(0, "self_attn.v_proj") != stored(1, "self_attn.v_proj")
     layers = [model.weights.layer(i)[1] for i in range(model.config.num_layers)]
