@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arm_runs import arm_runs, arm_shared, arm_tiny_q4  # noqa: F401 (fixtures)
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -32,6 +34,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("aarch64") is not None)  # last: arm_runs.py
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emulated_arm_beside(request):
+    """When the session runs tests/test_aarch64.py, its emulated processes start with the session and
+    run beside the other tests, at low priority (tests/arm_runs.py); its tests come last."""
+    if any(item.get_closest_marker("aarch64") for item in request.session.items):
+        request.getfixturevalue("arm_runs")
 
 
 def varied_lines(n: int, seed: int = 0) -> list[str]:
