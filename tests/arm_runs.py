@@ -10,7 +10,9 @@ timeouts), and the aarch64 tests run last (conftest.py orders them so) and take 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,9 +34,34 @@ CPUS = {"neoverse-n2": ("neon-i8mm", KERNEL_TESTS, True), "cortex-a72": ("neon",
         "neoverse-n1": ("neon-dotprod", DOT_TESTS, False), "generic": ("neon", [], False)}
 
 
+_running: set[subprocess.Popen] = set()  # what the session's end stops (arm_runs)
+_ended = threading.Event()
+
+
 def emulated(cpu: str, *command: str, share: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["nice", "-n", "19", SCRIPT, cpu, *command], capture_output=True, text=True, timeout=3000,
-                          env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)})
+    """`command` on an emulated `cpu`, at the lowest priority; stopped if the session ends first (a
+    run stopped early, by -x or Ctrl+C, does not wait an hour for emulation nobody will read)."""
+    if _ended.is_set():
+        raise RuntimeError("the test session ended before this emulated run started")
+    with subprocess.Popen(["nice", "-n", "19", SCRIPT, cpu, *command], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)}) as run:
+        _running.add(run)
+        try:
+            out, err = run.communicate(timeout=3000)
+        except subprocess.TimeoutExpired:
+            _stop(run)
+            raise
+        finally:
+            _running.discard(run)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, err)
+
+
+def _stop(run: subprocess.Popen) -> None:
+    try:
+        os.killpg(run.pid, signal.SIGKILL)  # its own group: the script execs its way to qemu
+    except ProcessLookupError:
+        pass
 
 
 def kernel_tests(cpu: str, files: list[str], share: Path) -> subprocess.CompletedProcess:
@@ -93,4 +120,10 @@ def arm_runs(arm_shared, arm_tiny_q4) -> dict[str, tuple[list[Future], Future]]:
                  for cpu, (_, tests, _) in CPUS.items() if SPLIT in tests}
         rest = {cpu: pool.submit(once_set_up, rest_then_probe, cpu, [f for f in tests if f != SPLIT], arm_shared,
                                  arm_tiny_q4) for cpu, (_, tests, _) in CPUS.items()}
-        yield {cpu: ([*([split[cpu]] if cpu in split else []), rest[cpu]], rest[cpu]) for cpu in CPUS}
+        try:
+            yield {cpu: ([*([split[cpu]] if cpu in split else []), rest[cpu]], rest[cpu]) for cpu in CPUS}
+        finally:  # all done when the aarch64 tests ran; else nothing waits for these
+            _ended.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for run in list(_running):
+                _stop(run)
