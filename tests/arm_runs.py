@@ -35,25 +35,29 @@ CPUS = {"neoverse-n2": ("neon-i8mm", KERNEL_TESTS, True), "cortex-a72": ("neon",
 
 
 _running: set[subprocess.Popen] = set()  # what the session's end stops (arm_runs)
-_ended = threading.Event()
+_ended = False
+_lock = threading.Lock()  # a process starts before the end, and is stopped, or not at all
 
 
 def emulated(cpu: str, *command: str, share: Path) -> subprocess.CompletedProcess:
     """`command` on an emulated `cpu`, at the lowest priority; stopped if the session ends first (a
     run stopped early, by -x or Ctrl+C, does not wait an hour for emulation nobody will read)."""
-    if _ended.is_set():
-        raise RuntimeError("the test session ended before this emulated run started")
-    with subprocess.Popen(["nice", "-n", "19", SCRIPT, cpu, *command], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)}) as run:
+    with _lock:
+        if _ended:
+            raise RuntimeError("the test session ended before this emulated run started")
+        run = subprocess.Popen(["nice", "-n", "19", SCRIPT, cpu, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)})
         _running.add(run)
+    with run:
         try:
             out, err = run.communicate(timeout=3000)
         except subprocess.TimeoutExpired:
             _stop(run)
             raise
         finally:
-            _running.discard(run)
+            with _lock:
+                _running.discard(run)
     return subprocess.CompletedProcess(run.args, run.returncode, out, err)
 
 
@@ -106,6 +110,7 @@ def arm_tiny_q4(arm_shared, tiny_hf) -> Path:
 @pytest.fixture(scope="session")
 def arm_runs(arm_shared, arm_tiny_q4) -> dict[str, tuple[list[Future], Future]]:
     """Per CPU: (its kernel test processes, the process running its probe), running."""
+    global _ended
     with ThreadPoolExecutor(max_workers=1) as setting_up, ThreadPoolExecutor(max_workers=2) as pool:
         # the userland and wheels, once, before runs side by side
         setup = setting_up.submit(emulated, "cortex-a72", "true", share=arm_shared)
@@ -123,7 +128,8 @@ def arm_runs(arm_shared, arm_tiny_q4) -> dict[str, tuple[list[Future], Future]]:
         try:
             yield {cpu: ([*([split[cpu]] if cpu in split else []), rest[cpu]], rest[cpu]) for cpu in CPUS}
         finally:  # all done when the aarch64 tests ran; else nothing waits for these
-            _ended.set()
             pool.shutdown(wait=False, cancel_futures=True)
-            for run in list(_running):
-                _stop(run)
+            with _lock:
+                _ended = True
+                for run in _running:
+                    _stop(run)
