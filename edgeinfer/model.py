@@ -142,9 +142,9 @@ class Model:
         return rows * np.float32(self.config.embed_scale) if self.config.embed_scale != 1.0 else rows
 
     def logits(self, h: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        h = h if all_logits else h[-1:]
-        logits = self.weights.head()(rmsnorm(h, self.norm, self.config.rms_norm_eps))
-        self.weights.done(HEAD)
+        """The last row's logits, or every row's (all_logits), in one block."""
+        rows = h if all_logits else h[-1:]
+        (logits,) = self.logit_blocks(rows, max(rows.shape[0], 1))
         return logits if all_logits else logits[0]
 
     def logit_blocks(self, h: np.ndarray, rows: int) -> Iterator[np.ndarray]:
@@ -153,7 +153,7 @@ class Model:
         window of Gemma's 262k pieces."""
         head = self.weights.head()
         try:
-            for r in range(0, h.shape[0], rows):
+            for r in range(0, max(h.shape[0], 1), rows):  # no rows: one empty block
                 yield head(rmsnorm(h[r:r + rows], self.norm, self.config.rms_norm_eps))
         finally:
             self.weights.done(HEAD)

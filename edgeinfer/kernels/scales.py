@@ -103,8 +103,9 @@ def deinterleave_scales(s, rows: int, groups: int, ids: np.ndarray | None = None
 
 def activation_span(s) -> int:
     """Values per activation scale for a matrix with scales `s`: 256 for a K-quant's (SuperScales),
-    as llama.cpp quantises the activations of its K-quant dot products (Q8_K), so that a file's
-    output is llama.cpp's; 32 otherwise (Q8_0's blocks)."""
+    as llama.cpp quantises the activations of its K-quant dot products (Q8_K): the same rounding of
+    the inputs, not the same sums' order, so outputs stay close to llama.cpp's rather than equal
+    (greedy tokens and perplexity against it: bench/RESULTS.md); 32 otherwise (Q8_0's blocks)."""
     return SUPER if isinstance(s, SuperScales) else 32
 
 

@@ -29,7 +29,7 @@ from ..kernels.q4 import IQ4_FACTOR, Q4Matrix
 from ..kernels.q6 import Q2Matrix, Q3Matrix, Q5Matrix, Q6Matrix
 from ..kernels.q8 import Q8Matrix
 from ..kernels.scales import ROWS, SUPER, SuperScales, scale_values
-from .safetensors import TensorEntry
+from .safetensors import DTYPES, TensorEntry
 
 Matrix = Q2Matrix | Q3Matrix | Q4Matrix | Q5Matrix | Q6Matrix | Q8Matrix
 MATRIX_TYPES = {2: Q2Matrix, 3: Q3Matrix, 4: Q4Matrix, 5: Q5Matrix, 6: Q6Matrix, 8: Q8Matrix}
@@ -175,6 +175,12 @@ def matrix_from_parts(kind: str, rows: int, cols: int, parts: list[np.ndarray], 
     return m.narrowed() if layout.width else m
 
 
+def empty_matrix(kind: str, cols: int) -> Matrix:
+    """A matrix of layout `kind` with no rows: the kernels' types of every matrix of that layout."""
+    parts = [np.zeros(e.shape, DTYPES[e.dtype]) for e in part_entries("", kind, 0, cols)]
+    return matrix_from_parts(kind, 0, cols, parts, copy=False)
+
+
 def fits(m: Matrix, kind: str) -> bool:
     """Whether `m` can be stored in layout `kind` as it is (lossless)."""
     layout = layout_of(kind)
@@ -197,13 +203,16 @@ def read_index(metadata: dict[str, str], path: str) -> dict[str, tuple[str, int,
     """The file's quantised matrices: NAME -> (type, rows, cols); a format 6 file's 2- and 3-bit
     layouts named as held in nibbles (-w4), as that format held them."""
     try:
-        index = json.loads(metadata.get("quantized", "{}"))
-        index = {name: (str(k), int(r), int(c)) for name, (k, r, c) in index.items() if layout_of(str(k))}
-    except (ValueError, TypeError):
+        listed = [(name, str(k), int(r), int(c)) for name, (k, r, c) in
+                  json.loads(metadata.get("quantized", "{}")).items()]
+    except (ValueError, TypeError, AttributeError):  # not JSON, not an object, entries not triples
         raise ModelFormatError(f"{path}: the metadata's list of quantised tensors is malformed") from None
-    if metadata.get("format_version") == "6":
-        held = lambda k: replace(layout_of(k), width=4).name if layout_of(k).bits in (2, 3) else k  # noqa: E731
-        index = {name: (held(k), r, c) for name, (k, r, c) in index.items()}
+    format6 = metadata.get("format_version") == "6"
+    index = {}
+    for name, k, r, c in listed:
+        layout = layout_of(k)
+        if layout:
+            index[name] = (replace(layout, width=4).name if format6 and layout.bits in (2, 3) else k, r, c)
     return index
 
 
