@@ -11,11 +11,14 @@ from numba import typeof
 from .layers import Linear, QuantLinear, load_linear
 from .run_path import RunPath
 from .storage.layer_stream import LayerStream, StreamedRows
+from .storage.quantize import empty_matrix
 from .storage.single import SingleFileSource
 from .storage.source import WeightSource
 from .storage.tensor_names import EMBEDDING_WEIGHT, HEAD, layer_norm_names, layer_prefix, output_weight
 
 _NONE = np.zeros(0, np.float32)  # what the fused kernel takes for a norm or bias the layer lacks
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")  # the decode kernel's order
 
 
 @dataclass
@@ -40,12 +43,11 @@ class LayerWeights:
     @classmethod
     def load(cls, source: WeightSource, i: int, quantized: bool, load_bits: int | None = None) -> "LayerWeights":
         c, p = source.config, layer_prefix(i)
-        lin = lambda name: load_linear(source, f"{p}{name}.weight", quantized, load_bits)  # noqa: E731
+        q, k, v, o, gate, up, down = (load_linear(source, f"{p}{name}.weight", quantized, load_bits)
+                                      for name in PROJECTIONS)
         norm = lambda role: source.float32(p + n) if (n := layer_norm_names(c)[role]) else None  # noqa: E731
-        return cls(attn_norm=norm("attn"), q=lin("self_attn.q_proj"), k=lin("self_attn.k_proj"),
-                   v=lin("self_attn.v_proj"), o=lin("self_attn.o_proj"), mlp_norm=norm("mlp"),
-                   gate=lin("mlp.gate_proj"), up=lin("mlp.up_proj"), down=lin("mlp.down_proj"), q_norm=norm("q"),
-                   k_norm=norm("k"), post_attn_norm=norm("post_attn"), post_mlp_norm=norm("post_mlp"),
+        return cls(attn_norm=norm("attn"), q=q, k=k, v=v, o=o, mlp_norm=norm("mlp"), gate=gate, up=up, down=down,
+                   q_norm=norm("q"), k_norm=norm("k"), post_attn_norm=norm("post_attn"), post_mlp_norm=norm("post_mlp"),
                    window=c.window(i), gelu=c.hidden_act == "gelu_tanh", attention_scale=c.attention_scale)
 
     def decode_args(self) -> tuple | None:
@@ -69,20 +71,40 @@ def one_decode_type(layers: list[tuple | None]) -> list[tuple | None]:
     Then every layer has one type, and one decode layer is compiled and loaded for the model."""
     if not layers or any(args is None for args in layers):
         return layers
-    types = [[typeof(m) for m in args[1]] for args in layers]
-    slots = []  # per slot: each type of it (in the order first met) -> a matrix of it with no rows
-    for j in range(len(types[0])):
-        kinds = {}
-        for args, own in zip(layers, types):
-            kinds.setdefault(own[j], _no_rows(args[1][j]))
-        slots.append(kinds)
-    if all(len(kinds) == 1 for kinds in slots):
-        return layers
+    slots = [{} for _ in layers[0][1]]  # per slot: each type of it (in the order first met) -> a matrix of it with no rows
+    for args in layers:
+        for kinds, m in zip(slots, args[1]):
+            kinds.setdefault(typeof(m), _no_rows(m))
+    return [in_slots(args, slots) for args in layers]
 
-    def slot(m, own, kinds):
-        return m if len(kinds) == 1 else tuple(m if t == own else empty for t, empty in kinds.items())
-    return [(norms, tuple(slot(m, t, kinds) for m, t, kinds in zip(matrices, own, slots)), biases, options)
-            for (norms, matrices, biases, options), own in zip(layers, types)]
+
+def in_slots(args: tuple | None, slots: list[dict]) -> tuple | None:
+    """A layer's decode_args with each slot of more than one type as its alternatives (one_decode_type)."""
+    if args is None or all(len(kinds) == 1 for kinds in slots):
+        return args
+
+    def slot(m, kinds):
+        own = typeof(m)  # (a type the slots lack keeps the matrix alone: another compile, the same sums)
+        return m if len(kinds) == 1 or own not in kinds else tuple(m if t == own else empty for t, empty in kinds.items())
+    norms, matrices, biases, options = args
+    return norms, tuple(slot(m, kinds) for m, kinds in zip(matrices, slots)), biases, options
+
+
+def stored_slots(source: SingleFileSource) -> list[dict]:
+    """one_decode_type's alternatives from the file's index, before any layer is read (a streamed
+    model's layers arrive one at a time): each projection's types over the layers, in the order
+    first met, each as a matrix with no rows. Empty when a projection is not quantised."""
+    c = source.config
+    slots = [{} for _ in PROJECTIONS]
+    for i in range(c.num_layers):
+        for kinds, name in zip(slots, PROJECTIONS):
+            stored = source.quantized_parts(f"{layer_prefix(i)}{name}.weight")
+            if stored is None:
+                return []
+            (kind, _, cols), _ = stored
+            empty = empty_matrix(kind, cols).kernel_args()
+            kinds.setdefault(typeof(empty), empty)
+    return slots
 
 
 def _no_rows(value):
@@ -126,10 +148,11 @@ class StreamedWeights:
         self.quantized, self.stream = path.quantized, LayerStream(source, window, c.layers_only, pinned)
         self.embedding = None if c.layers_only else StreamedRows(source, EMBEDDING_WEIGHT)
         self._head_name = output_weight(c)
+        self._slots = stored_slots(source) if self.quantized else []
 
     def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
         layer = LayerWeights.load(self.stream.acquire(i), i, self.quantized)
-        return layer, layer.decode_args()
+        return layer, in_slots(layer.decode_args(), self._slots)
 
     def head(self) -> Linear:
         return load_linear(self.stream.acquire(HEAD), self._head_name, self.quantized)

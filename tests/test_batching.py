@@ -16,6 +16,7 @@ from edgeinfer.errors import ContextOverflowError
 from edgeinfer.model import Model
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.storage import open_model
+from edgeinfer.storage.single import convert
 from edgeinfer.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0)
@@ -53,6 +54,38 @@ def test_layers_of_different_types_pass_the_fused_kernels_one_type(tmp_path, tok
     q, k, v, o, gate, up, down = layers[0][1]
     assert len(v) == len(down) == 2 and [m[2].shape[0] == 0 for m in down] == [False, True]
     assert [m[2].shape[0] == 0 for m in layers[1][1][6]] == [True, False] and len(q) == 6  # q: one matrix
+
+
+def test_a_streamed_model_of_mixed_layers_passes_the_resident_decode_type(tmp_path, tokenizer_json):
+    """Streamed under --mem-limit, the layers arrive one at a time; their alternatives come from the
+    file's index, so the streamed model compiles one decode layer, with the resident model's matrix types,
+    and gives its bits."""
+    from numba import typeof
+
+    _, source = _model_and_source(tmp_path, tokenizer_json, "llama-layered")
+    single = tmp_path / "layered.safetensors"
+    convert(source, str(single))  # every GGUF type kept as it is
+    resident = Model(open_model(str(single)), quantized=True)
+    streamed = Model(open_model(str(single)), True, 1)
+
+    def decode_types(model, part):  # 1: the matrices (a resident file's norms are read-only views); all
+        types = []
+        for i in range(model.config.num_layers):
+            types.append(typeof(model.weights.layer(i)[1][part]))
+            model.weights.done(i)
+        return types
+    assert decode_types(streamed, 1) == decode_types(resident, 1) and len(set(decode_types(resident, 1))) == 1
+    assert len(set(decode_types(streamed, slice(None)))) == 1  # one decode layer compiles for them all
+    assert len(streamed.weights.layer(0)[1][1][6]) == 2  # down: a Q4_0 matrix and an empty Q8_0 one
+    streamed.weights.done(0)
+    outputs = []
+    for model in (resident, streamed):
+        cache, ids = model.new_cache(24), np.arange(5, 17)
+        logits = [model.forward(ids, cache)]
+        for _ in range(6):
+            logits.append(model.forward(np.array([int(np.argmax(logits[-1]))]), cache))
+        outputs.append(np.array(logits))
+    assert np.array_equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("kind", ["llama-q4", "qwen2-q4", "gemma3-q8-at-load", "llama-q4-q8_0-cache", "llama-layered"])
