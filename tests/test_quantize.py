@@ -104,8 +104,10 @@ def test_a_malformed_quantised_index_is_one_clear_error(mixed_gguf, tmp_path):
     index = json.loads(f.metadata["quantized"])
     name = next(iter(index))
     index[name][2] += 32  # columns that do not match the stored parts
-    bad = tmp_path / "bad.safetensors"
     entries = list(f.entries.values())
-    write_safetensors(bad, entries, (f.array(e.name) for e in entries), {**f.metadata, "quantized": json.dumps(index)})
-    r = edgeinfer_cli("run", str(bad), "-p", "x", "-n", "1")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and name in r.stderr, r.stderr
+    # a tensor's wrong shape; a list of pairs where the index is an object
+    for i, (listed, named) in enumerate([(index, name), (list(index.items()), "malformed")]):
+        bad = tmp_path / f"bad{i}.safetensors"
+        write_safetensors(bad, entries, (f.array(e.name) for e in entries), {**f.metadata, "quantized": json.dumps(listed)})
+        r = edgeinfer_cli("run", str(bad), "-p", "x", "-n", "1")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, r.stderr
