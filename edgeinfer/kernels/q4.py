@@ -41,7 +41,7 @@ from .activations import CHUNK, GROUP, Q8Activations
 from .kinds import by_kind, kind
 from .simd import (accumulate_product, accumulate_units, accumulator, accumulator4, broadcast4, combine4,
                    constant_bytes, dpbusd, dpbusd_nibbles, fixed_unit, fma, has_kernels, hi_nibbles, into0, into1,
-                   into2, into3, lane, lo_nibbles, load_i8, mul, prefetch, product_into0, product_into1,
+                   into2, into3, lane, lo_nibbles, load16, load_i8, mul, prefetch, product_into0, product_into1,
                    product_into2, product_into3, shuffle_bytes, splat, splat_i32, store16, to_f32, total4, zeros_i32)
 from .scales import (ROWS, activation_span, block_scales, deinterleave_scales, group_count, group_scale, interleave_scales,
                      prefetch_scales, scales_nbytes, select_scales)
@@ -313,16 +313,6 @@ def store_rows(out, block, acc):
 
 
 @njit(inline="always")
-def store_passes(out, block, t, p0, p1, p2, p3):
-    """Tokens t .. t + 3's rows of the block from a GEMM's 4 passes (sums by index mod 4), added as
-    the GEMV adds its 4 sums (q4 and q8)."""
-    store_rows(out[t], block, combine4(p0[0], p1[0], p2[0], p3[0]))
-    store_rows(out[t + 1], block, combine4(p0[1], p1[1], p2[1], p3[1]))
-    store_rows(out[t + 2], block, combine4(p0[2], p1[2], p2[2], p3[2]))
-    store_rows(out[t + 3], block, combine4(p0[3], p1[3], p2[3], p3[3]))
-
-
-@njit(inline="always")
 def _minima_groups(acc, w, s, m, x, xscales, xsums, xstarts, factor, unit, g):
     """Groups g .. g + 3 of Q4_1 / Q4_K (a term with an offset), each into its own sum."""
     acc = _group(acc, w, s, m, x, xscales, xsums, factor, unit, g, into0)
@@ -389,17 +379,26 @@ def gemm_block(pass4):
     go by their index mod 4, one sum per token at a time (the block's weights are in cache after the
     first pass): 4 accumulators live in the loop rather than 16, and the same sums as the GEMV's
     block, added in the same order. One call per block: a call per four tokens cost as much as a
-    sixth of a 2048-wide matrix's time (its passes are 16 groups long)."""
+    sixth of a 2048-wide matrix's time (its passes are 16 groups long). The four passes run in a loop
+    and leave their sums in a small buffer, so Numba types and inlines the pass once: inlined four
+    times, it was 70 of the x86 kernel tests' 171 s of compiling, and most of the emulated ARM CPUs'
+    (bench/RESULTS.md). The sums' stores and loads are exact: the same bits as before."""
     @njit
     def block_tokens(packed, scales, offsets, factor, x, xscales, xsums, out, block):
         w, s = packed[block], block_scales(scales, block)
         m = block_scales(offsets, block)
+        sums = np.empty((4, 4 * ROWS), out.dtype)  # per pass k: the four tokens' 16 rows
         for t in range(0, x.shape[0] - 3, 4):
-            p0 = pass4(w, s, m, x, xscales, xsums, factor, t, 0, out)
-            p1 = pass4(w, s, m, x, xscales, xsums, factor, t, 1, out)
-            p2 = pass4(w, s, m, x, xscales, xsums, factor, t, 2, out)
-            p3 = pass4(w, s, m, x, xscales, xsums, factor, t, 3, out)
-            store_passes(out, block, t, p0, p1, p2, p3)
+            for k in range(4):  # one pass typed and inlined, not four
+                a0, a1, a2, a3 = pass4(w, s, m, x, xscales, xsums, factor, t, k, out)
+                store16(sums[k], 0, a0)
+                store16(sums[k], ROWS, a1)
+                store16(sums[k], 2 * ROWS, a2)
+                store16(sums[k], 3 * ROWS, a3)
+            for i in range(4):
+                o = i * ROWS
+                store_rows(out[t + i], block, combine4(load16(sums[0], o), load16(sums[1], o), load16(sums[2], o),
+                                                       load16(sums[3], o)))
     return block_tokens
 
 

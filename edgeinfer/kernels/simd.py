@@ -645,6 +645,7 @@ _MAGIC_BITS = 0x4338000000000000
 V16I64 = Vec("i64", 16)
 zeros_i64 = _zeros(V16I64)
 store_i64 = _storer(V16I64)
+load_i64 = _loader(V16I64)
 
 
 def _round_fixed(builder, x):
@@ -737,6 +738,17 @@ def _store16(out, offset, acc):
     if acc == V16I64:
         return lambda out, offset, acc: store_i64(out, offset, acc)
     return lambda out, offset, acc: store_f32(out, offset, acc)
+
+
+def load16(a, offset):
+    """a[offset:offset + 16] as an accumulator's lanes (float32, or int64 fixed point)."""
+
+
+@overload(load16)
+def _load16(a, offset):
+    if a.dtype == types.int64:
+        return lambda a, offset: load_i64(a, offset)
+    return lambda a, offset: load_f32(a, offset)
 
 
 def accumulate_units(acc, terms):
