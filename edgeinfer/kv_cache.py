@@ -21,6 +21,7 @@ ring forgets: truncating it to fewer than length - 1 positions once it has wrapp
 
 from __future__ import annotations
 
+import functools
 import mmap
 from typing import NamedTuple
 
@@ -223,7 +224,8 @@ def fitting_memory_plan(source: WeightSource, context: int, limit: int | None, q
     fits, at a smaller context (a multiple of CONTEXT_STEP, at least SMALLEST_CONTEXT): the largest
     at which the weights stay resident, else the largest at which they stream. (plan, context);
     MemoryLimitError when not even the smallest context fits."""
-    def plan(n: int) -> MemoryPlan | None:
+    @functools.cache  # one plan per context: the runtime it counts is measured (it grows as kernels
+    def plan(n: int) -> MemoryPlan | None:  # load beside), and the plan returned must be the one that fit
         try:
             return model_memory_plan(source, n, limit, quantized, attention, sequences, cache_type, kernels_loaded,
                                      tokenizer_built)
