@@ -56,9 +56,12 @@ class LayerWeights:
         projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
         if not all(isinstance(p, QuantLinear) for p in projections):
             return None
-        given = lambda a: _NONE if a is None else a  # noqa: E731
-        norms = (self.attn_norm, self.mlp_norm, given(self.q_norm), given(self.k_norm), given(self.post_attn_norm),
-                 given(self.post_mlp_norm))
+        # Numba types a read-only array (a view of a mapped file's norm) apart from a writable one, so
+        # the fused kernels take the vectors as arrays of their own (a copy only of a view: a few KB
+        # per layer); a resident and a streamed model then compile the same kernels.
+        given = lambda a: _NONE if a is None else a if a.flags.writeable else a.copy()  # noqa: E731
+        norms = (given(self.attn_norm), given(self.mlp_norm), given(self.q_norm), given(self.k_norm),
+                 given(self.post_attn_norm), given(self.post_mlp_norm))
         biases = tuple(given(p.bias) for p in (self.q, self.k, self.v))
         return (norms, tuple(p.matrix.kernel_args() for p in projections), biases,
                 (self.window, self.gelu, float(self.attention_scale)))
