@@ -74,40 +74,54 @@ def one_decode_type(layers: list[tuple | None]) -> list[tuple | None]:
     Then every layer has one type, and one decode layer is compiled and loaded for the model."""
     if not layers or any(args is None for args in layers):
         return layers
-    slots = [{} for _ in layers[0][1]]  # per slot: each type of it (in the order first met) -> a matrix of it with no rows
-    for args in layers:
-        for kinds, m in zip(slots, args[1]):
-            kinds.setdefault(typeof(m), _no_rows(m))
-    return [in_slots(args, slots) for args in layers]
+    types = [[typeof(m) for m in args[1]] for args in layers]
+    slots, choices = _alternatives(types, lambda i, j: _no_rows(layers[i][1][j]))
+    return [in_slots(args, slots, choice) for args, choice in zip(layers, choices)]
 
 
-def in_slots(args: tuple | None, slots: list[dict]) -> tuple | None:
-    """A layer's decode_args with each slot of more than one type as its alternatives (one_decode_type)."""
-    if args is None or all(len(kinds) == 1 for kinds in slots):
+def _alternatives(types: list[list], empty) -> tuple[list[list], list[tuple[int, ...]]]:
+    """From each layer's matrix types: per slot, a matrix with no rows of each of its types, in the
+    order first met (empty(layer, slot) makes one); per layer, the index of its own type in each slot."""
+    seen = [{} for _ in types[0]]  # per slot: type -> (index, empty matrix)
+    for i, row in enumerate(types):
+        for j, t in enumerate(row):
+            if t not in seen[j]:
+                seen[j][t] = (len(seen[j]), empty(i, j))
+    slots = [[m for _, m in kinds.values()] for kinds in seen]
+    return slots, [tuple(seen[j][t][0] for j, t in enumerate(row)) for row in types]
+
+
+def in_slots(args: tuple | None, slots: list[list], choice: tuple[int, ...]) -> tuple | None:
+    """A layer's decode_args with each slot of more than one type as its alternatives, the layer's
+    own matrix at its index (`choice`), chosen without typing anything: a streamed layer passes here
+    at every token, and Numba's typeof takes 0.1 ms a matrix."""
+    if args is None or all(len(empties) == 1 for empties in slots):
         return args
-
-    def slot(m, kinds):
-        own = typeof(m)  # (a type the slots lack keeps the matrix alone: another compile, the same sums)
-        return m if len(kinds) == 1 or own not in kinds else tuple(m if t == own else empty for t, empty in kinds.items())
     norms, matrices, biases, options = args
-    return norms, tuple(slot(m, kinds) for m, kinds in zip(matrices, slots)), biases, options
+    pick = lambda m, empties, own: m if len(empties) == 1 else tuple(  # noqa: E731
+        m if k == own else e for k, e in enumerate(empties))
+    return norms, tuple(pick(m, e, own) for m, e, own in zip(matrices, slots, choice)), biases, options
 
 
-def stored_slots(source: SingleFileSource) -> list[dict]:
+def stored_alternatives(source: SingleFileSource) -> tuple[list[list], list[tuple[int, ...]]]:
     """one_decode_type's alternatives from the file's index, before any layer is read (a streamed
-    model's layers arrive one at a time): each projection's types over the layers, in the order
-    first met, each as a matrix with no rows. Empty when a projection is not quantised."""
-    c = source.config
-    slots = [{} for _ in PROJECTIONS]
-    for i in range(c.num_layers):
-        for kinds, name in zip(slots, PROJECTIONS):
+    model's layers arrive one at a time): the slots and each layer's choices (_alternatives); none
+    when a projection is not quantised."""
+    by_kind = {}  # layout -> (Numba type, kernel arguments of a matrix with no rows)
+    kinds = []
+    for i in range(source.config.num_layers):
+        row = []
+        for name in PROJECTIONS:
             stored = source.quantized_parts(f"{layer_prefix(i)}{name}.weight")
             if stored is None:
-                return []
+                return [], []
             (kind, _, cols), _ = stored
-            empty = empty_matrix(kind, cols).kernel_args()
-            kinds.setdefault(typeof(empty), empty)
-    return slots
+            if kind not in by_kind:
+                empty = empty_matrix(kind, cols).kernel_args()
+                by_kind[kind] = (typeof(empty), empty)
+            row.append(kind)
+        kinds.append(row)
+    return _alternatives([[by_kind[k][0] for k in row] for row in kinds], lambda i, j: by_kind[kinds[i][j]][1])
 
 
 def _no_rows(value):
@@ -151,11 +165,11 @@ class StreamedWeights:
         self.quantized, self.stream = path.quantized, LayerStream(source, window, c.layers_only, pinned)
         self.embedding = None if c.layers_only else StreamedRows(source, EMBEDDING_WEIGHT)
         self._head_name = output_weight(c)
-        self._slots = stored_slots(source) if self.quantized else []
+        self._slots, self._choices = stored_alternatives(source) if self.quantized else ([], [])
 
     def layer(self, i: int) -> tuple[LayerWeights, tuple | None]:
         layer = LayerWeights.load(self.stream.acquire(i), i, self.quantized)
-        return layer, in_slots(layer.decode_args(), self._slots)
+        return layer, in_slots(layer.decode_args(), self._slots, self._choices[i] if self._choices else ())
 
     def head(self) -> Linear:
         return load_linear(self.stream.acquire(HEAD), self._head_name, self.quantized)
