@@ -82,12 +82,19 @@ def apply_each(x: np.ndarray, *linears: Linear) -> list[np.ndarray]:
     return [lin(x, held) for lin in linears]
 
 
+def owned(a: np.ndarray | None) -> np.ndarray | None:
+    """A norm or bias vector as an array of the process's own: a read-only view of a mapped file is
+    copied (a few KB). Numba types read-only arrays apart from writable ones, so the kernels that take
+    these vectors compile once, whichever source (file mapped, read, or streamed) they come from."""
+    return a if a is None or a.flags.writeable else a.copy()
+
+
 def load_linear(source: WeightSource, name: str, quantized: bool, load_bits: int | None = None) -> DenseLinear | QuantLinear:
     """`name` (a `.weight`) and its bias: run in 4 or 8 bits when asked and the file stores it so,
     or, with `load_bits`, quantized now from the floats the file stores (one tensor at a time: no
     float32 copy of the model; the embedding and head take 8 bits); otherwise dense float32."""
     bias_name = name[:-len("weight")] + "bias"
-    bias = source.float32(bias_name) if source.has(bias_name) else None
+    bias = owned(source.float32(bias_name)) if source.has(bias_name) else None
     matrix = source.quantized(name) if quantized else None
     if matrix is None and quantized and load_bits and quantizable_at_load(source, name):
         w = source.float32(name)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import typeof
 
-from .layers import Linear, QuantLinear, load_linear
+from .layers import Linear, QuantLinear, load_linear, owned
 from .run_path import RunPath
 from .storage.layer_stream import LayerStream, StreamedRows
 from .storage.quantize import empty_matrix
@@ -45,7 +45,7 @@ class LayerWeights:
         c, p = source.config, layer_prefix(i)
         q, k, v, o, gate, up, down = (load_linear(source, f"{p}{name}.weight", quantized, load_bits)
                                       for name in PROJECTIONS)
-        norm = lambda role: source.float32(p + n) if (n := layer_norm_names(c)[role]) else None  # noqa: E731
+        norm = lambda role: owned(source.float32(p + n)) if (n := layer_norm_names(c)[role]) else None  # noqa: E731
         return cls(attn_norm=norm("attn"), q=q, k=k, v=v, o=o, mlp_norm=norm("mlp"), gate=gate, up=up, down=down,
                    q_norm=norm("q"), k_norm=norm("k"), post_attn_norm=norm("post_attn"), post_mlp_norm=norm("post_mlp"),
                    window=c.window(i), gelu=c.hidden_act == "gelu_tanh", attention_scale=c.attention_scale)
@@ -56,12 +56,9 @@ class LayerWeights:
         projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
         if not all(isinstance(p, QuantLinear) for p in projections):
             return None
-        # Numba types a read-only array (a view of a mapped file's norm) apart from a writable one, so
-        # the fused kernels take the vectors as arrays of their own (a copy only of a view: a few KB
-        # per layer); a resident and a streamed model then compile the same kernels.
-        given = lambda a: _NONE if a is None else a if a.flags.writeable else a.copy()  # noqa: E731
-        norms = (given(self.attn_norm), given(self.mlp_norm), given(self.q_norm), given(self.k_norm),
-                 given(self.post_attn_norm), given(self.post_mlp_norm))
+        given = lambda a: _NONE if a is None else a  # noqa: E731
+        norms = (self.attn_norm, self.mlp_norm, given(self.q_norm), given(self.k_norm), given(self.post_attn_norm),
+                 given(self.post_mlp_norm))
         biases = tuple(given(p.bias) for p in (self.q, self.k, self.v))
         return (norms, tuple(p.matrix.kernel_args() for p in projections), biases,
                 (self.window, self.gelu, float(self.attention_scale)))

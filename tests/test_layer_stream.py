@@ -159,7 +159,7 @@ def test_synthetic_shapes_are_the_real_ones(shape, params):
 def test_the_context_search_returns_a_plan_it_found_fitting(smollm2_single, monkeypatch, below):
     """A plan counts the process's RSS as it is when asked, which grows while kernels load beside the
     search: the context search returns the plan it found fitting, not one asked for again (which could
-    be None: a traceback in `run`, seen once in three runs of the test below)."""
+    be None: a traceback in `run`, in 2 of 3 runs of the test below here)."""
     from edgeinfer.kv_cache import fitting_memory_plan
 
     source, rss = open_model(str(smollm2_single)), [memory_plan.held_rss()]

@@ -372,10 +372,7 @@ class GGUFSource(WeightSource):
             w = gguf.quants.dequantize(t.data.read(), t.tensor_type).reshape(self.stored_shape(name))
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor {t.name} data is corrupt ({exc})") from None
-        w = np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
-        if t.tensor_type.name == "F32":  # read-only, as the single file's (mapped) tensors are: the
-            w.flags.writeable = False      # kernels compiled for a model's norms take one array type
-        return w
+        return np.ascontiguousarray(self._in_hf_row_order(name, w), dtype=np.float32)
 
     def quantized(self, name: str) -> Matrix | None:
         t = self._tensors[name]
