@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .ops import softmax_values
+from .ops import key_parts, merge_parts, part_sums, values_part
 from .simd import (add_i16, fma, hi_nibbles, hsum, load_f32, load_i8, lo_nibbles, shuffle_bytes, store_i16,
                    widen_hi, widen_lo, zeros_f32, zeros_i16)
 
@@ -213,8 +213,9 @@ def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scor
     head: tables (heads, S, 64) uint8, sums (heads, >= length rounded to 64) uint16, scores (heads,
     >= length). The first SINK_KEYS keys and the last RECENT_KEYS score exactly, from keys (kv_heads,
     EXACT_SLOTS, hd) kept by keep_exact_key (what each costs in perplexity: bench/RESULTS.md).
-    A thread per query head, not per KV head as attend_one: the lookups, not the reads, bound this
-    kernel, and SmolLM2's 3 KV heads on 2 threads left one idle a third of the time (measured)."""
+    The scores take a thread per query head (SmolLM2's 3 KV heads on 2 threads left one idle a third
+    of the time, measured); the values, as attend_one's, (KV head, part of the keys) pairs, each value
+    row taken by all the query heads of its KV head while it is in L1."""
     kv_heads, _, hd = values.shape
     bands = codebooks.shape[1]
     heads = q.shape[0] // hd
@@ -236,7 +237,13 @@ def attend_one_lut(q, codebooks, codes, keys, values, length, tables, sums, scor
             scores_h[t] = exact_score(q, qo, keys, kh, t) * scale
         for t in range(max(SINK_KEYS, length - RECENT_KEYS), length):
             scores_h[t] = exact_score(q, qo, keys, kh, t) * scale
-        softmax_values(scores, values, kh * values.shape[1] * hd, 0, length, h, 1, hd, out)
+    parts = key_parts(length, kv_heads)
+    partial, tops, totals = part_sums(parts, heads, hd)
+    for task in prange(kv_heads * parts):
+        kh, p = task // parts, task % parts
+        values_part(scores, values, length, kh, p, parts, group, partial[p], tops[p], totals[p])
+    for kh in range(kv_heads):
+        merge_parts(partial, tops, totals, kh * group, group, hd, out)
 
 
 @njit(cache=True)

@@ -10,8 +10,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .kv_rows import is_q8_type, load_row, rows_at, rows_shape
-from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, load_f32, load_floats, mul, neg, splat, store_f32,
-                   store_floats, sub, zeros_f32)
+from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, load_f32, load_floats, max_f32, mul, neg, splat,
+                   store_f32, store_floats, sub, zeros_f32)
 
 LANES = 16
 
@@ -134,12 +134,12 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     kv_heads, _, hd = rows_shape(keys)
     heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
-    partial, tops, totals = _part_sums(parts, heads, hd)
+    partial, tops, totals = part_sums(parts, heads, hd)
     for task in prange(kv_heads * parts):
         kh, p = task // parts, task % parts
         _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
     for kh in range(kv_heads):
-        _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
+        merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
 @njit(parallel=True, cache=True)
@@ -176,14 +176,14 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
     kv_heads, _, hd = rows_shape(keys)
     heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
-    partial, tops, totals = _part_sums(parts, heads, hd)
+    partial, tops, totals = part_sums(parts, heads, hd)
     for p in range(parts):
         _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
-    _merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
+    merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
 @njit(inline="always")
-def _part_sums(parts, heads, hd):
+def part_sums(parts, heads, hd):
     """Each part's partial sums (parts, heads * hd), and its heads' tops and totals (parts, heads)."""
     return (np.empty((parts, heads * hd), np.float32), np.empty((parts, heads), np.float32),
             np.empty((parts, heads), np.float32))
@@ -227,7 +227,7 @@ def _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, pa
 
 
 @njit(inline="always")
-def _merge_parts(partial, tops, totals, h0, group, hd, out):
+def merge_parts(partial, tops, totals, h0, group, hd, out):
     """out for heads h0..h0+group-1 from the parts' partial sums: each part's weighed by
     exp(its top - the overall top), the whole divided by the sum of the parts' totals so weighed."""
     parts = partial.shape[0]
@@ -253,56 +253,110 @@ VALUE_CHUNK = 64  # value rows a KV head's query heads take in turn while they a
 
 
 @njit(inline="always")
-def softmax_values(scores, values, base, first, end, h0, group, hd, out):
-    """For the query heads h0..h0+group-1 of one KV head, whose scores[h, first:end] are set: out[h's
-    hd dims] = softmax of those scores times the value rows first..end-1 from `base`. Each chunk of
-    value rows is taken by all the heads while it is in L1, so it is read from memory once."""
-    tops, totals = np.empty(h0 + group, np.float32), np.empty(h0 + group, np.float32)
-    _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops, totals)
-    for g in range(group):
-        scale_g, qo = splat(np.float32(1) / totals[h0 + g]), (h0 + g) * hd
-        for d in range(0, hd, LANES):
-            store_f32(out, qo + d, mul(load_f32(out, qo + d), scale_g))
+def values_part(scores, values, length, kh, p, parts, group, partial, tops, totals):
+    """The second half of _attend_part for scores set otherwise (LUT attention): part p of `parts`
+    of positions 0..length-1 of KV head kh, whose query heads' scores are set there."""
+    a, b = length * p // parts, length * (p + 1) // parts
+    _weighted_values(scores, values, _row_base(values, kh, 0), a, b, kh * group, group, rows_shape(values)[2],
+                     partial, tops, totals)
 
 
 @njit(inline="always")
 def _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops, totals):
-    """softmax_values before its division: out[h] = sum of exp(score - top) * value row, with
-    tops[h] and totals[h] (the sum of the exponentials) set, for h in h0..h0+group-1."""
+    """A softmax's numerator over positions first..end-1: out[h] = sum of exp(score - top) * value
+    row, with tops[h] and totals[h] (the sum of the exponentials) set, for h in h0..h0+group-1
+    (merge_parts divides)."""
     for g in range(group):
         h = h0 + g
-        tops[h] = scores[h, first:end].max()
+        tops[h] = row_max(scores[h], first, end)
         totals[h] = exp_in_place(scores[h], first, end, tops[h])
         for d in range(0, hd, LANES):
             store_f32(out, h * hd + d, zeros_f32())
+    blocks = hd // 64  # each head's whole 64-dim blocks, taken as units of 4 registers
+    units = group * blocks
     for c in range(first, end, VALUE_CHUNK):
+        stop = min(end, c + VALUE_CHUNK)
+        for u in range(0, units - 1, 2):
+            ha, hb = h0 + u // blocks, h0 + (u + 1) // blocks
+            da, db = u % blocks * 64, (u + 1) % blocks * 64
+            _add_values2(scores[ha], scores[hb], values, base, c, stop, hd, out, da, db, ha * hd + da, hb * hd + db)
+        if units % 2:
+            h = h0 + (units - 1) // blocks
+            d = (units - 1) % blocks * 64
+            _add_values64(scores[h], values, base, c, stop, hd, out, d, h * hd + d)
         for g in range(group):
-            _add_values(scores[h0 + g], values, base, c, min(end, c + VALUE_CHUNK), hd, out, (h0 + g) * hd)
+            for d in range(blocks * 64, hd, LANES):
+                _add_values16(scores[h0 + g], values, base, c, stop, hd, out, d, (h0 + g) * hd + d)
+
+
+# Each dim of a head's output takes its products in order of t, one running sum (an FMA chain) per
+# dim, so the sums are the same whatever the blocking. A chain waits on its FMA's latency, so two
+# units of 64 dims (two heads sharing a KV head, or two halves of a 128-dim head) go together: 8
+# chains in flight, and a value row shared by two heads is loaded and converted once.
+@njit(inline="always")
+def _add_values2(pa, pb, values, base, first, end, hd, out, da, db, oa, ob):
+    """out[oa:oa + 64] += sum over t of pa[t] * values row t's dims da..da+63, and out[ob:ob + 64]
+    likewise with pb and db, for t in first..end-1 (rows from `base`)."""
+    a0, a1, a2, a3 = load_f32(out, oa), load_f32(out, oa + 16), load_f32(out, oa + 32), load_f32(out, oa + 48)
+    b0, b1, b2, b3 = load_f32(out, ob), load_f32(out, ob + 16), load_f32(out, ob + 32), load_f32(out, ob + 48)
+    for t in range(first, end):
+        wa, wb, ra, rb = splat(pa[t]), splat(pb[t]), base + t * hd + da, base + t * hd + db
+        a0 = fma(wa, load_row(values, ra), a0)
+        a1 = fma(wa, load_row(values, ra + 16), a1)
+        a2 = fma(wa, load_row(values, ra + 32), a2)
+        a3 = fma(wa, load_row(values, ra + 48), a3)
+        b0 = fma(wb, load_row(values, rb), b0)
+        b1 = fma(wb, load_row(values, rb + 16), b1)
+        b2 = fma(wb, load_row(values, rb + 32), b2)
+        b3 = fma(wb, load_row(values, rb + 48), b3)
+    _store4(out, oa, a0, a1, a2, a3)
+    _store4(out, ob, b0, b1, b2, b3)
 
 
 @njit(inline="always")
-def _add_values(p, values, base, first, end, hd, out, qo):
-    """out[qo:qo + hd] += sum over t in first..end-1 of p[t] * values row t (from `base`), 64 dims at
-    a time in 4 registers: a row's dims each take their products in order of t, so the sums are those
-    of one running sum per dim, whatever the blocking."""
-    for d in range(0, hd - hd % 64, 64):
-        a0, a1 = load_f32(out, qo + d), load_f32(out, qo + d + 16)
-        a2, a3 = load_f32(out, qo + d + 32), load_f32(out, qo + d + 48)
-        for t in range(first, end):
-            weight, row = splat(p[t]), base + t * hd + d
-            a0 = fma(weight, load_row(values, row), a0)
-            a1 = fma(weight, load_row(values, row + 16), a1)
-            a2 = fma(weight, load_row(values, row + 32), a2)
-            a3 = fma(weight, load_row(values, row + 48), a3)
-        store_f32(out, qo + d, a0)
-        store_f32(out, qo + d + 16, a1)
-        store_f32(out, qo + d + 32, a2)
-        store_f32(out, qo + d + 48, a3)
-    for d in range(hd - hd % 64, hd, LANES):
-        acc = load_f32(out, qo + d)
-        for t in range(first, end):
-            acc = fma(splat(p[t]), load_row(values, base + t * hd + d), acc)
-        store_f32(out, qo + d, acc)
+def _add_values64(p, values, base, first, end, hd, out, d, o):
+    """_add_values2's one unit alone."""
+    a0, a1, a2, a3 = load_f32(out, o), load_f32(out, o + 16), load_f32(out, o + 32), load_f32(out, o + 48)
+    for t in range(first, end):
+        w, r = splat(p[t]), base + t * hd + d
+        a0 = fma(w, load_row(values, r), a0)
+        a1 = fma(w, load_row(values, r + 16), a1)
+        a2 = fma(w, load_row(values, r + 32), a2)
+        a3 = fma(w, load_row(values, r + 48), a3)
+    _store4(out, o, a0, a1, a2, a3)
+
+
+@njit(inline="always")
+def _add_values16(p, values, base, first, end, hd, out, d, o):
+    """16 dims d.. of a head whose hd is not a multiple of 64 (the dims past its whole blocks)."""
+    acc = load_f32(out, o)
+    for t in range(first, end):
+        acc = fma(splat(p[t]), load_row(values, base + t * hd + d), acc)
+    store_f32(out, o, acc)
+
+
+@njit(inline="always")
+def _store4(out, o, a0, a1, a2, a3):
+    store_f32(out, o, a0)
+    store_f32(out, o + 16, a1)
+    store_f32(out, o + 32, a2)
+    store_f32(out, o + 48, a3)
+
+
+@njit(inline="always")
+def row_max(row, first, end):
+    """The largest of row[first:end] (end > first, no NaNs), 16 lanes at a time: numpy's max here
+    runs one float at a time, a fifth of a head's attention over a long context."""
+    whole = end - (end - first) % LANES
+    top = np.float32(-np.inf)
+    if whole > first:
+        acc = load_f32(row, first)
+        for t in range(first + LANES, whole, LANES):
+            acc = max_f32(acc, load_f32(row, t))
+        top = hmax(acc)
+    for t in range(whole, end):
+        top = max(top, row[t])
+    return top
 
 
 @njit(cache=True)

@@ -465,6 +465,16 @@ def roundeven(typingctx, v):
 
 
 @intrinsic
+def max_f32(typingctx, a, b):
+    """The larger of each pair of float32 lanes (no NaNs)."""
+    def codegen(context, builder, signature, args):
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16]), "llvm.maxnum.v16f32")
+        return builder.call(fn, [args[0], args[1]])
+    return V16F32(V16F32, V16F32), codegen
+
+
+@intrinsic
 def hmax(typingctx, v):
     """The largest of 16 float32 lanes (no NaNs)."""
     def codegen(context, builder, signature, args):
