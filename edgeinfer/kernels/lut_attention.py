@@ -22,8 +22,9 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import key_parts, merge_parts, part_sums, values_part
-from .simd import (add_i16, fma, hi_nibbles, hsum, load_f32, load_i8, lo_nibbles, shuffle_bytes, store_i16,
-                   widen_hi, widen_lo, zeros_f32, zeros_i16)
+from .simd import (add, add_i16, div, fma, hi_nibbles, hmax, hsum, lo_nibbles, load_f32, load_i8, min_f32, mul, neg,
+                   shuffle_bytes, splat, store_f32, store_i16, store_truncated_u8, sub, widen_hi, widen_lo, zeros_f32,
+                   zeros_i16)
 
 KEYS_PER_BLOCK = 64
 CENTROIDS = 16
@@ -165,28 +166,35 @@ def pack_codes(codes: np.ndarray, capacity: int | None = None) -> np.ndarray:
 @njit(cache=True)
 def build_tables(q, qo, codebooks, tables):
     """LUT of the query q[qo:qo + hd] against codebooks (S, 16, d_sub), quantised to uint8 and
-    repeated in the 4 lanes of tables (S, 64). Returns (step, offset): score = step * sum + offset."""
+    repeated in the 4 lanes of tables (S, 64). Returns (step, offset): score = step * sum + offset.
+    A sub-space's 16 centroids are one vector (one entry at a time, this took as long as a head's
+    lookups over 16k keys)."""
     s_count, _, d_sub = codebooks.shape
-    lut = np.empty((s_count, CENTROIDS), np.float32)
+    books, flat = codebooks.reshape(codebooks.size), tables.reshape(tables.size)
+    lut = np.empty(s_count * CENTROIDS, np.float32)
     offset, widest = np.float32(0), np.float32(0)
     for s in range(s_count):
-        low = np.float32(np.inf)
-        for c in range(CENTROIDS):
-            v = np.float32(0)
-            for i in range(d_sub):
-                v += q[qo + s * d_sub + i] * codebooks[s, c, i]
-            lut[s, c] = v
-            low = min(low, v)
-        for c in range(CENTROIDS):
-            lut[s, c] -= low
-            widest = max(widest, lut[s, c])
+        at = s * CENTROIDS
+        if d_sub == 1:
+            row = mul(splat(q[qo + s]), load_f32(books, at))
+        else:
+            for c in range(CENTROIDS):
+                v = np.float32(0)
+                for i in range(d_sub):
+                    v += q[qo + s * d_sub + i] * books[(at + c) * d_sub + i]
+                lut[at + c] = v
+            row = load_f32(lut, at)
+        low = -hmax(neg(row))
+        row = sub(row, splat(low))
+        store_f32(lut, at, row)
+        widest = max(widest, hmax(row))
         offset += low
     step = widest / np.float32(255) if widest > 0 else np.float32(1)
     for s in range(s_count):
-        for c in range(CENTROIDS):
-            byte = np.uint8(min(255, int(lut[s, c] / step + np.float32(0.5))))
-            for lane in range(4):
-                tables[s, lane * CENTROIDS + c] = byte
+        byte = min_f32(add(div(load_f32(lut, s * CENTROIDS), splat(step)), splat(np.float32(0.5))),
+                       splat(np.float32(255)))
+        for lane in range(4):
+            store_truncated_u8(flat, s * KEYS_PER_BLOCK + lane * CENTROIDS, byte)
     return step, offset
 
 

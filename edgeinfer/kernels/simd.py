@@ -457,6 +457,16 @@ def store_rounded_i8(typingctx, arr, offset, v):
 
 
 @intrinsic
+def store_truncated_u8(typingctx, arr, offset, v):
+    """arr[offset:offset + 16] = int(v) (toward zero, as Python's int) as uint8; 0 <= v < 256."""
+    def codegen(context, builder, signature, args):
+        q = builder.trunc(builder.fptoui(args[2], ir.VectorType(ir.IntType(32), 16)), ir.VectorType(ir.IntType(8), 16))
+        builder.store(q, _ptr(context, builder, signature.args[0], args[0], args[1], q.type), align=1)
+        return context.get_dummy_value()
+    return types.none(arr, offset, V16F32), codegen
+
+
+@intrinsic
 def roundeven(typingctx, v):
     """Each float32 lane rounded to the nearest integer, ties to even (numpy's round)."""
     def codegen(context, builder, signature, args):
@@ -464,14 +474,20 @@ def roundeven(typingctx, v):
     return V16F32(V16F32), codegen
 
 
-@intrinsic
-def max_f32(typingctx, a, b):
-    """The larger of each pair of float32 lanes (no NaNs)."""
-    def codegen(context, builder, signature, args):
-        v16 = ir.VectorType(ir.FloatType(), 16)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16]), "llvm.maxnum.v16f32")
-        return builder.call(fn, [args[0], args[1]])
-    return V16F32(V16F32, V16F32), codegen
+def _lanewise(name: str):
+    """An LLVM intrinsic of two float32 vectors, lane by lane (llvm.maxnum, llvm.minnum)."""
+    @intrinsic
+    def lanewise(typingctx, a, b):
+        def codegen(context, builder, signature, args):
+            v16 = ir.VectorType(ir.FloatType(), 16)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16]), f"llvm.{name}.v16f32")
+            return builder.call(fn, [args[0], args[1]])
+        return V16F32(V16F32, V16F32), codegen
+    return lanewise
+
+
+max_f32 = _lanewise("maxnum")  # the larger of each pair of lanes (no NaNs)
+min_f32 = _lanewise("minnum")
 
 
 @intrinsic
