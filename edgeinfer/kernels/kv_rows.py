@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .simd import _ptr, abs_max, load_floats, mul, splat, store_floats, store_rounded_i8
+from .simd import _ptr, abs_max, load_floats, mul, prefetch, splat, store_floats, store_rounded_i8
 
 Q8_BLOCK = 32  # values per scale
 
@@ -99,6 +99,27 @@ def _load_row(rows, offset):
     if is_q8_type(rows):
         return lambda rows, offset: mul(load_floats(rows.quants, offset), splat(_float_at(rows.scales, offset >> 5)))
     return lambda rows, offset: load_floats(rows, offset)
+
+
+def prefetch_rows(rows, first, end):
+    """Hint that the flat elements first..end-1 will be read soon: rows a pass reaches next, a line
+    (or less) at a time."""
+
+
+@overload(prefetch_rows)
+def _prefetch_rows(rows, first, end):
+    if is_q8_type(rows):
+        def q8(rows, first, end):
+            for o in range(first, end, 64):
+                prefetch(rows.quants, o)
+        return q8
+
+    step = 64 // (rows.dtype.bitwidth // 8)
+
+    def plain(rows, first, end):
+        for o in range(first, end, step):
+            prefetch(rows, o)
+    return plain
 
 
 def store_row(rows, offset, source, at, hd):

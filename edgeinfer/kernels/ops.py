@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .kv_rows import is_q8_type, load_row, rows_at, rows_shape
+from .kv_rows import is_q8_type, load_row, prefetch_rows, rows_at, rows_shape
 from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, load_f32, load_floats, max_f32, mul, neg, splat,
                    store_f32, store_floats, sub, zeros_f32)
 
@@ -156,6 +156,7 @@ def attend_rows(q, keys, values, slots, firsts, lengths, scale, scores, out):
                         scores[r], out[r], kh)
 
 
+KEYS_AHEAD = 32  # key rows the scores' pass prefetches ahead (4 KB of fp16 rows at hd 64)
 PART_KEYS = 1024  # keys a part takes at least, when a long span is cut into parts (key_parts)
 TASKS = 12  # (KV head, part) pairs a step is cut into at most: a whole share for 1, 2, 3, 4 or 6 threads
 
@@ -206,6 +207,8 @@ def _kv_head_scores(q, keys, first, a, b, scale, scores, kh):
     scale, base = np.float32(scale), _row_base(keys, kh, first)
     whole = b - (b - a) % LANES
     for t in range(a, whole, LANES):
+        ahead = base + (t + KEYS_AHEAD) * hd
+        prefetch_rows(keys, ahead, min(ahead + LANES * hd, base + b * hd))
         for g in range(group):
             qo = (kh * group + g) * hd
             store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
@@ -276,6 +279,7 @@ def _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops,
     units = group * blocks
     for c in range(first, end, VALUE_CHUNK):
         stop = min(end, c + VALUE_CHUNK)
+        prefetch_rows(values, base + stop * hd, base + min(end, stop + VALUE_CHUNK) * hd)  # the next chunk
         for u in range(0, units - 1, 2):
             ha, hb = h0 + u // blocks, h0 + (u + 1) // blocks
             da, db = u % blocks * 64, (u + 1) % blocks * 64
