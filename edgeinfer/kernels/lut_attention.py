@@ -23,14 +23,15 @@ from numba import njit, prange
 
 from .ops import key_parts, merge_parts, part_sums, values_part
 from .simd import (add, add_i16, div, fma, hi_nibbles, hmax, hsum, lo_nibbles, load_f32, load_i8, min_f32, mul, neg,
-                   shuffle_bytes, splat, store_f32, store_i16, store_truncated_u8, sub, widen_hi, widen_lo, zeros_f32,
-                   zeros_i16)
+                   prefetch, shuffle_bytes, splat, store_f32, store_i16, store_truncated_u8, sub, widen_hi, widen_lo,
+                   zeros_f32, zeros_i16)
 
 KEYS_PER_BLOCK = 64
 CENTROIDS = 16
 SINK_KEYS = 4  # the first keys score exactly (attend_one_lut), where attention piles up
 RECENT_KEYS = 64  # and so do the last ones before the query, where most heads look most
 EXACT_SLOTS = SINK_KEYS + RECENT_KEYS  # float keys a LUT cache keeps per layer and KV head
+BLOCKS_AHEAD = 2  # blocks of codes lut_sums prefetches ahead (4 KB at hd 64, d_sub 1)
 FIRST_BAND = 512  # positions below share the first codebook; each further band is an octave
 
 
@@ -205,6 +206,7 @@ def lut_sums(tables, codes, first_block, end_block, out):
     for b in range(first_block, end_block):
         acc_lo, acc_hi = zeros_i16(), zeros_i16()
         for j in range(pairs):
+            prefetch(codes, ((b + BLOCKS_AHEAD) * pairs + j) * KEYS_PER_BLOCK)
             packed = load_i8(codes, (b * pairs + j) * KEYS_PER_BLOCK)
             first = shuffle_bytes(load_i8(tables, 2 * j * KEYS_PER_BLOCK), lo_nibbles(packed))
             second = shuffle_bytes(load_i8(tables, (2 * j + 1) * KEYS_PER_BLOCK), hi_nibbles(packed))
