@@ -279,7 +279,6 @@ def _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops,
     units = group * blocks
     for c in range(first, end, VALUE_CHUNK):
         stop = min(end, c + VALUE_CHUNK)
-        prefetch_rows(values, base + stop * hd, base + min(end, stop + VALUE_CHUNK) * hd)  # the next chunk
         for u in range(0, units - 1, 2):
             ha, hb = h0 + u // blocks, h0 + (u + 1) // blocks
             da, db = u % blocks * 64, (u + 1) % blocks * 64
@@ -305,6 +304,8 @@ def _add_values2(pa, pb, values, base, first, end, hd, out, da, db, oa, ob):
     b0, b1, b2, b3 = load_f32(out, ob), load_f32(out, ob + 16), load_f32(out, ob + 32), load_f32(out, ob + 48)
     for t in range(first, end):
         wa, wb, ra, rb = splat(pa[t]), splat(pb[t]), base + t * hd + da, base + t * hd + db
+        prefetch_rows(values, ra + VALUE_CHUNK * hd, ra + VALUE_CHUNK * hd + 64)
+        prefetch_rows(values, rb + VALUE_CHUNK * hd, rb + VALUE_CHUNK * hd + 64)
         a0 = fma(wa, load_row(values, ra), a0)
         a1 = fma(wa, load_row(values, ra + 16), a1)
         a2 = fma(wa, load_row(values, ra + 32), a2)
@@ -323,6 +324,7 @@ def _add_values64(p, values, base, first, end, hd, out, d, o):
     a0, a1, a2, a3 = load_f32(out, o), load_f32(out, o + 16), load_f32(out, o + 32), load_f32(out, o + 48)
     for t in range(first, end):
         w, r = splat(p[t]), base + t * hd + d
+        prefetch_rows(values, r + VALUE_CHUNK * hd, r + VALUE_CHUNK * hd + 64)
         a0 = fma(w, load_row(values, r), a0)
         a1 = fma(w, load_row(values, r + 16), a1)
         a2 = fma(w, load_row(values, r + 32), a2)
