@@ -105,6 +105,22 @@ def test_attention_of_one_token(heads, kv_heads, length, window, cache_type):
     np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+@pytest.mark.parametrize("hd", [48, 96, 128])
+@pytest.mark.parametrize("heads,kv_heads,length", [(4, 4, 40), (6, 2, 2 * PART_KEYS + 37)])
+def test_attention_of_one_token_at_other_head_sizes(heads, kv_heads, length, hd, cache_type):
+    """The value pass takes 64-dim units two at a time (two heads, or a 128-dim head's halves), one
+    alone when their count is odd, and 16 dims at a time past a head's whole 64s (Phi-3's 96)."""
+    capacity = length + 3
+    q = rng.standard_normal(heads * hd).astype(np.float32)
+    (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)
+                              for _ in range(2))
+    out, scores = np.empty_like(q), np.empty((heads, capacity), np.float32)
+    attend_one(q, keys, values, 0, length, 0.1, scores, out)
+    expected = ref.causal_attention(q.reshape(heads, 1, hd), k[:, :length], v[:, :length], length - 1, 0, 0.1)
+    np.testing.assert_allclose(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_of_rows_attends_as_one_token_does_bit_for_bit():
     """attend_rows (a server's decode step, a thread per row and KV head, a long span's parts one
     after the other) gives each row attend_one's bits (its parts on threads of their own)."""
