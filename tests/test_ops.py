@@ -107,10 +107,11 @@ def test_attention_of_one_token(heads, kv_heads, length, window, cache_type):
 
 @pytest.mark.parametrize("cache_type", ["f32", "f16"])
 @pytest.mark.parametrize("hd", [48, 96, 128])
-@pytest.mark.parametrize("heads,kv_heads,length", [(4, 4, 40), (6, 2, 2 * PART_KEYS + 37)])
+@pytest.mark.parametrize("heads,kv_heads,length", [(4, 4, 40), (6, 2, 2 * PART_KEYS + 37), (10, 2, 40)])
 def test_attention_of_one_token_at_other_head_sizes(heads, kv_heads, length, hd, cache_type):
-    """The value pass takes 64-dim units two at a time (two heads, or a 128-dim head's halves), one
-    alone when their count is odd, and 16 dims at a time past a head's whole 64s (Phi-3's 96)."""
+    """The value pass takes a 64-dim block of four heads or two (ops.VALUE_HEADS) at a time, a head
+    alone in its group two blocks at a time (a 128-dim head's halves) or one, and 16 dims at a
+    time past a head's whole 64s (Phi-3's 96)."""
     capacity = length + 3
     q = rng.standard_normal(heads * hd).astype(np.float32)
     (keys, k), (values, v) = (_cache_rows(rng.standard_normal((kv_heads, capacity, hd)).astype(np.float32), cache_type)

@@ -101,6 +101,16 @@ def _load_row(rows, offset):
     return lambda rows, offset: load_floats(rows, offset)
 
 
+def widened(rows) -> bool:
+    """Whether load_row converts these rows (fp16, 8 bits) rather than loading float32 as it is."""
+
+
+@overload(widened)
+def _widened(rows):
+    plain = isinstance(rows, types.Array) and rows.dtype == types.float32
+    return (lambda rows: False) if plain else (lambda rows: True)
+
+
 def prefetch_rows(rows, first, end):
     """Hint that the flat elements first..end-1 will be read soon: rows a pass reaches next, a line
     (or less) at a time."""

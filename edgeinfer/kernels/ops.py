@@ -9,9 +9,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .kv_rows import is_q8_type, load_row, prefetch_rows, rows_at, rows_shape
-from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, load_f32, load_floats, max_f32, mul, neg, splat,
-                   store_f32, store_floats, sub, zeros_f32)
+from .kv_rows import is_q8_type, load_row, prefetch_rows, rows_at, rows_shape, widened
+from .simd import (add, div, exp_f32, fma, hmax, hsum, hsum16, kernel_path, load_f32, load_floats, max_f32, mul, neg,
+                   splat, store_f32, store_floats, sub, zeros_f32)
 
 LANES = 16
 
@@ -109,9 +109,24 @@ def _dot(q, qo, keys, row, hd):
     return acc
 
 
+# AVX-512 holds 32 vectors of 16 lanes; AVX2 and NEON hold 8 (16 x 256 bits, 32 x 128). Loops that
+# keep 16 such vectors live are faster with 32 and spill with 8 (measured on AVX2's code): the
+# attention kernels choose their blocking by it.
+WIDE_REGISTERS = kernel_path() == "avx512-vnni"
+
+
 @njit(inline="always")
 def _scores16(q, qo, keys, row, hd):
-    """The dot products of q with the 16 key rows from `row`, as one vector."""
+    """The dot products of q[qo:qo + hd] with the 16 key rows from `row`, as one vector; each row's
+    products are added in _dot's order, whichever the loop."""
+    if WIDE_REGISTERS:
+        return _scores16_dims(q, qo, keys, row, hd)
+    return _scores16_rows(q, qo, keys, row, hd)
+
+
+@njit(inline="always")
+def _scores16_rows(q, qo, keys, row, hd):
+    """_scores16 a row at a time: each row's FMA chain alone, 16 accumulators at the end (AVX2, NEON)."""
     return hsum16(_dot(q, qo, keys, row, hd), _dot(q, qo, keys, row + hd, hd), _dot(q, qo, keys, row + 2 * hd, hd),
                   _dot(q, qo, keys, row + 3 * hd, hd), _dot(q, qo, keys, row + 4 * hd, hd),
                   _dot(q, qo, keys, row + 5 * hd, hd), _dot(q, qo, keys, row + 6 * hd, hd),
@@ -120,6 +135,24 @@ def _scores16(q, qo, keys, row, hd):
                   _dot(q, qo, keys, row + 11 * hd, hd), _dot(q, qo, keys, row + 12 * hd, hd),
                   _dot(q, qo, keys, row + 13 * hd, hd), _dot(q, qo, keys, row + 14 * hd, hd),
                   _dot(q, qo, keys, row + 15 * hd, hd))
+
+
+@njit(inline="always")
+def _scores16_dims(q, qo, keys, row, hd):
+    """_scores16 a dim block at a time, the 16 rows' FMA chains side by side (AVX-512): hd is not
+    known when compiling, so a loop per row runs each chain alone, waiting on its FMA's latency."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = zeros_f32()
+    for d in range(0, hd, LANES):
+        x, r = load_f32(q, qo + d), row + d
+        a0, a1, a2, a3 = fma(x, load_row(keys, r), a0), fma(x, load_row(keys, r + hd), a1), \
+            fma(x, load_row(keys, r + 2 * hd), a2), fma(x, load_row(keys, r + 3 * hd), a3)
+        a4, a5, a6, a7 = fma(x, load_row(keys, r + 4 * hd), a4), fma(x, load_row(keys, r + 5 * hd), a5), \
+            fma(x, load_row(keys, r + 6 * hd), a6), fma(x, load_row(keys, r + 7 * hd), a7)
+        a8, a9, a10, a11 = fma(x, load_row(keys, r + 8 * hd), a8), fma(x, load_row(keys, r + 9 * hd), a9), \
+            fma(x, load_row(keys, r + 10 * hd), a10), fma(x, load_row(keys, r + 11 * hd), a11)
+        a12, a13, a14, a15 = fma(x, load_row(keys, r + 12 * hd), a12), fma(x, load_row(keys, r + 13 * hd), a13), \
+            fma(x, load_row(keys, r + 14 * hd), a14), fma(x, load_row(keys, r + 15 * hd), a15)
+    return hsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
 
 
 @njit(parallel=True, cache=True)
@@ -201,17 +234,27 @@ def _row_base(keys, kh, first):
 def _kv_head_scores(q, keys, first, a, b, scale, scores, kh):
     """scores[h, t] for t in a..b-1 (position first + t), the query heads h of KV head kh: each key
     row is taken by all of them while it is in L1; 16 keys' scores come out of one vector (hsum16);
-    each head's arithmetic is the order a head alone would do."""
+    each head's arithmetic is the order a head alone would do. With AVX-512, rows that reading
+    converts (fp16, 8 bits) are converted once for the group, 16 at a time, into `block`: the
+    conversions had been half of a 4-head group's work (x1.5 measured; with AVX2's 8 registers, slower)."""
     kv_heads, _, hd = rows_shape(keys)
     group = q.shape[0] // hd // kv_heads
     scale, base = np.float32(scale), _row_base(keys, kh, first)
     whole = b - (b - a) % LANES
+    block = np.empty(LANES * hd, np.float32)
     for t in range(a, whole, LANES):
-        ahead = base + (t + KEYS_AHEAD) * hd
+        ahead, at = base + (t + KEYS_AHEAD) * hd, base + t * hd
         prefetch_rows(keys, ahead, min(ahead + LANES * hd, base + b * hd))
-        for g in range(group):
-            qo = (kh * group + g) * hd
-            store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, base + t * hd, hd), splat(scale)))
+        if WIDE_REGISTERS and group > 1 and widened(keys):
+            for i in range(0, LANES * hd, LANES):
+                store_f32(block, i, load_row(keys, at + i))
+            for g in range(group):
+                qo = (kh * group + g) * hd
+                store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, block, 0, hd), splat(scale)))
+        else:
+            for g in range(group):
+                qo = (kh * group + g) * hd
+                store_f32(scores[kh * group + g], t, mul(_scores16(q, qo, keys, at, hd), splat(scale)))
     for t in range(whole, b):
         for g in range(group):
             scores[kh * group + g, t] = hsum(_dot(q, (kh * group + g) * hd, keys, base + t * hd, hd)) * scale
@@ -275,61 +318,106 @@ def _weighted_values(scores, values, base, first, end, h0, group, hd, out, tops,
         totals[h] = exp_in_place(scores[h], first, end, tops[h])
         for d in range(0, hd, LANES):
             store_f32(out, h * hd + d, zeros_f32())
-    blocks = hd // 64  # each head's whole 64-dim blocks, taken as units of 4 registers
-    units = group * blocks
+    blocks = hd // 64  # each head's whole 64-dim blocks, 4 registers of a row's dims
     for c in range(first, end, VALUE_CHUNK):
         stop = min(end, c + VALUE_CHUNK)
-        for u in range(0, units - 1, 2):
-            ha, hb = h0 + u // blocks, h0 + (u + 1) // blocks
-            da, db = u % blocks * 64, (u + 1) % blocks * 64
-            _add_values2(scores[ha], scores[hb], values, base, c, stop, hd, out, da, db, ha * hd + da, hb * hd + db)
-        if units % 2:
-            h = h0 + (units - 1) // blocks
-            d = (units - 1) % blocks * 64
-            _add_values64(scores[h], values, base, c, stop, hd, out, d, h * hd + d)
+        for d in range(0, blocks * 64, 64):  # the group's heads take a block's dims of each row together
+            for g in range(0, group - VALUE_HEADS + 1, VALUE_HEADS):
+                if VALUE_HEADS == 4:
+                    _add_values_4heads(scores, h0 + g, values, base, c, stop, hd, out, d)
+                else:
+                    _add_values_2heads(scores, h0 + g, values, base, c, stop, hd, out, d)
+            g = group // VALUE_HEADS * VALUE_HEADS
+            if group - g >= 2:
+                _add_values_2heads(scores, h0 + g, values, base, c, stop, hd, out, d)
+        if group % 2:  # the last head has its blocks to itself: two at once where it has two
+            h = h0 + group - 1
+            for d in range(0, blocks * 64 - 64, 128):
+                _add_values_2blocks(scores[h], values, base, c, stop, hd, out, d, h * hd + d)
+            if blocks % 2:
+                d = (blocks - 1) * 64
+                _add_values64(scores[h], values, base, c, stop, hd, out, d, h * hd + d)
         for g in range(group):
             for d in range(blocks * 64, hd, LANES):
                 _add_values16(scores[h0 + g], values, base, c, stop, hd, out, d, (h0 + g) * hd + d)
 
 
 # Each dim of a head's output takes its products in order of t, one running sum (an FMA chain) per
-# dim, so the sums are the same whatever the blocking. A chain waits on its FMA's latency, so two
-# units of 64 dims (two heads sharing a KV head, or two halves of a 128-dim head) go together: 8
-# chains in flight. (Two heads' units still load and convert their shared row each: LLVM cannot
-# see that their dims are the same.) Each unit prefetches its dims of the row a chunk ahead.
+# dim, so the sums are the same whatever the blocking. A chain waits on its FMA's latency, so units
+# of 64 dims go two or four together: 8 or 16 chains in flight. Heads sharing a KV head take the
+# same dims of each row together, which is then loaded (converted from fp16 or 8 bits) once for all
+# of them; a head alone in its KV head takes two of its blocks at once. Four heads' 16 accumulators
+# fit AVX-512's 32 registers; on AVX2 and NEON, which hold 8 vectors of 16 lanes, they spill and
+# run slower than two heads' 8 (measured), so VALUE_HEADS is 2 there. The row of the next chunk is
+# prefetched as each row is taken.
+VALUE_HEADS = 4 if WIDE_REGISTERS else 2
+
+
 @njit(inline="always")
-def _add_values2(pa, pb, values, base, first, end, hd, out, da, db, oa, ob):
-    """out[oa:oa + 64] += sum over t of pa[t] * values row t's dims da..da+63, and out[ob:ob + 64]
-    likewise with pb and db, for t in first..end-1 (rows from `base`)."""
-    a0, a1, a2, a3 = load_f32(out, oa), load_f32(out, oa + 16), load_f32(out, oa + 32), load_f32(out, oa + 48)
-    b0, b1, b2, b3 = load_f32(out, ob), load_f32(out, ob + 16), load_f32(out, ob + 32), load_f32(out, ob + 48)
+def _add_values_4heads(scores, h, values, base, first, end, hd, out, d):
+    """out[(h + i) * hd + d:][:64] += sum over t of scores[h + i, t] * value row t's dims d..d+63, for
+    i in 0..3, t in first..end-1 (rows from `base`)."""
+    pa, pb, pc, pe = scores[h], scores[h + 1], scores[h + 2], scores[h + 3]
+    o = h * hd + d
+    a0, a1, a2, a3 = _load4(out, o)
+    b0, b1, b2, b3 = _load4(out, o + hd)
+    c0, c1, c2, c3 = _load4(out, o + 2 * hd)
+    e0, e1, e2, e3 = _load4(out, o + 3 * hd)
     for t in range(first, end):
-        wa, wb, ra, rb = splat(pa[t]), splat(pb[t]), base + t * hd + da, base + t * hd + db
-        prefetch_rows(values, ra + VALUE_CHUNK * hd, ra + VALUE_CHUNK * hd + 64)
-        prefetch_rows(values, rb + VALUE_CHUNK * hd, rb + VALUE_CHUNK * hd + 64)
-        a0 = fma(wa, load_row(values, ra), a0)
-        a1 = fma(wa, load_row(values, ra + 16), a1)
-        a2 = fma(wa, load_row(values, ra + 32), a2)
-        a3 = fma(wa, load_row(values, ra + 48), a3)
-        b0 = fma(wb, load_row(values, rb), b0)
-        b1 = fma(wb, load_row(values, rb + 16), b1)
-        b2 = fma(wb, load_row(values, rb + 32), b2)
-        b3 = fma(wb, load_row(values, rb + 48), b3)
-    _store4(out, oa, a0, a1, a2, a3)
-    _store4(out, ob, b0, b1, b2, b3)
+        wa, wb, wc, we, r = splat(pa[t]), splat(pb[t]), splat(pc[t]), splat(pe[t]), base + t * hd + d
+        prefetch_rows(values, r + VALUE_CHUNK * hd, r + VALUE_CHUNK * hd + 64)
+        v0, v1, v2, v3 = _load_row4(values, r)
+        a0, b0, c0, e0 = fma(wa, v0, a0), fma(wb, v0, b0), fma(wc, v0, c0), fma(we, v0, e0)
+        a1, b1, c1, e1 = fma(wa, v1, a1), fma(wb, v1, b1), fma(wc, v1, c1), fma(we, v1, e1)
+        a2, b2, c2, e2 = fma(wa, v2, a2), fma(wb, v2, b2), fma(wc, v2, c2), fma(we, v2, e2)
+        a3, b3, c3, e3 = fma(wa, v3, a3), fma(wb, v3, b3), fma(wc, v3, c3), fma(we, v3, e3)
+    _store4(out, o, a0, a1, a2, a3)
+    _store4(out, o + hd, b0, b1, b2, b3)
+    _store4(out, o + 2 * hd, c0, c1, c2, c3)
+    _store4(out, o + 3 * hd, e0, e1, e2, e3)
+
+
+@njit(inline="always")
+def _add_values_2heads(scores, h, values, base, first, end, hd, out, d):
+    """_add_values_4heads for heads h and h + 1."""
+    pa, pb = scores[h], scores[h + 1]
+    o = h * hd + d
+    a0, a1, a2, a3 = _load4(out, o)
+    b0, b1, b2, b3 = _load4(out, o + hd)
+    for t in range(first, end):
+        wa, wb, r = splat(pa[t]), splat(pb[t]), base + t * hd + d
+        prefetch_rows(values, r + VALUE_CHUNK * hd, r + VALUE_CHUNK * hd + 64)
+        v0, v1, v2, v3 = _load_row4(values, r)
+        a0, b0 = fma(wa, v0, a0), fma(wb, v0, b0)
+        a1, b1 = fma(wa, v1, a1), fma(wb, v1, b1)
+        a2, b2 = fma(wa, v2, a2), fma(wb, v2, b2)
+        a3, b3 = fma(wa, v3, a3), fma(wb, v3, b3)
+    _store4(out, o, a0, a1, a2, a3)
+    _store4(out, o + hd, b0, b1, b2, b3)
+
+
+@njit(inline="always")
+def _add_values_2blocks(p, values, base, first, end, hd, out, d, o):
+    """out[o:o + 128] += sum over t of p[t] * value row t's dims d..d+127, t in first..end-1."""
+    a0, a1, a2, a3 = _load4(out, o)
+    b0, b1, b2, b3 = _load4(out, o + 64)
+    for t in range(first, end):
+        w, r = splat(p[t]), base + t * hd + d
+        prefetch_rows(values, r + VALUE_CHUNK * hd, r + VALUE_CHUNK * hd + 128)
+        a0, a1, a2, a3 = _add_row4(w, values, r, a0, a1, a2, a3)
+        b0, b1, b2, b3 = _add_row4(w, values, r + 64, b0, b1, b2, b3)
+    _store4(out, o, a0, a1, a2, a3)
+    _store4(out, o + 64, b0, b1, b2, b3)
 
 
 @njit(inline="always")
 def _add_values64(p, values, base, first, end, hd, out, d, o):
-    """_add_values2's one unit alone."""
-    a0, a1, a2, a3 = load_f32(out, o), load_f32(out, o + 16), load_f32(out, o + 32), load_f32(out, o + 48)
+    """_add_values_2blocks for one block, dims d..d+63."""
+    a0, a1, a2, a3 = _load4(out, o)
     for t in range(first, end):
         w, r = splat(p[t]), base + t * hd + d
         prefetch_rows(values, r + VALUE_CHUNK * hd, r + VALUE_CHUNK * hd + 64)
-        a0 = fma(w, load_row(values, r), a0)
-        a1 = fma(w, load_row(values, r + 16), a1)
-        a2 = fma(w, load_row(values, r + 32), a2)
-        a3 = fma(w, load_row(values, r + 48), a3)
+        a0, a1, a2, a3 = _add_row4(w, values, r, a0, a1, a2, a3)
     _store4(out, o, a0, a1, a2, a3)
 
 
@@ -340,6 +428,23 @@ def _add_values16(p, values, base, first, end, hd, out, d, o):
     for t in range(first, end):
         acc = fma(splat(p[t]), load_row(values, base + t * hd + d), acc)
     store_f32(out, o, acc)
+
+
+@njit(inline="always")
+def _load4(out, o):
+    return load_f32(out, o), load_f32(out, o + 16), load_f32(out, o + 32), load_f32(out, o + 48)
+
+
+@njit(inline="always")
+def _load_row4(rows, r):
+    return load_row(rows, r), load_row(rows, r + 16), load_row(rows, r + 32), load_row(rows, r + 48)
+
+
+@njit(inline="always")
+def _add_row4(w, rows, r, a0, a1, a2, a3):
+    """(a0, .., a3) + w * the 64 values from flat offset r, 16 at a time."""
+    return (fma(w, load_row(rows, r), a0), fma(w, load_row(rows, r + 16), a1), fma(w, load_row(rows, r + 32), a2),
+            fma(w, load_row(rows, r + 48), a3))
 
 
 @njit(inline="always")
