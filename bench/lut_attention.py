@@ -23,7 +23,7 @@ import numpy as np
 from edgeinfer.kernels.lut_attention import EXACT_SLOTS, attend_one_lut, bands_for, encode_keys_into, fit_codebooks
 from edgeinfer.kernels.ops import attend_one
 
-SHAPES = {"smollm2-135m": (9, 3, 64), "llama2-7b": (32, 32, 128)}  # heads, KV heads, head dim
+SHAPES = {"smollm2-135m": (9, 3, 64), "llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # heads, KV heads, head dim
 
 
 def seconds(fn) -> float:
