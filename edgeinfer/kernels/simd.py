@@ -378,16 +378,32 @@ def neg(typingctx, a):
     return V16F32(V16F32), codegen
 
 
+def _broadcast16(builder, x):
+    """An LLVM float in all 16 lanes of a vector."""
+    v16 = ir.VectorType(ir.FloatType(), 16)
+    one = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+
 @intrinsic
 def splat(typingctx, x):
     """A float32 scalar in all 16 lanes."""
     def codegen(context, builder, signature, args):
-        v16 = ir.VectorType(ir.FloatType(), 16)
-        one = builder.insert_element(ir.Constant(v16, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        return _broadcast16(builder, args[0])
     return V16F32(types.float32), codegen
 
 
+
+
+@intrinsic
+def splat_at(typingctx, arr, offset):
+    """splat(arr[offset]) for a float32 array of any shape (offset flat, never negative): a
+    broadcast from memory, which x86 runs on a load port. Through splat(arr[i]) the float is loaded
+    first and broadcast from a register, a shuffle on the port an FMA also needs."""
+    def codegen(context, builder, signature, args):
+        return _broadcast16(builder, builder.load(_ptr(context, builder, signature.args[0], args[0], args[1],
+                                                       ir.FloatType())))
+    return V16F32(arr, offset), codegen
 
 
 @intrinsic
