@@ -168,9 +168,11 @@ def attend_one(q, keys, values, first, length, scale, scores, out):
     heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
     partial, tops, totals = part_sums(parts, heads, hd)
+    blocks = key_blocks(kv_heads * parts, hd)
     for task in prange(kv_heads * parts):
         kh, p = task // parts, task % parts
-        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p],
+                     blocks[task])
     for kh in range(kv_heads):
         merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
@@ -211,8 +213,9 @@ def _attend_kv_head(q, keys, values, first, length, scale, scores, out, kh):
     heads = q.shape[0] // hd
     parts = key_parts(length - first, kv_heads)
     partial, tops, totals = part_sums(parts, heads, hd)
+    block = key_blocks(1, hd)[0]
     for p in range(parts):
-        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p])
+        _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial[p], tops[p], totals[p], block)
     merge_parts(partial, tops, totals, kh * (heads // kv_heads), heads // kv_heads, hd, out)
 
 
@@ -224,6 +227,13 @@ def part_sums(parts, heads, hd):
 
 
 @njit(inline="always")
+def key_blocks(tasks, hd):
+    """Each task's block of 16 key rows as float32 (_kv_head_scores), made with the call's other
+    scratch rather than per task; empty where the scores read the rows as they are (not AVX-512)."""
+    return np.empty((tasks, LANES * hd if WIDE_REGISTERS else 0), np.float32)
+
+
+@njit(inline="always")
 def _row_base(keys, kh, first):
     """Where row `first` of KV head kh starts in keys (and values: the same capacity)."""
     _, capacity, hd = rows_shape(keys)
@@ -231,17 +241,17 @@ def _row_base(keys, kh, first):
 
 
 @njit(inline="always")
-def _kv_head_scores(q, keys, first, a, b, scale, scores, kh):
+def _kv_head_scores(q, keys, first, a, b, scale, scores, kh, block):
     """scores[h, t] for t in a..b-1 (position first + t), the query heads h of KV head kh: each key
     row is taken by all of them while it is in L1; 16 keys' scores come out of one vector (hsum16);
     each head's arithmetic is the order a head alone would do. With AVX-512, rows that reading
-    converts (fp16, 8 bits) are converted once for the group, 16 at a time, into `block`: the
-    conversions had been half of a 4-head group's work (x1.5 measured; with AVX2's 8 registers, slower)."""
+    converts (fp16, 8 bits) are converted once for the group, 16 at a time, into `block`
+    (key_blocks): the conversions had been half of a 4-head group's work (x1.5 measured; with
+    AVX2's 8 registers, slower)."""
     kv_heads, _, hd = rows_shape(keys)
     group = q.shape[0] // hd // kv_heads
     scale, base = np.float32(scale), _row_base(keys, kh, first)
     whole = b - (b - a) % LANES
-    block = np.empty(LANES * hd, np.float32)
     for t in range(a, whole, LANES):
         ahead, at = base + (t + KEYS_AHEAD) * hd, base + t * hd
         prefetch_rows(keys, ahead, min(ahead + LANES * hd, base + b * hd))
@@ -261,14 +271,14 @@ def _kv_head_scores(q, keys, first, a, b, scale, scores, kh):
 
 
 @njit(inline="always")
-def _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial, tops, totals):
+def _attend_part(q, keys, values, first, length, scale, scores, kh, p, parts, partial, tops, totals, block):
     """Part p of `parts` of KV head kh's keys: its heads' scores, and their exponentials' sums
     (totals) against their maximum (tops) times the values, not yet divided (partial)."""
     hd = rows_shape(keys)[2]
     group = q.shape[0] // hd // rows_shape(keys)[0]
     span = length - first
     a, b = span * p // parts, span * (p + 1) // parts
-    _kv_head_scores(q, keys, first, a, b, scale, scores, kh)
+    _kv_head_scores(q, keys, first, a, b, scale, scores, kh, block)
     _weighted_values(scores, values, _row_base(keys, kh, first), a, b, kh * group, group, hd, partial, tops, totals)
 
 
