@@ -41,12 +41,18 @@ _lock = threading.Lock()  # a process starts before the end, and is stopped, or 
 
 def emulated(cpu: str, *command: str, share: Path) -> subprocess.CompletedProcess:
     """`command` on an emulated `cpu`, at the lowest priority; stopped if the session ends first (a
-    run stopped early, by -x or Ctrl+C, does not wait an hour for emulation nobody will read)."""
+    run stopped early, by -x or Ctrl+C, does not wait an hour for emulation nobody will read).
+
+    Its own process group (to stop it whole), but the session's own session: Linux schedules each
+    session as one group (sched_autogroup), and nice counts only inside a group. In a new session,
+    two emulated CPUs at nice 19 took two thirds of the cores from the x86 tests, and a server's two
+    OpenMP threads, each waiting at every barrier for the other to be scheduled, decoded 25x slower
+    (a test's 400 tokens timed out in CI)."""
     with _lock:
         if _ended:
             raise RuntimeError("the test session ended before this emulated run started")
         run = subprocess.Popen(["nice", "-n", "19", SCRIPT, cpu, *command], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               stderr=subprocess.PIPE, text=True, process_group=0,
                                env={**os.environ, "EDGEINFER_AARCH64_SHARE": str(share)})
         _running.add(run)
     with run:
