@@ -161,7 +161,8 @@ class Batch:
         try:
             slot.cached = slot.cached[:common_prefix(slot.cached, req.prompt)]
             t0 = time.perf_counter()
-            slot.logits, stats.prefill_tokens = prefill(self.model, slot.cache, slot.cached, req.prompt)
+            slot.logits, stats.prefill_tokens = prefill(self.model, slot.cache, slot.cached, req.prompt,
+                                                         self.engine.threads)
             stats.prefill_seconds = time.perf_counter() - t0
             slot.cached = list(req.prompt)
         except Exception as exc:  # noqa: BLE001 — the request fails, the server stays up
@@ -202,6 +203,7 @@ class Batch:
         if not going:
             return
         tokens = np.array([s.seq.token_ids[-1] for s in going])
+        self.engine.threads.adapt()
         t0 = time.perf_counter()
         try:
             if self.caches is not None:

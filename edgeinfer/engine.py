@@ -18,6 +18,7 @@ from .errors import ContextOverflowError, EdgeInferError, TokenizerError
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .storage.memory_plan import MemoryPlan
+from .threads import Threads
 from .tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -82,6 +83,7 @@ class Engine:
         self.cache = model.new_cache(self.context)
         self.cached_tokens: list[int] = []  # the tokens whose keys and values are in the cache
         self.memory_plan: MemoryPlan | None = None  # set by the session: resident, or streaming with a window
+        self.threads = Threads()  # the kernels' thread count, re-chosen between steps
 
     def prompt_ids(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a one-shot prompt (chat_ids of one user message)."""
@@ -118,7 +120,7 @@ class Engine:
 
     def _prefill(self, prompt: list[int]) -> tuple[np.ndarray, int]:
         """Logits after the prompt, and how many prompt tokens had to be computed."""
-        logits, computed = prefill(self.model, self.cache, self.cached_tokens, prompt)
+        logits, computed = prefill(self.model, self.cache, self.cached_tokens, prompt, self.threads)
         self.cached_tokens = list(prompt)
         return logits, computed
 
@@ -136,6 +138,7 @@ class Engine:
                 yield text
             if stats.finish_reason:
                 break
+            self.threads.adapt()
             t1 = time.perf_counter()
             logits = self.model.forward(np.asarray([seq.token_ids[-1]]), self.cache)
             self.cached_tokens.append(seq.token_ids[-1])
@@ -160,13 +163,17 @@ def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
     return reuse
 
 
-def prefill(model: Model, cache, cached: Sequence[int], prompt: Sequence[int]) -> tuple[np.ndarray, int]:
+def prefill(model: Model, cache, cached: Sequence[int], prompt: Sequence[int],
+            threads: Threads | None = None) -> tuple[np.ndarray, int]:
     """Logits after `prompt` in `cache`, which holds `cached` (a chat resends the whole conversation:
     the shared prefix is kept, as far as the cache can keep it); and how many prompt tokens had to
     be computed. In chunks of PREFILL_CHUNK tokens on the op-by-op path, whose rows do not depend on
-    their neighbours: the same bits however much was cached and however the prompt is split."""
+    their neighbours: the same bits however much was cached and however the prompt is split.
+    `threads` re-chooses the thread count before each chunk."""
     reuse = cache.truncate(common_prefix(cached, prompt))  # a local layer's ring may keep less
     for start in range(reuse, len(prompt), PREFILL_CHUNK):
+        if threads is not None:
+            threads.adapt()
         logits = model.prefill(np.asarray(prompt[start:start + PREFILL_CHUNK]), cache)
     return logits, len(prompt) - reuse
 

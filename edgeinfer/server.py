@@ -191,7 +191,9 @@ def create_app(state: ServerState) -> Starlette:
                 ("requests_waiting", "gauge", "requests queued for a slot", batch.waiting()),
                 ("decode_tokens_per_second", "gauge", "tokens per second over the last decode steps",
                  round(m.decode_tok_s, 3)),
-                ("slots", "gauge", "sequences decoded together at most", batch.parallel)]
+                ("slots", "gauge", "sequences decoded together at most", batch.parallel),
+                ("threads", "gauge", "threads the kernels run on now (fewer while other programs keep cores busy)",
+                 state.engine.threads.current)]
         text = "".join(f"# HELP edgeinfer_{n} {h}\n# TYPE edgeinfer_{n} {t}\nedgeinfer_{n} {v}\n"
                        for n, t, h, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

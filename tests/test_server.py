@@ -237,6 +237,7 @@ def test_concurrent_clients_get_their_own_text_and_a_conversation_reuses_its_cac
     first_turn = ask(prompts[0]).usage.prompt_tokens
     assert r.usage.prompt_tokens_details.cached_tokens >= first_turn
     assert server.metric("prompt_tokens_cached_total") - cached_before >= first_turn
+    assert 1 <= server.metric("threads") <= os.cpu_count()  # the kernels' count now (edgeinfer/threads.py)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):

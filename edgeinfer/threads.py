@@ -1,0 +1,94 @@
+"""How many threads the kernels run on: the cores asked for (-t, default all), less those other
+programs are keeping busy.
+
+Numba's OpenMP threads meet at a barrier several times a layer. When another program holds a core,
+the thread that runs there waits for the scheduler at every barrier, and its partner spins for it:
+measured here (2 cores, one other busy program in another session), SmolLM2 decoded at 0.65 tok/s on
+2 threads against 204 on 1, and llama.cpp fell the same way (0.42 tok/s on 2 threads, 128 on 1).
+`nice` does not save it: Linux weighs each session (sched_autogroup) or cgroup as one, so a niced
+program in another terminal competes as an equal.
+
+So the engine looks, at most every `interval` seconds, between steps, at how busy its CPUs were
+since the last look (the first time: since this module was imported, so the first prompt already
+runs on the right count) (/proc/stat, all but idle and iowait) minus this process's own CPU time: the
+cores other programs used. It runs on the cores they left, rounded to the nearest, at least one and
+at most the ceiling. The kernels' results do not depend on the thread count (every output row is one
+thread's), so a change keeps the bits. Without /proc/stat (not Linux), the ceiling, always.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, NamedTuple
+
+import numba
+
+
+class Sample(NamedTuple):
+    at: float  # time.monotonic()
+    busy: float  # seconds our CPUs have been busy, for every program
+    ours: float  # seconds of CPU this process has used
+
+
+def cpu_sample(cpus: frozenset[int]) -> Sample | None:
+    """The CPUs in `cpus`' busy seconds since boot and this process's CPU seconds, now; None without
+    /proc/stat."""
+    busy = 0
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if not line.startswith(b"cpu"):
+                    break
+                name, *ticks = line.split()
+                if name == b"cpu" or int(name[3:]) not in cpus:
+                    continue
+                # user nice system idle iowait irq softirq steal (guest time is inside user)
+                busy += sum(int(t) for t in ticks[:8]) - int(ticks[3]) - int(ticks[4])
+    except (OSError, ValueError, IndexError):
+        return None
+    return Sample(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time())
+
+
+def _affinity() -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+_IMPORTED = cpu_sample(_affinity())
+FIRST_WINDOW = 0.1  # seconds: the shortest look the first choice takes (10 ms ticks: within 0.1 core on 2 CPUs)
+
+
+class Threads:
+    """The thread count for the kernels called from the thread that calls adapt(), re-chosen at
+    most every `interval` seconds."""
+
+    def __init__(self, ceiling: int | None = None, interval: float = 0.5,
+                 sample: Callable[[frozenset[int]], Sample | None] = cpu_sample,
+                 clock: Callable[[], float] = time.monotonic):
+        """`sample` and `clock` (the one samples are taken by) are for tests."""
+        self.ceiling = ceiling or numba.config.NUMBA_NUM_THREADS
+        self.cpus = _affinity()
+        self.interval, self._sample, self._clock = interval, sample, clock
+        self.current = self.ceiling
+        self.others = 0.0  # cores other programs used over the last interval
+        self._last = _IMPORTED if sample is cpu_sample and _IMPORTED is not None else sample(self.cpus)
+        self._chosen = False
+
+    def adapt(self) -> int:
+        """The thread count for the next step, applied (numba.set_num_threads, which holds for the
+        calling thread)."""
+        if self._last is not None and self._clock() - self._last.at >= (
+                self.interval if self._chosen else FIRST_WINDOW):
+            now = self._sample(self.cpus)
+            if now is not None and now.at > self._last.at:
+                self.others = max(0.0, (now.busy - self._last.busy) - (now.ours - self._last.ours)) / (now.at - self._last.at)
+                self.current = max(1, min(self.ceiling, math.floor(len(self.cpus) - self.others + 0.5)))
+                self._chosen = True
+            self._last = now
+        self._apply(self.current)
+        return self.current
+
+    def _apply(self, count: int) -> None:
+        if numba.get_num_threads() != count:
+            numba.set_num_threads(count)

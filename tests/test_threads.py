@@ -1,0 +1,117 @@
+"""The kernels' thread count, re-chosen between steps (edgeinfer/threads.py): fewer threads while
+other programs keep cores busy, the ceiling again when they stop, and the same bits either way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+import pytest
+
+from edgeinfer.threads import Sample, Threads, cpu_sample
+
+
+def busy_programs(count: int) -> list[subprocess.Popen]:
+    """Busy loops, each in a session of its own, as programs started from other terminals are."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(count)]
+
+
+def test_busy_programs_elsewhere_leave_one_thread():
+    """As many busy programs as this process may use CPUs, each in a session of its own: the next
+    choice is one thread, applied to the calling thread's Numba count."""
+    threads = Threads(interval=0.3)
+    assert cpu_sample(threads.cpus) is not None  # Linux: the look works here
+    hogs = busy_programs(len(threads.cpus))
+    try:
+        time.sleep(0.4)
+        threads.adapt()  # a look over a window that began before the busy programs
+        time.sleep(0.6)
+        assert threads.adapt() == 1 and numba.get_num_threads() == 1
+        assert threads.others > len(threads.cpus) - 0.5
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+class Script:
+    """CPU samples whose 'other programs' use `others` cores from one look to the next."""
+
+    def __init__(self, cpus: int):
+        self.cpus, self.at, self.busy, self.ours, self.looks = cpus, 100.0, 0.0, 0.0, 0
+
+    def step(self, seconds: float, others: float, ours: float) -> None:
+        self.at += seconds
+        self.busy += (others + ours) * seconds
+        self.ours += ours * seconds
+
+    def __call__(self, cpus) -> Sample:
+        self.looks += 1
+        return Sample(self.at, self.busy, self.ours)
+
+
+@pytest.mark.parametrize("others, expected", [(0.0, 2), (0.4, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
+def test_the_choice_is_the_cores_left_rounded(monkeypatch, others, expected):
+    """Two CPUs (whatever this machine has): this process busy on both, others using `others` cores."""
+    script = Script(2)
+    monkeypatch.setattr("edgeinfer.threads._affinity", lambda: frozenset({0, 1}))
+    threads = Threads(ceiling=2, interval=0.5, sample=script, clock=lambda: script.at)
+    applied = []
+    threads._apply = applied.append
+    script.step(0.6, others, 2.0 - min(others, 1.0))
+    assert threads.adapt() == expected and applied == [expected]
+    assert threads.others == pytest.approx(others)
+
+
+def test_it_looks_at_most_every_interval_and_comes_back_to_the_ceiling(monkeypatch):
+    script = Script(8)
+    monkeypatch.setattr("edgeinfer.threads._affinity", lambda: frozenset(range(8)))
+    threads = Threads(ceiling=6, interval=0.5, sample=script, clock=lambda: script.at)
+    threads._apply = lambda n: None  # 8 CPUs need not exist here: only the choice is checked
+    looks = script.looks
+    script.step(0.05, 3.0, 5.0)
+    assert threads.adapt() == 6 and script.looks == looks  # the first look waits for FIRST_WINDOW
+    script.step(0.1, 3.0, 5.0)
+    assert threads.adapt() == 5 and script.looks == looks + 1  # 8 - 3 cores left
+    script.step(0.2, 0.0, 6.0)
+    assert threads.adapt() == 5 and script.looks == looks + 1  # within the interval: no look
+    script.step(0.4, 0.0, 6.0)
+    assert threads.adapt() == 6 and script.looks == looks + 2  # others gone: the ceiling again
+    script.step(0.6, 7.6, 0.4)
+    assert threads.adapt() == 1  # at least one
+
+
+@pytest.mark.real_model
+def test_any_thread_count_gives_the_same_bits(smollm2_single):
+    """The choice may change between any two steps: prefill chunks, single decode steps and batched
+    steps give the same logits on 1 thread as on the ceiling, the real model on its 4-bit path."""
+    from edgeinfer.session import open_engine
+
+    model = open_engine(str(smollm2_single), 512).model
+    prompt = np.arange(5, 150) % 4000 + 17
+
+    def logits(counts):
+        cache, caches, out = model.new_cache(512), model.new_caches(512, 2), []
+        for slot in (0, 1):
+            numba.set_num_threads(counts[0])
+            out.append(np.array(model.prefill(prompt[:100 + slot], caches.slot(slot))))
+        numba.set_num_threads(counts[1 % len(counts)])
+        out.append(np.array(model.prefill(prompt[:120], cache)))
+        for i, token in enumerate(prompt[120:140]):
+            numba.set_num_threads(counts[i % len(counts)])
+            out.append(np.array(model.forward(np.asarray([token]), cache)))
+            out.extend(np.array(row) for row in model.decode_batch(np.asarray([token, token + 1]), caches, [0, 1]))
+        return out
+
+    ceiling = numba.config.NUMBA_NUM_THREADS
+    try:
+        fixed, varying = logits([ceiling]), logits([1, ceiling, 1])
+    finally:
+        numba.set_num_threads(ceiling)
+    assert len(fixed) == len(varying) == 63
+    assert all(np.array_equal(a, b) for a, b in zip(fixed, varying))
