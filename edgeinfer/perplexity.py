@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import EdgeInferError
 from .model import Model
+from .threads import Threads
 
 
 SCORE_BYTES = 64 << 20  # float64 log-probabilities scored at a time (rows of the vocabulary's width)
@@ -66,8 +67,10 @@ def perplexity(model: Model, ids: list[int], ctx: int, kl_base: str | None = Non
     nll = np.empty(scored)
     cache = model.new_cache(ctx)
     block = max(1, min(SCORE_ROWS, SCORE_BYTES // (8 * model.config.vocab_size)))
+    threads = Threads()  # re-chosen for each window
     try:
         for w, tokens in enumerate(windows):
+            threads.adapt()
             cache.truncate(0)
             h = model.run_layers(model.embed(tokens), cache)
             # A block of rows at a time, logits too: a window's at once take 2 GB with a 262k vocabulary.

@@ -28,6 +28,7 @@ from ..paths import cluster_dir
 from ..storage import open_model
 from ..storage.source import WeightSource
 from ..storage.memory_plan import available_memory, process_rss
+from ..threads import Threads
 from .allreduce import StarMember
 from .link import (ECHO, ID_BYTES, KEY_BYTES, STEP, Link, LinkClosed, Received, as_array, link_address, open_link,
                    wait_any)
@@ -57,6 +58,7 @@ class Worker:
         self.joined = False
         self.failed_handshakes = 0
         self.steps, self.step_s, self.step_wait_s = 0, 0.0, 0.0  # decode steps (one token each)
+        self.threads = Threads()  # the kernels' thread count, re-chosen between steps
 
     def close(self) -> None:
         self._drop_link()
@@ -317,6 +319,7 @@ class Worker:
         if self.cache.truncate(start) != start:
             raise EdgeInferError(f"the step starts at {start}, which this node's cache no longer holds")
         self.member.begin(m.seq)
+        self.threads.adapt()
         t0, waited = time.perf_counter(), self.member.wait_s
         self.model.run_layers(h, self.cache)
         if h.shape[0] == 1:
