@@ -9,10 +9,10 @@ measured here (2 cores, one other busy program in another session), SmolLM2 deco
 program in another terminal competes as an equal.
 
 So the engine looks, at most every `interval` seconds, between steps, at how busy its CPUs were
-since the last look (the first time: since this module was imported, so the first prompt already
-runs on the right count) (/proc/stat, all but idle and iowait) minus this process's own CPU time: the
-cores other programs used. It runs on the cores they left, rounded to the nearest, at least one and
-at most the ceiling. The kernels' results do not depend on the thread count (every output row is one
+since the last look (/proc/stat, all but idle and iowait), less this process's own CPU time: the
+cores other programs used. The first look covers the time since this module was imported, so the
+first prompt already runs on the right count. The kernels run on the cores the others left, rounded
+to the nearest, at least one and at most the ceiling. The kernels' results do not depend on the thread count (every output row is one
 thread's), so a change keeps the bits. Without /proc/stat (not Linux), the ceiling, always.
 """
 
