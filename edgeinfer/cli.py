@@ -377,6 +377,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import markdown, run_bench
     from .session import open_session
+    from .threads import affinity, cpu_sample, others_between
 
     try:  # the pool was sized to the largest count before numba started (see _set_threads)
         threads = [int(t) for t in args.threads.split(",")] if args.threads else [numba.config.NUMBA_NUM_THREADS]
@@ -391,6 +392,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise EdgeInferError(f"--attention takes exact, lut or exact,lut, got {args.attention!r}")
     path = _model_path(args.model)
     rows = []
+    cpus = affinity()
+    before = cpu_sample(cpus)
     for attention in attentions:
         # The caches bench makes hold depth + test tokens: plan memory for that, not the model's context.
         options = _session_options(args, args.depth + max(args.n_prompt, args.n_gen) + 1)
@@ -400,6 +403,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           args.n_prompt, args.n_gen, args.repetitions, threads, args.depth, attention)
         _print_stream_stats(engine)
         del engine
+    after = cpu_sample(cpus)
+    if before is not None and after is not None and (others := others_between(before, after)) >= 0.5:
+        print(f"edgeinfer: note: other programs used {others:.1f} of {len(cpus)} cores during the benchmark: its "
+              f"figures are not this machine's alone", file=sys.stderr)
     print(json.dumps([r.to_dict() for r in rows]) if args.output == "json" else markdown(rows))
     return 0
 

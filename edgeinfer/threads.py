@@ -51,11 +51,17 @@ def cpu_sample(cpus: frozenset[int]) -> Sample | None:
     return Sample(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time())
 
 
-def _affinity() -> frozenset[int]:
+def others_between(a: Sample, b: Sample) -> float:
+    """The cores other programs used, on average, from sample a to sample b."""
+    return max(0.0, (b.busy - a.busy) - (b.ours - a.ours)) / (b.at - a.at)
+
+
+def affinity() -> frozenset[int]:
+    """The CPUs this process may run on."""
     return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
 
-_IMPORTED = cpu_sample(_affinity())
+_IMPORTED = cpu_sample(affinity())
 FIRST_WINDOW = 0.1  # seconds: the shortest look the first choice takes (10 ms ticks: within 0.1 core on 2 CPUs)
 
 
@@ -68,7 +74,7 @@ class Threads:
                  clock: Callable[[], float] = time.monotonic):
         """`sample` and `clock` (the one samples are taken by) are for tests."""
         self.ceiling = ceiling or numba.config.NUMBA_NUM_THREADS
-        self.cpus = _affinity()
+        self.cpus = affinity()
         self.interval, self._sample, self._clock = interval, sample, clock
         self.current = self.ceiling
         self.others = 0.0  # cores other programs used over the last interval
@@ -82,7 +88,7 @@ class Threads:
                 self.interval if self._chosen else FIRST_WINDOW):
             now = self._sample(self.cpus)
             if now is not None and now.at > self._last.at:
-                self.others = max(0.0, (now.busy - self._last.busy) - (now.ours - self._last.ours)) / (now.at - self._last.at)
+                self.others = others_between(self._last, now)
                 self.current = max(1, min(self.ceiling, math.floor(len(self.cpus) - self.others + 0.5)))
                 self._chosen = True
             self._last = now

@@ -39,6 +39,25 @@ def test_busy_programs_elsewhere_leave_one_thread():
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
+def test_a_benchmark_beside_busy_programs_says_so(tiny_gguf):
+    """`bench` keeps the thread counts it is given, and says when other programs took cores while it
+    ran (one thread here, so that the run itself is not stalled)."""
+    from conftest import edgeinfer_cli
+
+    hogs = busy_programs(len(Threads().cpus))
+    try:
+        r = edgeinfer_cli("bench", str(tiny_gguf), "-p", "8", "-n", "4", "-r", "1", "-t", "1", "-o", "json")
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert r.returncode == 0, r.stderr
+    assert "| tg4 |" not in r.stdout and '"tg4"' in r.stdout  # the JSON rows, as ever
+    note = [line for line in r.stderr.splitlines() if "other programs used" in line]
+    assert len(note) == 1 and note[0].startswith("edgeinfer: note: other programs used ")
+    assert note[0].endswith("cores during the benchmark: its figures are not this machine's alone")
+
+
 class Script:
     """CPU samples whose 'other programs' use `others` cores from one look to the next."""
 
@@ -59,7 +78,7 @@ class Script:
 def test_the_choice_is_the_cores_left_rounded(monkeypatch, others, expected):
     """Two CPUs (whatever this machine has): this process busy on both, others using `others` cores."""
     script = Script(2)
-    monkeypatch.setattr("edgeinfer.threads._affinity", lambda: frozenset({0, 1}))
+    monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset({0, 1}))
     threads = Threads(ceiling=2, interval=0.5, sample=script, clock=lambda: script.at)
     applied = []
     threads._apply = applied.append
@@ -70,7 +89,7 @@ def test_the_choice_is_the_cores_left_rounded(monkeypatch, others, expected):
 
 def test_it_looks_at_most_every_interval_and_comes_back_to_the_ceiling(monkeypatch):
     script = Script(8)
-    monkeypatch.setattr("edgeinfer.threads._affinity", lambda: frozenset(range(8)))
+    monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset(range(8)))
     threads = Threads(ceiling=6, interval=0.5, sample=script, clock=lambda: script.at)
     threads._apply = lambda n: None  # 8 CPUs need not exist here: only the choice is checked
     looks = script.looks
