@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from edgeinfer.threads import Sample, Threads, cpu_sample
+from edgeinfer.threads import Sample, Threads, cpu_quota, cpu_sample
 
 
 def busy_programs(count: int) -> list[subprocess.Popen]:
@@ -134,3 +134,41 @@ def test_any_thread_count_gives_the_same_bits(smollm2_single):
         numba.set_num_threads(ceiling)
     assert len(fixed) == len(varying) == 63
     assert all(np.array_equal(a, b) for a, b in zip(fixed, varying))
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_cgroup_quota_bounds_the_count(tmp_path, monkeypatch, version):
+    """A container's CPU quota (--cpus): the smallest on the way up from this process's cgroup to
+    its mount, as /proc/self/cgroup and /proc/self/mounts name them; none where every level says
+    max (v2) or -1 (v1). Here a parent's 1.5 CPUs under a child's none."""
+    proc, top = tmp_path / "proc", tmp_path / "sys" / ("cpu,cpuacct" if version == "v1" else "unified")
+    if version == "v1":
+        write(proc / "cgroup", "5:memory:/box/job\n3:cpu,cpuacct:/box/job\n0::/\n")
+        write(proc / "mounts", f"cgroup {top} cgroup rw,relatime,cpu,cpuacct 0 0\n")
+        for folder, quota in ((top, "-1"), (top / "box", "150000"), (top / "box" / "job", "-1")):
+            write(folder / "cpu.cfs_quota_us", quota + "\n")
+            write(folder / "cpu.cfs_period_us", "100000\n")
+    else:
+        write(proc / "cgroup", "0::/box/job\n")
+        write(proc / "mounts", f"cgroup2 {top} cgroup2 rw,nosuid 0 0\n")
+        for folder, limit in ((top, "max 100000"), (top / "box", "150000 100000"), (top / "box" / "job", "max 100000")):
+            write(folder / "cpu.max", limit + "\n")
+    assert cpu_quota(proc) == 1.5
+    box = top / "box"
+    write(box / ("cpu.cfs_quota_us" if version == "v1" else "cpu.max"), "-1\n" if version == "v1" else "max 100000\n")
+    assert cpu_quota(proc) is None
+
+    script = Script(4)
+    monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset(range(4)))
+    monkeypatch.setattr("edgeinfer.threads.cpu_quota", lambda: 1.5)
+    threads = Threads(ceiling=4, interval=0.5, sample=script, clock=lambda: script.at)
+    threads._apply = lambda n: None
+    script.step(0.6, 0.0, 1.5)
+    assert threads.adapt() == 2  # 1.5 CPUs' worth, rounded; nothing else running
+    script.step(0.6, 3.0, 1.0)
+    assert threads.adapt() == 1  # others leave 1 of the 4
