@@ -70,9 +70,14 @@ def cpu_quota(proc: Path = Path("/proc/self")) -> float | None:
     try:
         groups = (proc / "cgroup").read_text().splitlines()
         mounts = [line.split() for line in (proc / "mounts").read_text().splitlines()]
-    except OSError:
+        quotas = [q for q in _quotas(groups, mounts) if q is not None]
+    except (OSError, ValueError):  # no /proc, a format not known here, a folder not to be read
         return None
-    quotas = []
+    return min(quotas) if quotas else None
+
+
+def _quotas(groups: list[str], mounts: list[list[str]]):
+    """Each level's quota (None: none), from each cgroup that holds the cpu controller up to its mount."""
     for line in groups:
         _, controllers, path = line.split(":", 2)
         v2 = controllers == ""
@@ -86,11 +91,9 @@ def cpu_quota(proc: Path = Path("/proc/self")) -> float | None:
             here = top / path.lstrip("/")
             here = here if here.is_dir() else top  # a cgroup namespace shows its root as the mount's
             for folder in (here, *[p for p in here.parents if p.is_relative_to(top)]):
-                quotas.append(_quota(folder, v2))
+                yield _quota(folder, v2)
                 if folder == top:
                     break
-    quotas = [q for q in quotas if q is not None]
-    return min(quotas) if quotas else None
 
 
 def _quota(folder: Path, v2: bool) -> float | None:
