@@ -120,12 +120,10 @@ class Threads:
                  clock: Callable[[], float] = time.monotonic):
         """`sample` and `clock` (the one samples are taken by) are for tests."""
         self.ceiling = ceiling or numba.config.NUMBA_NUM_THREADS
-        self.cpus = affinity()
-        quota = cpu_quota()
-        self.usable = min(float(len(self.cpus)), quota if quota is not None else math.inf)  # CPUs' worth
+        self.cpus, self.quota = affinity(), cpu_quota() or math.inf  # the quota in CPUs' worth
         self.interval, self._sample, self._clock = interval, sample, clock
-        self.current = self.ceiling
         self.others = 0.0  # cores other programs used over the last interval
+        self.current = self._choose()  # before the first look: as if nothing else ran
         self._last = _IMPORTED if sample is cpu_sample and _IMPORTED is not None else sample(self.cpus)
         self._chosen = False
 
@@ -137,12 +135,15 @@ class Threads:
             now = self._sample(self.cpus)
             if now is not None and now.at > self._last.at:
                 self.others = others_between(self._last, now)
-                left = min(len(self.cpus) - self.others, self.usable)
-                self.current = max(1, min(self.ceiling, math.floor(left + 0.5)))
-                self._chosen = True
+                self.current, self._chosen = self._choose(), True
             self._last = now
         self._apply(self.current)
         return self.current
+
+    def _choose(self) -> int:
+        """The cores the others leave, within the quota, rounded; at least 1, at most the ceiling."""
+        left = min(len(self.cpus) - self.others, self.quota)
+        return max(1, min(self.ceiling, math.floor(left + 0.5)))
 
     def _apply(self, count: int) -> None:
         if numba.get_num_threads() != count:
