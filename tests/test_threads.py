@@ -61,8 +61,8 @@ def test_a_benchmark_beside_busy_programs_says_so(tiny_gguf):
 class Script:
     """CPU samples whose 'other programs' use `others` cores from one look to the next."""
 
-    def __init__(self, cpus: int):
-        self.cpus, self.at, self.busy, self.ours, self.looks = cpus, 100.0, 0.0, 0.0, 0
+    def __init__(self):
+        self.at, self.busy, self.ours, self.looks = 100.0, 0.0, 0.0, 0
 
     def step(self, seconds: float, others: float, ours: float) -> None:
         self.at += seconds
@@ -77,7 +77,7 @@ class Script:
 @pytest.mark.parametrize("others, expected", [(0.0, 2), (0.4, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
 def test_the_choice_is_the_cores_left_rounded(monkeypatch, others, expected):
     """Two CPUs (whatever this machine has): this process busy on both, others using `others` cores."""
-    script = Script(2)
+    script = Script()
     monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset({0, 1}))
     threads = Threads(ceiling=2, interval=0.5, sample=script, clock=lambda: script.at)
     applied = []
@@ -88,7 +88,7 @@ def test_the_choice_is_the_cores_left_rounded(monkeypatch, others, expected):
 
 
 def test_it_looks_at_most_every_interval_and_comes_back_to_the_ceiling(monkeypatch):
-    script = Script(8)
+    script = Script()
     monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset(range(8)))
     threads = Threads(ceiling=6, interval=0.5, sample=script, clock=lambda: script.at)
     threads._apply = lambda n: None  # 8 CPUs need not exist here: only the choice is checked
@@ -163,7 +163,7 @@ def test_a_cgroup_quota_bounds_the_count(tmp_path, monkeypatch, version):
     write(box / ("cpu.cfs_quota_us" if version == "v1" else "cpu.max"), "-1\n" if version == "v1" else "max 100000\n")
     assert cpu_quota(proc) is None
 
-    script = Script(4)
+    script = Script()
     monkeypatch.setattr("edgeinfer.threads.affinity", lambda: frozenset(range(4)))
     monkeypatch.setattr("edgeinfer.threads.cpu_quota", lambda: 1.5)
     threads = Threads(ceiling=4, interval=0.5, sample=script, clock=lambda: script.at)
